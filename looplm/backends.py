@@ -1,0 +1,141 @@
+"""The backend registry: where each op of `looplm.ops` runs.
+
+A backend is registered with two callables: `probe()`, cheap and import-free, says whether it can
+run here and how (native on a GPU, interpreted or emulated on the CPU) or why not; `load()` imports
+its kernels and returns a `Backend`. `get_backend(name)` probes, loads once and caches.
+
+Hybrid autograd is decided here and nowhere else: `Backend.op(name)` hands out the kernel unless
+gradients are being recorded and the backend has no backward for that op, in which case it hands
+out the reference op, so training differentiates every loop whatever the backend.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+import torch
+
+from looplm.ops import OP_NAMES
+
+MODES = ("native", "interpreted", "emulated")
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    mode: Optional[str] = None  # one of MODES when available
+    reason: str = ""  # why not, when unavailable; a note (e.g. "CPU emulator") otherwise
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    ops: Mapping[str, Callable]
+    mode: str = "native"
+    device_type: Optional[str] = None  # the tensors' device type its kernels need; None: any
+    differentiable: frozenset = field(default_factory=frozenset)  # ops with backward kernels
+
+    def op(self, name: str) -> Callable:
+        if torch.is_grad_enabled() and name not in self.differentiable:
+            return _reference_ops()[name]
+        return self.ops[name]
+
+    def check_device(self, device: torch.device) -> None:
+        if self.device_type is not None and device.type != self.device_type:
+            raise BackendUnavailable(
+                f"backend {self.name!r} runs {self.mode} on {self.device_type} tensors, but the model is on "
+                f"{device}; move it with model.to({self.device_type!r}) or pick another backend")
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+@dataclass
+class _Entry:
+    probe: Callable[[], Availability]
+    load: Callable[[], Backend]
+    loaded: Optional[Backend] = None
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_backend(name: str, probe: Callable[[], Availability], load: Callable[[], Backend]) -> None:
+    """Register (or replace) a backend under `name`."""
+    _REGISTRY[name] = _Entry(probe, load)
+
+
+def available_backends() -> dict[str, Availability]:
+    """Every registered backend with its availability here; never raises."""
+    out = {}
+    for name, entry in _REGISTRY.items():
+        try:
+            out[name] = entry.probe()
+        except Exception as e:  # a broken probe must not hide the other backends
+            out[name] = Availability(False, reason=f"probe failed: {type(e).__name__}: {e}")
+    return out
+
+
+def describe_backends() -> str:
+    lines = []
+    for name, a in available_backends().items():
+        state = f"available ({a.mode}{': ' + a.reason if a.reason else ''})" if a.available else f"unavailable: {a.reason}"
+        lines.append(f"  {name}: {state}")
+    return "\n".join(lines)
+
+
+def get_backend(name: str) -> Backend:
+    """The loaded backend `name`; a clear error if it is unknown or cannot run here."""
+    if isinstance(name, Backend):
+        return name
+    if name not in _REGISTRY:
+        raise BackendUnavailable(f"unknown backend {name!r}; registered backends:\n{describe_backends()}")
+    entry = _REGISTRY[name]
+    if entry.loaded is None:
+        availability = entry.probe()
+        if not availability.available:
+            raise BackendUnavailable(
+                f"backend {name!r} is unavailable here: {availability.reason}\nregistered backends:\n"
+                f"{describe_backends()}")
+        backend = entry.load()
+        missing = [op for op in OP_NAMES if op not in backend.ops]
+        if missing:
+            raise BackendUnavailable(f"backend {name!r} does not implement ops {missing}")
+        entry.loaded = backend
+    return entry.loaded
+
+
+def _reference_ops() -> Mapping[str, Callable]:
+    from reference import OPS
+    return OPS
+
+
+def _load_reference() -> Backend:
+    return Backend("torch", _reference_ops(), mode="native", device_type=None, differentiable=frozenset(OP_NAMES))
+
+
+def _from_module(module: str, attr: str) -> Callable:
+    """A callable that imports `module` only when called, so probing stays cheap."""
+    def call():
+        return getattr(importlib.import_module(module), attr)()
+    return call
+
+
+def cuda_problem(min_capability: tuple[int, int] = (8, 0)) -> Optional[str]:
+    """Why kernels cannot run natively on this machine's GPU, or None if they can (for probes)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    capability = torch.cuda.get_device_capability()
+    if capability < min_capability:
+        name = torch.cuda.get_device_name()
+        return (f"{name} has compute capability {capability[0]}.{capability[1]}, "
+                f"below the {min_capability[0]}.{min_capability[1]} needed")
+    return None
+
+
+register_backend("torch", probe=lambda: Availability(True, "native", "PyTorch reference"), load=_load_reference)
+register_backend("triton", probe=_from_module("looplm_triton", "probe"), load=_from_module("looplm_triton", "load"))
+register_backend("tile", probe=_from_module("looplm_tile", "probe"), load=_from_module("looplm_tile", "load"))
+

@@ -1,0 +1,374 @@
+"""LoopGPT: a GPT whose core of n_layer blocks is applied n_loops times, with per-token halting.
+
+    x0 = embed(idx) (+ prelude)
+    h  = init(x0)                             zeros | embed | noise
+    for t in 1 .. loops:
+        u = inject(h, x0) + step(t_token)     none | add | norm_add;  none | learned | sinusoidal
+        g = core(u)                           the tied block(s)
+        h_new = g  |  h + alpha * (g - h)     replace | euler (alpha learned, per channel)
+        h, active, steps = halt_update(h, h_new, active, steps, score, threshold, t)
+    logits = lm_head(ln_f(coda(h)))
+
+n_layer=12, n_loops=1 is GPT-12L; n_layer=1, n_loops=12 is LoopLM 1Lx12. Parameter names follow
+nanoGPT (transformer.wte, .wpe, .ln_f, lm_head; blocks with ln_1, attn.c_attn, attn.c_proj, ln_2,
+mlp.c_fc, mlp.c_proj) with the looped blocks under transformer.core.
+
+A halted token keeps its state, and its step encoding stays at its own last loop, so the keys and
+values it offers the later tokens are those of its frozen state. Every op goes through the backend
+(`looplm.backends`), which decides between kernels and the reference for autograd.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from looplm.backends import Backend, get_backend
+from looplm.config import HIGHER_IS_SURER, LoopConfig, check_threshold
+from looplm.ops import BlockWeights
+
+GATE_BIAS_INIT = -4.0  # sigmoid(-4) ~ 0.02: an untrained gate halts late
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (nanoGPT's)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block; its computation is the backend's `block` op."""
+
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        C, bias = config.n_embd, config.bias
+        self.n_head = config.n_head
+        self.ln_1 = LayerNorm(C, bias)
+        self.attn = nn.ModuleDict(dict(c_attn=nn.Linear(C, 3 * C, bias=bias), c_proj=nn.Linear(C, C, bias=bias)))
+        self.ln_2 = LayerNorm(C, bias)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(C, 4 * C, bias=bias), c_proj=nn.Linear(4 * C, C, bias=bias)))
+
+    def weights(self) -> BlockWeights:
+        a, m = self.attn, self.mlp
+        return BlockWeights(self.ln_1.weight, self.ln_1.bias, a.c_attn.weight, a.c_attn.bias, a.c_proj.weight,
+                            a.c_proj.bias, self.ln_2.weight, self.ln_2.bias, m.c_fc.weight, m.c_fc.bias,
+                            m.c_proj.weight, m.c_proj.bias)
+
+    def forward(self, x: Tensor, backend: Backend, dropout_p: float = 0.0) -> Tensor:
+        return backend.op("block")(x, self.weights(), self.n_head, dropout_p)
+
+
+@dataclass
+class LoopTrace:
+    """What the loop did. Per token: the loops it ran. Per loop t (lists index t-1), per token:
+    the readout's entropy (nats), the relative state change ||h_t - h_{t-1}|| / ||h_{t-1}||, and
+    whether the token was still running during loop t."""
+
+    steps: Tensor  # (B, T) int32
+    entropy: list[Tensor] = field(default_factory=list)  # each (B, T) float32
+    delta: list[Tensor] = field(default_factory=list)  # each (B, T) float32
+    active: list[Tensor] = field(default_factory=list)  # each (B, T) bool
+
+    @property
+    def loops_run(self) -> int:
+        return len(self.entropy)
+
+    def per_loop(self) -> list[dict[str, float]]:
+        """Per loop: mean entropy and state change over all tokens, and the fraction still active."""
+        return [dict(loop=t + 1, entropy=e.mean().item(), delta=d.mean().item(), active=a.float().mean().item())
+                for t, (e, d, a) in enumerate(zip(self.entropy, self.delta, self.active))]
+
+
+def sinusoidal_encoding(t: Tensor, dim: int) -> Tensor:
+    """Transformer sinusoids of the (integer) loop index t (...,) -> (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[..., None] * freqs
+    enc = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return F.pad(enc, (0, dim - 2 * half))
+
+
+class LoopGPT(nn.Module):
+
+    def __init__(self, config: LoopConfig, backend: Union[str, Backend] = "torch"):
+        super().__init__()
+        self.config = config
+        C, bias = config.n_embd, config.bias
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, C),
+            wpe=nn.Embedding(config.block_size, C),
+            drop=nn.Dropout(config.dropout),
+            prelude=nn.ModuleList([Block(config) for _ in range(config.n_prelude)]),
+            core=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            coda=nn.ModuleList([Block(config) for _ in range(config.n_coda)]),
+            ln_f=LayerNorm(C, bias),
+        ))
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
+        if config.inject == "norm_add":
+            self.ln_inject = LayerNorm(C, bias)
+        if config.step_encoding == "learned":
+            self.step_emb = nn.Embedding(config.n_loops, C)  # loops past n_loops reuse the last row
+        if config.update == "euler":
+            self.step_size_logit = nn.Parameter(torch.zeros(C))  # alpha = sigmoid(.) starts at 1/2
+        if config.halt == "gate":
+            self.halt_gate = nn.Linear(C, 1)
+
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.effective_depth))
+        if config.halt == "gate":
+            nn.init.zeros_(self.halt_gate.weight)
+            nn.init.constant_(self.halt_gate.bias, GATE_BIAS_INIT)
+        self.set_backend(backend)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_backend(self, backend: Union[str, Backend]) -> "LoopGPT":
+        self.backend = get_backend(backend)
+        return self
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; as nanoGPT, position embeddings are left out by default."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    # ---- the pieces of the forward pass
+
+    def embed(self, idx: Tensor) -> Tensor:
+        """(B, T) token ids -> x0 (B, T, C), through the prelude."""
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for blk in self.transformer.prelude:
+            x = blk(x, self.backend, self._dropout_p())
+        return x
+
+    def initial_state(self, x0: Tensor) -> Tensor:
+        if self.config.state_init == "embed":
+            return x0
+        if self.config.state_init == "noise":
+            return torch.randn_like(x0) * self.config.state_noise_std
+        return torch.zeros_like(x0)
+
+    def inject(self, h: Tensor, x0: Tensor, loop_index: Tensor) -> Tensor:
+        """The core's input at loop `loop_index` (B, T): each token's own loop count."""
+        cfg = self.config
+        u = h if cfg.inject == "none" else h + (x0 if cfg.inject == "add" else self._layer_norm(x0, self.ln_inject))
+        if cfg.step_encoding == "learned":
+            u = u + self.step_emb((loop_index - 1).clamp(max=cfg.n_loops - 1))
+        elif cfg.step_encoding == "sinusoidal":
+            u = u + sinusoidal_encoding(loop_index, cfg.n_embd).to(u.dtype)
+        return u
+
+    def core(self, u: Tensor) -> Tensor:
+        for blk in self.transformer.core:
+            u = blk(u, self.backend, self._dropout_p())
+        return u
+
+    def update(self, h: Tensor, g: Tensor) -> Tensor:
+        if self.config.update == "euler":
+            return h + torch.sigmoid(self.step_size_logit).to(h.dtype) * (g - h)
+        return g
+
+    def head(self, h: Tensor) -> Tensor:
+        """Final state (B, T, C) -> logits (B, T, V): coda, ln_f, tied lm_head."""
+        for blk in self.transformer.coda:
+            h = blk(h, self.backend, self._dropout_p())
+        return self.backend.op("linear")(self._layer_norm(h, self.transformer.ln_f), self.lm_head.weight)
+
+    def _layer_norm(self, x: Tensor, ln: LayerNorm) -> Tensor:
+        return self.backend.op("layer_norm")(x, ln.weight, ln.bias)
+
+    def _dropout_p(self) -> float:
+        return self.config.dropout if self.training else 0.0
+
+    # ---- halting
+
+    def halt_thresholds(self, idx: Tensor, thresholds: Optional[Tensor] = None) -> Tensor:
+        """Per-token thresholds (B, T) in the criterion's own units: `thresholds` if given, else
+        halt_threshold, replaced from each trigger token of halt_thresholds_after on (latest wins)."""
+        cfg = self.config
+        if thresholds is not None:
+            if thresholds.shape != idx.shape:
+                raise ValueError(f"thresholds must have the shape of idx {tuple(idx.shape)}, got "
+                                 f"{tuple(thresholds.shape)}")
+            for value in thresholds.unique().tolist():
+                check_threshold(cfg.halt, value, "thresholds")
+            return thresholds.to(device=idx.device, dtype=torch.float32)
+        thr = torch.full(idx.shape, float(cfg.halt_threshold), device=idx.device)
+        latest = torch.full(idx.shape, -1, device=idx.device)
+        pos = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
+        for token, value in cfg.halt_thresholds_after.items():
+            last_seen = torch.where(idx == token, pos, -1).cummax(dim=1).values
+            newer = last_seen > latest
+            thr = torch.where(newer, value, thr)
+            latest = torch.where(newer, last_seen, latest)
+        return thr
+
+    def halt_score(self, h: Tensor, h_new: Tensor, readout: Optional[tuple], prev_log_p: Optional[Tensor]) -> Tensor:
+        """(B, T) score of the configured criterion; lower means surer (looplm.ops)."""
+        criterion = self.config.halt
+        if criterion == "entropy":
+            return readout[0]
+        if criterion == "confidence":
+            return -readout[1]
+        if criterion == "delta":
+            return relative_change(h, h_new)
+        if criterion == "kl":
+            if prev_log_p is None:
+                return torch.full(h.shape[:2], math.inf, device=h.device)
+            log_p = readout[2]
+            return (log_p.exp() * (log_p - prev_log_p)).sum(-1)
+        if criterion == "gate":
+            return -torch.sigmoid(self.halt_gate(h_new).squeeze(-1).float())
+        raise AssertionError(criterion)
+
+    # ---- the loop
+
+    def loop(self, x0: Tensor, idx: Tensor, n_loops: int, halting: bool, thresholds: Optional[Tensor] = None,
+             trace: Optional[LoopTrace] = None) -> Tensor:
+        """Run the tied core from x0 (B, T, C); returns the final state. Fills `trace` if given."""
+        cfg = self.config
+        B, T, C = x0.shape
+        h = self.initial_state(x0)
+        active = torch.ones(B * T, dtype=torch.bool, device=x0.device)
+        steps = torch.zeros(B * T, dtype=torch.int32, device=x0.device)
+        if halting:
+            thr = self.halt_thresholds(idx, thresholds)
+            thr = (-thr if cfg.halt in HIGHER_IS_SURER else thr).reshape(-1)
+        needs_readout = trace is not None or (halting and cfg.halt in ("entropy", "confidence", "kl"))
+        prev_log_p = None
+        for t in range(1, n_loops + 1):
+            loop_index = torch.where(active, t, steps).view(B, T)  # a halted token keeps its last loop
+            h_new = self.update(h, self.core(self.inject(h, x0, loop_index)))
+            readout = self.readout(h_new) if needs_readout else None
+            if halting:
+                score = self.halt_score(h, h_new, readout, prev_log_p).reshape(-1)
+                was_active = active
+                h_flat, active, steps = self.backend.op("halt_update")(
+                    h.reshape(B * T, C), h_new.reshape(B * T, C), active, steps, score, thr, t, cfg.min_loops,
+                    n_loops)
+                h_flat, h_prev = h_flat.view(B, T, C), h
+                h = h_flat
+            else:
+                was_active, h_prev, h = active, h, h_new
+                steps = steps + 1
+            if trace is not None:
+                entropy = torch.where(was_active.view(B, T), readout[0], trace.entropy[-1]) if trace.entropy \
+                    else readout[0]
+                trace.entropy.append(entropy)
+                trace.delta.append(relative_change(h_prev, h))
+                trace.active.append(was_active.view(B, T))
+            if readout is not None:
+                prev_log_p = readout[2]
+            if halting and not active.any():
+                break
+        if trace is not None:
+            trace.steps = steps.view(B, T)
+        return h
+
+    def readout(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What the model would predict from state h: (entropy, max probability, log-probs)."""
+        logits = self.head(h)
+        entropy, max_prob = self.backend.op("softmax_entropy")(logits)
+        return entropy, max_prob, torch.log_softmax(logits.float(), dim=-1)
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, n_loops: Optional[int] = None,
+                halt: Optional[bool] = None, thresholds: Optional[Tensor] = None, return_trace: bool = False):
+        """nanoGPT's call: (logits, loss); logits for the last position only when targets is None.
+
+        halt: None halts in eval mode when the config names a criterion, never in training; True or
+        False forces it. n_loops: the loop budget (default n_loops, or max_loops when halting).
+        return_trace: also return a LoopTrace, as (logits, loss, trace).
+        """
+        cfg = self.config
+        self._check_inputs(idx, targets)
+        halting = (cfg.halt != "none" and not self.training) if halt is None else bool(halt)
+        if halting and cfg.halt == "none":
+            raise ValueError("halt=True but the config has halt='none'; set a halting criterion")
+        budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
+        if not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"n_loops must be an integer >= 1, got {budget!r}")
+        if halting and budget < cfg.min_loops:
+            raise ValueError(f"n_loops ({budget}) is below min_loops ({cfg.min_loops})")
+        trace = LoopTrace(steps=torch.empty(0)) if return_trace else None
+
+        x0 = self.embed(idx)
+        h = self.loop(x0, idx, budget, halting, thresholds, trace)
+        if targets is not None:
+            logits = self.head(h)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        else:  # only the last position is needed; the coda attends, so it still sees every token
+            logits = self.head(h)[:, [-1], :] if self.transformer.coda else self.head(h[:, [-1], :])
+            loss = None
+        return (logits, loss, trace) if return_trace else (logits, loss)
+
+    def _check_inputs(self, idx: Tensor, targets: Optional[Tensor]) -> None:
+        cfg = self.config
+        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"idx must be a (B, T) tensor of int64 token ids, got "
+                             f"{type(idx).__name__} {getattr(idx, 'dtype', '')} {tuple(getattr(idx, 'shape', ()))}")
+        if idx.size(1) > cfg.block_size:
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size {cfg.block_size}")
+        if idx.numel() == 0:
+            raise ValueError(f"idx is empty: {tuple(idx.shape)}")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
+        device = self.lm_head.weight.device
+        if idx.device != device:
+            raise ValueError(f"idx is on {idx.device} but the model is on {device}; move one of them")
+        self.backend.check_device(device)
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            if targets.device != device:
+                raise ValueError(f"targets are on {targets.device} but the model is on {device}")
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 **forward_kwargs) -> Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T), nanoGPT's way. temperature=0 is greedy."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond, **forward_kwargs)
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+def relative_change(h: Tensor, h_new: Tensor, eps: float = 1e-6) -> Tensor:
+    """||h_new - h|| / max(||h||, ||h_new||) per token, (B, T, C) -> (B, T) float32, in [0, 2].
+    The larger norm in the denominator keeps the first loop from a zero state at 1, not infinity."""
+    h, h_new = h.float(), h_new.float()
+    scale = torch.maximum(h.norm(dim=-1), h_new.norm(dim=-1)).clamp(min=eps)
+    return (h_new - h).norm(dim=-1) / scale

@@ -1,0 +1,98 @@
+"""The op set: one signature per op, shared by the reference and every kernel backend.
+
+A backend is a mapping from these names to callables with exactly these signatures
+(`tests/test_registry.py` checks it). Shapes use B batch, T tokens, C channels, H heads,
+D head size, V vocabulary, N rows (any leading dims flattened).
+
+Halting convention: a token halts when `score < threshold`. Criteria whose natural reading is
+"higher means surer" (max probability, a learned gate) are negated by the model before they
+reach `halt_update`, so every backend implements one comparison.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+ACTIVATIONS = ("none", "gelu")
+
+
+class BlockWeights(NamedTuple):
+    """The weights of one pre-norm transformer block, nanoGPT layout (Linear weights are (out, in))."""
+
+    ln1_w: Tensor  # (C,)
+    ln1_b: Optional[Tensor]  # (C,)
+    attn_w: Tensor  # (3C, C)
+    attn_b: Optional[Tensor]  # (3C,)
+    proj_w: Tensor  # (C, C)
+    proj_b: Optional[Tensor]  # (C,)
+    ln2_w: Tensor  # (C,)
+    ln2_b: Optional[Tensor]  # (C,)
+    fc_w: Tensor  # (4C, C)
+    fc_b: Optional[Tensor]  # (4C,)
+    fc2_w: Tensor  # (C, 4C)
+    fc2_b: Optional[Tensor]  # (C,)
+
+
+# The signatures. Bodies are never called: they document the contract and are compared, by
+# parameter names, kinds and defaults, against every registered backend's callables.
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """Normalise the last dim of x (..., C); returns x's dtype."""
+    raise NotImplementedError
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none",
+           residual: Optional[Tensor] = None) -> Tensor:
+    """act(x @ weight.T + bias) + residual for x (..., K), weight (N, K); activation in ACTIVATIONS
+    (gelu is the exact erf form)."""
+    raise NotImplementedError
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+    """softmax(q k^T * scale) v for q (B, H, Tq, D), k and v (B, H, Tk, D); scale defaults to D**-0.5.
+    Causal masking is aligned bottom-right: query i sits at position Tk - Tq + i, so a cached decode
+    step (Tq=1) sees every key. A query row with no visible key (Tq > Tk) returns zeros, never NaN."""
+    raise NotImplementedError
+
+
+def softmax_entropy(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """For logits (..., V): the entropy of softmax(logits) in nats and its max probability, both
+    (...,) float32."""
+    raise NotImplementedError
+
+
+def halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tensor, threshold: Tensor,
+                step: int, min_loops: int, max_loops: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One halting step for N tokens after loop `step` (1-based), out of place.
+
+    h, h_new (N, C); active (N,) bool; steps (N,) int32; score, threshold (N,) float32.
+    Active tokens take h_new and count one more step; halted tokens keep h and their count.
+    An active token halts when step >= max_loops, or when step >= min_loops and score < threshold.
+    Returns (h, active, steps) as new tensors.
+    """
+    raise NotImplementedError
+
+
+def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0) -> Tensor:
+    """One pre-norm block on x (B, T, C): x + proj(attn(ln1(x))), then + mlp(ln2(x)), causal.
+    dropout_p applies to the two residual branches (the reference honours it; kernels run at 0)."""
+    raise NotImplementedError
+
+
+SIGNATURES: dict[str, inspect.Signature] = {
+    fn.__name__: inspect.signature(fn)
+    for fn in (layer_norm, linear, attention, softmax_entropy, halt_update, block)
+}
+OP_NAMES: tuple[str, ...] = tuple(SIGNATURES)
+
+
+def signature_mismatch(name: str, fn) -> Optional[str]:
+    """Why `fn` does not match op `name`'s signature, or None if it does (names, kinds, defaults)."""
+    want = [(p.name, p.kind, p.default) for p in SIGNATURES[name].parameters.values()]
+    got = [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    if want != got:
+        return f"op {name!r}: expected parameters {want}, got {got}"
+    return None

@@ -1,0 +1,22 @@
+"""The oracle: plain PyTorch ops, fp32 inside, obviously correct. Registered as backend "torch".
+
+Each op upcasts to float32, computes the textbook formula and casts back to the input dtype, so
+the kernel backends are compared with one fixed numerical meaning.
+"""
+from reference.attention import attention
+from reference.block import block
+from reference.halt_update import halt_update
+from reference.layer_norm import layer_norm
+from reference.linear import linear
+from reference.softmax_entropy import softmax_entropy
+
+OPS = {
+    "layer_norm": layer_norm,
+    "linear": linear,
+    "attention": attention,
+    "softmax_entropy": softmax_entropy,
+    "halt_update": halt_update,
+    "block": block,
+}
+
+__all__ = ["OPS", *OPS]

@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+    Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    if causal:
+        q_pos = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
+        visible = torch.arange(Tk, device=q.device)[None, :] <= q_pos  # (Tq, Tk)
+    else:
+        visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+    # A row that sees no key gets zero weights instead of softmax's 0/0.
+    row_sees_a_key = visible.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~row_sees_a_key, 0.0)
+    weights = torch.softmax(scores, dim=-1) * row_sees_a_key
+    return (weights @ v.float()).to(q.dtype)
