@@ -241,8 +241,12 @@ class LoopGPT(nn.Module):
     # ---- the loop
 
     def loop(self, x0: Tensor, idx: Tensor, n_loops: int, halting: bool, thresholds: Optional[Tensor] = None,
-             trace: Optional[LoopTrace] = None) -> Tensor:
-        """Run the tied core from x0 (B, T, C); returns the final state. Fills `trace` if given."""
+             trace: Optional[LoopTrace] = None, states: Optional[list[Tensor]] = None,
+             grad_loops: Optional[int] = None) -> Tensor:
+        """Run the tied core from x0 (B, T, C); returns the final state. Fills `trace` if given.
+        For training: `states` receives the state after every loop (to supervise each one), and
+        `grad_loops` keeps the graph of the state through the last grad_loops loops only (truncated
+        backprop; x0 still gets every loop's gradient through the injection)."""
         cfg = self.config
         B, T, C = x0.shape
         h = self.initial_state(x0)
@@ -254,6 +258,8 @@ class LoopGPT(nn.Module):
         needs_readout = trace is not None or (halting and cfg.halt in ("entropy", "confidence", "kl"))
         prev_log_p = None
         for t in range(1, n_loops + 1):
+            if grad_loops is not None and t == n_loops - grad_loops + 1:
+                h = h.detach()
             loop_index = torch.where(active, t, steps).view(B, T)  # a halted token keeps its last loop
             h_new = self.update(h, self.core(self.inject(h, x0, loop_index)))
             readout = self.readout(h_new) if needs_readout else None
@@ -274,6 +280,8 @@ class LoopGPT(nn.Module):
                 trace.entropy.append(entropy)
                 trace.delta.append(relative_change(h_prev, h))
                 trace.active.append(was_active.view(B, T))
+            if states is not None:
+                states.append(h)
             if readout is not None:
                 prev_log_p = readout[2]
             if halting and not active.any():
@@ -327,13 +335,13 @@ class LoopGPT(nn.Module):
             raise ValueError(f"sequence length {idx.size(1)} exceeds block_size {cfg.block_size}")
         if idx.numel() == 0:
             raise ValueError(f"idx is empty: {tuple(idx.shape)}")
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
         device = self.lm_head.weight.device
         if idx.device != device:
             raise ValueError(f"idx is on {idx.device} but the model is on {device}; move one of them")
         self.backend.check_device(device)
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
         if targets is not None:
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")

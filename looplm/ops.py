@@ -96,3 +96,14 @@ def signature_mismatch(name: str, fn) -> Optional[str]:
     if want != got:
         return f"op {name!r}: expected parameters {want}, got {got}"
     return None
+
+
+def check_tensors(op: str, **tensors: Optional[Tensor]) -> None:
+    """Refuse tensors on different devices, or floating tensors of different dtypes, naming them."""
+    given = {name: t for name, t in tensors.items() if t is not None}
+    devices = {name: t.device for name, t in given.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {devices}")
+    dtypes = {name: t.dtype for name, t in given.items() if t.is_floating_point()}
+    if len(set(dtypes.values())) > 1:
+        raise ValueError(f"{op}: floating tensors must share one dtype, got {dtypes}")

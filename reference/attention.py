@@ -5,8 +5,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from looplm.ops import check_tensors
+
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+    check_tensors("attention", q=q, k=k, v=v)
     Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, Tq, Tk)

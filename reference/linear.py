@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from looplm.ops import ACTIVATIONS
+from looplm.ops import ACTIVATIONS, check_tensors
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -18,6 +18,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
            residual: Optional[Tensor] = None) -> Tensor:
     if activation not in ACTIVATIONS:
         raise ValueError(f"linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_tensors("linear", x=x, weight=weight, bias=bias, residual=residual)
     y = x.float() @ weight.float().t()
     if bias is not None:
         y = y + bias.float()

@@ -1,0 +1,111 @@
+"""Character-level tiny-shakespeare, prepared as nanoGPT's `shakespeare_char`.
+
+The corpus ships with the package. `prepare` maps it to a 65-symbol character vocabulary, splits
+it 90/10 into train/val and writes `train.bin`, `val.bin` (uint16 token ids) and `meta.json`
+(the vocabulary) into a data directory, each file atomically. `get_batch` reads random windows
+through `np.memmap`, so the corpus is never held in memory twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+TRAIN_FRACTION = 0.9
+SPLITS = ("train", "val")
+PathLike = Union[str, os.PathLike]
+
+
+def corpus_text() -> str:
+    """The bundled tiny-shakespeare corpus."""
+    return resources.files("looplm.data").joinpath("tinyshakespeare.txt").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class CharTokenizer:
+    """Maps each character of a fixed alphabet to its index in the sorted alphabet."""
+
+    chars: str
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        index = {c: i for i, c in enumerate(self.chars)}
+        unknown = sorted(set(text) - set(index))
+        if unknown:
+            raise ValueError(f"characters {unknown} are not in the vocabulary of {self.vocab_size} characters")
+        return [index[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def prepare(data_dir: PathLike) -> CharTokenizer:
+    """Write train.bin, val.bin and meta.json under data_dir/shakespeare_char unless already there."""
+    out = Path(data_dir) / "shakespeare_char"
+    meta_path = out / "meta.json"
+    if meta_path.exists() and all((out / f"{split}.bin").exists() for split in SPLITS):
+        return load_tokenizer(data_dir)
+    text = corpus_text()
+    tokenizer = CharTokenizer.from_text(text)
+    ids = np.array(tokenizer.encode(text), dtype=np.uint16)
+    n_train = int(len(ids) * TRAIN_FRACTION)
+    atomic_write_bytes(out / "train.bin", ids[:n_train].tobytes())
+    atomic_write_bytes(out / "val.bin", ids[n_train:].tobytes())
+    # meta.json last: its presence means the token files are complete.
+    atomic_write_bytes(meta_path, json.dumps({"vocab_size": tokenizer.vocab_size, "chars": tokenizer.chars}).encode())
+    return tokenizer
+
+
+def load_tokenizer(data_dir: PathLike) -> CharTokenizer:
+    meta_path = Path(data_dir) / "shakespeare_char" / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} is missing; run looplm.data.shakespeare.prepare({str(data_dir)!r})")
+    return CharTokenizer(json.loads(meta_path.read_text())["chars"])
+
+
+def tokens(data_dir: PathLike, split: str) -> np.memmap:
+    """The token ids of a split, memory-mapped read-only."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return np.memmap(Path(data_dir) / "shakespeare_char" / f"{split}.bin", dtype=np.uint16, mode="r")
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
+              device: Union[str, torch.device] = "cpu") -> tuple[Tensor, Tensor]:
+    """Random windows x (B, T) and their next-token targets y, as nanoGPT's get_batch."""
+    if len(data) <= block_size:
+        raise ValueError(f"block_size {block_size} needs more than {block_size} tokens; the split has {len(data)}")
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in starts]))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in starts]))
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)

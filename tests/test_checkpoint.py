@@ -1,0 +1,125 @@
+"""Checkpoints: round trip, refusals, atomic replacement, nanoGPT import, layer transplant."""
+import json
+
+import pytest
+import torch
+
+from looplm import LoopConfig, LoopGPT
+from looplm import checkpoint as ckpt_module
+from looplm.checkpoint import (CheckpointError, import_nanogpt, load_checkpoint, read_config, save_checkpoint,
+                               transplant_layer)
+from tests.nanogpt_arch import GPT, GPTConfig
+
+
+def small(**overrides) -> LoopConfig:
+    base = dict(vocab_size=23, block_size=16, n_embd=32, n_head=4, n_layer=1, n_loops=3, step_encoding="learned",
+                update="euler", halt="entropy", halt_threshold=0.5, halt_thresholds_after={7: 0.1})
+    return LoopConfig(**{**base, **overrides})
+
+
+def test_round_trip_gives_the_same_model(tmp_path):
+    model = LoopGPT(small()).eval()
+    path = save_checkpoint(model, tmp_path / "ckpt", metadata={"iter": 12})
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((path / "config.json").read_text())["metadata"] == {"iter": 12}
+    loaded = load_checkpoint(path).eval()
+    assert loaded.config == model.config
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr(), "tying survives loading"
+    idx = torch.randint(0, 23, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx, idx)[0], model(idx, idx)[0], rtol=0, atol=0)
+
+
+def test_overwrite_is_atomic_when_saving_fails(tmp_path, monkeypatch):
+    first = LoopGPT(small())
+    path = save_checkpoint(first, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(ckpt_module, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(LoopGPT(small(n_loops=5)), path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"], "no temporary directory is left behind"
+
+
+def test_loading_refuses_what_does_not_fit(tmp_path):
+    path = save_checkpoint(LoopGPT(small()), tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="saved with another config.*'n_loops': \\(4, 3\\)"):
+        load_checkpoint(path, expected_config=small(n_loops=4))
+    # weights of another width under this config: every misfit is named with both shapes
+    other = save_checkpoint(LoopGPT(small(n_embd=64)), tmp_path / "wide")
+    (other / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=r"shape mismatch: transformer.core.0.attn.c_attn.weight: "
+                                              r"checkpoint \(192, 64\) vs model \(96, 32\)"):
+        load_checkpoint(other)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="does not hold a valid LoopConfig"):
+        read_config(path)
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path):
+    path = save_checkpoint(LoopGPT(small(n_coda=1)), tmp_path / "ckpt")
+    doc = json.loads((path / "config.json").read_text())
+    doc["looplm_config"]["n_coda"] = 0
+    doc["looplm_config"]["n_prelude"] = 1
+    (path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert "missing: ['transformer.prelude.0" in str(err.value)
+    assert "unexpected: ['transformer.coda.0" in str(err.value)
+
+
+@pytest.mark.parametrize("compiled_prefix", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_nanogpt_import_gives_nanogpts_logits(tmp_path, compiled_prefix, bias):
+    config = GPTConfig(block_size=16, vocab_size=29, n_layer=3, n_head=2, n_embd=24, bias=bias)
+    gpt = GPT(config).eval()
+    state = gpt.state_dict()
+    if compiled_prefix:
+        state = {f"_orig_mod.{k}": v for k, v in state.items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": state, "model_args": dict(vars(config)), "iter_num": 10, "best_val_loss": 2.0}, path)
+    model = import_nanogpt(path).eval()
+    assert model.config.n_layer == 3 and model.config.n_loops == 1 and model.config.bias is bias
+    idx = torch.randint(0, 29, (2, 16))
+    with torch.no_grad():
+        logits, _ = model(idx, idx)
+        torch.testing.assert_close(logits, gpt(idx), rtol=1e-4, atol=1e-4)
+
+
+def test_nanogpt_import_refuses_other_files(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(CheckpointError, match="not a nanoGPT checkpoint: expected a dict with 'model_args'"):
+        import_nanogpt(path)
+    config = GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8)
+    state = GPT(config).state_dict()
+    del state["transformer.h.0.mlp.c_fc.weight"]
+    torch.save({"model": state, "model_args": dict(vars(config))}, path)
+    with pytest.raises(CheckpointError, match=r"missing: \['transformer.core.0.mlp.c_fc.weight'\]"):
+        import_nanogpt(path)
+
+
+def test_transplant_a_trained_layer_into_the_loop():
+    gpt = LoopGPT(LoopConfig(vocab_size=23, block_size=16, n_embd=32, n_head=4, n_layer=3, n_loops=1))
+    loop = LoopGPT(LoopConfig(vocab_size=23, block_size=16, n_embd=32, n_head=4, n_layer=1, n_loops=4))
+    transplant_layer(gpt, loop, source_layer=2)
+    src, dst = gpt.transformer.core[2].state_dict(), loop.transformer.core[0].state_dict()
+    assert all(torch.equal(src[k], dst[k]) for k in src)
+    assert torch.equal(loop.transformer.wte.weight, gpt.transformer.wte.weight)
+    assert loop.lm_head.weight.data_ptr() == loop.transformer.wte.weight.data_ptr()
+    # one loop of the transplanted layer is that layer of the GPT applied to the embeddings
+    idx = torch.randint(0, 23, (1, 8))
+    with torch.no_grad():
+        x0 = gpt.embed(idx)
+        expected = gpt.head(gpt.transformer.core[2](x0, gpt.backend))
+        torch.testing.assert_close(loop(idx, idx, n_loops=1)[0], expected)
+    with pytest.raises(IndexError, match="source_layer 3 is out of range: the source core has 3 layers"):
+        transplant_layer(gpt, loop, source_layer=3)
+    wide = LoopGPT(LoopConfig(vocab_size=23, block_size=16, n_embd=64, n_head=4, n_layer=1, n_loops=2))
+    with pytest.raises(CheckpointError, match="cannot transplant"):
+        transplant_layer(gpt, wide, source_layer=0)

@@ -1,0 +1,230 @@
+"""LoopGPT: the loop, halting, numerics, gradients, parameter counts and input errors."""
+import pytest
+import torch
+
+from looplm import LoopConfig, LoopGPT
+from looplm.model import relative_change
+
+
+def tiny(**overrides) -> LoopConfig:
+    base = dict(vocab_size=17, block_size=16, n_embd=32, n_head=4, n_layer=1, n_loops=4)
+    return LoopConfig(**{**base, **overrides})
+
+
+def tokens(B=2, T=12, V=17):
+    return torch.randint(0, V, (B, T))
+
+
+def test_forward_shapes_and_nanogpt_call():
+    model = LoopGPT(tiny())
+    idx = tokens()
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 12, 17) and loss.ndim == 0
+    logits, loss = model(idx)
+    assert logits.shape == (2, 1, 17) and loss is None
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(inject="add", step_encoding="learned", update="euler"),
+    dict(inject="norm_add", step_encoding="sinusoidal", state_init="noise"),
+    dict(inject="none", state_init="embed", n_prelude=1, n_coda=1),
+    dict(n_layer=2, n_loops=3, n_coda=1, halt="gate", halt_threshold=0.5),
+])
+def test_gradient_reaches_the_core_from_every_loop(overrides):
+    """Each loop's core input gets a gradient: a write that cut the graph would leave one without."""
+    model = LoopGPT(tiny(**overrides))
+    inputs = []
+    core_forward = model.transformer.core[0].forward
+
+    def keep_input(u, *args, **kwargs):
+        u.retain_grad()
+        inputs.append(u)
+        return core_forward(u, *args, **kwargs)
+    model.transformer.core[0].forward = keep_input
+    idx = tokens()
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert len(inputs) == model.config.n_loops
+    for t, u in enumerate(inputs, start=1):
+        assert u.grad is not None and u.grad.abs().sum() > 0, f"no gradient reaches loop {t}"
+    core_w = model.transformer.core[0].attn.c_attn.weight
+    assert core_w.grad is not None and core_w.grad.abs().sum() > 0
+
+
+def test_gpt_is_the_same_code_path():
+    """n_loops=1 with zeros + add is exactly a GPT: each loop sees x0 only in loop 1."""
+    gpt = LoopGPT(tiny(n_layer=3, n_loops=1))
+    idx = tokens()
+    x = gpt.embed(idx)
+    for blk in gpt.transformer.core:
+        x = blk(x, gpt.backend)
+    expected = gpt.head(x)
+    logits, _ = gpt(idx, idx)
+    torch.testing.assert_close(logits, expected)
+
+
+def test_parameter_counts_gpt12l_and_looplm_1x12():
+    V, T, C = 65, 256, 384
+    per_block = 12 * C * C + 13 * C  # qkv, proj, fc, fc2 weights and biases, two LayerNorms
+    shared = V * C + 2 * C  # tied embedding + ln_f (wpe excluded, as nanoGPT counts)
+    gpt = LoopGPT(LoopConfig(vocab_size=V, block_size=T, n_embd=C, n_head=6, n_layer=12, n_loops=1))
+    loop = LoopGPT(LoopConfig(vocab_size=V, block_size=T, n_embd=C, n_head=6, n_layer=1, n_loops=12))
+    assert gpt.get_num_params() == 12 * per_block + shared == 21_319_296
+    assert loop.get_num_params() == per_block + shared == 1_800_192
+    assert gpt.get_num_params(non_embedding=False) == gpt.get_num_params() + T * C
+
+
+# ---- halting
+
+def halting_model(criterion="entropy", threshold=2.0, **overrides) -> LoopGPT:
+    model = LoopGPT(tiny(halt=criterion, halt_threshold=threshold, **overrides))
+    return model.eval()
+
+
+@pytest.mark.parametrize("criterion,threshold", [
+    ("entropy", 2.8), ("confidence", 0.07), ("delta", 0.3), ("kl", 1e-3), ("gate", 0.01)])
+def test_each_criterion_halts_tokens_and_freezes_them(criterion, threshold):
+    torch.manual_seed(1)
+    model = halting_model(criterion, threshold, n_loops=3, max_loops=6, step_encoding="learned")
+    idx = tokens(2, 10)
+    with torch.no_grad():
+        _, _, trace = model(idx, idx, return_trace=True)
+    steps = trace.steps
+    assert steps.min() >= 1 and steps.max() <= 6
+    assert trace.loops_run == steps.max()
+    # steps equal the number of loops in which the token was active
+    assert torch.equal(torch.stack(trace.active).sum(0).int(), steps)
+    # once halted, a token's state does not change
+    for t in range(1, trace.loops_run):
+        halted = ~trace.active[t]
+        assert (trace.delta[t][halted] == 0).all()
+
+
+def test_thresholds_decide_how_long_tokens_think():
+    model = halting_model("entropy", 0.0, max_loops=5)  # entropy is never below 0: every token runs to max
+    idx = tokens(2, 10)
+    with torch.no_grad():
+        _, _, trace = model(idx, idx, return_trace=True)
+        assert (trace.steps == 5).all()
+        _, _, trace = model(idx, idx, return_trace=True, thresholds=torch.full(idx.shape, 100.0))
+        assert (trace.steps == 1).all() and trace.loops_run == 1  # everyone sure at once: the loop ends
+
+
+def test_min_loops_and_max_loops_beyond_training():
+    model = halting_model("entropy", 100.0, min_loops=3, max_loops=8, n_loops=4)
+    idx = tokens()
+    with torch.no_grad():
+        _, _, trace = model(idx, idx, return_trace=True)
+        assert (trace.steps == 3).all()
+    model = halting_model("entropy", 0.0, max_loops=8, n_loops=4)
+    with torch.no_grad():
+        _, _, trace = model(idx, idx, return_trace=True)
+        assert (trace.steps == 8).all()
+
+
+def test_per_token_threshold_after_a_trigger_token():
+    # token 5 raises the bar from its position on; token 6 sets it again, the latest trigger wins
+    model = halting_model("entropy", 100.0, max_loops=6, halt_thresholds_after={5: 0.0, 6: 50.0})
+    idx = torch.tensor([[1, 2, 5, 3, 4, 6, 7, 5, 8]])
+    thr = model.halt_thresholds(idx)
+    assert thr.tolist() == [[100.0, 100.0, 0.0, 0.0, 0.0, 50.0, 50.0, 0.0, 0.0]]
+    with torch.no_grad():
+        _, _, trace = model(idx, idx, return_trace=True)
+    assert trace.steps.tolist() == [[1, 1, 6, 6, 6, 1, 1, 6, 6]]
+
+
+def test_halted_tokens_are_still_attended_to():
+    """A later token still running must see the frozen earlier tokens: changing a halted token's
+    input changes the later token's result."""
+    model = halting_model("entropy", 0.0, max_loops=4)
+    idx = tokens(1, 8)
+    thresholds = torch.zeros(1, 8)
+    thresholds[0, :4] = 100.0  # the first four halt after loop 1
+    with torch.no_grad():
+        logits_a, _, trace = model(idx, idx, return_trace=True, thresholds=thresholds)
+        idx_b = idx.clone()
+        idx_b[0, 1] = (idx[0, 1] + 1) % 17
+        logits_b, _ = model(idx_b, idx_b, thresholds=thresholds)
+    assert trace.steps[0, :4].tolist() == [1, 1, 1, 1] and (trace.steps[0, 4:] == 4).all()
+    assert not torch.allclose(logits_a[0, 6], logits_b[0, 6])
+
+
+def test_halting_is_off_in_training_unless_asked():
+    model = LoopGPT(tiny(halt="entropy", halt_threshold=100.0, n_loops=3))
+    idx = tokens()
+    _, _, trace = model(idx, idx, return_trace=True)
+    assert (trace.steps == 3).all()
+    _, _, trace = model(idx, idx, return_trace=True, halt=True)
+    assert (trace.steps == 1).all()
+    with pytest.raises(ValueError, match="halt=True but the config has halt='none'"):
+        LoopGPT(tiny())(idx, halt=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_nan_or_inf_over_128_loops(dtype):
+    model = LoopGPT(tiny(n_loops=128, halt="kl", halt_threshold=0.0, step_encoding="sinusoidal")).to(dtype).eval()
+    idx = tokens(1, 9)
+    with torch.no_grad():
+        logits, loss, trace = model(idx, idx, return_trace=True)
+    assert trace.loops_run == 128
+    assert torch.isfinite(logits).all() and torch.isfinite(loss)
+    assert all(torch.isfinite(e).all() and torch.isfinite(d).all() for e, d in zip(trace.entropy, trace.delta))
+
+
+def test_relative_change_is_bounded_from_a_zero_state():
+    h, h_new = torch.zeros(1, 2, 4), torch.randn(1, 2, 4)
+    assert torch.allclose(relative_change(h, h_new), torch.ones(1, 2))
+    assert (relative_change(h_new, h_new) == 0).all()
+
+
+# ---- generation
+
+def test_generate_appends_tokens_greedy_is_deterministic():
+    model = LoopGPT(tiny()).eval()
+    idx = tokens(2, 3)
+    out = model.generate(idx, 20, temperature=0)  # runs past block_size: the context is cropped
+    assert out.shape == (2, 23) and torch.equal(out[:, :3], idx)
+    assert torch.equal(out, model.generate(idx, 20, temperature=0))
+    sampled = model.generate(idx, 5, temperature=0.8, top_k=3)
+    assert sampled.shape == (2, 8) and sampled.max() < 17
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+    (dict(max_new_tokens=2, temperature=-1.0), "temperature must be >= 0"),
+    (dict(max_new_tokens=2, top_k=0), "top_k must be >= 1"),
+])
+def test_generate_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoopGPT(tiny()).generate(tokens(1, 2), **kwargs)
+
+
+# ---- bad input
+
+@pytest.mark.parametrize("make_idx,message", [
+    (lambda: torch.zeros(1, 17, dtype=torch.long), "sequence length 17 exceeds block_size 16"),
+    (lambda: torch.full((1, 4), 17), r"token ids must be in \[0, 17\), got values in \[17, 17\]"),
+    (lambda: torch.full((1, 4), -1), r"token ids must be in \[0, 17\)"),
+    (lambda: torch.zeros(1, 4), "idx must be a \\(B, T\\) tensor of int64 token ids, got Tensor torch.float32"),
+    (lambda: torch.zeros(4, dtype=torch.long), "idx must be a \\(B, T\\) tensor"),
+    (lambda: torch.zeros(1, 0, dtype=torch.long), "idx is empty"),
+    (lambda: torch.zeros(1, 4, dtype=torch.long, device="meta"), "idx is on meta but the model is on cpu"),
+])
+def test_bad_inputs_are_refused(make_idx, message):
+    with pytest.raises(ValueError, match=message):
+        LoopGPT(tiny())(make_idx())
+
+
+def test_bad_targets_and_loop_counts_are_refused():
+    model = LoopGPT(tiny(halt="entropy", halt_threshold=1.0, min_loops=2)).eval()
+    idx = tokens(1, 4)
+    with pytest.raises(ValueError, match="targets must have the shape of idx"):
+        model(idx, idx[:, :3])
+    with pytest.raises(ValueError, match="n_loops must be an integer >= 1, got 0"):
+        model(idx, n_loops=0)
+    with pytest.raises(ValueError, match=r"n_loops \(1\) is below min_loops \(2\)"):
+        model(idx, n_loops=1)
+    with pytest.raises(ValueError, match="thresholds must have the shape of idx"):
+        model(idx, thresholds=torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"thresholds for halt='entropy' must be in \[0.0, inf\), got -1.0"):
+        model(idx, thresholds=torch.full((1, 4), -1.0))

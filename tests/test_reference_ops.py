@@ -1,0 +1,147 @@
+"""The reference ops against PyTorch's own implementations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference
+from looplm.testing import assert_close
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 33), (2, 130)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_matches_torch(shape, bias):
+    x = torch.randn(shape) * 3 + 1
+    w, b = torch.randn(shape[-1]), (torch.randn(shape[-1]) if bias else None)
+    assert_close(reference.layer_norm(x, w, b), F.layer_norm(x, shape[-1:], w, b, eps=1e-5))
+
+
+def test_layer_norm_large_values_and_dtype():
+    x = torch.randn(4, 64) * 1e4
+    w = torch.ones(64)
+    y = reference.layer_norm(x.bfloat16(), w.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert_close(y, F.layer_norm(x, (64,)), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+@pytest.mark.parametrize("with_bias,with_residual", [(True, True), (False, False), (True, False)])
+def test_linear_matches_torch(activation, with_bias, with_residual):
+    x = torch.randn(2, 3, 37)
+    w = torch.randn(19, 37) / 6
+    b = torch.randn(19) if with_bias else None
+    r = torch.randn(2, 3, 19) if with_residual else None
+    expected = F.linear(x, w, b)
+    expected = F.gelu(expected) if activation == "gelu" else expected
+    expected = expected + r if r is not None else expected
+    assert_close(reference.linear(x, w, b, activation=activation, residual=r), expected)
+
+
+def test_linear_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        reference.linear(torch.randn(2, 4), torch.randn(3, 4), activation="relu")
+
+
+@pytest.mark.parametrize("B,H,T,D", [(1, 1, 1, 8), (2, 3, 17, 16), (1, 2, 64, 32)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_sdpa(B, H, T, D, causal):
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    assert_close(reference.attention(q, k, v, causal=causal), F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+
+def test_attention_bottom_right_alignment_and_scale():
+    # Tq < Tk: query i sits at position Tk - Tq + i, as in a cached decode step.
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    visible = torch.arange(10)[None, :] <= (torch.arange(3)[:, None] + 7)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=0.3)
+    assert_close(reference.attention(q, k, v, causal=True, scale=0.3), expected)
+
+
+def test_attention_rows_without_keys_are_zero_not_nan():
+    q, k, v = torch.randn(1, 1, 6, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
+    out = reference.attention(q, k, v, causal=True)  # queries 0 and 1 see no key
+    assert torch.isfinite(out).all()
+    assert (out[..., :2, :] == 0).all()
+    assert_close(out[..., 2:, :], F.scaled_dot_product_attention(q[..., 2:, :], k, v, is_causal=True))
+
+
+def test_attention_gradient_is_finite_with_empty_rows():
+    q = torch.randn(1, 1, 5, 4, requires_grad=True)
+    k, v = torch.randn(1, 1, 3, 4, requires_grad=True), torch.randn(1, 1, 3, 4, requires_grad=True)
+    reference.attention(q, k, v).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (3, 65), (2, 4, 1000)])
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_softmax_entropy_matches_categorical(shape, scale):
+    logits = torch.randn(shape) * scale
+    entropy, max_prob = reference.softmax_entropy(logits)
+    dist = torch.distributions.Categorical(logits=logits.double())
+    assert entropy.dtype == max_prob.dtype == torch.float32
+    assert_close(entropy, dist.entropy())
+    assert_close(max_prob, dist.probs.amax(-1))
+
+
+def test_softmax_entropy_extremes():
+    uniform = torch.zeros(2, 50257)
+    entropy, max_prob = reference.softmax_entropy(uniform)
+    assert_close(entropy, torch.full((2,), math.log(50257)))
+    one_hot = torch.full((1, 100), -1e30)
+    one_hot[0, 3] = 1e30
+    entropy, max_prob = reference.softmax_entropy(one_hot)
+    assert entropy.item() == 0.0 and max_prob.item() == 1.0
+
+
+def test_halt_update_semantics():
+    N, C = 6, 4
+    h, h_new = torch.zeros(N, C), torch.ones(N, C)
+    active = torch.tensor([True, True, True, True, False, True])
+    steps = torch.tensor([2, 2, 2, 2, 1, 2], dtype=torch.int32)
+    score = torch.tensor([0.1, 0.9, 0.1, 0.5, 0.0, 0.5])
+    threshold = torch.tensor([0.5, 0.5, 0.05, 0.6, 1.0, 0.4])
+    h_out, active_out, steps_out = reference.halt_update(h, h_new, active, steps, score, threshold, 3, 1, 10)
+    assert torch.equal(active_out, torch.tensor([False, True, True, False, False, True]))
+    assert torch.equal(steps_out, torch.tensor([3, 3, 3, 3, 1, 3], dtype=torch.int32))
+    assert (h_out[4] == 0).all() and (h_out[[0, 1, 2, 3, 5]] == 1).all()
+    assert (h == 0).all(), "inputs are left untouched"
+    # below min_loops nothing halts on its score; at max_loops everything halts
+    _, a, _ = reference.halt_update(h, h_new, active, steps, score, threshold, 3, 4, 10)
+    assert torch.equal(a, active)
+    _, a, _ = reference.halt_update(h, h_new, active, steps, score, threshold, 10, 1, 10)
+    assert not a.any()
+
+
+def test_block_matches_torch_modules():
+    B, T, C, n_head = 2, 9, 24, 3
+    from looplm.ops import BlockWeights
+    w = BlockWeights(*(torch.randn(*s) / 4 for s in [(C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,),
+                                                       (4 * C, C), (4 * C,), (C, 4 * C), (C,)]))
+    x = torch.randn(B, T, C)
+    h = F.layer_norm(x, (C,), w.ln1_w, w.ln1_b)
+    q, k, v = F.linear(h, w.attn_w, w.attn_b).split(C, dim=2)
+    q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    x1 = x + F.linear(y, w.proj_w, w.proj_b)
+    expected = x1 + F.linear(F.gelu(F.linear(F.layer_norm(x1, (C,), w.ln2_w, w.ln2_b), w.fc_w, w.fc_b)), w.fc2_w, w.fc2_b)
+    assert_close(reference.block(x, w, n_head), expected, composed=True)
+
+
+def test_mixed_dtypes_and_devices_are_refused():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"linear: floating tensors must share one dtype, got \{'x': torch.float32, "
+                                         r"'weight': torch.bfloat16\}"):
+        reference.linear(x, torch.randn(4, 8).bfloat16())
+    with pytest.raises(ValueError, match="layer_norm: all tensors must be on one device"):
+        reference.layer_norm(x, torch.ones(8, device="meta"))
+    with pytest.raises(ValueError, match="attention: floating tensors must share one dtype"):
+        reference.attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4).half(), torch.randn(1, 1, 2, 4))
+
+
+def test_model_with_mixed_dtypes_is_refused():
+    from looplm import LoopConfig, LoopGPT
+    model = LoopGPT(LoopConfig(vocab_size=11, block_size=8, n_embd=16, n_head=2, n_loops=2))
+    model.transformer.core[0].to(torch.bfloat16)
+    with pytest.raises(ValueError, match="must share one dtype"):
+        model(torch.zeros(1, 4, dtype=torch.long))

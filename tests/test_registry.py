@@ -1,0 +1,94 @@
+"""The backend registry: lookup, listing, refusals, signatures, hybrid autograd."""
+import pytest
+import torch
+
+import reference
+from looplm import Availability, Backend, BackendUnavailable, LoopConfig, LoopGPT, available_backends, get_backend
+from looplm import backends as backends_module
+from looplm.ops import OP_NAMES, signature_mismatch
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """A private copy of the registry, so a test can register backends without leaking them."""
+    monkeypatch.setattr(backends_module, "_REGISTRY", dict(backends_module._REGISTRY))
+
+
+@pytest.mark.parametrize("name", sorted(available_backends()))
+def test_every_backend_implements_every_op_with_the_shared_signature(name):
+    availability = available_backends()[name]
+    if not availability.available:
+        pytest.skip(f"backend {name!r} is unavailable here: {availability.reason}")
+    backend = get_backend(name)
+    assert set(OP_NAMES) <= set(backend.ops)
+    for op in OP_NAMES:
+        assert signature_mismatch(op, backend.ops[op]) is None
+
+
+def test_signature_check_catches_a_mismatch():
+    def layer_norm(x, weight, bias=None, epsilon=1e-5):
+        return x
+    assert "layer_norm" in signature_mismatch("layer_norm", layer_norm)
+
+
+def test_builtin_backends_are_listed_with_a_reason_when_unavailable():
+    listing = available_backends()
+    assert {"torch", "triton", "tile"} <= set(listing)
+    assert listing["torch"].available
+    for name, a in listing.items():
+        assert a.available or a.reason, f"{name} is unavailable without a reason"
+
+
+def test_unknown_backend_lists_the_known_ones():
+    with pytest.raises(BackendUnavailable, match="unknown backend 'cuda-magic'") as err:
+        get_backend("cuda-magic")
+    for name in ("torch", "triton", "tile"):
+        assert name in str(err.value)
+    with pytest.raises(BackendUnavailable):
+        LoopGPT(LoopConfig(n_embd=32, n_head=2, block_size=8), backend="cuda-magic")
+
+
+def test_unavailable_backend_says_why(scratch_registry):
+    backends_module.register_backend("needs-gpu", probe=lambda: Availability(False, reason="no CUDA device"),
+                                     load=lambda: pytest.fail("an unavailable backend must not be loaded"))
+    with pytest.raises(BackendUnavailable, match="'needs-gpu' is unavailable here: no CUDA device"):
+        get_backend("needs-gpu")
+
+
+def test_a_broken_probe_does_not_hide_the_others(scratch_registry):
+    def probe():
+        raise ImportError("libcuda.so not found")
+    backends_module.register_backend("broken", probe=probe, load=lambda: None)
+    listing = available_backends()
+    assert not listing["broken"].available and "libcuda.so" in listing["broken"].reason
+    assert listing["torch"].available
+
+
+def test_a_backend_missing_an_op_is_refused(scratch_registry):
+    partial = dict(reference.OPS)
+    del partial["attention"]
+    backends_module.register_backend("partial", probe=lambda: Availability(True, "native"),
+                                     load=lambda: Backend("partial", partial))
+    with pytest.raises(BackendUnavailable, match="attention"):
+        get_backend("partial")
+
+
+def test_hybrid_autograd_uses_the_reference_while_grad_is_enabled():
+    def kernel_layer_norm(x, weight, bias=None, eps=1e-5):
+        return torch.zeros_like(x)
+    backend = Backend("fake", {**reference.OPS, "layer_norm": kernel_layer_norm}, differentiable=frozenset())
+    assert backend.op("layer_norm") is reference.layer_norm
+    with torch.no_grad():
+        assert backend.op("layer_norm") is kernel_layer_norm
+    with torch.inference_mode():
+        assert backend.op("layer_norm") is kernel_layer_norm
+    with_backward = Backend("fake", {**reference.OPS, "layer_norm": kernel_layer_norm},
+                            differentiable=frozenset({"layer_norm"}))
+    assert with_backward.op("layer_norm") is kernel_layer_norm
+
+
+def test_model_refuses_a_backend_on_the_wrong_device():
+    backend = Backend("gpu-only", reference.OPS, device_type="cuda")
+    model = LoopGPT(LoopConfig(n_embd=32, n_head=2, block_size=8, n_loops=2), backend=backend)
+    with pytest.raises(BackendUnavailable, match="runs native on cuda tensors, but the model is on cpu"):
+        model(torch.zeros(1, 4, dtype=torch.long))
