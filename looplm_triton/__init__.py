@@ -24,4 +24,22 @@ def probe() -> Availability:
 
 
 def load() -> Backend:
-    raise NotImplementedError("the Triton kernels are not built yet")
+    """The kernels, one module per op of `looplm.ops`. None has a backward kernel yet, so training
+    differentiates through the reference ops (see `looplm.backends`)."""
+    from looplm_triton.attention import attention
+    from looplm_triton.block import block
+    from looplm_triton.halt_update import halt_update
+    from looplm_triton.layer_norm import layer_norm
+    from looplm_triton.linear import linear
+    from looplm_triton.softmax_entropy import softmax_entropy
+
+    ops = dict(layer_norm=layer_norm, linear=linear, attention=attention, softmax_entropy=softmax_entropy,
+               halt_update=halt_update, block=block)
+    mode = probe().mode
+    return Backend(name="triton", ops=ops, mode=mode, device_type="cuda" if mode == "native" else "cpu",
+                   differentiable=frozenset())
+
+
+# Every kernel module, for the tuner and the tier-0 compile tests: each defines TUNING.
+KERNEL_MODULES = tuple(f"looplm_triton.{name}" for name in
+                       ("layer_norm", "linear", "attention", "softmax_entropy", "halt_update", "block"))

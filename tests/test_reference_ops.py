@@ -145,3 +145,10 @@ def test_model_with_mixed_dtypes_is_refused():
     model.transformer.core[0].to(torch.bfloat16)
     with pytest.raises(ValueError, match="must share one dtype"):
         model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_softmax_entropy_with_masked_logits():
+    logits = torch.tensor([[0.0, 0.0, float("-inf"), float("-inf")]])
+    entropy, max_prob = reference.softmax_entropy(logits)
+    assert_close(entropy, torch.tensor([math.log(2)]))
+    assert max_prob.item() == 0.5

@@ -1,0 +1,86 @@
+"""Tier 0 for the Triton backend: every kernel compiles to a cubin for sm_80, sm_90, sm_100 and
+sm_120 on this machine, no GPU needed, and its default configuration fits each one's shared memory.
+
+By default: each kernel's default configuration at the shipped model's shapes, in bf16 for all
+four architectures and in fp32 for sm_90. LOOPLM_TIER0_EXHAUSTIVE=1 compiles every configuration of every kernel's
+tuning space for every shipped shape and dtype (thousands of compiles, about an hour on 2 cores).
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from looplm_triton import KERNEL_MODULES  # noqa: E402
+from looplm_triton import linear as linear_module  # noqa: E402
+from looplm_triton.aot import ARCHS  # noqa: E402
+
+EXHAUSTIVE = os.environ.get("LOOPLM_TIER0_EXHAUSTIVE") == "1"
+# Largest dynamic shared memory one block may use (bytes).
+SHARED_MEMORY_LIMIT = {"sm_80": 166912, "sm_90": 232448, "sm_100": 232448, "sm_120": 101376}
+
+
+def _shipped_shapes() -> dict[str, list[tuple]]:
+    """Each kernel's shape keys for the shipped models: the GPU model (batch 16, context 256, 384 wide,
+    6 heads, vocabularies 65 and 50304) and the CPU one (batch 12, context 64, 128 wide, 4 heads)."""
+    shapes: dict[str, list[tuple]] = {}
+    for B, T, C, H, vocabs in ((16, 256, 384, 6, (65, 50304)), (12, 64, 128, 4, (65,))):
+        M = B * T
+        shapes.setdefault("layer_norm", []).append((M, C))
+        shapes.setdefault("linear", []).extend([(M, C, C), (M, C, 4 * C)] + [(M, V, C) for V in vocabs])
+        shapes.setdefault("layer_norm_linear", []).append((M, C))
+        shapes.setdefault("attention", []).append((B, H, T, T, C // H))
+        shapes.setdefault("softmax_entropy", []).extend([(M, V) for V in vocabs])
+        shapes.setdefault("halt_update", []).append((M, C))
+    return shapes
+
+
+SHIPPED_SHAPES = _shipped_shapes()
+TUNINGS = {t.kernel: t for t in (importlib.import_module(m).TUNING for m in KERNEL_MODULES)}
+
+
+def _compile_all(jobs: list) -> list:
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one compile worker per thread
+        return list(pool.map(lambda job: job[0](*job[1:]), jobs))
+
+
+def test_every_op_has_a_tuning_entry():
+    assert set(TUNINGS) == set(SHIPPED_SHAPES)
+    for kernel, tuning in TUNINGS.items():
+        assert tuning.backend == "triton"
+        assert tuning.default in list(tuning.space), f"{kernel}: the default configuration is not in its space"
+
+
+@pytest.mark.parametrize("dtype,archs", [(torch.bfloat16, ARCHS), (torch.float32, ("sm_90",))], ids=["bf16", "fp32"])
+def test_hierarchical_parity_tier0_default_configs_compile(dtype, archs):
+    """bf16 (what GPUs run) for every architecture; fp32 (exact fp32 dots, slow to compile) for one."""
+    jobs = [(TUNINGS[kernel].compile, SHIPPED_SHAPES[kernel][0], dtype, TUNINGS[kernel].default, arch)
+            for kernel in sorted(TUNINGS) for arch in archs]
+    # The epilogue the block uses that the tuning entries leave out: bias + residual.
+    jobs += [(_compile_linear_with_residual, SHIPPED_SHAPES["linear"][0], dtype, linear_module.DEFAULT, arch)
+             for arch in archs]
+    for (_, shape, _, config, arch), resources in zip(jobs, _compile_all(jobs)):
+        assert resources["registers"] > 0, (shape, arch)
+        assert 0 <= resources["shared_mem"] <= SHARED_MEMORY_LIMIT[arch], (shape, config, arch, resources)
+
+
+def _compile_linear_with_residual(shape, dtype, config, arch) -> dict:
+    return linear_module.compile_variant(shape, dtype, config, arch, residual=True)
+
+
+@pytest.mark.skipif(not EXHAUSTIVE, reason="set LOOPLM_TIER0_EXHAUSTIVE=1 to compile every configuration of every "
+                                           "tuning space for every architecture (about an hour on 2 cores)")
+@pytest.mark.parametrize("kernel", sorted(SHIPPED_SHAPES))
+def test_hierarchical_parity_tier0_every_config_compiles(kernel):
+    tuning = TUNINGS[kernel]
+    jobs = [(tuning.compile, shape, dtype, config, arch)
+            for shape, dtype, config, arch in itertools.product(
+                SHIPPED_SHAPES[kernel], (torch.float32, torch.float16, torch.bfloat16), tuning.space, ARCHS)]
+    for (_, shape, dtype, config, arch), resources in zip(jobs, _compile_all(jobs)):
+        assert resources["registers"] > 0, (shape, dtype, config, arch)
