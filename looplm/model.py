@@ -150,9 +150,10 @@ class LoopGPT(nn.Module):
 
     # ---- the pieces of the forward pass
 
-    def embed(self, idx: Tensor) -> Tensor:
-        """(B, T) token ids -> x0 (B, T, C), through the prelude."""
-        pos = torch.arange(idx.size(1), device=idx.device)
+    def embed(self, idx: Tensor, start: int = 0) -> Tensor:
+        """(B, T) token ids at positions start.. -> x0 (B, T, C), through the prelude (which sees
+        only these tokens: a cached decode step with a prelude would need its own cache)."""
+        pos = torch.arange(start, start + idx.size(1), device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for blk in self.transformer.prelude:
             x = blk(x, self.backend, self._dropout_p())
@@ -242,11 +243,20 @@ class LoopGPT(nn.Module):
 
     def loop(self, x0: Tensor, idx: Tensor, n_loops: int, halting: bool, thresholds: Optional[Tensor] = None,
              trace: Optional[LoopTrace] = None, states: Optional[list[Tensor]] = None,
-             grad_loops: Optional[int] = None) -> Tensor:
+             grad_loops: Optional[int] = None, compact: Optional[bool] = None) -> Tensor:
         """Run the tied core from x0 (B, T, C); returns the final state. Fills `trace` if given.
         For training: `states` receives the state after every loop (to supervise each one), and
         `grad_loops` keeps the graph of the state through the last grad_loops loops only (truncated
-        backprop; x0 still gets every loop's gradient through the injection)."""
+        backprop; x0 still gets every loop's gradient through the injection).
+
+        With halting, the loop runs the core only for the tokens still active (`looplm.compaction`)
+        wherever that gives this masked loop's result; compact=False forces the masked loop, the
+        reference semantics, and compact=True refuses a model it does not apply to."""
+        from looplm.compaction import compact_loop, compaction_blocker  # it builds on this module
+        if compact is None:
+            compact = halting and compaction_blocker(self) is None
+        if compact:
+            return compact_loop(self, x0, idx, n_loops, halting, thresholds, trace, states, grad_loops)
         cfg = self.config
         B, T, C = x0.shape
         h = self.initial_state(x0)
@@ -351,27 +361,35 @@ class LoopGPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  **forward_kwargs) -> Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T), nanoGPT's way. temperature=0 is greedy."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        """Append max_new_tokens sampled tokens to idx (B, T), nanoGPT's way. temperature=0 is greedy.
+        Each token reruns the whole context; `looplm.generation.generate_cached` keeps a K/V cache."""
+        check_sampling(max_new_tokens, temperature, top_k)
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond, **forward_kwargs)
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+            idx = torch.cat((idx, sample_next_token(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int]) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+
+
+def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
+    """Next token ids (B, 1) from logits (B, V): argmax at temperature 0, else sampled from the top_k."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
 def relative_change(h: Tensor, h_new: Tensor, eps: float = 1e-6) -> Tensor:

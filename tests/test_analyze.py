@@ -1,0 +1,80 @@
+"""The analysis CLI on a tiny saved model, and the probes and fixed points it reports."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from looplm import LoopConfig, LoopGPT
+from looplm.analyze import PLOTS, SUMMARY, main
+from looplm.checkpoint import save_checkpoint
+from looplm.probes import fixed_points, probe_accuracy, spearman
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak."
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    config = LoopConfig(vocab_size=65, block_size=64, n_embd=32, n_head=4, n_loops=3, max_loops=6,
+                        step_encoding="learned", halt="entropy", halt_threshold=4.1665)
+    return save_checkpoint(LoopGPT(config), tmp_path / "ckpt")
+
+
+def test_analysis_writes_tables_plots_and_summary(checkpoint, tmp_path, capsys):
+    out = tmp_path / "report"
+    main([str(checkpoint), "--text", TEXT, "--out", str(out), "--loops", "5", "--tol", "0.3"])
+    printed = capsys.readouterr().out
+    for name in PLOTS:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, name
+    summary = json.loads((out / SUMMARY).read_text())
+    chars = summary["characters"]
+    assert "".join(c["char"] for c in chars) == TEXT[:-1]
+    assert [c["next_char"] for c in chars] == list(TEXT[1:])
+    assert all(1 <= c["steps"] <= 6 for c in chars) and len({c["steps"] for c in chars}) >= 2
+    assert summary["n_loops"] == 5 and [r["loop"] for r in summary["per_loop"]] == [1, 2, 3, 4, 5]
+    assert len(summary["entropy"]) == len(summary["state_change"]) == 5
+    assert all(len(row) == len(chars) for row in summary["entropy"])
+    assert all(0 <= r["probe_accuracy"] <= 1 and 0 <= r["readout_accuracy"] <= 1 for r in summary["per_loop"])
+    converged = [c["converged_at"] for c in chars if c["converged_at"] is not None]
+    assert all(2 <= t <= 5 for t in converged)
+    assert summary["fixed_points"]["converged_fraction"] == pytest.approx(len(converged) / len(chars))
+    assert "steps" in printed and "probe acc" in printed and "Fixed points" in printed
+    assert f"{summary['per_loop'][0]['entropy']:.4f}" in printed
+
+
+def test_analysis_refuses_a_vocabulary_that_does_not_fit(checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match="the vocabulary has 3 characters but the model expects 65"):
+        main([str(checkpoint), "--text", "abc", "--vocab", "abc", "--out", str(tmp_path)])
+
+
+def test_fixed_points_find_where_states_stop_moving():
+    torch.manual_seed(0)
+    moving = [torch.randn(1, 3, 8) for _ in range(6)]
+    states = [s.clone() for s in moving]
+    for t in range(2, 6):  # token 0 stops after loop 2, token 1 after loop 4, token 2 never
+        states[t][0, 0] = states[1][0, 0]
+    for t in range(4, 6):
+        states[t][0, 1] = states[3][0, 1]
+    points = fixed_points(states, hardness=torch.tensor([[0.1, 0.5, 2.0]]), tolerance=1e-6)
+    assert points.converged_at.tolist() == [[3, 5, 7]]
+    assert points.converged_fraction == pytest.approx(2 / 3)
+    assert points.rank_correlation == pytest.approx(1.0)  # the harder, the later
+
+
+def test_probe_reads_a_loop_that_encodes_the_target_and_not_one_that_does_not():
+    torch.manual_seed(0)
+    targets = torch.randint(0, 5, (1, 200))
+    informative = torch.nn.functional.one_hot(targets, 5).float() * 3 + 0.1 * torch.randn(1, 200, 5)
+    noise = torch.randn(1, 200, 5)
+    chance, readable = probe_accuracy([noise, informative], targets, vocab_size=5)
+    assert readable == 1.0 and chance < 0.5
+
+
+def test_spearman():
+    assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([10.0, 20, 30])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == pytest.approx(-1.0)
+    assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([5.0, 5, 5])) == 0.0

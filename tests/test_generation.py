@@ -1,0 +1,120 @@
+"""Cached adaptive generation: equal to LoopGPT.generate where documented, fill policies, schedules."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from looplm import LoopConfig, LoopGPT
+from looplm.backends import get_backend
+from looplm.generation import LoopKVCache, generate_cached
+from tests.test_adaptive import MAX_LOOPS, counting, sharpened_model
+
+
+def fixed_depth_model(**overrides) -> LoopGPT:
+    torch.manual_seed(0)
+    base = dict(vocab_size=17, block_size=24, n_embd=32, n_head=4, n_layer=1, n_loops=4)
+    model = LoopGPT(LoopConfig(**{**base, **overrides})).eval()
+    with torch.no_grad():  # sharper distributions: greedy choices far from ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return model
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(n_layer=2), dict(step_encoding="learned", update="euler", inject="norm_add"),
+], ids=["1L", "2L", "learned-euler-norm_add"])
+def test_cached_equals_uncached_at_fixed_depth(overrides):
+    model = fixed_depth_model(**overrides)
+    idx = torch.randint(0, 17, (3, 5))
+    out, stats = generate_cached(model, idx, 12, temperature=0)
+    assert torch.equal(out, model.generate(idx, 12, temperature=0))
+    assert stats.steps.shape == (3, 5 + 12 - 1) and (stats.steps == 4).all() and stats.loops_per_token == 4.0
+
+
+def test_latest_fill_with_halting_equals_uncached_generation():
+    """A halted token offers its frozen state's keys and values to later loops, as in forward."""
+    model = sharpened_model("entropy", block_size=32)
+    idx = torch.randint(0, 17, (2, 5))
+    out, stats = generate_cached(model, idx, 14, temperature=0)
+    assert len(stats.new_token_steps.unique()) >= 2, "the test needs tokens that halt after different loops"
+    assert torch.equal(out, model.generate(idx, 14, temperature=0))
+    assert stats.halting and stats.budget == MAX_LOOPS and 1 <= stats.loops_per_token < MAX_LOOPS
+
+
+def test_ring_interpolates_between_last_and_latest_and_bounds_memory():
+    model = sharpened_model("entropy", block_size=32)
+    idx = torch.randint(0, 17, (2, 5))
+    runs = {name: generate_cached(model, idx, 12, temperature=0, fill=fill, ring_size=k)
+            for name, fill, k in [("latest", "latest", None), ("last", "last", None), ("ring1", "ring", 1),
+                                  ("ring_full", "ring", MAX_LOOPS), ("ring2", "ring", 2)]}
+    assert torch.equal(runs["ring1"][0], runs["last"][0])
+    assert torch.equal(runs["ring_full"][0], runs["latest"][0])
+    assert not torch.equal(runs["last"][0], runs["latest"][0]), "reading only final entries changes this model"
+    kv_bytes = {name: stats.cache_bytes for name, (_, stats) in runs.items()}
+    assert kv_bytes["last"] < kv_bytes["ring2"] < kv_bytes["latest"] == kv_bytes["ring_full"]
+    assert [runs[n][1].slots for n in ("last", "ring2", "latest")] == [1, 2, MAX_LOOPS]
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 5])
+def test_fill_policies_read_the_documented_entries(slots):
+    """Entry e of position p holds 100 e + p; reading loop t must give e = clamp(t, n - slots + 1, n)."""
+    budget = 5
+    steps = torch.tensor([[5, 1, 3, 4]], dtype=torch.int32)  # the last three halted early: one more entry
+    entries = steps + (steps < budget).int()
+    cache = LoopKVCache(n_layer=1, slots=slots, batch=1, max_len=5, n_embd=2, budget=budget,
+                        dtype=torch.float32, device=torch.device("cpu"))
+    cache.begin(4)
+    for e in range(1, budget + 1):  # in loop order, as the loop writes them
+        rows = (entries[0] >= e).nonzero().squeeze(1)
+        value = (100.0 * e + rows.float())[:, None].expand(-1, 2)
+        cache.store(0, e, rows, value, -value)
+    cache.commit(steps)
+    for t in range(1, budget + 1):
+        keys, values = cache.past(0, t)
+        expected = torch.clamp(torch.tensor(t), entries[0] - slots + 1, entries[0])
+        assert keys[0, :, 0].tolist() == (100.0 * expected + torch.arange(4)).tolist(), f"loop {t}"
+        assert torch.equal(values, -keys)
+
+
+def test_thresholds_after_a_trigger_token_apply_to_the_right_tokens():
+    """Without '=' every token is sure at once; from '=' on (token 3) tokens think to the budget."""
+    model = sharpened_model("entropy", threshold=100.0, block_size=32, halt_thresholds_after={3: 0.0})
+    idx = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 4, 4, 5]])
+    out, stats = generate_cached(model, idx, 6, temperature=0)
+    assert torch.equal(out, model.generate(idx, 6, temperature=0))
+    assert (stats.steps[0, :2] == 1).all() and (stats.steps[0, 2:] == MAX_LOOPS).all()
+    triggered = (out[1, :-1] == 3).long().cummax(0).values.bool()  # the model may write '=' itself
+    assert torch.equal(stats.steps[1], torch.where(triggered, MAX_LOOPS, 1).int())
+
+
+def test_batched_generation_stops_computing_exited_rows():
+    model = sharpened_model("entropy", threshold=100.0, block_size=32, halt_thresholds_after={3: 0.0})
+    idx = torch.tensor([[3, 1], [1, 2]])  # row 0 thinks to the budget, row 1 stops after one loop
+    rows = {}
+    model.set_backend(counting(get_backend("torch"), rows))
+    new = 4
+    _, stats = generate_cached(model, idx, new, temperature=0)
+    assert (stats.steps[0] == MAX_LOOPS).all() and stats.steps[1, 0] == 1
+    assert rows["mlp"] == stats.steps.sum().item() < stats.steps.numel() * MAX_LOOPS  # none for exited rows
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(fill="all"), "fill must be one of"),
+    (dict(fill="ring"), "fill='ring' needs ring_size"),
+    (dict(fill="latest", ring_size=2), "ring_size is for fill='ring'"),
+    (dict(max_new_tokens=30), "exceeds block_size 24"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+])
+def test_bad_arguments_are_refused(kwargs, message):
+    args = {"max_new_tokens": 3, "temperature": 0.0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate_cached(fixed_depth_model(), torch.zeros(1, 2, dtype=torch.long), **args)
+
+
+def test_models_the_cache_cannot_serve_are_refused():
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="halting needs n_layer=1, got n_layer=2"):
+        generate_cached(sharpened_model("entropy", n_layer=2), idx, 2)
+    with pytest.raises(ValueError, match="without prelude or coda layers"):
+        generate_cached(fixed_depth_model(n_prelude=1), idx, 2)
