@@ -1,9 +1,19 @@
-"""cuTile (cuda.tile) kernels for the op set of `looplm.ops`, registered as backend "tile"."""
+"""cuTile (cuda.tile) kernels for the op set of `looplm.ops`, registered as backend "tile".
+
+Natively on a CUDA GPU of capability 8.0+. Without one, the same kernels run in the project's
+CPU emulator (`looplm_tile.emulator`): the backend is available in mode "emulated" on CPU
+tensors, warns once that it is slow and meant for testing, and gives the kernels' numerics,
+not their speed. Each op is one module (layer_norm, linear, attention, softmax_entropy,
+halt_update, block); none has a backward kernel, so training uses the reference ops
+(hybrid autograd, `looplm.backends`).
+"""
 from __future__ import annotations
 
 import importlib.util
 
 from looplm.backends import Availability, Backend, cuda_problem
+
+KERNEL_MODULES = ("layer_norm", "linear", "attention", "softmax_entropy", "halt_update")
 
 
 def probe() -> Availability:
@@ -12,8 +22,18 @@ def probe() -> Availability:
     problem = cuda_problem((8, 0))
     if problem is None:
         return Availability(True, "native")
-    return Availability(False, reason=f"{problem}")
+    return Availability(True, "emulated", f"CPU emulator, slow, for testing ({problem})")
 
 
 def load() -> Backend:
-    raise NotImplementedError("the cuTile kernels are not built yet")
+    from looplm_tile.attention import attention
+    from looplm_tile.block import block
+    from looplm_tile.halt_update import halt_update
+    from looplm_tile.layer_norm import layer_norm
+    from looplm_tile.linear import linear
+    from looplm_tile.softmax_entropy import softmax_entropy
+
+    ops = {"layer_norm": layer_norm, "linear": linear, "attention": attention, "softmax_entropy": softmax_entropy,
+           "halt_update": halt_update, "block": block}
+    native = probe().mode == "native"
+    return Backend("tile", ops, mode="native" if native else "emulated", device_type="cuda" if native else "cpu")

@@ -1,0 +1,156 @@
+"""Causal flash attention, forward: softmax(q k^T * scale) v without materialising the scores.
+
+Algorithm: block (m, b*H + h) owns BLOCK_M query rows of one head. It streams BLOCK_N keys at a
+time: scores = q @ k^T on the tensor cores (k read transposed through the load's `order`), an
+online softmax in base 2 (running row max m_i and row sum l_i in fp32; the accumulator is
+rescaled by 2^(m_old - m_new) whenever the max grows), and acc += p @ v. Causal masking is
+aligned bottom-right as `looplm.ops.attention` documents: query i sits at key position
+Tk - Tq + i, so only key tiles up to the block's last visible key are visited. Every visited
+tile is masked (a compare and a select per score); peeling the unmasked tiles into a loop of
+their own doubled the compiled code and its compile time. A row that has seen no key
+keeps m_i = -inf; the max is then replaced by 0 in the exponents, so its weights are exact zeros
+(never -inf - -inf = NaN), and its output divides by 1 instead of l_i = 0: zeros, not NaN.
+
+q, k, v may be strided views (the tied block passes head views of its fused qkv projection, no
+copies); only the head dim must be contiguous. The head size D is padded to the next power of
+two with zeros, which change neither q k^T nor the stored columns.
+
+Tuning knobs: BLOCK_M (query rows per block), BLOCK_N (keys per step), occupancy, KV_LATENCY
+(DRAM latency hint of the streamed k and v loads).
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import cuda.tile as ct
+
+import tuning
+from looplm_tile import runtime
+from tuning.spec import KernelTuning
+
+LOG2_E = 1.0 / math.log(2.0)
+
+
+@ct.kernel
+def attention_kernel(Q, K, V, Out, qk_scale, causal_offset, N_HEAD: ct.Constant[int], CAUSAL: ct.Constant[bool],
+                     BLOCK_D: ct.Constant[int], BLOCK_M: ct.Constant[int], BLOCK_N: ct.Constant[int],
+                     KV_LATENCY: ct.Constant[int]):
+    m_block = ct.bid(0)
+    batch = ct.bid(1) // N_HEAD
+    head = ct.bid(1) % N_HEAD
+    n_keys = K.shape[2]
+    scale_log2 = qk_scale * LOG2_E
+
+    q = ct.load(Q, index=(batch, head, m_block, 0), shape=(1, 1, BLOCK_M, BLOCK_D),
+                padding_mode=ct.PaddingMode.ZERO).reshape((BLOCK_M, BLOCK_D))
+    # Query i may see key j when j <= causal_offset + i (bottom-right alignment).
+    first_row_pos = causal_offset + m_block * BLOCK_M
+    row_pos = first_row_pos + ct.arange(BLOCK_M, dtype=ct.int32)[:, None]
+    key_in_tile = ct.arange(BLOCK_N, dtype=ct.int32)[None, :]
+
+    m_i = ct.full((BLOCK_M, 1), -math.inf, dtype=ct.float32)
+    l_i = ct.zeros((BLOCK_M, 1), dtype=ct.float32)
+    acc = ct.zeros((BLOCK_M, BLOCK_D), dtype=ct.float32)
+
+    keys_visible = min(max(first_row_pos + BLOCK_M, 0), n_keys) if CAUSAL else n_keys
+    for j in range(ct.cdiv(keys_visible, BLOCK_N)):
+        k_t = ct.load(K, index=(batch, head, 0, j), shape=(1, 1, BLOCK_D, BLOCK_N), order=(0, 1, 3, 2),
+                      padding_mode=ct.PaddingMode.ZERO, latency=KV_LATENCY).reshape((BLOCK_D, BLOCK_N))
+        scores = ct.mma(q, k_t, ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)) * scale_log2
+        key_pos = j * BLOCK_N + key_in_tile
+        visible = key_pos < n_keys
+        if CAUSAL:
+            visible = visible & (key_pos <= row_pos)
+        scores = ct.where(visible, scores, -math.inf)
+        m_new = ct.maximum(m_i, ct.max(scores, axis=1, keepdims=True))
+        m_safe = ct.where(m_new == -math.inf, 0.0, m_new)  # rows with no visible key yet
+        p = ct.exp2(scores - m_safe)
+        alpha = ct.exp2(m_i - m_safe)
+        l_i = l_i * alpha + ct.sum(p, axis=1, keepdims=True)
+        v = ct.load(V, index=(batch, head, j, 0), shape=(1, 1, BLOCK_N, BLOCK_D), padding_mode=ct.PaddingMode.ZERO,
+                    latency=KV_LATENCY).reshape((BLOCK_N, BLOCK_D))
+        acc = ct.mma(p.astype(V.dtype), v, acc * alpha)
+        m_i = m_new
+    out = acc / ct.where(l_i > 0.0, l_i, 1.0)
+    ct.store(Out, index=(batch, head, m_block, 0), tile=out.reshape((1, 1, BLOCK_M, BLOCK_D)).astype(Out.dtype))
+
+
+def _blocks(config: dict, t_q: int, t_k: int) -> tuple[int, int]:
+    p2 = runtime.next_power_of_2
+    return min(config["BLOCK_M"], p2(t_q)), min(config["BLOCK_N"], p2(t_k))
+
+
+def _launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float, config: dict) -> None:
+    batch, n_head, t_q, head_dim = q.shape
+    t_k = k.shape[2]
+    block_m, block_n = _blocks(config, t_q, t_k)
+    args = (q, k, v, out, float(scale), t_k - t_q, n_head, bool(causal), runtime.next_power_of_2(head_dim), block_m,
+            block_n, config["KV_LATENCY"])
+    runtime.launch((runtime.cdiv(t_q, block_m), batch * n_head), attention_kernel, args, config)
+
+
+def _head_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+    runtime.check_dtype("attention", q.dtype)
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"attention: q (B, H, Tq, D) and k, v (B, H, Tk, D) must agree, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if q.numel() == 0:
+        return out
+    if k.shape[2] == 0:
+        return out.zero_()
+    return attention_into(q, k, v, out, causal, scale)
+
+
+def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float) -> Tensor:
+    """attention writing into `out` (B, H, Tq, D), which may be a strided view (e.g. of (B, T, C))."""
+    batch, n_head, t_q, head_dim = q.shape
+    config = tuning.lookup_config("tile", "attention", q.dtype, (batch, n_head, t_q, k.shape[2], head_dim),
+                                  TUNING.default)
+    q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
+    _launch(q, k, v, out, causal, scale, config)
+    return out
+
+
+# ---- tuning: shape key (B, H, Tq, Tk, D)
+
+def _make_args(shape: tuple, dtype: torch.dtype, device) -> tuple:
+    batch, n_head, t_q, t_k, head_dim = shape
+    q = torch.randn(batch, n_head, t_q, head_dim, dtype=dtype, device=device)
+    k, v = torch.randn(2, batch, n_head, t_k, head_dim, dtype=dtype, device=device)
+    return q, k, v, torch.empty_like(q), True, head_dim ** -0.5
+
+
+def compile_signature(shape: tuple, dtype: torch.dtype, config: dict) -> list:
+    batch, n_head, t_q, t_k, head_dim = shape
+    block_m, block_n = _blocks(config, t_q, t_k)
+    a = runtime.array
+    return [a(dtype, 4), a(dtype, 4), a(dtype, 4), a(dtype, 4), runtime.scalar(ct.float32),
+              runtime.scalar(ct.int32), runtime.constant(n_head), runtime.constant(True),
+              runtime.constant(runtime.next_power_of_2(head_dim)), runtime.constant(block_m),
+              runtime.constant(block_n), runtime.constant(config["KV_LATENCY"])]
+
+
+def _compile(shape: tuple, dtype: torch.dtype, config: dict, arch: str) -> dict:
+    return runtime.compile_cubin(attention_kernel, compile_signature(shape, dtype, config), arch, config)
+
+
+TUNING = KernelTuning(
+    backend="tile", kernel="attention",
+    default={"BLOCK_M": 64, "BLOCK_N": 64, "occupancy": 2, "KV_LATENCY": 2},
+    space=[{"BLOCK_M": bm, "BLOCK_N": bn, "occupancy": occ, "KV_LATENCY": 2}
+           for bm in (32, 64, 128) for bn in (32, 64, 128) for occ in (1, 2, 4)],
+    make_args=_make_args,
+    run=lambda q, k, v, out, causal, scale, config: _launch(q, k, v, out, causal, scale, config),
+    compile=_compile,
+    shape_key=lambda q, k, v, causal=True, scale=None: (*q.shape[:3], k.shape[2], q.shape[3]),
+)

@@ -1,0 +1,110 @@
+"""One halting step, out of place, in one pass over memory (semantics: reference/halt_update.py).
+
+Algorithm: block m owns BLOCK_M tokens. It reads their active flags, step counts, scores and
+thresholds once, then streams the state in BLOCK_C-wide column tiles, writing h_new where the
+token was active and h where it had halted; then it writes the new counts (+1 for active tokens)
+and the new active flags. A token halts when step >= max_loops, or when step >= min_loops and
+score < threshold (thresholds are per token: "wait to think" after chosen tokens). Each element
+of h and h_new is read once and the output written once: the bandwidth floor of the op.
+
+Tuning knobs: BLOCK_M (tokens per block), BLOCK_C (column tile; with C <= BLOCK_C a row is one
+tile), occupancy.
+"""
+import torch
+from torch import Tensor
+
+import cuda.tile as ct
+
+import tuning
+from looplm_tile import runtime
+from tuning.spec import KernelTuning
+
+
+@ct.kernel
+def halt_update_kernel(H, HNew, Active, Steps, Score, Threshold, HOut, ActiveOut, StepsOut, step, min_loops,
+                       max_loops, BLOCK_M: ct.Constant[int], BLOCK_C: ct.Constant[int]):
+    m_block = ct.bid(0)
+    pad = ct.PaddingMode.ZERO
+    active = ct.load(Active, index=(m_block,), shape=(BLOCK_M,), padding_mode=pad)
+    keep_new = active.reshape((BLOCK_M, 1))
+    for j in range(ct.num_tiles(H, axis=1, shape=(BLOCK_M, BLOCK_C))):
+        h = ct.load(H, index=(m_block, j), shape=(BLOCK_M, BLOCK_C), padding_mode=pad)
+        h_new = ct.load(HNew, index=(m_block, j), shape=(BLOCK_M, BLOCK_C), padding_mode=pad)
+        ct.store(HOut, index=(m_block, j), tile=ct.where(keep_new, h_new, h))
+    steps = ct.load(Steps, index=(m_block,), shape=(BLOCK_M,), padding_mode=pad)
+    ct.store(StepsOut, index=(m_block,), tile=ct.where(active, steps + 1, steps))
+    score = ct.load(Score, index=(m_block,), shape=(BLOCK_M,), padding_mode=pad)
+    threshold = ct.load(Threshold, index=(m_block,), shape=(BLOCK_M,), padding_mode=pad)
+    sure = (score < threshold) & (step >= min_loops)
+    halts = sure | (step >= max_loops)
+    ct.store(ActiveOut, index=(m_block,), tile=active & ~halts)
+
+
+def _blocks(config: dict, n_tokens: int, n_channels: int) -> tuple[int, int]:
+    p2 = runtime.next_power_of_2
+    return min(config["BLOCK_M"], p2(n_tokens)), min(config["BLOCK_C"], p2(n_channels))
+
+
+def _launch(h, h_new, active, steps, score, threshold, h_out, active_out, steps_out, step, min_loops, max_loops,
+            config: dict) -> None:
+    block_m, block_c = _blocks(config, *h.shape)
+    args = (h, h_new, active, steps, score, threshold, h_out, active_out, steps_out, int(step), int(min_loops),
+            int(max_loops), block_m, block_c)
+    runtime.launch((runtime.cdiv(h.shape[0], block_m),), halt_update_kernel, args, config)
+
+
+def halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tensor, threshold: Tensor,
+                step: int, min_loops: int, max_loops: int) -> tuple[Tensor, Tensor, Tensor]:
+    runtime.check_dtype("halt_update", h.dtype)
+    n_tokens = h.shape[0]
+    if h.dim() != 2 or h_new.shape != h.shape or h_new.dtype != h.dtype:
+        raise ValueError(f"halt_update: h and h_new must be (N, C) of one dtype, got {tuple(h.shape)} {h.dtype} and "
+                         f"{tuple(h_new.shape)} {h_new.dtype}")
+    expected = {"active": (active, torch.bool), "steps": (steps, torch.int32), "score": (score, torch.float32),
+                "threshold": (threshold, torch.float32)}
+    for name, (t, dtype) in expected.items():
+        if t.shape != (n_tokens,) or t.dtype != dtype:
+            raise ValueError(f"halt_update: {name} must be ({n_tokens},) {dtype}, got {tuple(t.shape)} {t.dtype}")
+    h, h_new = h.contiguous(), h_new.contiguous()
+    h_out, active_out, steps_out = torch.empty_like(h), torch.empty_like(active), torch.empty_like(steps)
+    if n_tokens:
+        config = tuning.lookup_config("tile", "halt_update", h.dtype, tuple(h.shape), TUNING.default)
+        _launch(h, h_new, active.contiguous(), steps.contiguous(), score.contiguous(), threshold.contiguous(), h_out,
+                active_out, steps_out, step, min_loops, max_loops, config)
+    return h_out, active_out, steps_out
+
+
+# ---- tuning: shape key (N, C)
+
+def _make_args(shape: tuple, dtype: torch.dtype, device) -> tuple:
+    n_tokens, n_channels = shape
+    h, h_new = torch.randn(2, n_tokens, n_channels, dtype=dtype, device=device)
+    active = torch.rand(n_tokens, device=device) < 0.7
+    steps = torch.randint(0, 4, (n_tokens,), dtype=torch.int32, device=device)
+    score, threshold = torch.rand(2, n_tokens, device=device)
+    return (h, h_new, active, steps, score, threshold, torch.empty_like(h), torch.empty_like(active),
+            torch.empty_like(steps), 3, 2, 12)
+
+
+def compile_signature(shape: tuple, dtype: torch.dtype, config: dict) -> list:
+    block_m, block_c = _blocks(config, *shape)
+    a, i32 = runtime.array, runtime.scalar(ct.int32)
+    return [a(dtype, 2), a(dtype, 2), a(torch.bool, 1), a(torch.int32, 1), a(torch.float32, 1),
+              a(torch.float32, 1), a(dtype, 2), a(torch.bool, 1), a(torch.int32, 1), i32, i32, i32,
+              runtime.constant(block_m), runtime.constant(block_c)]
+
+
+def _compile(shape: tuple, dtype: torch.dtype, config: dict, arch: str) -> dict:
+    return runtime.compile_cubin(halt_update_kernel, compile_signature(shape, dtype, config), arch, config)
+
+
+TUNING = KernelTuning(
+    backend="tile", kernel="halt_update",
+    default={"BLOCK_M": 16, "BLOCK_C": 512, "occupancy": 4},
+    space=[{"BLOCK_M": bm, "BLOCK_C": bc, "occupancy": occ}
+           for bm in (4, 8, 16, 32) for bc in (128, 256, 512, 1024) for occ in (1, 2, 4, 8)],
+    make_args=_make_args,
+    run=lambda *args, config: _launch(*args, config=config),
+    compile=_compile,
+    shape_key=lambda h, h_new, active, steps, score, threshold, step, min_loops, max_loops: tuple(h.shape),
+)

@@ -1,0 +1,136 @@
+"""y = act(x @ W^T + b) + residual: a tiled matmul with the epilogue fused.
+
+Algorithm: block (m, n) owns a BLOCK_M x BLOCK_N tile of y. It walks K in BLOCK_K steps, loading
+an x tile and a W tile read transposed through the load's `order=(1, 0)` (W stays in nn.Linear's
+(N, K) layout, no copy), and accumulates with `ct.mma` in fp32. The epilogue runs on the fp32
+accumulator before the single store: bias, exact GELU, residual. Ragged edges are zero-padded on
+load (zeros add nothing to the dot products) and dropped on store.
+
+cuTile has no erf, so GELU's erf is Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, below fp32's
+tolerance here), on |z| with the sign restored.
+
+fp32 inputs multiply in full fp32 (not tf32), so they match the reference at fp32 tolerance.
+
+Tuning knobs: BLOCK_M, BLOCK_N, BLOCK_K (tile shape: larger tiles reuse each load more but need
+more registers and shared memory), occupancy (resident blocks per SM), LATENCY (the DRAM latency
+hint, 1-10, of the streaming x and W loads).
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import cuda.tile as ct
+
+import tuning
+from looplm.ops import ACTIVATIONS
+from looplm_tile import runtime
+from tuning.spec import KernelTuning
+
+ERF_P = 0.3275911
+ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+def gelu(x):
+    """x * Phi(x) with erf from A&S 7.1.26; x is an fp32 tile."""
+    z = ct.abs(x * INV_SQRT2)
+    t = 1.0 / (1.0 + ERF_P * z)
+    poly = t * (ERF_A[0] + t * (ERF_A[1] + t * (ERF_A[2] + t * (ERF_A[3] + t * ERF_A[4]))))
+    erf_abs = 1.0 - poly * ct.exp(-z * z)
+    erf = ct.where(x < 0.0, -erf_abs, erf_abs)
+    return 0.5 * x * (1.0 + erf)
+
+
+@ct.kernel
+def linear_kernel(X, W, Bias, Residual, Y, HAS_BIAS: ct.Constant[bool], GELU: ct.Constant[bool],
+                  HAS_RESIDUAL: ct.Constant[bool], BLOCK_M: ct.Constant[int], BLOCK_N: ct.Constant[int],
+                  BLOCK_K: ct.Constant[int], LATENCY: ct.Constant[int]):
+    m = ct.bid(0)
+    n = ct.bid(1)
+    acc = ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)
+    for k in range(ct.num_tiles(X, axis=1, shape=(BLOCK_M, BLOCK_K))):
+        x = ct.load(X, index=(m, k), shape=(BLOCK_M, BLOCK_K), padding_mode=ct.PaddingMode.ZERO, latency=LATENCY)
+        w = ct.load(W, index=(k, n), shape=(BLOCK_K, BLOCK_N), order=(1, 0), padding_mode=ct.PaddingMode.ZERO,
+                    latency=LATENCY)
+        acc = ct.mma(x, w, acc)
+    if HAS_BIAS:
+        acc = acc + ct.load(Bias, index=(n,), shape=(BLOCK_N,), padding_mode=ct.PaddingMode.ZERO).astype(ct.float32)
+    if GELU:
+        acc = gelu(acc)
+    if HAS_RESIDUAL:
+        residual = ct.load(Residual, index=(m, n), shape=(BLOCK_M, BLOCK_N), padding_mode=ct.PaddingMode.ZERO)
+        acc = acc + residual.astype(ct.float32)
+    ct.store(Y, index=(m, n), tile=acc.astype(Y.dtype))
+
+
+def _tiles(config: dict, m: int, n: int, k: int) -> tuple[int, int, int]:
+    """The config's tile shape, shrunk to the problem where the problem is smaller."""
+    p2 = runtime.next_power_of_2
+    return min(config["BLOCK_M"], p2(m)), min(config["BLOCK_N"], p2(n)), min(config["BLOCK_K"], p2(k))
+
+
+def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], y: Tensor, gelu: bool,
+            config: dict) -> None:
+    (m, k), n = x.shape, weight.shape[0]
+    block_m, block_n, block_k = _tiles(config, m, n, k)
+    args = (x, weight, weight if bias is None else bias, y if residual is None else residual, y, bias is not None,
+            gelu, residual is not None, block_m, block_n, block_k, config["LATENCY"])
+    runtime.launch((runtime.cdiv(m, block_m), runtime.cdiv(n, block_n)), linear_kernel, args, config)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none",
+           residual: Optional[Tensor] = None) -> Tensor:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    runtime.check_dtype("linear", x.dtype)
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: x has {x.shape[-1]} features but weight is {tuple(weight.shape)} (out, in)")
+    out_shape = (*x.shape[:-1], n)
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"linear: residual must have shape {out_shape}, got {tuple(residual.shape)}")
+    rows = x.reshape(-1, k).contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
+    if rows.numel() and n:
+        config = tuning.lookup_config("tile", "linear", x.dtype, (rows.shape[0], n, k), TUNING.default)
+        _launch(rows, weight.to(x.dtype).contiguous(), None if bias is None else bias.contiguous(),
+                None if residual is None else residual.reshape(-1, n).contiguous(), y, activation == "gelu", config)
+    return y.view(out_shape)
+
+
+# ---- tuning: shape key (M, N, K); the tuned variant has a bias and no activation or residual
+
+def _make_args(shape: tuple, dtype: torch.dtype, device) -> tuple:
+    m, n, k = shape
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    weight = torch.randn(n, k, dtype=dtype, device=device) * k ** -0.5
+    bias = torch.randn(n, dtype=dtype, device=device)
+    return x, weight, bias, None, torch.empty(m, n, dtype=dtype, device=device), False
+
+
+def compile_signature(shape: tuple, dtype: torch.dtype, config: dict, has_bias: bool = True, gelu: bool = False,
+                      has_residual: bool = False) -> list:
+    block_m, block_n, block_k = _tiles(config, *shape)
+    a = runtime.array
+    return [a(dtype, 2), a(dtype, 2), a(dtype, 1), a(dtype, 2), a(dtype, 2), runtime.constant(has_bias),
+            runtime.constant(gelu), runtime.constant(has_residual), runtime.constant(block_m),
+            runtime.constant(block_n), runtime.constant(block_k), runtime.constant(config["LATENCY"])]
+
+
+def _compile(shape: tuple, dtype: torch.dtype, config: dict, arch: str) -> dict:
+    return runtime.compile_cubin(linear_kernel, compile_signature(shape, dtype, config), arch, config)
+
+
+TUNING = KernelTuning(
+    backend="tile", kernel="linear",
+    default={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "occupancy": 2, "LATENCY": 3},
+    space=[{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "occupancy": occ, "LATENCY": 3}
+           for bm in (32, 64, 128) for bn in (32, 64, 128) for bk in (32, 64) for occ in (1, 2, 4)],
+    make_args=_make_args,
+    run=lambda x, w, b, r, y, gelu, config: _launch(x, w, b, r, y, gelu, config),
+    compile=_compile,
+    shape_key=lambda x, weight, bias=None, activation="none", residual=None: (
+        x.numel() // x.shape[-1], weight.shape[0], weight.shape[1]),
+)
