@@ -43,7 +43,7 @@ def test_bench_forward_time_falls_with_halted_fraction(benchmark, halted, loop):
         with torch.no_grad():
             return m.loop(m.embed(idx), idx, LOOPS, True, thresholds, compact=loop == "compacted")
     benchmark.pedantic(forward, rounds=3, warmup_rounds=1)
-    record(benchmark, "loop", dict(B=B, T=T, C=CONFIG["n_embd"], loops=LOOPS), halted_fraction=halted, loop=loop)
+    record(benchmark, "loop", dict(B=B, T=T, C=CONFIG["n_embd"], loops=LOOPS, halted=halted, loop=loop))
 
 
 @pytest.mark.parametrize("mode", ["cached_fixed", "cached_adaptive", "uncached_fixed"])
@@ -62,5 +62,5 @@ def test_bench_generate_tokens_per_second(benchmark, B, mode):
             lambda: generate_cached(m, idx, new, temperature=0, halt=halt), rounds=2)
         loops_per_token = stats.loops_per_token
     assert out.shape == (B, prompt + new)
-    record(benchmark, "generate", dict(B=B, prompt=prompt, new=new, C=CONFIG["n_embd"]),
-           mode=mode, loops_per_token=loops_per_token)
+    record(benchmark, "generate", dict(B=B, prompt=prompt, new=new, C=CONFIG["n_embd"], mode=mode),
+           loops_per_token=loops_per_token)

@@ -1,0 +1,157 @@
+"""bench.report against a small synthetic pytest-benchmark JSON: rates, ratios, percent of peak,
+table columns, targets, and the files written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import report
+from bench.peaks import PEAKS, find_peak
+from bench.schema import CaseInfo
+
+H100 = "NVIDIA H100 80GB HBM3"
+ENTROPY = dict(N=8192, V=50304)
+ATTENTION = dict(B=16, H=32, T=1024, D=64)
+
+
+def _bench(info: CaseInfo, median: float) -> dict:
+    stats = dict(min=median * 0.9, median=median, mean=median * 1.1)
+    return dict(name=f"test[{info.case}-{info.backend}]", stats=stats, extra_info=info.to_extra_info())
+
+
+def _kernel(op, shape, backend, seconds, nbytes=None, flops=None, dtype="bfloat16") -> dict:
+    return _bench(CaseInfo("kernel", op, backend, shape, dtype, H100, bytes=nbytes, flops=flops), seconds)
+
+
+def synthetic_json() -> dict:
+    peak = find_peak(H100)
+    at_80_percent = int(0.8 * peak.memory_gbps * 1e9 * 1e-3)  # bytes moved in 1 ms at 80% of the peak
+    return dict(
+        machine_info=dict(device=H100, versions=dict(torch="2.13.0")),
+        datetime="2026-01-01T00:00:00", command="pytest bench --benchmark-only --benchmark-json=x.json",
+        benchmarks=[
+            _kernel("softmax_entropy", ENTROPY, "torch", 4e-3, nbytes=at_80_percent),
+            _kernel("softmax_entropy", ENTROPY, "triton", 1e-3, nbytes=at_80_percent),  # 80%: met
+            _kernel("softmax_entropy", ENTROPY, "tile", 2e-3, nbytes=at_80_percent),  # 40%: missed
+            # compute-bound: half the bf16 peak's FLOPs in 1 ms
+            _kernel("attention", ATTENTION, "sdpa", 1e-3, nbytes=1000, flops=int(0.5 * peak.bf16_tflops * 1e9)),
+            _kernel("attention", ATTENTION, "triton", 1.1e-3, nbytes=1000, flops=int(0.5 * peak.bf16_tflops * 1e9)),
+            _kernel("attention", ATTENTION, "eager", 3e-3, nbytes=1000, flops=int(0.5 * peak.bf16_tflops * 1e9)),
+            _kernel("layer_norm", dict(N=4, C=8), "torch", 1e-3, nbytes=at_80_percent, dtype="float32",
+                    flops=10 ** 15),
+            dict(name="test_unrelated", stats=dict(median=1.0), extra_info={}),  # not bench/'s: ignored
+        ])
+
+
+@pytest.fixture
+def measurements():
+    return report.load_measurements(synthetic_json())
+
+
+def _by(measurements, op, backend):
+    return next(m for m in measurements if m.info.op == op and m.info.backend == backend)
+
+
+def test_loads_bench_cases_only_with_the_chosen_statistic(measurements):
+    assert len(measurements) == 7
+    assert _by(measurements, "softmax_entropy", "triton").seconds == pytest.approx(1e-3)
+    minimum = report.load_measurements(synthetic_json(), stat="min")
+    assert _by(minimum, "softmax_entropy", "triton").seconds == pytest.approx(0.9e-3)
+    with pytest.raises(ValueError, match="stat must be one of"):
+        report.load_measurements(synthetic_json(), stat="p99")
+    with pytest.raises(ValueError, match="not a pytest-benchmark JSON"):
+        report.load_measurements({"results": []})
+
+
+def test_speedup_is_baseline_time_over_time(measurements):
+    ratio = report.speedups(measurements, "torch")
+    by_backend = {m.info.backend: ratio[i] for i, m in enumerate(measurements) if m.info.op == "softmax_entropy"}
+    assert by_backend == pytest.approx({"torch": 1.0, "triton": 4.0, "tile": 2.0})
+    attention = [ratio[i] for i, m in enumerate(measurements) if m.info.op == "attention"]
+    assert attention == [None, None, None]  # no torch run of that case: no ratio, never a made-up one
+
+
+def test_percent_of_peak_bandwidth_compute_and_roofline(measurements):
+    peak = find_peak(H100)
+    entropy = report.peak_use(_by(measurements, "softmax_entropy", "triton"), peak)
+    assert entropy.bandwidth == pytest.approx(80.0, rel=1e-6)
+    assert entropy.roofline == pytest.approx(80.0, rel=1e-6)  # memory-bound: no FLOPs recorded
+    attention = report.peak_use(_by(measurements, "attention", "sdpa"), peak)
+    assert attention.compute == pytest.approx(50.0, rel=1e-6)
+    assert attention.roofline == pytest.approx(50.0, rel=1e-6)  # compute-bound: FLOPs dominate
+    fp32 = report.peak_use(_by(measurements, "layer_norm", "torch"), peak)
+    assert fp32.compute is None  # the table's FLOP/s peak is bf16's
+    assert fp32.roofline == pytest.approx(80.0, rel=1e-6)
+    assert report.peak_use(_by(measurements, "attention", "sdpa"), None) == report.PeakUse(None, None, None)
+
+
+def test_summary_has_a_column_per_backend_in_order(measurements):
+    headers, rows = report.summary_table(measurements, find_peak(H100), "torch")
+    assert headers == ["suite", "case", "dtype", "torch", "eager", "sdpa", "triton", "tile"]
+    entropy = next(r for r in rows if r[1].startswith("softmax_entropy"))
+    assert entropy[headers.index("triton")] == "1 ms, 4.00x, 80%"
+    assert entropy[headers.index("sdpa")] == report.MISSING
+    attention = next(r for r in rows if r[1].startswith("attention"))
+    assert attention[headers.index("sdpa")] == "1 ms, 50%"
+
+
+def test_detail_table_rates(measurements):
+    headers, rows = report.detail_table(measurements, find_peak(H100), "torch")
+    assert headers[:5] == ["suite", "case", "dtype", "backend", "time"]
+    row = next(r for r in rows if r[1].startswith("softmax_entropy") and r[3] == "triton")
+    assert float(row[headers.index("GB/s")]) == pytest.approx(0.8 * 3350, rel=1e-3)
+    assert row[headers.index("% BW")] == "80"
+
+
+def test_targets_met_missed_and_unmeasured(measurements):
+    headers, rows = report.targets_table(measurements, find_peak(H100))
+    status = {(r[0].split()[0], r[3]): r[headers.index("status")] for r in rows}
+    assert status[("softmax_entropy", "triton")] == "met"
+    assert status[("softmax_entropy", "tile")] == "missed"
+    assert status[("attention", "triton")] == "met"  # 1.1x the time of SDPA, within 1.2x
+    assert status[("layer_norm", "triton/tile")] == "unmeasured"
+    assert status[("LoopGPT", "triton/tile")] == "unmeasured"
+    no_peak = dict((r[3], r[-1]) for r in report.targets_table(measurements, None)[1] if
+                   r[0].startswith("softmax"))
+    assert no_peak == {"triton": "cannot judge here", "tile": "cannot judge here"}
+
+
+def test_cli_writes_markdown_and_png(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(synthetic_json()))
+    assert report.main([str(path), "--note", "shared machine"]) == 0
+    markdown = (tmp_path / "run.md").read_text()
+    assert markdown == capsys.readouterr().out
+    assert "`pytest bench --benchmark-only --benchmark-json=x.json`" in markdown
+    assert "- note: shared machine" in markdown and "H100 SXM" in markdown and "![benchmark chart](run.png)" in markdown
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_refuses_half_a_custom_peak(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(synthetic_json()))
+    with pytest.raises(SystemExit):
+        report.main([str(path), "--peak-gbps", "500"])
+
+
+@pytest.mark.parametrize("device,expected", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H200", "H200 SXM"),
+    ("NVIDIA A100-SXM4-80GB", "A100 SXM4 80GB"), ("NVIDIA A100-PCIE-40GB", "A100 40GB"),
+    ("NVIDIA GeForce RTX 5070", "RTX 5070"), ("NVIDIA GeForce RTX 5070 Ti", None), ("NVIDIA B200", "B200"),
+    ("NVIDIA L40S", "L40S"), ("NVIDIA GeForce RTX 4090", "RTX 4090"), ("cpu", None)])
+def test_peak_lookup_by_device_name(device, expected):
+    peak = find_peak(device)
+    assert (peak.name if peak else None) == expected
+
+
+def test_every_peak_is_positive_and_sourced():
+    for peak in PEAKS:
+        assert peak.memory_gbps > 0 and peak.bf16_tflops > 0 and peak.source and peak.match, peak.name
+
+
+def test_two_measurements_of_one_case_and_backend_are_refused():
+    data = synthetic_json()
+    data["benchmarks"].append(dict(data["benchmarks"][1], name="test_again"))
+    with pytest.raises(ValueError, match="both record case 'softmax_entropy N=8192 V=50304'"):
+        report.load_measurements(data)
