@@ -1,14 +1,11 @@
-"""Autotuning: per-GPU tables of the best launch configuration of every kernel."""
+"""Autotuning: per-GPU tables of the best launch configuration of every kernel.
+
+Kernels ask `lookup_config` at every launch; `python -m tuning.autotune --gpu NAME` measures and
+writes the tables; `python -m tuning.show [NAME]` prints them.
+"""
 from __future__ import annotations
 
-from typing import Any
-
+from tuning.lookup import lookup_config
 from tuning.spec import Config, KernelTuning
-
-
-def lookup_config(backend: str, kernel: str, dtype: Any, shape: tuple, default: Config) -> Config:
-    """The launch configuration for this kernel call; `default` when no table applies."""
-    return default
-
 
 __all__ = ["Config", "KernelTuning", "lookup_config"]

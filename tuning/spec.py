@@ -22,6 +22,9 @@ class KernelTuning:
     make_args: Callable[[tuple, Any, Any], tuple]  # (shape, dtype, device) -> args
     run: Callable[..., Any]  # run(*args, config=config): one launch with an explicit config
     # Ahead-of-time compile for `arch` (e.g. "sm_90") without a GPU; returns resource use such as
-    # {"shared_mem": bytes, "registers": n} and raises if the config cannot compile.
+    # {"shared_mem": bytes, "registers": n} and raises if the config cannot compile. Optional "threads"
+    # (per block; else 32 * config["num_warps"] when known) lets the tuner check registers per block.
     compile: Callable[[tuple, Any, Config, str], dict]  # (shape, dtype, config, arch) -> resources
-    shape_key: Callable[..., tuple] = None  # (*op args) -> shape tuple, to look a launch up
+    # (*op args) -> shape tuple, to look a launch up. The tuner calls it with the op's arguments as meta
+    # tensors (shapes only, no data), all positional, to learn the shapes the shipped models launch.
+    shape_key: Callable[..., tuple] = None

@@ -1,0 +1,130 @@
+"""Launch-time lookup: precedence, refusal of bad tables, never another GPU's table in silence, CPU."""
+import logging
+
+import pytest
+import torch
+
+import tuning
+from tuning import lookup, table
+from tuning.lookup import ConfigLookup, Device
+
+RTX5070 = Device("NVIDIA GeForce RTX 5070", (12, 0))
+RTX5090 = Device("NVIDIA GeForce RTX 5090", (12, 0))  # same capability, another GPU
+H100 = Device("NVIDIA H100 80GB HBM3", (9, 0))
+DEFAULT = {"BLOCK_M": 4, "num_warps": 4}
+RUN = {"date": "2025-01-01", "driver": None, "versions": {}, "forced": False}
+
+
+def entry(bucket, block_m, kernel="layer_norm", dtype="bfloat16"):
+    return {"backend": "triton", "kernel": kernel, "dtype": dtype, "bucket": list(bucket), "shape": list(bucket),
+            "best": {"config": {"BLOCK_M": block_m, "num_warps": 4}, "median_ms": 1.0}, "default_ms": 2.0,
+            "runners_up": [], "failed": [], "pruned": []}
+
+
+def write(path, device, entries):
+    table.record(path, path.stem, device.name, device.capability, RUN, entries)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_lookup():
+    lookup.reset()
+    yield
+    lookup.reset()
+
+
+def find(lk, shape, dtype="bfloat16", default=DEFAULT):
+    return lk.find("triton", "layer_norm", dtype, shape, default)
+
+
+def test_precedence_exact_then_nearest_then_same_capability_then_default(tmp_path, caplog):
+    own = write(tmp_path / "rtx5070.json", RTX5070, [entry((4096, 512), 8), entry((64, 512), 1)])
+    kin = write(tmp_path / "rtx5090.json", RTX5090, [entry((4096, 512), 16), entry((16, 16), 2, dtype="float32")])
+    other = write(tmp_path / "h100.json", H100, [entry((4096, 512), 32, dtype="float16")])
+    lk = ConfigLookup(RTX5070, [own, kin, other])
+    caplog.set_level(logging.INFO, logger="tuning")
+
+    assert find(lk, (4000, 384))["BLOCK_M"] == 8  # exact bucket 4096x512
+    assert find(lk, (100, 512))["BLOCK_M"] == 1  # nearest: 128x512 is one doubling from 64x512
+    assert "nearest bucket 64x512" in caplog.text
+    assert find(lk, (16, 16), dtype="float32")["BLOCK_M"] == 2  # only a same-capability table has it
+    assert "another GPU of the same compute capability" in caplog.text
+    assert find(lk, (4096, 512), dtype="float16") is None  # only the H100 has it: never applied
+    assert [r.levelname for r in caplog.records if "RTX 5090" in r.getMessage()] == ["WARNING"]
+
+
+def test_a_table_of_another_capability_never_applies(tmp_path, caplog):
+    h100 = write(tmp_path / "h100.json", H100, [entry((4096, 512), 32)])
+    caplog.set_level(logging.WARNING, logger="tuning")
+    assert find(ConfigLookup(RTX5070, [h100]), (4096, 512)) is None
+    assert "no tuning table measured on NVIDIA GeForce RTX 5070" in caplog.text
+
+
+def test_earlier_tables_win_and_configs_with_other_knobs_are_skipped(tmp_path, caplog):
+    user = write(tmp_path / "user.json", RTX5070, [entry((4096, 512), 8)])
+    shipped = write(tmp_path / "shipped.json", RTX5070, [entry((4096, 512), 2), entry((64, 512), 1)])
+    lk = ConfigLookup(RTX5070, [user, shipped])
+    assert find(lk, (4096, 512))["BLOCK_M"] == 8
+    assert find(lk, (64, 512))["BLOCK_M"] == 1  # entries the user table lacks still come from the shipped one
+    stale_default = {"BLOCK_M": 4, "BLOCK_C": 512, "num_warps": 4}
+    caplog.set_level(logging.WARNING, logger="tuning")
+    assert find(lk, (4096, 512), default=stale_default) is None
+    assert "has knobs" in caplog.text
+
+
+@pytest.mark.parametrize("text, match", [("{torn", "not valid JSON"), (
+    '{"schema": 2, "device": {"name": "NVIDIA GeForce RTX 5070", "capability": [12, 0]}, "runs": [], "entries": []}',
+    "newer")])
+def test_corrupt_or_newer_tables_warn_and_fall_back(tmp_path, caplog, text, match):
+    bad = tmp_path / "rtx5070.json"
+    bad.write_text(text)
+    good = write(tmp_path / "other.json", RTX5070, [entry((4096, 512), 8)])
+    caplog.set_level(logging.WARNING, logger="tuning")
+    lk = ConfigLookup(RTX5070, [bad, good])
+    assert find(lk, (4096, 512))["BLOCK_M"] == 8
+    assert match in caplog.text and "ignoring it" in caplog.text
+    assert find(ConfigLookup(RTX5070, [bad]), (4096, 512)) is None
+
+
+@pytest.fixture
+def on_gpu(monkeypatch, tmp_path):
+    """lookup_config as on an RTX 5070, tables from a user dir and a package dir under tmp_path."""
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    monkeypatch.setenv(table.USER_DIR_ENV, str(user))
+    monkeypatch.setattr(table, "PACKAGE_TABLES", shipped)
+    monkeypatch.setattr(lookup, "_cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    loads = []
+    monkeypatch.setattr(lookup, "_device_info", lambda index: loads.append(index) or RTX5070)
+    return user, shipped, loads
+
+
+def test_lookup_config_searches_the_user_dir_first_and_caches(on_gpu, caplog):
+    user, shipped, loads = on_gpu
+    write(user / "mine.json", RTX5070, [entry((4096, 512), 8)])
+    write(shipped / "rtx5070.json", RTX5070, [entry((4096, 512), 2), entry((64, 512), 1)])
+    caplog.set_level(logging.INFO, logger="tuning")
+    assert tuning.lookup_config("triton", "layer_norm", torch.bfloat16, (4096, 384), DEFAULT)["BLOCK_M"] == 8
+    assert tuning.lookup_config("triton", "layer_norm", "bfloat16", (100, 384), DEFAULT)["BLOCK_M"] == 1
+    assert tuning.lookup_config("triton", "linear", torch.bfloat16, (64, 384, 384), DEFAULT) is DEFAULT
+    (user / "mine.json").unlink()  # answers and tables are cached: no re-read per launch
+    for _ in range(3):
+        assert tuning.lookup_config("triton", "layer_norm", torch.bfloat16, (4096, 384), DEFAULT)["BLOCK_M"] == 8
+        tuning.lookup_config("triton", "layer_norm", torch.bfloat16, (100, 384), DEFAULT)
+    assert loads == [0]
+    assert caplog.text.count("nearest bucket") == 1  # each fallback logged once
+
+
+def test_lookup_config_survives_a_broken_table_dir(on_gpu, monkeypatch, caplog):
+    def broken():
+        raise PermissionError("tables unreadable")
+    monkeypatch.setattr(table, "table_paths", broken)
+    caplog.set_level(logging.WARNING, logger="tuning")
+    assert tuning.lookup_config("triton", "layer_norm", torch.float32, (8, 8), DEFAULT) is DEFAULT
+    assert "tables unreadable" in caplog.text
+
+
+def test_on_cpu_the_default_comes_back_without_reading_tables(monkeypatch):
+    monkeypatch.setattr(lookup, "_cuda_available", lambda: False)
+    monkeypatch.setattr(table, "table_paths", lambda: pytest.fail("tables read on a CPU machine"))
+    assert tuning.lookup_config("tile", "linear", torch.float32, (4, 4, 4), DEFAULT) is DEFAULT

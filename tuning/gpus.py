@@ -1,0 +1,115 @@
+"""The GPUs the tuner knows: short name -> CUDA device names, target architecture and its limits.
+
+A table is tuned for one GPU model, named here by a short name (`rtx5070`, `h100`, ...). The
+architecture's limits let the tuner prune candidates from an ahead-of-time compile, without a GPU:
+a launch needs its shared memory and registers to fit one thread block.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+
+@dataclass(frozen=True)
+class ArchLimits:
+    arch: str  # the compile target, e.g. "sm_90"
+    capability: tuple[int, int]
+    shared_mem_per_block: int  # bytes, the opt-in maximum of one thread block
+    registers_per_block: int = 65536
+    registers_per_thread: int = 255
+
+
+# CUDA C Programming Guide, "Technical Specifications per Compute Capability".
+ARCHS: dict[str, ArchLimits] = {a.arch: a for a in (
+    ArchLimits("sm_80", (8, 0), 163 * 1024),
+    ArchLimits("sm_86", (8, 6), 99 * 1024),
+    ArchLimits("sm_89", (8, 9), 99 * 1024),
+    ArchLimits("sm_90", (9, 0), 227 * 1024),
+    ArchLimits("sm_100", (10, 0), 227 * 1024),
+    ArchLimits("sm_120", (12, 0), 99 * 1024),
+)}
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str  # the short name tables are filed under
+    arch: str  # a key of ARCHS
+    device_names: tuple[str, ...]  # regular expressions, matched whole and case-blind against the CUDA name
+
+    @property
+    def limits(self) -> ArchLimits:
+        return ARCHS[self.arch]
+
+    def matches(self, device_name: str) -> bool:
+        return any(re.fullmatch(pattern, device_name.strip(), re.IGNORECASE) for pattern in self.device_names)
+
+
+# Variants that differ in SM count or clocks (Ti, Laptop, Max-Q) are different GPUs: they get their own
+# entry or none, so that a table never applies to a GPU it was not measured on.
+GPUS: dict[str, Gpu] = {g.name: g for g in (
+    Gpu("a100", "sm_80", (r"NVIDIA A100[- ].*",)),
+    Gpu("a10g", "sm_86", (r"NVIDIA A10G",)),
+    Gpu("rtx3090", "sm_86", (r"NVIDIA GeForce RTX 3090",)),
+    Gpu("l4", "sm_89", (r"NVIDIA L4",)),
+    Gpu("l40s", "sm_89", (r"NVIDIA L40S",)),
+    Gpu("rtx4090", "sm_89", (r"NVIDIA GeForce RTX 4090",)),
+    Gpu("h100", "sm_90", (r"NVIDIA H100( .*)?",)),
+    Gpu("h200", "sm_90", (r"NVIDIA H200( .*)?",)),
+    Gpu("gh200", "sm_90", (r"NVIDIA GH200( .*)?",)),
+    Gpu("b200", "sm_100", (r"NVIDIA B200",)),
+    Gpu("rtx5070", "sm_120", (r"NVIDIA GeForce RTX 5070",)),
+    Gpu("rtx5070ti", "sm_120", (r"NVIDIA GeForce RTX 5070 Ti",)),
+    Gpu("rtx5080", "sm_120", (r"NVIDIA GeForce RTX 5080",)),
+    Gpu("rtx5090", "sm_120", (r"NVIDIA GeForce RTX 5090",)),
+)}
+
+
+class UnknownGpu(ValueError):
+    pass
+
+
+def gpu(name: str) -> Gpu:
+    """The GPU with short name `name` (case-blind); a clear error listing the known names otherwise."""
+    try:
+        return GPUS[name.strip().lower()]
+    except KeyError:
+        raise UnknownGpu(f"unknown GPU name {name!r}; known names: {', '.join(sorted(GPUS))}") from None
+
+
+def gpu_for_device(device_name: str) -> Optional[Gpu]:
+    """The known GPU whose CUDA device names match `device_name`, or None."""
+    return next((g for g in GPUS.values() if g.matches(device_name)), None)
+
+
+def arch_for_capability(capability: tuple[int, int]) -> ArchLimits:
+    """The limits of a compute capability; an unlisted one takes the closest lower listed arch of its
+    major version, the conservative choice."""
+    capability = tuple(capability)
+    same_major = [a for a in ARCHS.values() if a.capability[0] == capability[0] and a.capability <= capability]
+    if not same_major:
+        raise UnknownGpu(f"no limits known for compute capability {capability[0]}.{capability[1]}; "
+                         f"known: {', '.join(f'{a.capability[0]}.{a.capability[1]}' for a in ARCHS.values())}")
+    return max(same_major, key=lambda a: a.capability)
+
+
+def resource_problem(resources: Mapping[str, Any], config: Mapping[str, Any], limits: ArchLimits) -> Optional[str]:
+    """Why a compiled candidate cannot launch within `limits`, or None if it fits.
+
+    `resources` is what `KernelTuning.compile` returned: "shared_mem" (bytes per block), "registers"
+    (per thread) and optionally "threads" (per block; else 32 * config["num_warps"] when known).
+    """
+    shared_mem = resources.get("shared_mem")
+    if shared_mem is not None and shared_mem > limits.shared_mem_per_block:
+        return (f"needs {shared_mem} bytes of shared memory per block; {limits.arch} allows "
+                f"{limits.shared_mem_per_block}")
+    registers = resources.get("registers")
+    if registers is None:
+        return None
+    if registers > limits.registers_per_thread:
+        return f"needs {registers} registers per thread; {limits.arch} allows {limits.registers_per_thread}"
+    threads = resources.get("threads") or (32 * config["num_warps"] if "num_warps" in config else None)
+    if threads is not None and registers * threads > limits.registers_per_block:
+        return (f"needs {registers} registers x {threads} threads = {registers * threads} per block; "
+                f"{limits.arch} allows {limits.registers_per_block}")
+    return None

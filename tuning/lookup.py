@@ -1,0 +1,164 @@
+"""The launch-time answer to "which config for this call?", from the tables of this GPU.
+
+Precedence, for (backend, kernel, dtype, bucket of the shape):
+  1. an entry of a table measured on this very device (user directory first, then shipped tables);
+  2. the nearest bucket of such a table;
+  3. the same, from a table of another device with the same compute capability (logged as a warning);
+  4. the kernel's built-in default.
+Each fallback is logged once. A table that is corrupt, of a newer schema, or whose config does not
+have the kernel's knobs is skipped with a warning: a launch never fails because of a table. Tables are
+read once per process and every answer is cached, since kernels ask on every launch.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+from tuning import table as tables
+from tuning.buckets import bucket, format_shape, nearest_bucket
+from tuning.spec import Config
+
+log = logging.getLogger("tuning")
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    capability: tuple[int, int]
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+_logged: set[str] = set()
+
+
+def _log_once(level: int, message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.log(level, message)
+
+
+# (backend, kernel, dtype) -> {bucket: config}, the first table listed winning a bucket
+Index = dict[tuple[str, str, str], dict[tuple[int, ...], Config]]
+
+
+def _index(loaded: Iterable[dict]) -> Index:
+    index: Index = {}
+    for table in loaded:
+        for e in table["entries"]:
+            if e.get("best") is not None:
+                by_bucket = index.setdefault((e["backend"], e["kernel"], e["dtype"]), {})
+                by_bucket.setdefault(tuple(e["bucket"]), e["best"]["config"])
+    return index
+
+
+class ConfigLookup:
+    """The tables that apply to `device`, indexed for lookups."""
+
+    def __init__(self, device: Device, paths: Iterable[Path]):
+        self.device = device
+        own, kin = [], []
+        for path in paths:
+            try:
+                table = tables.load(path)
+            except tables.TableError as e:
+                _log_once(logging.WARNING, f"{e}; ignoring it, kernels fall back to other tables or defaults")
+                continue
+            if table["device"]["name"] == device.name:
+                own.append(table)
+            elif tuple(table["device"]["capability"]) == tuple(device.capability):
+                kin.append(table)
+        self.own, self.kin = _index(own), _index(kin)
+        self.kin_devices = sorted({t["device"]["name"] for t in kin})
+        if not own:
+            major, minor = device.capability
+            _log_once(logging.WARNING, f"no tuning table measured on {device.name}; kernels use "
+                      + (f"tables of {', '.join(self.kin_devices)} (same capability {major}.{minor}) where they can, "
+                         "else " if kin else "") + "built-in defaults (python -m tuning.autotune --gpu NAME tunes them)")
+
+    def find(self, backend: str, kernel: str, dtype: str, shape: tuple, default: Config) -> Optional[Config]:
+        """The table config for this launch, or None for the default."""
+        want = bucket(shape)
+        what = f"{backend}/{kernel} {dtype} {format_shape(shape)}"
+        for index, source in ((self.own, f"the table of {self.device.name}"),
+                              (self.kin, f"a table of {' / '.join(self.kin_devices)}, another GPU of the same "
+                                         "compute capability")):
+            by_bucket = {b: c for b, c in index.get((backend, kernel, dtype), {}).items()
+                         if self._fits(c, default, what, b)}
+            if want in by_bucket:
+                if index is self.kin:
+                    _log_once(logging.WARNING, f"{what}: using the config from {source}")
+                return by_bucket[want]
+            near = nearest_bucket(want, by_bucket)
+            if near is not None:
+                _log_once(logging.WARNING if index is self.kin else logging.INFO,
+                          f"{what}: no entry for bucket {format_shape(want)}; using nearest bucket "
+                          f"{format_shape(near)} from {source}")
+                return by_bucket[near]
+        if self.own or self.kin:
+            _log_once(logging.INFO, f"{what}: not in the tuning tables; using the built-in default")
+        return None
+
+    @staticmethod
+    def _fits(config: Config, default: Config, what: str, at: tuple) -> bool:
+        if set(config) == set(default):
+            return True
+        _log_once(logging.WARNING, f"{what}: table config {config} for bucket {format_shape(at)} has knobs "
+                  f"{sorted(config)}, but the kernel has {sorted(default)}; ignoring it (re-run the autotune)")
+        return False
+
+
+_cuda: Optional[bool] = None
+_lookups: dict[int, ConfigLookup] = {}
+_answers: dict[tuple, Optional[Config]] = {}
+
+
+def _cuda_available() -> bool:
+    global _cuda
+    if _cuda is None:
+        _cuda = torch.cuda.is_available()
+    return _cuda
+
+
+def _device_info(index: int) -> Device:
+    return Device(torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)))
+
+
+def lookup_config(backend: str, kernel: str, dtype: Any, shape: tuple, default: Config) -> Config:
+    """The launch configuration for this kernel call; `default` when no table applies.
+
+    Without CUDA this is `default` at once. `shape` is the kernel's shape key; `dtype` a torch dtype
+    or its name. Do not mutate the returned dict.
+    """
+    if not _cuda_available():
+        return default
+    index = torch.cuda.current_device()
+    key = (index, backend, kernel, dtype, tuple(shape))
+    try:
+        config = _answers[key]
+    except KeyError:
+        try:
+            lookup = _lookups.get(index)
+            if lookup is None:
+                lookup = _lookups[index] = ConfigLookup(_device_info(index), tables.table_paths())
+            config = lookup.find(backend, kernel, dtype_name(dtype), tuple(shape), default)
+        except Exception as e:  # a table must never stop a launch
+            _log_once(logging.WARNING, f"tuning lookup failed ({type(e).__name__}: {e}); using built-in defaults")
+            config = None
+        _answers[key] = config
+    return default if config is None else config
+
+
+def reset() -> None:
+    """Forget loaded tables and cached answers (after writing a table, or in tests)."""
+    global _cuda
+    _cuda = None
+    _lookups.clear()
+    _answers.clear()
+    _logged.clear()
