@@ -4,9 +4,10 @@ Digits are written least significant first by default (`reverse=True`), the orde
 propagate, so each answer digit depends on digits already seen; `reverse=False` writes them as
 usual. Training problems have operands of `train_digits` digits (each operand's length drawn on its
 own); test sets hold problems whose two operands both have exactly n digits, for each n in
-`test_digits` (e.g. 5 to 12, or up to 20: out of distribution). Everything is drawn from `seed`, the
-test sets first, and training draws that hit a test problem (in either operand order) are redrawn,
-so no test problem is ever trained on; `check_disjoint` asserts it.
+`test_digits` (e.g. 5 to 12, or up to 20: out of distribution). Everything is drawn from `seed`, each
+test set from its own stream; training draws that hit a test problem of the training digit counts
+(in either operand order) are redrawn, so no test problem is ever trained on, and `check_disjoint`
+asserts it.
 
 Each problem is one row of `block_size` tokens, padded with `_`. The loss is on the answer only:
 targets are -1 except where the next token is an answer digit or the closing `;`. With
@@ -93,6 +94,12 @@ class AdditionTask:
             return str(n)[::-1] if self.reverse else str(n)
         return f"{digits(a)}+{digits(b)}=", f"{digits(a + b)};"
 
+    def encode(self, text: str) -> list[int]:
+        return encode(text)
+
+    def decode(self, ids) -> str:
+        return decode(ids)
+
     def parse_answer(self, text: str) -> int | None:
         """The number an answer 'c;...' states, or None if it is not digits closed by ';'."""
         head, sep, _ = text.partition(";")
@@ -100,24 +107,28 @@ class AdditionTask:
             return None
         return int(head[::-1] if self.reverse else head)
 
+    def test_set(self, n_digits: int) -> list[Problem]:
+        """The test problems whose operands both have exactly n_digits digits; each digit count has its
+        own random stream, so a test set does not depend on which others are drawn."""
+        rng = random.Random(f"addition-test-{self.seed}-{n_digits}")
+        count = 10 if n_digits == 1 else 9 * 10 ** (n_digits - 1)
+        size = min(self.n_test, max(1, count * count // 20))  # at most a tenth of the unordered pairs
+        problems: set[Problem] = set()
+        while len(problems) < size:
+            problems.add((_draw(rng, n_digits), _draw(rng, n_digits)))
+        return sorted(problems)
+
     @cached_property
     def test_sets(self) -> dict[int, list[Problem]]:
-        rng = random.Random(f"addition-test-{self.seed}")
-        sets = {}
-        for n in self.test_digits:
-            count = 10 if n == 1 else 9 * 10 ** (n - 1)
-            size = min(self.n_test, max(1, count * count // 20))  # at most a tenth of the unordered pairs
-            problems: set[Problem] = set()
-            while len(problems) < size:
-                problems.add((_draw(rng, n), _draw(rng, n)))
-            sets[n] = sorted(problems)
-        return sets
+        return {n: self.test_set(n) for n in self.test_digits}
 
     @cached_property
     def train_problems(self) -> list[Problem]:
-        held_out = {_key(p) for problems in self.test_sets.values() for p in problems}
-        rng = random.Random(f"addition-train-{self.seed}")
+        """Held out: the test sets of every training digit count, whichever test_digits are asked for,
+        so the training set is the same whatever is evaluated later."""
         lo, hi = self.train_digits
+        held_out = {_key(p) for n in range(lo, hi + 1) for p in self.test_set(n)}
+        rng = random.Random(f"addition-train-{self.seed}")
         problems = []
         while len(problems) < self.n_train:
             p = (_draw(rng, rng.randint(lo, hi)), _draw(rng, rng.randint(lo, hi)))
@@ -153,15 +164,14 @@ class AdditionTask:
     @cached_property
     def _rows(self) -> dict[str, tuple[Tensor, Tensor]]:
         self.check_disjoint()
-        val = [p for n, problems in self.test_sets.items() if n <= self.train_digits[1] for p in problems]
-        if not val:
-            val = self.test_sets[min(self.test_sets)]
+        lo, hi = self.train_digits
+        val = [p for n in range(lo, hi + 1) for p in self.test_set(n)]
         return {split: tuple(torch.from_numpy(a) for a in self.encode_rows(problems))
                 for split, problems in (("train", self.train_problems), ("val", val))}
 
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator,
                   device: Union[str, torch.device] = "cpu") -> tuple[Tensor, Tensor]:
-        """Random rows of a split: 'train' or 'val' (the in-distribution test problems)."""
+        """Random rows of a split: 'train' or 'val' (the test problems of the training digit counts)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         x, y = self._rows[split]

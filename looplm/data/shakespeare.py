@@ -109,3 +109,22 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: tor
     if torch.device(device).type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+class ShakespeareTask:
+    """Next-character prediction on tiny-shakespeare: the trainer's view of the prepared data."""
+
+    def __init__(self, data_dir: PathLike, block_size: int):
+        self.tokenizer = prepare(data_dir)
+        self.block_size = block_size
+        self.splits = {split: tokens(data_dir, split) for split in SPLITS}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def get_batch(self, split: str, batch_size: int, generator: torch.Generator,
+                  device: Union[str, torch.device] = "cpu") -> tuple[Tensor, Tensor]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return get_batch(self.splits[split], batch_size, self.block_size, generator, device)

@@ -1,0 +1,652 @@
+"""Train a LoopGPT: `python -m looplm.train CONFIG [--key=value ...]`.
+
+Configs are Python files of assignments, as nanoGPT's: any TrainConfig field below, and any
+LoopConfig field (the model; vocab_size comes from the task). `--key=value` overrides them; values
+are Python literals (a bare word is a string). Unknown keys and ill-typed values are errors.
+
+The loop of training is nanoGPT's (AdamW with weight decay on matrices only, linear warm-up then
+cosine decay, gradient clipping, periodic evaluation, best checkpoint), with what a looped model
+adds, all in `LoopObjective`:
+- multi-step supervision: the loss of every loop's readout, weighted `last`, `all` or `ramp`;
+- a loop curriculum (the training loop count grows over training), random depth per batch and
+  truncated backprop through the last `grad_loops` loops;
+- a learned halting gate (LoopConfig halt="gate"), trained on the expected loss under its exit
+  distribution minus an entropy bonus; `gate_only` trains the gate alone on a trained model.
+
+Progress through training (for the schedule and the curriculum) is iterations over
+`lr_decay_iters`, or time over `max_seconds` when that is sooner. Checkpoints live in out_dir:
+`last/` (model, plus train_state.pt with optimizer, RNG and iteration, for exact resume) and `best/`
+(lowest validation loss). Logs: log.jsonl and metrics.csv. Under torchrun each process trains on its
+own batches and gradients are averaged (DDP; gloo on CPU, nccl on GPU).
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv
+import difflib
+import io
+import json
+import math
+import os
+import runpy
+import sys
+import tempfile
+import time
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from looplm.checkpoint import load_checkpoint, read_config, save_checkpoint
+from looplm.config import ConfigError, LoopConfig
+from looplm.data.addition import AdditionTask
+from looplm.data.shakespeare import ShakespeareTask
+from looplm.model import LoopGPT
+
+TASKS = ("shakespeare", "addition")
+LOSS_WEIGHTS = ("last", "all", "ramp")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_KEYS = tuple(f.name for f in fields(LoopConfig) if f.name != "vocab_size")
+# Settings that change how a trained model halts, not its weights: a fine-tuning run may change them.
+HALTING_KEYS = ("halt", "halt_threshold", "halt_thresholds_after", "min_loops", "max_loops", "dropout")
+TRAIN_STATE_FILE = "train_state.pt"
+METRICS_FIELDS = ("iter", "n_loops", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
+
+
+@dataclass
+class TrainConfig:
+    # run
+    out_dir: str = "out/run"
+    data_dir: str = "out/data"
+    task: str = "shakespeare"
+    init_from: str = "scratch"  # scratch | resume (out_dir/last) | a checkpoint directory to fine-tune
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on a GPU that has it, else float32
+    backend: str = "torch"
+    compile: bool = False
+    threads: Optional[int] = None  # CPU threads for torch; None keeps torch's choice
+    # evaluation and logging
+    eval_interval: int = 250
+    eval_iters: int = 200
+    log_interval: int = 10
+    always_save_checkpoint: bool = False
+    progress: bool = True  # tqdm bar
+    report: bool = True  # print the end-of-run report
+    sample_tokens: int = 300
+    # batches
+    batch_size: int = 12
+    gradient_accumulation_steps: int = 1
+    # addition (task="addition")
+    train_digits: tuple = (1, 4)
+    test_digits: tuple = tuple(range(1, 13))
+    reverse_digits: bool = True
+    swap_augment: bool = True
+    random_offset: bool = True
+    n_train: int = 100_000
+    n_test: int = 200
+    # optimizer and schedule
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    max_iters: int = 2000
+    max_seconds: Optional[float] = None  # wall-time budget; training stops when it is spent
+    warmup_iters: int = 100
+    lr_decay_iters: Optional[int] = None  # None: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables
+    # looped training
+    loss_weights: str = "last"  # last | all | ramp: how each loop's readout loss counts
+    loop_curriculum: tuple = ()  # e.g. (2, 4, 8, 12): training loop counts over equal parts of training
+    random_depth: bool = False  # each batch runs a loop count drawn from [1, current]
+    grad_loops: Optional[int] = None  # backprop through the last k loops only
+    gate_loss_weight: float = 1.0  # with halt="gate": weight of the exit-distribution loss
+    gate_entropy_weight: float = 0.05  # entropy bonus of the exit distribution
+    gate_only: bool = False  # train the halting gate alone (a second stage, from init_from=<checkpoint>)
+
+    def __post_init__(self) -> None:
+        choices = {"task": TASKS, "loss_weights": LOSS_WEIGHTS, "dtype": ("auto", *DTYPES)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        positive = ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
+                    "log_interval", "n_train", "n_test")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "gate_loss_weight",
+                     "gate_entropy_weight", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.min_lr > self.learning_rate:
+            raise ConfigError(f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ConfigError(f"max_seconds must be > 0 or None, got {self.max_seconds!r}")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            raise ConfigError(f"lr_decay_iters must be >= 1 or None, got {self.lr_decay_iters!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 or None, got {self.threads!r}")
+        if self.grad_loops is not None and self.grad_loops < 1:
+            raise ConfigError(f"grad_loops must be >= 1 or None, got {self.grad_loops!r}")
+        for n in self.loop_curriculum:
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ConfigError(f"loop_curriculum must hold loop counts >= 1, got {self.loop_curriculum!r}")
+        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            raise ConfigError(f"beta1 and beta2 must be in [0, 1), got {self.beta1!r}, {self.beta2!r}")
+
+
+# ---- configuration
+
+
+def parse_args(argv: list[str]) -> tuple[TrainConfig, dict[str, Any]]:
+    """Config files and --key=value overrides, in order -> (TrainConfig, the model keys that were set)."""
+    values: dict[str, Any] = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, raw = arg[2:].partition("=")
+            if not sep or not key:
+                raise ConfigError(f"expected --key=value, got {arg!r}")
+            values[key] = _literal(raw)
+        else:
+            values.update(read_config_file(arg))
+    return split_config(values)
+
+
+def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    namespace = runpy.run_path(str(path))
+    return {k: v for k, v in namespace.items() if not k.startswith("_")
+            and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+def split_config(values: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """Check every key and type; the training keys make a TrainConfig, the model keys are returned."""
+    hints = typing.get_type_hints(TrainConfig)
+    known = sorted(set(hints) | set(MODEL_KEYS))
+    train, model = {}, {}
+    for key, value in values.items():
+        if key in hints:
+            train[key] = _coerce(key, value, hints[key])
+        elif key in MODEL_KEYS:
+            model[key] = value
+        else:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {known}"
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+    return TrainConfig(**train), model
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # a bare word: a string
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is tuple and isinstance(value, (list, tuple, range)):
+        return tuple(value)
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r} ({type(value).__name__})")
+
+
+def make_task(cfg: TrainConfig, block_size: int) -> Union[ShakespeareTask, AdditionTask]:
+    if cfg.task == "shakespeare":
+        return ShakespeareTask(cfg.data_dir, block_size)
+    return AdditionTask(train_digits=cfg.train_digits, test_digits=cfg.test_digits, reverse=cfg.reverse_digits,
+                        swap_augment=cfg.swap_augment, random_offset=cfg.random_offset, n_train=cfg.n_train,
+                        n_test=cfg.n_test, block_size=block_size, seed=cfg.seed)
+
+
+def task_metadata(cfg: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint records of its task, so evaluation rebuilds the same data."""
+    keys = ("task",) + (("train_digits", "test_digits", "reverse_digits", "swap_augment", "random_offset",
+                         "n_train", "n_test", "seed") if cfg.task == "addition" else ("data_dir",))
+    return {k: getattr(cfg, k) for k in keys}
+
+
+# ---- the objective
+
+
+def loop_weights(kind: str, n_loops: int) -> list[float]:
+    """Weights of the loss of each loop's readout, summing to 1."""
+    if kind == "last":
+        raw = [0.0] * (n_loops - 1) + [1.0]
+    elif kind == "all":
+        raw = [1.0] * n_loops
+    elif kind == "ramp":
+        raw = [float(t) for t in range(1, n_loops + 1)]
+    else:
+        raise ValueError(f"loss_weights must be one of {LOSS_WEIGHTS}, got {kind!r}")
+    return [w / sum(raw) for w in raw]
+
+
+def exit_distribution(halt_probs: Tensor) -> Tensor:
+    """Per-loop halting probabilities (L, N) -> probability of exiting at each loop (L, N): halt at t
+    having run on through 1..t-1; the last loop takes what is left."""
+    survive = torch.cumprod(1 - halt_probs, dim=0)
+    before = torch.cat([torch.ones_like(survive[:1]), survive[:-1]])
+    return torch.cat([(halt_probs * before)[:-1], before[-1:]])
+
+
+class LoopObjective(nn.Module):
+    """The training loss of a LoopGPT, as a module so DDP and torch.compile see one forward."""
+
+    def __init__(self, model: LoopGPT, cfg: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.loss_weights = cfg.loss_weights
+        self.gate = model.config.halt == "gate" and (cfg.gate_loss_weight > 0 or cfg.gate_only)
+        self.gate_only = cfg.gate_only
+        self.gate_loss_weight = cfg.gate_loss_weight
+        self.gate_entropy_weight = cfg.gate_entropy_weight
+
+    def forward(self, idx: Tensor, targets: Tensor, n_loops: int, grad_loops: Optional[int] = None
+                ) -> tuple[Tensor, Tensor]:
+        """-> (loss to minimise, the last loop's language-model loss for logging)."""
+        model = self.model
+        states: list[Tensor] = []
+        model.loop(model.embed(idx), idx, n_loops, halting=False, states=states, grad_loops=grad_loops)
+        weights = loop_weights(self.loss_weights, n_loops)
+        valid = targets.reshape(-1) != -1
+        per_loop = []  # per-token losses (N,) of the loops the loss needs
+        for t, h in enumerate(states):
+            if weights[t] > 0 or self.gate:
+                logits = model.head(h)
+                per_loop.append(F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                                ignore_index=-1, reduction="none")[valid])
+            else:
+                per_loop.append(None)
+        last_loss = per_loop[-1].mean()
+        loss = last_loss.new_zeros(())
+        if not self.gate_only:
+            loss = loss + sum(w * l.mean() for w, l in zip(weights, per_loop) if w > 0)
+        if self.gate:
+            halt_probs = torch.stack([torch.sigmoid(model.halt_gate(h).squeeze(-1).float()).reshape(-1)[valid]
+                                      for h in states])
+            exit_probs = exit_distribution(halt_probs)
+            expected_loss = (exit_probs * torch.stack(per_loop)).sum(0).mean()
+            entropy = -(exit_probs * exit_probs.clamp(min=1e-12).log()).sum(0).mean()
+            loss = loss + self.gate_loss_weight * (expected_loss - self.gate_entropy_weight * entropy)
+        return loss, last_loss.detach()
+
+
+# ---- the schedule
+
+
+def learning_rate(cfg: TrainConfig, it: int, progress: float) -> float:
+    """Linear warm-up over warmup_iters, then cosine decay to min_lr as progress goes 0 -> 1."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if progress >= 1:
+        return cfg.min_lr
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def curriculum_loops(cfg: TrainConfig, default: int, progress: float) -> int:
+    if not cfg.loop_curriculum:
+        return default
+    stage = min(int(progress * len(cfg.loop_curriculum)), len(cfg.loop_curriculum) - 1)
+    return cfg.loop_curriculum[stage]
+
+
+def configure_optimizer(model: LoopGPT, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings (2D) only, as nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    fused = device_type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+# ---- files
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class RunLog:
+    """log.jsonl (every record) and metrics.csv (one row per evaluation) in out_dir."""
+
+    def __init__(self, out_dir: Path, resume_iter: Optional[int]):
+        self.jsonl, self.csv = out_dir / "log.jsonl", out_dir / "metrics.csv"
+        if resume_iter is None:
+            atomic_write_text(self.jsonl, "")
+            atomic_write_text(self.csv, ",".join(METRICS_FIELDS) + "\n")
+        else:  # drop what was logged after the checkpoint we resume from
+            self._truncate(resume_iter)
+
+    def _truncate(self, resume_iter: int) -> None:
+        records = [line for line in self.jsonl.read_text().splitlines()
+                   if line and json.loads(line)["iter"] <= resume_iter] if self.jsonl.exists() else []
+        atomic_write_text(self.jsonl, "".join(line + "\n" for line in records))
+        rows = list(csv.DictReader(io.StringIO(self.csv.read_text()))) if self.csv.exists() else []
+        out = io.StringIO()
+        writer = csv.DictWriter(out, METRICS_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["iter"]) <= resume_iter)
+        atomic_write_text(self.csv, out.getvalue())
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if record["kind"] == "eval":
+            with open(self.csv, "a", newline="") as f:
+                csv.DictWriter(f, METRICS_FIELDS, extrasaction="ignore", lineterminator="\n").writerow(record)
+
+
+# ---- training
+
+
+@dataclass
+class TrainResult:
+    model: LoopGPT
+    task: Union[ShakespeareTask, AdditionTask]
+    history: list[dict[str, Any]]  # the evaluations
+    out_dir: Path
+    iter_num: int
+    best_val_loss: float
+    elapsed_s: float
+    tokens_per_s: float
+    device: str
+    report: str = ""
+
+
+@dataclass
+class _Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device: str) -> _Distributed:
+    if "RANK" not in os.environ:
+        return _Distributed()
+    ddp = _Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return ddp
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available here; use device='cpu' or 'auto'")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    cuda = torch.device(device).type == "cuda"
+    if dtype == "auto":
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype != "float32" and not cuda:
+        raise ConfigError(f"dtype={dtype!r} needs a CUDA device; on {device} use 'float32' or 'auto'")
+    return DTYPES[dtype]
+
+
+def build_model(cfg: TrainConfig, model_keys: dict[str, Any], vocab_size: int) -> LoopGPT:
+    """A fresh model, or the weights of init_from=<checkpoint> under the halting settings given here
+    (a gate added for a second stage starts fresh)."""
+    if cfg.init_from in ("scratch", "resume"):
+        return LoopGPT(LoopConfig(vocab_size=vocab_size, **model_keys))
+    source = load_checkpoint(cfg.init_from)
+    changed = {k: (getattr(source.config, k), v) for k, v in model_keys.items()
+               if k not in HALTING_KEYS and getattr(source.config, k) != v}
+    if changed:
+        raise ConfigError(f"init_from={cfg.init_from!r} has another architecture; (checkpoint, config): {changed}. "
+                          f"Only {HALTING_KEYS} may change when fine-tuning")
+    model = LoopGPT(LoopConfig.from_dict({**source.config.to_dict(), **model_keys}))
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    fresh = [k for k in missing if not k.startswith("halt_gate.")]
+    if fresh or unexpected:
+        raise ConfigError(f"cannot start from {cfg.init_from!r}: missing {fresh}, unexpected {unexpected}")
+    return model
+
+
+def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> TrainResult:
+    """Run training as configured; returns the trained model (best checkpoint's weights are on disk)."""
+    model_keys = dict(model_keys or {})
+    device = resolve_device(cfg.device)
+    ddp = _setup_distributed(device)
+    if ddp.enabled and device.startswith("cuda"):
+        device = f"cuda:{ddp.local_rank}"
+        torch.cuda.set_device(device)
+    device_type = torch.device(device).type
+    dtype = resolve_dtype(cfg.dtype, device)
+    autocast = (torch.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    out_dir = Path(cfg.out_dir)
+    last_dir, best_dir = out_dir / "last", out_dir / "best"
+    if ddp.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + ddp.rank)
+    batch_rng = torch.Generator().manual_seed(cfg.seed + ddp.rank)
+    state_file = last_dir / TRAIN_STATE_FILE
+    if cfg.init_from == "resume" and not state_file.is_file():
+        raise FileNotFoundError(f"init_from='resume' needs {state_file}; it is missing (no complete checkpoint)")
+    if cfg.init_from == "scratch":
+        block_size = model_keys.get("block_size", LoopConfig.block_size)
+    else:
+        block_size = read_config(last_dir if cfg.init_from == "resume" else cfg.init_from).block_size
+    task = make_task(cfg, block_size)
+
+    state = None
+    if cfg.init_from == "resume":
+        model = load_checkpoint(last_dir)
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+    else:
+        model = build_model(cfg, model_keys, task.vocab_size)
+    if model.config.vocab_size != task.vocab_size:
+        raise ConfigError(f"the model's vocab_size {model.config.vocab_size} does not match the task's "
+                          f"{task.vocab_size}")
+    n_loops = model.config.n_loops
+    if cfg.grad_loops is not None and cfg.grad_loops > n_loops and not cfg.loop_curriculum:
+        raise ConfigError(f"grad_loops ({cfg.grad_loops}) exceeds n_loops ({n_loops})")
+    if cfg.gate_only:
+        if model.config.halt != "gate":
+            raise ConfigError("gate_only=True needs halt='gate' in the model config")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("halt_gate."))
+    model.to(device).set_backend(cfg.backend)
+
+    optimizer = configure_optimizer(model, cfg, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    iter_num, best_val_loss, elapsed_before, history = 0, math.inf, 0.0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        iter_num, best_val_loss, elapsed_before = state["iter_num"], state["best_val_loss"], state["elapsed_s"]
+        history = state["history"]
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and device_type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        batch_rng.set_state(state["batch_rng"])
+
+    objective: nn.Module = LoopObjective(model, cfg)
+    if ddp.enabled:
+        unused = model.config.halt == "gate" and not objective.gate
+        objective = DistributedDataParallel(objective, device_ids=[ddp.local_rank] if device_type == "cuda" else None,
+                                            find_unused_parameters=unused)
+    if cfg.compile:
+        objective = torch.compile(objective)
+    log = RunLog(out_dir, iter_num if state is not None else None) if ddp.master else None
+
+    def progress_at(it: int, elapsed: float) -> float:
+        p = it / (cfg.lr_decay_iters or cfg.max_iters)
+        return max(p, elapsed / cfg.max_seconds) if cfg.max_seconds else p
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        eval_rng = torch.Generator().manual_seed(cfg.seed + 10_000)  # the same batches at every evaluation
+        out = {}
+        for split in ("train", "val"):
+            losses = []
+            for _ in range(cfg.eval_iters):
+                x, y = task.get_batch(split, cfg.batch_size, eval_rng, device)
+                with autocast:
+                    losses.append(model(x, y, halt=False)[1].item())
+            out[f"{split}_loss"] = sum(losses) / len(losses)
+        model.train()
+        return out
+
+    def save(path: Path, with_state: bool) -> None:
+        save_checkpoint(model, path, metadata={"iter_num": iter_num, "task": task_metadata(cfg)})
+        if with_state:
+            atomic_torch_save(dict(
+                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                best_val_loss=best_val_loss, elapsed_s=elapsed_before + time.perf_counter() - start,
+                history=history, torch_rng=torch.get_rng_state(), batch_rng=batch_rng_state,
+                cuda_rng=torch.cuda.get_rng_state_all() if device_type == "cuda" else None,
+                train_config=asdict(cfg)), path / TRAIN_STATE_FILE)
+
+    tokens_per_iter = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * ddp.world_size
+    model.train()
+    start = time.perf_counter()
+    tokens_per_s, window_tokens, window_start = 0.0, 0, start
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not (cfg.progress and ddp.master), unit="it",
+               dynamic_ncols=True)
+    # The train state keeps the batch generator as it was before the batch in hand, so a resumed run
+    # draws the very batch this run would have trained on next.
+    batch_rng_state = batch_rng.get_state()
+    x, y = task.get_batch("train", cfg.batch_size, batch_rng, device)
+    while True:
+        elapsed = elapsed_before + time.perf_counter() - start
+        progress = progress_at(iter_num, elapsed)
+        out_of_time = cfg.max_seconds is not None and elapsed >= cfg.max_seconds
+        if ddp.enabled and cfg.max_seconds is not None:  # every process stops at the same iteration
+            flag = torch.tensor(float(out_of_time), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        done = iter_num >= cfg.max_iters or out_of_time
+        if ddp.master and (iter_num % cfg.eval_interval == 0 or done) and (iter_num > 0 or state is None):
+            if not (state is not None and history and history[-1]["iter"] == iter_num):
+                losses = evaluate()
+                record = dict(kind="eval", iter=iter_num, n_loops=curriculum_loops(cfg, n_loops, progress),
+                              lr=learning_rate(cfg, iter_num, progress), tokens_per_s=round(tokens_per_s, 1),
+                              elapsed_s=round(elapsed, 2), **losses)
+                history.append(record)
+                log.write(record)
+                bar.write(f"iter {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}")
+                improved = losses["val_loss"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val_loss"])
+                if iter_num > 0:
+                    save(last_dir, with_state=True)
+                    if improved or cfg.always_save_checkpoint:
+                        save(best_dir, with_state=False)
+        if done:
+            break
+
+        loops = curriculum_loops(cfg, n_loops, progress)
+        if cfg.random_depth:
+            loops = int(torch.randint(1, loops + 1, (1,), generator=batch_rng))
+        grad_loops = min(cfg.grad_loops, loops) if cfg.grad_loops is not None else None
+        lr = learning_rate(cfg, iter_num, progress)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro_step in range(cfg.gradient_accumulation_steps):
+            last_micro = micro_step == cfg.gradient_accumulation_steps - 1
+            sync = objective.no_sync() if ddp.enabled and not last_micro else contextlib.nullcontext()
+            with sync, autocast:
+                loss, lm_loss = objective(x, y, loops, grad_loops)
+                loss = loss / cfg.gradient_accumulation_steps
+            batch_rng_state = batch_rng.get_state()
+            x, y = task.get_batch("train", cfg.batch_size, batch_rng, device)  # while the GPU works
+            scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        bar.update()
+        window_tokens += tokens_per_iter
+        if iter_num % cfg.log_interval == 0 and ddp.master:
+            now = time.perf_counter()
+            tokens_per_s, window_tokens, window_start = window_tokens / (now - window_start), 0, now
+            lm = lm_loss.item()
+            bar.set_postfix(loss=f"{lm:.4f}", tok_s=f"{tokens_per_s:,.0f}", loops=loops)
+            log.write(dict(kind="train", iter=iter_num, loss=lm, objective=loss.item() * cfg.gradient_accumulation_steps,
+                           n_loops=loops, lr=lr, tokens_per_s=round(tokens_per_s, 1),
+                           elapsed_s=round(elapsed_before + now - start, 2)))
+    bar.close()
+    elapsed = elapsed_before + time.perf_counter() - start
+    if ddp.enabled:
+        dist.barrier()
+        dist.destroy_process_group()
+    model.eval()
+    return TrainResult(model, task, history, out_dir, iter_num, best_val_loss, elapsed,
+                       tokens_per_s or tokens_per_iter * max(iter_num, 1) / max(elapsed, 1e-9), device)
+
+
+def main(argv: Optional[list[str]] = None) -> TrainResult:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0 if argv else 2)
+    try:
+        cfg, model_keys = parse_args(argv)
+        result = train(cfg, model_keys)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    if cfg.report and int(os.environ.get("RANK", 0)) == 0:
+        from looplm.report import training_report
+        result.report = training_report(result, sample_tokens=cfg.sample_tokens, seed=cfg.seed)
+        print(result.report)
+        atomic_write_text(result.out_dir / "report.txt", result.report + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Addition: formats, answer-only targets, seeds, held-out test sets, random offsets, evaluation."""
+import pytest
+import torch
+
+from looplm import LoopConfig, LoopGPT
+from looplm.data.addition import END, IGNORE, PAD, AdditionTask, decode, sequence_length
+from looplm.eval_addition import evaluate, format_table, parse_digits
+
+
+def small(**overrides) -> AdditionTask:
+    return AdditionTask(**{**dict(n_train=2000, n_test=30, test_digits=(1, 2, 3, 4, 6), block_size=32), **overrides})
+
+
+def test_formats_reversed_and_plain():
+    assert small().format(120, 7) == ("021+7=", "721;")
+    assert small(reverse=False).format(120, 7) == ("120+7=", "127;")
+    assert small().parse_answer("721;__") == 127 and small(reverse=False).parse_answer("127;") == 127
+    assert small().parse_answer("72") is None and small().parse_answer("7a;") is None
+
+
+def test_rows_put_the_loss_on_the_answer_only():
+    task = small()
+    problems = task.train_problems[:200]
+    x, y = task.encode_rows(problems)
+    for (a, b), row, target in zip(problems, x.tolist(), y.tolist()):
+        prompt, answer = task.format(a, b)
+        assert decode(row).rstrip("_") == prompt + answer
+        answer_targets = [t for t in target if t != IGNORE]
+        assert decode(answer_targets) == answer and answer_targets[-1] == END
+        first = target.index(answer_targets[0])
+        assert decode(row[first:first + 1]) == "="  # the '=' predicts the first answer digit
+
+
+def test_operands_have_the_training_digit_counts_and_both_orders():
+    task = small(train_digits=(2, 3))
+    lengths = {len(str(n)) for p in task.train_problems for n in p}
+    assert lengths == {2, 3}
+    pairs = set(task.train_problems)
+    assert all((b, a) in pairs for a, b in task.train_problems)
+    assert len(small(swap_augment=False).train_problems) == 2000
+
+
+def test_deterministic_by_seed():
+    assert small().train_problems == small().train_problems
+    assert small().test_sets == small().test_sets
+    assert small(seed=1).train_problems != small().train_problems
+
+
+def test_test_sets_have_exact_digit_counts_and_never_meet_training():
+    task = small()
+    task.check_disjoint()
+    for n, problems in task.test_sets.items():
+        assert all(len(str(a)) == n and len(str(b)) == n for a, b in problems)
+    assert len(task.test_sets[1]) < 30  # capped: one-digit problems are few
+    # a test set does not depend on which other digit counts are asked for
+    assert small(test_digits=(3,)).test_sets[3] == task.test_sets[3]
+    assert small(test_digits=(1, 2, 3, 4, 6, 7)).train_problems == task.train_problems
+
+
+def test_disjointness_check_catches_a_leak():
+    task = small()
+    leaked = task.test_sets[3][0]
+    task.train_problems.append(leaked[::-1])  # the swapped order counts as the same problem
+    with pytest.raises(AssertionError, match="3-digit test problems are in the training set"):
+        task.check_disjoint()
+
+
+def test_random_offset_moves_whole_problems():
+    task = small()
+    x, y = task.get_batch("train", 64, torch.Generator().manual_seed(0))
+    starts = (x != PAD).int().argmax(dim=1)
+    assert len(set(starts.tolist())) > 5
+    for row, target in zip(x.tolist(), y.tolist()):
+        text = decode(row).strip("_")
+        a, rest = text.split("+")
+        b, answer = rest.split("=")
+        assert task.parse_answer(answer) == int(a[::-1]) + int(b[::-1])
+        assert decode([t for t in target if t != IGNORE]) == answer
+    x, _ = small(random_offset=False).get_batch("train", 16, torch.Generator().manual_seed(0))
+    assert (x[:, 0] != PAD).all()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(train_digits=(0, 4)), "train_digits must be digit counts >= 1"),
+    (dict(train_digits=(4, 1)), "lowest <= highest"),
+    (dict(train_digits=(1, 2, 3)), "lowest <= highest"),
+    (dict(test_digits=(10,)), "block_size 32 is too short: 10-digit problems take 34"),
+    (dict(n_train=0), "n_train must be an integer >= 1"),
+])
+def test_bad_settings_are_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small(**overrides)
+
+
+def test_sequence_length_fits_twenty_digits_in_64():
+    assert sequence_length(20) == 64
+    assert len("".join(AdditionTask(test_digits=(20,)).format(10 ** 20 - 1, 10 ** 20 - 1))) == 64
+
+
+def test_evaluation_counts_loops_on_answer_tokens():
+    task = small()
+    model = LoopGPT(LoopConfig(vocab_size=task.vocab_size, block_size=32, n_embd=16, n_head=2, n_loops=3,
+                               halt="entropy", halt_threshold=2.0, max_loops=5))
+    results = evaluate(model, task, digits=(2, 3), limit=4)
+    assert [r.digits for r in results] == [2, 3] and all(r.problems == 4 for r in results)
+    for r in results:
+        assert 0.0 <= r.accuracy <= 1.0 and 1 <= r.mean_steps <= r.max_steps <= 5
+    fixed = evaluate(LoopGPT(LoopConfig(vocab_size=task.vocab_size, block_size=32, n_embd=16, n_head=2, n_loops=3)),
+                     task, digits=(2,), max_loops=2, limit=4)[0]
+    assert fixed.mean_steps == fixed.max_steps == 2  # no halting: every token runs the budget
+    assert "exact match %" in format_table(results)
+    with pytest.raises(ValueError, match="block_size is 32"):
+        evaluate(model, small(block_size=64, test_digits=(12,)), digits=(12,))
+
+
+def test_parse_digits():
+    assert parse_digits("5-8") == [5, 6, 7, 8] and parse_digits("1,3-4") == [1, 3, 4]
+    with pytest.raises(Exception, match="digits must look like"):
+        parse_digits("five")

@@ -1,0 +1,220 @@
+"""The trainer: configuration, schedule, the looped objective, checkpoints and exact resume."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from looplm import ConfigError, LoopConfig, LoopGPT
+from looplm.checkpoint import load_checkpoint
+from looplm.train import (LoopObjective, TrainConfig, curriculum_loops, exit_distribution, learning_rate,
+                          loop_weights, main, parse_args, split_config, train)
+
+TINY_MODEL = dict(block_size=16, n_embd=16, n_head=2, n_layer=1, n_loops=3)
+
+
+def tiny_run(tmp_path, **overrides):
+    """Training settings for a run of a few iterations on tiny addition problems."""
+    values = dict(out_dir=str(tmp_path / "run"), task="addition", train_digits=(1, 2), test_digits=(1, 2, 3),
+                  n_train=300, n_test=20, batch_size=4, max_iters=4, eval_interval=2, eval_iters=2, log_interval=1,
+                  warmup_iters=1, progress=False, report=False, device="cpu", **TINY_MODEL)
+    values.update(overrides)
+    return split_config(values)
+
+
+# ---- configuration
+
+
+def test_config_file_then_overrides(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text("import math\nbatch_size = 7\nn_loops = 5\nlearning_rate = 2e-3\n_private = 1\n")
+    cfg, model = parse_args([str(path), "--batch_size=9", "--task=addition", "--max_seconds=None",
+                             "--loop_curriculum=[1,2]", "--learning_rate=1"])
+    assert cfg.batch_size == 9 and cfg.task == "addition" and cfg.max_seconds is None
+    assert cfg.loop_curriculum == (1, 2) and cfg.learning_rate == 1.0 and model == {"n_loops": 5}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_sise=3"], "unknown config key 'batch_sise'; did you mean batch_size"),
+    (["--batch_size=3.5"], "batch_size must be int, got 3.5"),
+    (["--compile=1"], "compile must be bool, got 1"),
+    (["--task=poetry"], "task must be one of"),
+    (["--loss_weights=first"], "loss_weights must be one of"),
+    (["--min_lr=1", "--learning_rate=0.1"], "min_lr"),
+    (["--loop_curriculum=(2,0)"], "loop_curriculum must hold loop counts >= 1"),
+    (["--batch_size"], "expected --key=value"),
+    (["no_such_file.py"], "does not exist"),
+])
+def test_bad_settings_are_clear_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_cli_reports_errors_without_a_traceback():
+    with pytest.raises(SystemExit, match="error: unknown config key 'nope'"):
+        main(["--nope=1"])
+
+
+def test_model_keys_are_checked_by_loop_config(tmp_path):
+    cfg, model = tiny_run(tmp_path, n_loops=0)
+    with pytest.raises(ConfigError, match="n_loops must be an integer >= 1"):
+        train(cfg, model)
+
+
+# ---- schedule and objective
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100)
+    warm = [learning_rate(cfg, it, it / 100) for it in range(10)]
+    assert warm == sorted(warm) and warm[-1] < 1.0
+    assert learning_rate(cfg, 10, 0.0) == pytest.approx(1.0)
+    assert learning_rate(cfg, 50, 0.5) == pytest.approx(0.55)
+    assert learning_rate(cfg, 100, 1.0) == pytest.approx(0.1)
+
+
+def test_curriculum_stages_cover_training_in_equal_parts():
+    cfg = TrainConfig(loop_curriculum=(2, 4, 8, 12))
+    assert [curriculum_loops(cfg, 12, p) for p in (0.0, 0.24, 0.25, 0.6, 0.99, 1.0)] == [2, 2, 4, 8, 12, 12]
+    assert curriculum_loops(TrainConfig(), 12, 0.3) == 12
+
+
+def test_loop_weights():
+    assert loop_weights("last", 3) == [0.0, 0.0, 1.0]
+    assert loop_weights("all", 4) == [0.25] * 4
+    assert loop_weights("ramp", 3) == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+
+
+def test_exit_distribution_is_a_distribution_over_loops():
+    halt = torch.rand(5, 7)
+    exit_probs = exit_distribution(halt)
+    assert torch.allclose(exit_probs.sum(0), torch.ones(7))
+    assert torch.allclose(exit_probs[1], halt[1] * (1 - halt[0]))
+    assert torch.allclose(exit_probs[-1], torch.prod(1 - halt[:-1], dim=0))
+
+
+def model_and_batch(**overrides):
+    model = LoopGPT(LoopConfig(vocab_size=11, **{**TINY_MODEL, **overrides}))
+    x = torch.randint(0, 11, (3, 16))
+    y = torch.randint(0, 11, (3, 16))
+    y[:, :4] = -1
+    return model, x, y
+
+
+def test_every_loop_is_supervised_as_the_model_reads_it_out():
+    """loss_weights='all' is the mean of the losses the model gives when stopped after each loop."""
+    model, x, y = model_and_batch()
+    loss, last = LoopObjective(model, TrainConfig(loss_weights="all"))(x, y, 3)
+    per_loop = [model(x, y, n_loops=t, halt=False)[1] for t in (1, 2, 3)]
+    assert loss.item() == pytest.approx(sum(l.item() for l in per_loop) / 3, rel=1e-5)
+    assert last.item() == pytest.approx(per_loop[-1].item(), rel=1e-5)
+
+
+def core_grad(model, x, y, **objective_args):
+    model.zero_grad()
+    LoopObjective(model, TrainConfig())(x, y, 3, **objective_args)[0].backward()
+    return model.transformer.core[0].mlp.c_fc.weight.grad.clone()
+
+
+def test_truncated_backprop_cuts_the_early_loops():
+    model, x, y = model_and_batch()
+    full = core_grad(model, x, y)
+    assert torch.allclose(core_grad(model, x, y, grad_loops=3), full)
+    assert not torch.allclose(core_grad(model, x, y, grad_loops=1), full)
+
+
+# ---- training runs
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_writes_checkpoints_and_logs(tmp_path):
+    cfg, model_keys = tiny_run(tmp_path)
+    result = train(cfg, model_keys)
+    run = tmp_path / "run"
+    assert result.iter_num == 4 and math.isfinite(result.best_val_loss)
+    assert [int(r["iter"]) for r in read_metrics(run)] == [0, 2, 4]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    best = load_checkpoint(run / "best")
+    assert best.config.n_loops == 3 and best.config.vocab_size == 14
+    assert (run / "last" / "train_state.pt").is_file() and not (run / "best" / "train_state.pt").exists()
+    assert not list(run.glob(".*"))  # no temporary files left behind
+
+
+def test_resume_is_exact(tmp_path):
+    """3 iterations, then 3 more from the checkpoint, equal 6 in one go (dropout draws included)."""
+    run = dict(eval_interval=3, lr_decay_iters=6, dropout=0.1)
+    straight, model_keys = tiny_run(tmp_path / "a", max_iters=6, **run)
+    result = train(straight, model_keys)
+    first, _ = tiny_run(tmp_path / "b", max_iters=3, **run)
+    train(first, model_keys)
+    resumed, _ = tiny_run(tmp_path / "b", max_iters=6, init_from="resume", **run)
+    result_resumed = train(resumed, model_keys)
+    for (name, a), (_, b) in zip(result.model.state_dict().items(), result_resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    def losses(run_dir):
+        return [(r["iter"], r["train_loss"], r["val_loss"], r["lr"]) for r in read_metrics(run_dir)]
+    assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    cfg, model_keys = tiny_run(tmp_path, init_from="resume")
+    with pytest.raises(FileNotFoundError, match="train_state.pt"):
+        train(cfg, model_keys)
+
+
+def test_curriculum_and_random_depth_set_the_loops_per_batch(tmp_path):
+    cfg, model_keys = tiny_run(tmp_path, max_iters=6, loop_curriculum=(1, 2, 3), grad_loops=1)
+    train(cfg, model_keys)
+    loops = [json.loads(line)["n_loops"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert loops == [1, 1, 2, 2, 3, 3]
+    cfg, model_keys = tiny_run(tmp_path, max_iters=8, random_depth=True)
+    train(cfg, model_keys)
+    loops = {json.loads(line)["n_loops"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()}
+    assert len(loops) > 1 and loops <= {1, 2, 3}
+
+
+def test_time_budget_stops_training(tmp_path):
+    cfg, model_keys = tiny_run(tmp_path, max_iters=10_000, max_seconds=0.5)
+    result = train(cfg, model_keys)
+    assert 0 < result.iter_num < 10_000
+    assert int(read_metrics(tmp_path / "run")[-1]["iter"]) == result.iter_num  # a last evaluation at the stop
+
+
+def test_gate_training_then_gate_only_stage(tmp_path):
+    cfg, model_keys = tiny_run(tmp_path, halt="gate", halt_threshold=0.5)
+    first = train(cfg, model_keys).model
+    assert first.halt_gate.weight.abs().sum() > 0  # the gate starts at zero and has learned
+    stage2, _ = tiny_run(tmp_path / "stage2", init_from=str(tmp_path / "run" / "last"), gate_only=True,
+                         halt="gate", halt_threshold=0.5, learning_rate=0.01, min_lr=0.001)
+    second = train(stage2, model_keys).model
+    for (name, before), after in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(before, after) == (not name.startswith("halt_gate.")), name
+
+
+def test_fine_tuning_may_add_a_gate_but_not_change_the_architecture(tmp_path):
+    cfg, model_keys = tiny_run(tmp_path)
+    train(cfg, model_keys)
+    stage2, _ = tiny_run(tmp_path / "s", init_from=str(tmp_path / "run" / "last"), gate_only=True, halt="gate",
+                         halt_threshold=0.5, max_iters=1)
+    assert train(stage2, {**model_keys, "halt": "gate", "halt_threshold": 0.5}).model.config.halt == "gate"
+    wider, _ = tiny_run(tmp_path / "w", init_from=str(tmp_path / "run" / "last"))
+    with pytest.raises(ConfigError, match="another architecture"):
+        train(wider, {**model_keys, "n_embd": 32})
+
+
+def test_main_trains_and_reports_on_shakespeare(tmp_path, capsys):
+    result = main(["--task=shakespeare", f"--out_dir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'data'}",
+                   "--max_iters=2", "--eval_interval=1", "--eval_iters=1", "--batch_size=2", "--progress=False",
+                   "--sample_tokens=20", "--block_size=16", "--n_embd=16", "--n_head=2", "--n_loops=2",
+                   "--halt=entropy", "--halt_threshold=3.0", "--device=cpu"])
+    out = capsys.readouterr().out
+    assert "== loss curve" in out and "mean state delta" in out and "loops per token" in out
+    assert "== sample (20 characters" in out and result.model.config.vocab_size == 65
+    assert (tmp_path / "run" / "report.txt").read_text().strip() in out
