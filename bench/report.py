@@ -16,12 +16,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from tabulate import tabulate
+
+from looplm.fileio import atomic_path, atomic_write_text
 
 from bench.peaks import DevicePeak, find_peak
 from bench.schema import CaseInfo
@@ -309,21 +310,9 @@ def plot(measurements: Sequence[Measurement], peak: Optional[DevicePeak], path: 
         axes[0][1].axvline(80, color="grey", linestyle="--", linewidth=0.8)
     fig.suptitle(title)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """write(temporary path) beside `path`, then rename it into place: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def latest_json(directory: Path = RESULTS_DIR) -> Path:
@@ -362,7 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     png = prefix.with_name(prefix.name + ".png")
     plot(measurements, peak, png, f"LoopLM benchmarks on {device}")
     markdown = render_markdown(data, measurements, peak, args.baseline, args.stat, chart=png.name, notes=args.note)
-    _atomic_write(prefix.with_name(prefix.name + ".md"), lambda tmp: Path(tmp).write_text(markdown))
+    atomic_write_text(prefix.with_name(prefix.name + ".md"), markdown)
     sys.stdout.write(markdown)
     return 0
 

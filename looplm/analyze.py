@@ -29,7 +29,8 @@ import torch.nn.functional as F  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from looplm.checkpoint import load_checkpoint  # noqa: E402
-from looplm.data.shakespeare import CharTokenizer, atomic_write_bytes, corpus_text  # noqa: E402
+from looplm.data.shakespeare import CharTokenizer, corpus_text  # noqa: E402
+from looplm.fileio import atomic_write_bytes  # noqa: E402
 from looplm.model import LoopGPT, LoopTrace  # noqa: E402
 from looplm.probes import fixed_points, loop_states, probe_accuracy, readout_accuracy  # noqa: E402
 

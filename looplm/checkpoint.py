@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from looplm.backends import Backend
 from looplm.config import ConfigError, LoopConfig
+from looplm.fileio import atomic_path, atomic_write_text
 from looplm.model import LoopGPT
 
 WEIGHTS_FILE = "model.safetensors"
@@ -34,13 +35,12 @@ def save_checkpoint(model: LoopGPT, path: Union[str, Path], metadata: Optional[d
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the checkpoint from other users
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED}
-        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        with atomic_path(tmp / WEIGHTS_FILE) as weights_file:
+            save_file(state, weights_file, metadata={"format": "pt"})
         doc = {"looplm_config": model.config.to_dict(), **({"metadata": metadata} if metadata else {})}
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        atomic_write_text(tmp / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.rename(path, old / path.name)

@@ -29,7 +29,8 @@ from tabulate import tabulate
 
 from looplm.config import LoopConfig
 from looplm.model import LoopGPT
-from looplm.train import atomic_write_text, read_config_file, split_config, train
+from looplm.fileio import atomic_write_text
+from looplm.train import read_config_file, split_config, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EVAL_BATCHES = 20

@@ -31,7 +31,6 @@ import math
 import os
 import runpy
 import sys
-import tempfile
 import time
 import types
 import typing
@@ -51,6 +50,7 @@ from looplm.checkpoint import load_checkpoint, read_config, save_checkpoint
 from looplm.config import ConfigError, LoopConfig
 from looplm.data.addition import AdditionTask
 from looplm.data.shakespeare import ShakespeareTask
+from looplm.fileio import atomic_path, atomic_write_text
 from looplm.model import LoopGPT
 
 TASKS = ("shakespeare", "addition")
@@ -323,25 +323,8 @@ def configure_optimizer(model: LoopGPT, cfg: TrainConfig, device_type: str) -> t
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class RunLog:

@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from looplm.fileio import atomic_write_text
+
 from tuning import table
 
 DEVICE = "NVIDIA GeForce RTX 5070"
@@ -79,13 +81,13 @@ def test_bad_tables_are_refused_and_never_overwritten(tmp_path, text, match):
 
 def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch):
     path = tmp_path / "t.json"
-    table.write_atomic(path, "old")
+    atomic_write_text(path, "old")
 
     def fail(*args):
         raise OSError("disk full")
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
-        table.write_atomic(path, "new")
+        atomic_write_text(path, "new")
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
 

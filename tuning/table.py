@@ -28,10 +28,11 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
+
+from looplm.fileio import atomic_write_text
 
 SCHEMA_VERSION = 1
 PACKAGE_TABLES = Path(__file__).with_name("tables")
@@ -133,23 +134,6 @@ def dumps(value: Any, indent: int = 2, level: int = 0, width: int = 110) -> str:
     return "[\n" + ",\n".join(items) + f"\n{pad}]"
 
 
-def write_atomic(path: os.PathLike, text: str) -> None:
-    """Replace `path` by `text` in one step: a reader sees the old file or the new, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 @contextlib.contextmanager
 def locked(path: os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock (blocking) on the directory of `path` for a read-merge-write cycle; a
@@ -196,7 +180,7 @@ def record(path: os.PathLike, gpu_name: str, device_name: str, capability: Seque
         else:
             table = new_table(gpu_name, device_name, capability)
         table = merge(table, run, entries)
-        write_atomic(path, dumps(table) + "\n")
+        atomic_write_text(path, dumps(table) + "\n")
     return table
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Union
 import numpy as np
 import torch
 from torch import Tensor
+
+from looplm.fileio import atomic_write_bytes
 
 TRAIN_FRACTION = 0.9
 SPLITS = ("train", "val")
@@ -52,19 +53,6 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def prepare(data_dir: PathLike) -> CharTokenizer:
