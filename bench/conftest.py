@@ -8,7 +8,6 @@ versions and the exact command.
 """
 from __future__ import annotations
 
-import os
 import platform
 import shlex
 from importlib import metadata
@@ -16,18 +15,13 @@ from importlib import metadata
 import pytest
 import torch
 
-# The Triton interpreter is never timed (bench.harness skips it), but the backend must still probe
-# the same way as in the tests, so that its skip reason is the true one.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 _TIMING_OPTIONS = ("benchmark_only", "benchmark_enable", "benchmark_json", "benchmark_save", "benchmark_autosave")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--bench-threads", type=int, default=None, metavar="N",
-                     help="torch CPU threads for the benchmarks (default: torch's own choice); 1 keeps timings "
-                          "steady on a machine shared with other work, where threads wait on each other")
+                     help="torch CPU threads for the benchmarks (default 1, set in the root conftest.py: it keeps "
+                          "timings steady on a machine shared with other work, where threads wait on each other)")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Optional, Protocol
 import torch
 from torch import Tensor
 
-from looplm.config import HIGHER_IS_SURER
+from looplm.config import READOUT_CRITERIA
+from looplm.halting import relative_change
 
 if TYPE_CHECKING:
     from looplm.model import Block, LoopGPT, LoopTrace
 
-READOUT_CRITERIA = ("entropy", "confidence", "kl")  # criteria scored from the next-token distribution
 
 
 class KVStore(Protocol):
@@ -69,15 +69,9 @@ def compact_loop(model: "LoopGPT", x0: Tensor, idx: Tensor, n_loops: int, haltin
     blocker = compaction_blocker(model) if halting else None
     if blocker is not None:
         raise ValueError(f"the compacted loop does not apply to this model: {blocker}")
-    threshold = halt_bar(model, idx, thresholds) if halting else None
+    threshold = model.halt_bar(idx, thresholds) if halting else None
     h, _ = run_loop(model, x0, threshold, n_loops, trace=trace, states=states, grad_loops=grad_loops)
     return h
-
-
-def halt_bar(model: "LoopGPT", idx: Tensor, thresholds: Optional[Tensor] = None) -> Tensor:
-    """Per-token thresholds of idx (B, T) as halt_update takes them: (B*T,), lower score is surer."""
-    threshold = model.halt_thresholds(idx, thresholds)
-    return (-threshold if model.config.halt in HIGHER_IS_SURER else threshold).reshape(-1)
 
 
 def run_loop(model: "LoopGPT", x0: Tensor, threshold: Optional[Tensor], n_loops: int, *,
@@ -89,8 +83,6 @@ def run_loop(model: "LoopGPT", x0: Tensor, threshold: Optional[Tensor], n_loops:
     every token n_loops times. `kv` receives every K/V entry computed (entry t of a token: its core
     input at loop t, or its frozen input if it halted after loop t-1) and supplies earlier tokens'.
     """
-    from looplm.model import relative_change  # model.py dispatches here: import it when called
-
     cfg, backend = model.config, model.backend
     halting = threshold is not None
     if halting and len(model.transformer.core) != 1:

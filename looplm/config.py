@@ -20,6 +20,8 @@ HALT_CRITERIA = {
 }
 # Criteria whose score grows with certainty; the model negates them (see looplm.ops).
 HIGHER_IS_SURER = ("confidence", "gate")
+# Criteria scored from the next-token distribution: each loop reads the state out through the head.
+READOUT_CRITERIA = ("entropy", "confidence", "kl")
 
 
 class ConfigError(ValueError):

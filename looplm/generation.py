@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from looplm.compaction import halt_bar, run_loop
+from looplm.compaction import run_loop
 from looplm.model import LoopGPT, check_sampling, sample_next_token
 
 FILLS = ("latest", "last", "ring")
@@ -152,7 +152,7 @@ def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatur
         if i > 0:
             x0 = model.embed(idx[:, -1:], start=idx.size(1) - 1)
         T = x0.size(1)
-        threshold = halt_bar(model, idx).view(B, -1)[:, -T:].reshape(-1) if halting else None
+        threshold = model.halt_bar(idx).view(B, -1)[:, -T:].reshape(-1) if halting else None
         cache.begin(T)
         h, steps = run_loop(model, x0, threshold, budget, kv=cache)
         cache.commit(steps.view(B, T))

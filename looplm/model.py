@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from looplm.backends import Backend, get_backend
-from looplm.config import HIGHER_IS_SURER, LoopConfig, check_threshold
+from looplm.compaction import compact_loop, compaction_blocker
+from looplm.config import HIGHER_IS_SURER, READOUT_CRITERIA, LoopConfig, check_threshold
+from looplm.halting import relative_change
 from looplm.ops import BlockWeights
 
 GATE_BIAS_INIT = -4.0  # sigmoid(-4) ~ 0.02: an untrained gate halts late
@@ -221,6 +223,11 @@ class LoopGPT(nn.Module):
             latest = torch.where(newer, last_seen, latest)
         return thr
 
+    def halt_bar(self, idx: Tensor, thresholds: Optional[Tensor] = None) -> Tensor:
+        """Per-token thresholds as halt_update takes them: (B*T,) float32, lower score is surer."""
+        thr = self.halt_thresholds(idx, thresholds)
+        return (-thr if self.config.halt in HIGHER_IS_SURER else thr).reshape(-1)
+
     def halt_score(self, h: Tensor, h_new: Tensor, readout: Optional[tuple], prev_log_p: Optional[Tensor]) -> Tensor:
         """(B, T) score of the configured criterion; lower means surer (looplm.ops)."""
         criterion = self.config.halt
@@ -252,7 +259,6 @@ class LoopGPT(nn.Module):
         With halting, the loop runs the core only for the tokens still active (`looplm.compaction`)
         wherever that gives this masked loop's result; compact=False forces the masked loop, the
         reference semantics, and compact=True refuses a model it does not apply to."""
-        from looplm.compaction import compact_loop, compaction_blocker  # it builds on this module
         if compact is None:
             compact = halting and compaction_blocker(self) is None
         if compact:
@@ -262,10 +268,8 @@ class LoopGPT(nn.Module):
         h = self.initial_state(x0)
         active = torch.ones(B * T, dtype=torch.bool, device=x0.device)
         steps = torch.zeros(B * T, dtype=torch.int32, device=x0.device)
-        if halting:
-            thr = self.halt_thresholds(idx, thresholds)
-            thr = (-thr if cfg.halt in HIGHER_IS_SURER else thr).reshape(-1)
-        needs_readout = trace is not None or (halting and cfg.halt in ("entropy", "confidence", "kl"))
+        thr = self.halt_bar(idx, thresholds) if halting else None
+        needs_readout = trace is not None or (halting and cfg.halt in READOUT_CRITERIA)
         prev_log_p = None
         for t in range(1, n_loops + 1):
             if grad_loops is not None and t == n_loops - grad_loops + 1:
@@ -279,8 +283,7 @@ class LoopGPT(nn.Module):
                 h_flat, active, steps = self.backend.op("halt_update")(
                     h.reshape(B * T, C), h_new.reshape(B * T, C), active, steps, score, thr, t, cfg.min_loops,
                     n_loops)
-                h_flat, h_prev = h_flat.view(B, T, C), h
-                h = h_flat
+                h_prev, h = h, h_flat.view(B, T, C)
             else:
                 was_active, h_prev, h = active, h, h_new
                 steps = steps + 1
@@ -391,10 +394,3 @@ def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int]) 
         logits[logits < v[:, [-1]]] = -float("inf")
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
-
-def relative_change(h: Tensor, h_new: Tensor, eps: float = 1e-6) -> Tensor:
-    """||h_new - h|| / max(||h||, ||h_new||) per token, (B, T, C) -> (B, T) float32, in [0, 2].
-    The larger norm in the denominator keeps the first loop from a zero state at 1, not infinity."""
-    h, h_new = h.float(), h_new.float()
-    scale = torch.maximum(h.norm(dim=-1), h_new.norm(dim=-1)).clamp(min=eps)
-    return (h_new - h).norm(dim=-1) / scale

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from looplm.model import LoopGPT, LoopTrace, relative_change
+from looplm.halting import relative_change
+from looplm.model import LoopGPT, LoopTrace
 
 
 @torch.no_grad()

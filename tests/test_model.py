@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from looplm import LoopConfig, LoopGPT
-from looplm.model import relative_change
+from looplm.halting import relative_change
 
 
 def tiny(**overrides) -> LoopConfig:
