@@ -186,9 +186,13 @@ def _bandwidth_at_least(percent: float):
     return judge
 
 
+def _same_case_on(m: Measurement, measurements: Sequence[Measurement], backend: str) -> Optional[Measurement]:
+    return next((r for r in measurements if r.key == m.key and r.info.backend == backend), None)
+
+
 def _time_ratio_at_most(reference_backend: str, ratio: float):
     def judge(m, measurements, _peak):
-        ref = next((r for r in measurements if r.key == m.key and r.info.backend == reference_backend), None)
+        ref = _same_case_on(m, measurements, reference_backend)
         if ref is None:
             return None
         value = m.seconds / ref.seconds
@@ -198,7 +202,7 @@ def _time_ratio_at_most(reference_backend: str, ratio: float):
 
 def _speedup_at_least(reference_backend: str, factor: float):
     def judge(m, measurements, _peak):
-        ref = next((r for r in measurements if r.key == m.key and r.info.backend == reference_backend), None)
+        ref = _same_case_on(m, measurements, reference_backend)
         if ref is None:
             return None
         value = ref.seconds / m.seconds
