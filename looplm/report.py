@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from tabulate import tabulate
 
+from looplm.config import HIGHER_IS_SURER
 from looplm.data.addition import AdditionTask
 
 if TYPE_CHECKING:
@@ -66,7 +67,8 @@ def training_report(result: "TrainResult", sample_tokens: int = 300, seed: int =
     table, stats = loop_table(model, x, y)
     lines += [f"== per loop, on {REPORT_BATCH} validation rows", table, ""]
     if cfg.halt != "none":
-        lines.append(f"halting ({cfg.halt} < {cfg.halt_threshold}): {stats['mean_steps']:.2f} loops per token on "
+        sign = ">" if cfg.halt in HIGHER_IS_SURER else "<"
+        lines.append(f"halting ({cfg.halt} {sign} {cfg.halt_threshold}): {stats['mean_steps']:.2f} loops per token on "
                      f"average (largest {stats['max_steps']}, budget {stats['loop_budget']}); val loss "
                      f"{stats['val_loss_halting']:.4f} with halting vs {stats['val_loss_all_loops']:.4f} running "
                      f"every loop")
