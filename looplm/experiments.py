@@ -6,6 +6,10 @@
     halting      one LoopLM 1L x 4, every loop supervised; halting criteria and thresholds against
                  val loss and loops per token
     curriculum   LoopLM 1L x 8, with the loop count growing 2 -> 8 over training or fixed at 8
+    adaptive     LoopLM 1L x 8 with ramp supervision, then a halting gate trained alone on its weights:
+                 against fixed depth, each criterion's val loss, loops per token and forward time
+                 (compacted loop), whether it reaches the goal of 2x fewer loops per token at <= 1%
+                 higher val loss, and cached generation tokens/s at batch 1 and 16
 
 Each writes experiments/<name>/metrics.csv (one row per run) and trace.json (per run: the
 evaluations and, per loop, mean entropy and state delta on validation batches), and updates
@@ -16,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +36,7 @@ from tabulate import tabulate
 from looplm.config import LoopConfig
 from looplm.model import LoopGPT
 from looplm.fileio import atomic_write_text
+from looplm.generation import generate_cached
 from looplm.train import read_config_file, split_config, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -43,6 +50,12 @@ class Run:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
+def run_dir(experiment: str, run_name: str) -> str:
+    """Where a run of an experiment keeps its checkpoints and logs."""
+    slug = "".join(c if c.isalnum() else "_" for c in run_name.lower()).strip("_")
+    return f"out/experiments/{experiment}/{slug}"
+
+
 EXPERIMENTS: dict[str, list[Run]] = {
     "space_time": [Run("GPT-1L", "shakespeare_cpu_gpt1l.py"), Run("LoopLM 1Lx4", "shakespeare_cpu_loop1x4.py"),
                    Run("GPT-4L", "shakespeare_cpu_gpt4l.py")],
@@ -52,10 +65,28 @@ EXPERIMENTS: dict[str, list[Run]] = {
     "halting": [Run("LoopLM 1Lx4, ramp supervision", "shakespeare_cpu_loop1x4.py", dict(loss_weights="ramp"))],
     "curriculum": [Run("fixed 8 loops", "shakespeare_cpu_loop1x4.py", dict(n_loops=8)),
                    Run("curriculum 2,4,6,8", "shakespeare_cpu_loop1x4.py", dict(n_loops=8, loop_curriculum=(2, 4, 6, 8)))],
+    # Every loop supervised (ramp) so that early loops can read out; one thread, as the timings are per core.
+    # The second run trains only a halting gate on the first run's final weights: the core stays the same.
+    "adaptive": [Run("LoopLM 1Lx8, ramp supervision", "shakespeare_cpu_loop1x4.py",
+                     dict(n_loops=8, loss_weights="ramp", threads=1)),
+                 Run("+ halting gate trained alone", "shakespeare_cpu_loop1x4.py",
+                     dict(n_loops=8, threads=1, halt="gate", halt_threshold=0.5, gate_only=True,
+                          init_from=run_dir("adaptive", "LoopLM 1Lx8, ramp supervision") + "/last",
+                          max_iters=400, lr_decay_iters=400, warmup_iters=20, eval_interval=200))],
 }
 # criterion -> thresholds swept by the halting experiment, from eager to patient
 HALTING_SWEEP = {"entropy": (2.0, 1.5, 1.0, 0.5), "confidence": (0.5, 0.7, 0.9), "delta": (0.3, 0.2, 0.1),
                  "kl": (0.1, 0.03, 0.01)}
+# The adaptive experiment's sweep, wider than the halting one's: 8 loops leave more room to stop early.
+ADAPTIVE_SWEEP = {"entropy": (2.5, 2.0, 1.5, 1.0, 0.5), "confidence": (0.3, 0.4, 0.5, 0.7, 0.9),
+                  "delta": (0.5, 0.3, 0.2, 0.1, 0.05), "kl": (0.3, 0.1, 0.03, 0.01, 0.003),
+                  "gate": (0.3, 0.5, 0.7, 0.9)}
+FIXED = "fixed depth"  # the sweep's rows without halting, the loop count cut uniformly
+MAX_LOSS_INCREASE = 0.01  # the adaptive-inference goal: val loss at most 1% above fixed depth ...
+TARGET_REDUCTION = 2.0  # ... with at least 2x fewer loops per token
+GENERATION_BATCHES = (1, 16)
+PROMPT_TOKENS, NEW_TOKENS = 16, 48  # prompt + new - 1 fits the CPU configs' context of 64
+TIMING_REPEATS = 3
 
 
 def _mean(values) -> float:
@@ -80,16 +111,22 @@ def loop_statistics(model: LoopGPT, task, seed: int = 0) -> dict[str, Any]:
                                delta=_mean(r["delta"] for r in rows)) for rows in zip(*per_loop)])
 
 
+def with_halting(model: LoopGPT, criterion: str, threshold: float) -> LoopGPT:
+    """A copy of `model` that halts by `criterion` at `threshold` (a gate only if criterion is gate)."""
+    config = LoopConfig.from_dict({**model.config.to_dict(), "halt": criterion, "halt_threshold": threshold})
+    halting = LoopGPT(config).to(model.lm_head.weight.device)
+    halting.load_state_dict({k: v for k, v in model.state_dict().items()
+                             if criterion == "gate" or not k.startswith("halt_gate.")})
+    return halting.eval()
+
+
 @torch.no_grad()
 def halting_sweep(model: LoopGPT, task, seed: int = 0) -> list[dict[str, Any]]:
     """The same weights under each halting criterion and threshold: val loss and loops per token."""
     rows = []
     for criterion, thresholds in HALTING_SWEEP.items():
         for threshold in thresholds:
-            config = LoopConfig.from_dict({**model.config.to_dict(), "halt": criterion, "halt_threshold": threshold})
-            halting = LoopGPT(config).to(model.lm_head.weight.device)
-            halting.load_state_dict(model.state_dict())
-            halting.eval()
+            halting = with_halting(model, criterion, threshold)
             generator = torch.Generator().manual_seed(seed)
             losses, steps = [], []
             for _ in range(EVAL_BATCHES):
@@ -101,6 +138,115 @@ def halting_sweep(model: LoopGPT, task, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
+def _median_seconds(fn: Callable[[], Any], seed: int) -> float:
+    """Median wall time of TIMING_REPEATS calls of fn, each from the same random state."""
+    times = []
+    for _ in range(TIMING_REPEATS):
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def _measure(model: LoopGPT, task, seed: int, **forward) -> dict[str, float]:
+    """Val loss, loops per token and median forward wall time (ms) per batch over EVAL_BATCHES batches.
+    The timed forward asks for no trace, whose extra readouts would cost time the model does not need."""
+    generator = torch.Generator().manual_seed(seed)
+    device = model.lm_head.weight.device
+    losses, steps, seconds = [], [], []
+    for _ in range(EVAL_BATCHES):
+        x, y = task.get_batch("val", 12, generator, device)
+        seconds.append(_median_seconds(functools.partial(model, x, y, **forward), seed))
+        _, loss, trace = model(x, y, return_trace=True, **forward)
+        losses.append(loss.item())
+        steps.append(trace.steps.float().mean().item())
+    return dict(val_loss=_mean(losses), loops_per_token=_mean(steps), forward_ms=1e3 * statistics.median(seconds))
+
+
+def adaptive_sweep(model: LoopGPT, task, seed: int = 0) -> list[dict[str, Any]]:
+    """The same weights at every fixed depth 1..n_loops and under each criterion and threshold of
+    ADAPTIVE_SWEEP (compacted loop, budget n_loops), against the full fixed depth."""
+    model.eval()
+    n_loops = model.config.n_loops
+    rows = [dict(criterion=FIXED, threshold=None, **_measure(model, task, seed, halt=False, n_loops=loops))
+            for loops in range(n_loops, 0, -1)]
+    for criterion, thresholds in ADAPTIVE_SWEEP.items():
+        if criterion == "gate" and model.config.halt != "gate":
+            continue
+        for threshold in thresholds:
+            halting = with_halting(model, criterion, threshold)
+            rows.append(dict(criterion=criterion, threshold=threshold, **_measure(halting, task, seed)))
+    full = rows[0]
+    return [dict(criterion=r["criterion"], threshold=r["threshold"], val_loss=round(r["val_loss"], 4),
+                 loss_vs_fixed_pct=round(100 * (r["val_loss"] / full["val_loss"] - 1), 2),
+                 loops_per_token=round(r["loops_per_token"], 3),
+                 loop_reduction=round(full["loops_per_token"] / r["loops_per_token"], 2),
+                 forward_ms=round(r["forward_ms"], 2), speedup=round(full["forward_ms"] / r["forward_ms"], 2))
+            for r in rows]
+
+
+def goal_table(sweep: Sequence[dict[str, Any]], max_loss_increase: float = MAX_LOSS_INCREASE,
+               target_reduction: float = TARGET_REDUCTION) -> list[dict[str, Any]]:
+    """Per criterion of an adaptive sweep (in order of appearance): its setting with the largest loop
+    reduction whose val loss is within max_loss_increase of full fixed depth (the sweep's first row),
+    and whether that reduction reaches target_reduction. A criterion with no such setting gets a
+    row without one, and misses the goal."""
+    if not sweep or sweep[0]["criterion"] != FIXED or sweep[0]["loop_reduction"] != 1:
+        raise ValueError("an adaptive sweep starts with its full fixed-depth row (criterion "
+                         f"{FIXED!r}, loop_reduction 1); got {sweep[0] if sweep else 'no rows'}")
+    full = sweep[0]
+    rows = []
+    for criterion in dict.fromkeys(r["criterion"] for r in sweep):
+        within = [r for r in sweep
+                  if r["criterion"] == criterion and r["val_loss"] <= full["val_loss"] * (1 + max_loss_increase)]
+        best = min(within, key=lambda r: r["loops_per_token"], default=None)
+        keys = ("threshold", "loops_per_token", "loop_reduction", "loss_vs_fixed_pct", "speedup")
+        rows.append(dict(criterion=criterion, **{k: best[k] if best else None for k in keys},
+                         goal_met=best is not None
+                         and full["loops_per_token"] >= target_reduction * best["loops_per_token"]))
+    return rows
+
+
+@torch.no_grad()
+def generation_speed(model: LoopGPT, task, settings: Sequence[tuple[str, float]], seed: int = 0
+                     ) -> list[dict[str, Any]]:
+    """Cached generation (`generate_cached`) of NEW_TOKENS tokens after a PROMPT_TOKENS-token val prompt,
+    at each batch of GENERATION_BATCHES: fixed depth, then each (criterion, threshold) of settings.
+    tokens_per_s counts generated tokens over the median wall time of TIMING_REPEATS runs."""
+    model.eval()
+    device = model.lm_head.weight.device
+    models = [(FIXED, None, model)] + [(c, t, with_halting(model, c, t)) for c, t in settings]
+    rows = []
+    for batch in GENERATION_BATCHES:
+        generator = torch.Generator().manual_seed(seed)
+        prompt = task.get_batch("val", batch, generator, device)[0][:, :PROMPT_TOKENS]
+        for criterion, threshold, m in models:
+            generate = functools.partial(generate_cached, m, prompt, NEW_TOKENS, temperature=0.8,
+                                         halt=criterion != FIXED)
+            seconds = _median_seconds(generate, seed)
+            torch.manual_seed(seed)
+            _, stats = generate()
+            rows.append(dict(batch=batch, criterion=criterion, threshold=threshold,
+                             loops_per_token=round(stats.loops_per_token, 3),
+                             tokens_per_s=round(batch * NEW_TOKENS / seconds, 1)))
+        fixed = rows[-len(models)]
+        for row in rows[-len(models):]:
+            row["speedup"] = round(row["tokens_per_s"] / fixed["tokens_per_s"], 2)
+    return rows
+
+
+def adaptive_inference(model: LoopGPT, task, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """The adaptive experiment's measurements: the sweep, the goal per criterion, and generation speed
+    under each criterion's setting that the goal table picked."""
+    sweep = adaptive_sweep(model, task, seed)
+    goal = goal_table(sweep)
+    settings = [(r["criterion"], r["threshold"]) for r in goal
+                if r["criterion"] != FIXED and r["threshold"] is not None]
+    return dict(adaptive_sweep=sweep, adaptive_goal=goal, generation=generation_speed(model, task, settings, seed))
+
+
 def run_experiment(name: str, out: Path, max_iters: Optional[int] = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train every run of experiment `name`; write its files under out/<name>; return its summary."""
@@ -108,9 +254,8 @@ def run_experiment(name: str, out: Path, max_iters: Optional[int] = None,
         raise ValueError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
     results, traces = [], {}
     for run in EXPERIMENTS[name]:
-        slug = "".join(c if c.isalnum() else "_" for c in run.name.lower()).strip("_")
         values = {**read_config_file(CONFIGS / run.config), **run.overrides,
-                  "out_dir": f"out/experiments/{name}/{slug}", "progress": False, "report": False}
+                  "out_dir": run_dir(name, run.name), "progress": False, "report": False}
         if max_iters is not None:
             values.update(max_iters=max_iters, lr_decay_iters=max_iters,
                           eval_interval=min(values.get("eval_interval", 250), max_iters))
@@ -128,6 +273,9 @@ def run_experiment(name: str, out: Path, max_iters: Optional[int] = None,
         trace = dict(history=result.history, per_loop=stats["per_loop"])
         if name == "halting":
             trace["halting"] = halting_sweep(result.model, result.task, cfg.seed)
+        if name == "adaptive" and run is EXPERIMENTS[name][-1]:  # the last run's weights hold every criterion
+            log(f"[{name}] {run.name}: halting sweep and generation speed")
+            trace.update(adaptive_inference(result.model, result.task, cfg.seed))
         results.append(row)
         traces[run.name] = trace
     directory = out / name
@@ -143,7 +291,26 @@ def run_experiment(name: str, out: Path, max_iters: Optional[int] = None,
                                                device="cuda" if torch.cuda.is_available() else "cpu"))
     if name == "halting":
         summary["halting"] = traces[EXPERIMENTS[name][0].name]["halting"]
+    if name == "adaptive":
+        summary.update({key: traces[EXPERIMENTS[name][-1].name][key] for key in ADAPTIVE_TABLES})
     return summary
+
+
+# summary key -> caption of its table, for the experiments that measure more than their runs
+ADAPTIVE_TABLES = {
+    "adaptive_sweep": f"Fixed depth and halting on the same weights (compacted loop, {EVAL_BATCHES} val batches "
+                      "of 12 sequences): loss_vs_fixed_pct and loop_reduction against the full fixed depth; "
+                      "forward_ms the median forward wall time per batch, one thread; speedup: full fixed "
+                      "depth's forward_ms over it.",
+    "adaptive_goal": f"The goal, per criterion: the largest loop_reduction with val loss within "
+                     f"{100 * MAX_LOSS_INCREASE:g}% of the full fixed depth; goal_met when it is "
+                     f">= {TARGET_REDUCTION:g}x.",
+    "generation": f"Cached generation (generate_cached, fill latest, temperature 0.8) of {NEW_TOKENS} tokens after a "
+                  f"{PROMPT_TOKENS}-token prompt, each criterion at its goal-table threshold: generated tokens per "
+                  "second (median of 3, one thread) and loops per generated token.",
+}
+TABLES = {"halting": ("Halting on the same weights (val loss, mean loops per token):", ".4f"),
+          **{key: (caption, "g") for key, caption in ADAPTIVE_TABLES.items()}}
 
 
 def markdown(summary: dict[str, dict[str, Any]]) -> str:
@@ -153,9 +320,10 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
              "with other work, so they are noisy; compare them within one table only.", ""]
     for name, result in summary.items():
         parts += [f"## {name}", "", tabulate(result["runs"], headers="keys", tablefmt="github"), ""]
-        if "halting" in result:
-            parts += ["Halting on the same weights (val loss, mean loops per token):", "",
-                      tabulate(result["halting"], headers="keys", tablefmt="github", floatfmt=".4f"), ""]
+        for key, (caption, floatfmt) in TABLES.items():
+            if key in result:
+                table = tabulate(result[key], headers="keys", tablefmt="github", floatfmt=floatfmt)
+                parts += [caption, "", table, ""]
     return "\n".join(parts)
 
 
