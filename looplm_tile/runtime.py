@@ -20,8 +20,9 @@ from cuda.tile.compilation import (ArrayConstraint, CallingConvention, ConstantC
 
 from looplm_tile import emulator
 from looplm_tile.emulator import tile_dtype
+from tuning.gpus import COMPILE_TARGETS
 
-ARCHES = ("sm_80", "sm_90", "sm_100", "sm_120")  # A100, H100/H200, B200, RTX 50xx
+ARCHES = COMPILE_TARGETS
 HINTS = ("occupancy", "num_ctas")  # config knobs that are compiler hints rather than kernel arguments
 
 

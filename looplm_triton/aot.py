@@ -20,9 +20,10 @@ import tempfile
 import threading
 from typing import Any, Mapping
 
+from tuning.gpus import COMPILE_TARGETS
 from tuning.spec import Config
 
-ARCHS = ("sm_80", "sm_90", "sm_100", "sm_120")
+ARCHS = COMPILE_TARGETS
 LAUNCH_KNOBS = ("num_warps", "num_stages")  # configuration keys that are launch options, not constexprs
 _WORKERS = threading.local()
 

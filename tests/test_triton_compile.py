@@ -20,24 +20,21 @@ pytest.importorskip("triton")
 from looplm_triton import KERNEL_MODULES  # noqa: E402
 from looplm_triton import linear as linear_module  # noqa: E402
 from looplm_triton.aot import ARCHS  # noqa: E402
+from tuning.buckets import MODEL_SHAPES, shape_keys  # noqa: E402
+from tuning.gpus import ARCHS as ARCH_LIMITS  # noqa: E402
 
 EXHAUSTIVE = os.environ.get("LOOPLM_TIER0_EXHAUSTIVE") == "1"
-# Largest dynamic shared memory one block may use (bytes).
-SHARED_MEMORY_LIMIT = {"sm_80": 166912, "sm_90": 232448, "sm_100": 232448, "sm_120": 101376}
 
 
 def _shipped_shapes() -> dict[str, list[tuple]]:
-    """Each kernel's shape keys for the shipped models: the GPU model (batch 16, context 256, 384 wide,
-    6 heads, vocabularies 65 and 50304) and the CPU one (batch 12, context 64, 128 wide, 4 heads)."""
+    """Each kernel's shape keys in the forward passes of the shipped models (tuning.buckets): the GPU
+    model (batch 16, context 256, 384 wide, 6 heads, vocabularies 65 and 50304) and the CPU one."""
     shapes: dict[str, list[tuple]] = {}
-    for B, T, C, H, vocabs in ((16, 256, 384, 6, (65, 50304)), (12, 64, 128, 4, (65,))):
-        M = B * T
-        shapes.setdefault("layer_norm", []).append((M, C))
-        shapes.setdefault("linear", []).extend([(M, C, C), (M, C, 4 * C)] + [(M, V, C) for V in vocabs])
-        shapes.setdefault("layer_norm_linear", []).append((M, C))
-        shapes.setdefault("attention", []).append((B, H, T, T, C // H))
-        shapes.setdefault("softmax_entropy", []).extend([(M, V) for V in vocabs])
-        shapes.setdefault("halt_update", []).append((M, C))
+    for module in KERNEL_MODULES:
+        op, tuning = module.rsplit(".", 1)[1], importlib.import_module(module).TUNING
+        keys = shapes.setdefault(tuning.kernel, [])
+        for model in MODEL_SHAPES.values():
+            keys += [k for k in shape_keys(op, tuning.shape_key, model, torch.bfloat16) if k not in keys]
     return shapes
 
 
@@ -67,7 +64,7 @@ def test_hierarchical_parity_tier0_default_configs_compile(dtype, archs):
              for arch in archs]
     for (_, shape, _, config, arch), resources in zip(jobs, _compile_all(jobs)):
         assert resources["registers"] > 0, (shape, arch)
-        assert 0 <= resources["shared_mem"] <= SHARED_MEMORY_LIMIT[arch], (shape, config, arch, resources)
+        assert 0 <= resources["shared_mem"] <= ARCH_LIMITS[arch].shared_mem_per_block, (shape, config, arch, resources)
 
 
 def _compile_linear_with_residual(shape, dtype, config, arch) -> dict:

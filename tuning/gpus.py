@@ -20,6 +20,9 @@ class ArchLimits:
     registers_per_thread: int = 255
 
 
+# The architectures every kernel is compiled for ahead of time (tier 0): A100, H100/H200, B200, RTX 50xx.
+COMPILE_TARGETS = ("sm_80", "sm_90", "sm_100", "sm_120")
+
 # CUDA C Programming Guide, "Technical Specifications per Compute Capability".
 ARCHS: dict[str, ArchLimits] = {a.arch: a for a in (
     ArchLimits("sm_80", (8, 0), 163 * 1024),
