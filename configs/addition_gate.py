@@ -5,6 +5,8 @@ init_from = "out/addition_loop/best"
 task = "addition"
 train_digits = (1, 4)
 test_digits = tuple(range(1, 13))
+zero_pad = True  # the data of addition_loop.py
+random_offset = False
 n_train = 100_000
 
 gate_only = True

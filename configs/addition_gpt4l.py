@@ -3,6 +3,8 @@ out_dir = "out/addition_gpt4l"
 task = "addition"
 train_digits = (1, 4)
 test_digits = tuple(range(1, 13))
+zero_pad = True  # the data of addition_loop.py
+random_offset = False
 n_train = 100_000
 
 eval_interval = 250

@@ -1,19 +1,27 @@
-# LoopLM 1L x 8 on addition: train on 1-4 digit operands (digits reversed), test on up to 12.
-# A loop curriculum (2 -> 8 loops), every loop supervised, entropy halting at evaluation with a loop
-# budget above the training depth. `python -m looplm.eval_addition out/addition_loop/best --digits 1-20`
+# LoopLM 1L x 8 on addition: train on 1-4 digit operands (digits reversed, zero-padded to 4), test on
+# up to 12. A loop curriculum (2 -> 8 loops), every loop supervised, entropy halting at evaluation
+# with a loop budget above the training depth. About 10 minutes on one CPU thread:
+#   python -m looplm.train configs/addition_loop.py --threads=1
+#   python -m looplm.eval_addition out/addition_loop/best --digits 1-12 --max-loops 16
 out_dir = "out/addition_loop"
 task = "addition"
 train_digits = (1, 4)
 test_digits = tuple(range(1, 13))
 reverse_digits = True
+# Fixed-width operands put each place value at a fixed position; with variable widths the digits to
+# add must be found by content, and this model had not begun to after 15 minutes.
+zero_pad = True
 swap_augment = True
-random_offset = True
+# Problems start at position 0, as at evaluation: with learned absolute positions, random offsets
+# turn the task into a translation-invariant one that this model does not learn in minutes.
+random_offset = False
 n_train = 100_000
 
 eval_interval = 250
 eval_iters = 20
 batch_size = 64
-max_iters = 4000
+max_iters = 3000
+max_seconds = 600.0
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 100

@@ -52,7 +52,7 @@ def evaluate_digits(model: LoopGPT, task: AdditionTask, n_digits: int, max_loops
         texts = [task.format(a, b) for a, b in chunk]
         prompts = torch.tensor([encode(prompt) for prompt, _ in texts], device=device)  # one length per digit count
         seq = prompts
-        for _ in range(n_digits + 2):  # at most n+1 answer digits and ';'
+        for _ in range(max(len(answer) for _, answer in texts)):
             logits, _ = model(seq, n_loops=max_loops)
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         answers = [task.decode(row) for row in seq[:, prompts.size(1):].tolist()]
@@ -89,6 +89,7 @@ def task_from_checkpoint(path: Union[str, Path], test_digits: Optional[Sequence[
     block_size = doc["looplm_config"]["block_size"]
     return AdditionTask(train_digits=tuple(meta["train_digits"]),
                         test_digits=tuple(test_digits or meta["test_digits"]), reverse=meta["reverse_digits"],
+                        zero_pad=meta.get("zero_pad", False),  # checkpoints older than the option
                         swap_augment=meta["swap_augment"], random_offset=meta["random_offset"],
                         n_train=meta["n_train"], n_test=meta["n_test"], block_size=block_size, seed=meta["seed"])
 

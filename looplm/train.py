@@ -91,6 +91,7 @@ class TrainConfig:
     train_digits: tuple = (1, 4)
     test_digits: tuple = tuple(range(1, 13))
     reverse_digits: bool = True
+    zero_pad: bool = False
     swap_augment: bool = True
     random_offset: bool = True
     n_train: int = 100_000
@@ -214,13 +215,13 @@ def make_task(cfg: TrainConfig, block_size: int) -> Union[ShakespeareTask, Addit
     if cfg.task == "shakespeare":
         return ShakespeareTask(cfg.data_dir, block_size)
     return AdditionTask(train_digits=cfg.train_digits, test_digits=cfg.test_digits, reverse=cfg.reverse_digits,
-                        swap_augment=cfg.swap_augment, random_offset=cfg.random_offset, n_train=cfg.n_train,
-                        n_test=cfg.n_test, block_size=block_size, seed=cfg.seed)
+                        zero_pad=cfg.zero_pad, swap_augment=cfg.swap_augment, random_offset=cfg.random_offset,
+                        n_train=cfg.n_train, n_test=cfg.n_test, block_size=block_size, seed=cfg.seed)
 
 
 def task_metadata(cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint records of its task, so evaluation rebuilds the same data."""
-    keys = ("task",) + (("train_digits", "test_digits", "reverse_digits", "swap_augment", "random_offset",
+    keys = ("task",) + (("train_digits", "test_digits", "reverse_digits", "zero_pad", "swap_augment", "random_offset",
                          "n_train", "n_test", "seed") if cfg.task == "addition" else ("data_dir",))
     return {k: getattr(cfg, k) for k in keys}
 

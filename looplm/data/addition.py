@@ -9,10 +9,17 @@ test set from its own stream; training draws that hit a test problem of the trai
 (in either operand order) are redrawn, so no test problem is ever trained on, and `check_disjoint`
 asserts it.
 
-Each problem is one row of `block_size` tokens, padded with `_`. The loss is on the answer only:
-targets are -1 except where the next token is an answer digit or the closing `;`. With
-`random_offset`, training rows start at a random position, so every position embedding up to
-`block_size` is trained, not only the first few.
+With `zero_pad`, operands are written with leading zeros to one width (at least the longest
+training operand; `007+120=` read plain) and the answer one digit wider, so a digit's place value
+is its distance from the start of its number, the same in every problem of that width: a model with
+absolute positions then finds the digits to add at fixed offsets. Without it the operand lengths
+vary and the digits to add must be found by content, which a small model learns far more slowly.
+
+Each problem is one row of `block_size` tokens, padded with `_`; a batch is cut to its longest row.
+The loss is on the answer only: targets are -1 except where the next token is an answer digit or
+the closing `;`. With `random_offset`, training rows start at a random position, so every position
+embedding up to `block_size` is trained, not only the first few; with learned absolute positions
+this makes the task translation invariant, which is much slower to learn.
 """
 from __future__ import annotations
 
@@ -60,6 +67,7 @@ class AdditionTask:
     train_digits: tuple[int, int] = (1, 4)  # inclusive range of operand lengths in training
     test_digits: tuple[int, ...] = tuple(range(1, 13))  # one test set per digit count
     reverse: bool = True
+    zero_pad: bool = False  # operands padded to one width, at least the longest training operand
     swap_augment: bool = True  # train on b+a as well as a+b
     random_offset: bool = True
     n_train: int = 100_000
@@ -89,10 +97,15 @@ class AdditionTask:
     # ---- problems
 
     def format(self, a: int, b: int) -> tuple[str, str]:
-        """(prompt 'a+b=', answer 'c;') in this task's digit order."""
-        def digits(n: int) -> str:
-            return str(n)[::-1] if self.reverse else str(n)
-        return f"{digits(a)}+{digits(b)}=", f"{digits(a + b)};"
+        """(prompt 'a+b=', answer 'c;') in this task's digit order; with zero_pad, both operands are
+        written `width` digits wide and the answer width + 1 (`width`: the longest training operand,
+        or more for longer operands)."""
+        width = max(self.train_digits[1], len(str(a)), len(str(b))) if self.zero_pad else 0
+
+        def digits(n: int, pad: int) -> str:
+            text = str(n).zfill(pad)
+            return text[::-1] if self.reverse else text
+        return f"{digits(a, width)}+{digits(b, width)}=", f"{digits(a + b, width + 1 if width else 0)};"
 
     def encode(self, text: str) -> list[int]:
         return encode(text)
@@ -183,7 +196,10 @@ class AdditionTask:
             offset = (torch.rand(batch_size, generator=generator) * (self.block_size - used + 1)).long()
             cols = (torch.arange(self.block_size) - offset[:, None]) % self.block_size
             x, y = x.gather(1, cols), y.gather(1, cols)
-        return x.to(device), y.to(device)
+        # Columns past the last token of every row are padding with no loss, and the model is causal,
+        # so cutting them changes nothing but the cost: rows of short problems in a 64-wide block.
+        width = int((x != PAD).any(dim=0).nonzero().max()) + 1
+        return x[:, :width].to(device), y[:, :width].to(device)
 
 
 def _draw(rng: random.Random, n_digits: int) -> int:
