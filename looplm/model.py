@@ -352,7 +352,7 @@ class LoopGPT(nn.Module):
         if idx.device != device:
             raise ValueError(f"idx is on {idx.device} but the model is on {device}; move one of them")
         self.backend.check_device(device)
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = (int(v) for v in torch.aminmax(idx))  # one reduction, one sync
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
         if targets is not None:
