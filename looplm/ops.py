@@ -98,6 +98,15 @@ def signature_mismatch(name: str, fn) -> Optional[str]:
     return None
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernel backends compute in
+
+
+def check_kernel_dtype(op: str, name: str, t: Tensor) -> None:
+    """Refuse a tensor whose dtype no kernel backend computes in, naming the allowed ones."""
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: {name} must be one of {KERNEL_DTYPES}, got {t.dtype}")
+
+
 def check_tensors(op: str, **tensors: Optional[Tensor]) -> None:
     """Refuse tensors on different devices, or floating tensors of different dtypes, naming them."""
     given = {name: t for name, t in tensors.items() if t is not None}

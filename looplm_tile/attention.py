@@ -27,6 +27,7 @@ from torch import Tensor
 import cuda.tile as ct
 
 import tuning
+from looplm.ops import check_kernel_dtype
 from looplm_tile import runtime
 from tuning.spec import KernelTuning
 
@@ -96,7 +97,7 @@ def _head_dim_contiguous(t: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
-    runtime.check_dtype("attention", q.dtype)
+    check_kernel_dtype("attention", "q", q)
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"attention: q (B, H, Tq, D) and k, v (B, H, Tk, D) must agree, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")

@@ -16,6 +16,7 @@ from torch import Tensor
 import cuda.tile as ct
 
 import tuning
+from looplm.ops import check_kernel_dtype
 from looplm_tile import runtime
 from tuning.spec import KernelTuning
 
@@ -55,7 +56,7 @@ def _launch(h, h_new, active, steps, score, threshold, h_out, active_out, steps_
 
 def halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tensor, threshold: Tensor,
                 step: int, min_loops: int, max_loops: int) -> tuple[Tensor, Tensor, Tensor]:
-    runtime.check_dtype("halt_update", h.dtype)
+    check_kernel_dtype("halt_update", "h", h)
     n_tokens = h.shape[0]
     if h.dim() != 2 or h_new.shape != h.shape or h_new.dtype != h.dtype:
         raise ValueError(f"halt_update: h and h_new must be (N, C) of one dtype, got {tuple(h.shape)} {h.dtype} and "

@@ -16,6 +16,7 @@ from torch import Tensor
 import cuda.tile as ct
 
 import tuning
+from looplm.ops import check_kernel_dtype
 from looplm_tile import runtime
 from tuning.spec import KernelTuning
 
@@ -47,7 +48,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, eps: f
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
-    runtime.check_dtype("layer_norm", x.dtype)
+    check_kernel_dtype("layer_norm", "x", x)
     n_cols = x.shape[-1]
     if weight.shape != (n_cols,) or (bias is not None and bias.shape != (n_cols,)):
         raise ValueError(f"layer_norm: weight and bias must have shape ({n_cols},), got {tuple(weight.shape)} and "

@@ -24,7 +24,7 @@ from torch import Tensor
 import cuda.tile as ct
 
 import tuning
-from looplm.ops import ACTIVATIONS
+from looplm.ops import ACTIVATIONS, check_kernel_dtype
 from looplm_tile import runtime
 from tuning.spec import KernelTuning
 
@@ -84,7 +84,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
            residual: Optional[Tensor] = None) -> Tensor:
     if activation not in ACTIVATIONS:
         raise ValueError(f"linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    runtime.check_dtype("linear", x.dtype)
+    check_kernel_dtype("linear", "x", x)
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"linear: x has {x.shape[-1]} features but weight is {tuple(weight.shape)} (out, in)")

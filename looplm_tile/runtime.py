@@ -122,10 +122,3 @@ def resource_usage(cubin: bytes) -> dict:
     usage.update({names[k]: int(v) for k, v in fields.items()})
     return usage
 
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_dtype(op: str, dtype: torch.dtype) -> None:
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{op}: dtype {dtype} is not supported; use one of {SUPPORTED_DTYPES}")

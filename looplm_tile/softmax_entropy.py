@@ -23,6 +23,7 @@ from torch import Tensor
 import cuda.tile as ct
 
 import tuning
+from looplm.ops import check_kernel_dtype
 from looplm_tile import runtime
 from tuning.spec import KernelTuning
 
@@ -65,7 +66,7 @@ def _launch(logits: Tensor, entropy: Tensor, max_prob: Tensor, config: dict) -> 
 
 
 def softmax_entropy(logits: Tensor) -> tuple[Tensor, Tensor]:
-    runtime.check_dtype("softmax_entropy", logits.dtype)
+    check_kernel_dtype("softmax_entropy", "logits", logits)
     vocab = logits.shape[-1]
     if vocab == 0:
         raise ValueError(f"softmax_entropy: logits have an empty vocabulary, shape {tuple(logits.shape)}")

@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from looplm.ops import check_tensors
+from looplm.ops import check_kernel_dtype, check_tensors
 from looplm_triton.aot import compile_for
-from looplm_triton.common import INTERPRETED, check_float, launch_config, pointer, split_config
+from looplm_triton.common import INTERPRETED, launch_config, pointer, split_config
 from tuning.spec import Config, KernelTuning
 
 LOG2E = 1.4426950408889634
@@ -110,7 +110,7 @@ def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, s
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
     check_tensors("attention", q=q, k=k, v=v)
-    check_float("attention", "q", q)
+    check_kernel_dtype("attention", "q", q)
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"attention: q must be (B, H, Tq, D) and k, v (B, H, Tk, D), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")

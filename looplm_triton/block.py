@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from looplm.ops import BlockWeights, check_tensors
+from looplm.ops import BlockWeights, check_kernel_dtype, check_tensors
 from looplm_triton.attention import attention_into
-from looplm_triton.common import check_float
 from looplm_triton.linear import LAYER_NORM_LINEAR_TUNING, layer_norm_linear, linear
 
 
@@ -31,7 +30,7 @@ def _residual_branch(x: Tensor, weight: Tensor, bias, residual: Tensor, dropout_
 
 
 def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0) -> Tensor:
-    check_float("block", "x", x)
+    check_kernel_dtype("block", "x", x)
     check_tensors("block", x=x, **weights._asdict())
     if x.dim() != 3 or x.shape[2] % n_head:
         raise ValueError(f"block: x must be (B, T, C) with C divisible by n_head={n_head}, got {tuple(x.shape)}")

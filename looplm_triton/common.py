@@ -18,7 +18,6 @@ from tuning.spec import Config
 
 BACKEND = "triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
                  torch.uint8: "u8", torch.int64: "i64"}
@@ -27,11 +26,6 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 def pointer(dtype: torch.dtype) -> str:
     """Triton's signature type of a pointer to `dtype` elements, e.g. '*bf16'."""
     return "*" + _TRITON_TYPES[dtype]
-
-
-def check_float(op: str, name: str, t: torch.Tensor) -> None:
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be one of {FLOAT_DTYPES}, got {t.dtype}")
 
 
 def launch_config(kernel: str, dtype: torch.dtype, shape: tuple, default: Config, interpreted: Config) -> Config:

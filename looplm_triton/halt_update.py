@@ -13,9 +13,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from looplm.ops import check_tensors
+from looplm.ops import check_kernel_dtype, check_tensors
 from looplm_triton.aot import compile_for
-from looplm_triton.common import check_float, launch_config, pointer, split_config
+from looplm_triton.common import launch_config, pointer, split_config
 from tuning.spec import Config, KernelTuning
 
 
@@ -74,7 +74,7 @@ def _launch(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tens
 def halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tensor, threshold: Tensor,
                 step: int, min_loops: int, max_loops: int) -> tuple[Tensor, Tensor, Tensor]:
     check_tensors("halt_update", h=h, h_new=h_new, active=active, steps=steps, score=score, threshold=threshold)
-    check_float("halt_update", "h", h)
+    check_kernel_dtype("halt_update", "h", h)
     if h.dim() != 2 or h_new.shape != h.shape:
         raise ValueError(f"halt_update: h and h_new must both be (N, C), got {tuple(h.shape)} and "
                          f"{tuple(h_new.shape)}")

@@ -13,9 +13,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from looplm.ops import check_tensors
+from looplm.ops import check_kernel_dtype, check_tensors
 from looplm_triton.aot import compile_for
-from looplm_triton.common import check_float, launch_config, pointer, split_config
+from looplm_triton.common import launch_config, pointer, split_config
 from tuning.spec import Config, KernelTuning
 
 MAX_C = 16384  # rows are held whole in registers
@@ -61,7 +61,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, confi
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     check_tensors("layer_norm", x=x, weight=weight, bias=bias)
-    check_float("layer_norm", "x", x)
+    check_kernel_dtype("layer_norm", "x", x)
     C = x.shape[-1]
     if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
         raise ValueError(f"layer_norm: weight and bias must have shape ({C},), got {tuple(weight.shape)} and "

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from looplm.ops import ACTIVATIONS, check_tensors
+from looplm.ops import ACTIVATIONS, check_kernel_dtype, check_tensors
 from looplm_triton.aot import compile_for
-from looplm_triton.common import INTERPRETED, check_float, launch_config, pointer, split_config
+from looplm_triton.common import INTERPRETED, launch_config, pointer, split_config
 from tuning.spec import Config, KernelTuning
 
 
@@ -143,7 +143,7 @@ def _check(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], activatio
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     check_tensors(op, x=x, weight=weight, bias=bias, residual=residual)
-    check_float(op, "x", x)
+    check_kernel_dtype(op, "x", x)
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"{op}: weight must be (N, {x.shape[-1]}) for x {tuple(x.shape)}, got {tuple(weight.shape)}")
     N = weight.shape[0]

@@ -18,8 +18,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from looplm.ops import check_kernel_dtype
 from looplm_triton.aot import compile_for
-from looplm_triton.common import check_float, launch_config, pointer, split_config
+from looplm_triton.common import launch_config, pointer, split_config
 from tuning.spec import Config, KernelTuning
 
 
@@ -77,7 +78,7 @@ def _launch(logits: Tensor, config: Config) -> tuple[Tensor, Tensor]:
 
 
 def softmax_entropy(logits: Tensor) -> tuple[Tensor, Tensor]:
-    check_float("softmax_entropy", "logits", logits)
+    check_kernel_dtype("softmax_entropy", "logits", logits)
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"softmax_entropy: logits must be (..., V) with V >= 1, got {tuple(logits.shape)}")
     config = launch_config("softmax_entropy", logits.dtype, _shape_key(logits), DEFAULT, INTERPRETER_CONFIG)
