@@ -4,9 +4,13 @@ A backend is registered with two callables: `probe()`, cheap and import-free, sa
 run here and how (native on a GPU, interpreted or emulated on the CPU) or why not; `load()` imports
 its kernels and returns a `Backend`. `get_backend(name)` probes, loads once and caches.
 
+Two backends need no GPU: "torch" (`looplm.torch_ops`, PyTorch's own fast ops; the default) and
+"reference" (`reference/`, the fp32 oracle every other backend is checked against).
+
 Hybrid autograd is decided here and nowhere else: `Backend.op(name)` hands out the kernel unless
 gradients are being recorded and the backend has no backward for that op, in which case it hands
-out the reference op, so training differentiates every loop whatever the backend.
+out the "torch" backend's op, so training differentiates every loop at PyTorch's speed whatever
+the backend.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ class Backend:
 
     def op(self, name: str) -> Callable:
         if torch.is_grad_enabled() and name not in self.differentiable:
-            return _reference_ops()[name]
+            return _torch_ops()[name]
         return self.ops[name]
 
     def check_device(self, device: torch.device) -> None:
@@ -112,8 +116,17 @@ def _reference_ops() -> Mapping[str, Callable]:
     return OPS
 
 
+def _torch_ops() -> Mapping[str, Callable]:
+    from looplm.torch_ops import OPS
+    return OPS
+
+
 def _load_reference() -> Backend:
-    return Backend("torch", _reference_ops(), mode="native", device_type=None, differentiable=frozenset(OP_NAMES))
+    return Backend("reference", _reference_ops(), mode="native", device_type=None, differentiable=frozenset(OP_NAMES))
+
+
+def _load_torch() -> Backend:
+    return Backend("torch", _torch_ops(), mode="native", device_type=None, differentiable=frozenset(OP_NAMES))
 
 
 def _from_module(module: str, attr: str) -> Callable:
@@ -135,7 +148,8 @@ def cuda_problem(min_capability: tuple[int, int] = (8, 0)) -> Optional[str]:
     return None
 
 
-register_backend("torch", probe=lambda: Availability(True, "native", "PyTorch reference"), load=_load_reference)
+register_backend("torch", probe=lambda: Availability(True, "native", "PyTorch ops"), load=_load_torch)
+register_backend("reference", probe=lambda: Availability(True, "native", "fp32 oracle"), load=_load_reference)
 register_backend("triton", probe=_from_module("looplm_triton", "probe"), load=_from_module("looplm_triton", "load"))
 register_backend("tile", probe=_from_module("looplm_tile", "probe"), load=_from_module("looplm_tile", "load"))
 

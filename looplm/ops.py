@@ -51,6 +51,14 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
     raise NotImplementedError
 
 
+def layer_norm_linear(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], weight: Tensor,
+                      bias: Optional[Tensor] = None, activation: str = "none", eps: float = 1e-5) -> Tensor:
+    """act(layer_norm(x) @ weight.T + bias) for x (..., K): the block's LN1 + QKV and LN2 + fc, one op so
+    that a backend can fuse the normalisation into the matmul and every caller (the block, the
+    loop engine's per-row path) gets the fused kernel."""
+    raise NotImplementedError
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
     """softmax(q k^T * scale) v for q (B, H, Tq, D), k and v (B, H, Tk, D); scale defaults to D**-0.5.
     Causal masking is aligned bottom-right: query i sits at position Tk - Tq + i, so a cached decode
@@ -84,7 +92,7 @@ def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0)
 
 SIGNATURES: dict[str, inspect.Signature] = {
     fn.__name__: inspect.signature(fn)
-    for fn in (layer_norm, linear, attention, softmax_entropy, halt_update, block)
+    for fn in (layer_norm, linear, layer_norm_linear, attention, softmax_entropy, halt_update, block)
 }
 OP_NAMES: tuple[str, ...] = tuple(SIGNATURES)
 

@@ -30,10 +30,10 @@ def load() -> Backend:
     from looplm_tile.block import block
     from looplm_tile.halt_update import halt_update
     from looplm_tile.layer_norm import layer_norm
-    from looplm_tile.linear import linear
+    from looplm_tile.linear import layer_norm_linear, linear
     from looplm_tile.softmax_entropy import softmax_entropy
 
-    ops = {"layer_norm": layer_norm, "linear": linear, "attention": attention, "softmax_entropy": softmax_entropy,
+    ops = {"layer_norm": layer_norm, "linear": linear, "layer_norm_linear": layer_norm_linear, "attention": attention, "softmax_entropy": softmax_entropy,
            "halt_update": halt_update, "block": block}
     native = probe().mode == "native"
     return Backend("tile", ops, mode="native" if native else "emulated", device_type="cuda" if native else "cpu")

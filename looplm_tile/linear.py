@@ -26,6 +26,7 @@ import cuda.tile as ct
 import tuning
 from looplm.ops import ACTIVATIONS, check_kernel_dtype
 from looplm_tile import runtime
+from looplm_tile.layer_norm import layer_norm
 from tuning.spec import KernelTuning
 
 ERF_P = 0.3275911
@@ -98,6 +99,13 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
         _launch(rows, weight.to(x.dtype).contiguous(), None if bias is None else bias.contiguous(),
                 None if residual is None else residual.reshape(-1, n).contiguous(), y, activation == "gelu", config)
     return y.view(out_shape)
+
+
+def layer_norm_linear(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], weight: Tensor,
+                      bias: Optional[Tensor] = None, activation: str = "none", eps: float = 1e-5) -> Tensor:
+    """act(layer_norm(x) @ weight.T + bias) as two launches: the row statistics are computed once per
+    row by the layer-norm kernel, not once per output tile."""
+    return linear(layer_norm(x, norm_weight, norm_bias, eps), weight, bias, activation)
 
 
 # ---- tuning: shape key (M, N, K); the tuned variant has a bias and no activation or residual

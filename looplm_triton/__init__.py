@@ -30,10 +30,10 @@ def load() -> Backend:
     from looplm_triton.block import block
     from looplm_triton.halt_update import halt_update
     from looplm_triton.layer_norm import layer_norm
-    from looplm_triton.linear import linear
+    from looplm_triton.linear import layer_norm_linear, linear
     from looplm_triton.softmax_entropy import softmax_entropy
 
-    ops = dict(layer_norm=layer_norm, linear=linear, attention=attention, softmax_entropy=softmax_entropy,
+    ops = dict(layer_norm=layer_norm, linear=linear, layer_norm_linear=layer_norm_linear, attention=attention, softmax_entropy=softmax_entropy,
                halt_update=halt_update, block=block)
     mode = probe().mode
     return Backend(name="triton", ops=ops, mode=mode, device_type="cuda" if mode == "native" else "cpu",

@@ -1,4 +1,4 @@
-"""The oracle: plain PyTorch ops, fp32 inside, obviously correct. Registered as backend "torch".
+"""The oracle: plain PyTorch ops, fp32 inside, obviously correct. Registered as backend "reference".
 
 Each op upcasts to float32, computes the textbook formula and casts back to the input dtype, so
 the kernel backends are compared with one fixed numerical meaning.
@@ -7,12 +7,14 @@ from reference.attention import attention
 from reference.block import block
 from reference.halt_update import halt_update
 from reference.layer_norm import layer_norm
+from reference.layer_norm_linear import layer_norm_linear
 from reference.linear import linear
 from reference.softmax_entropy import softmax_entropy
 
 OPS = {
     "layer_norm": layer_norm,
     "linear": linear,
+    "layer_norm_linear": layer_norm_linear,
     "attention": attention,
     "softmax_entropy": softmax_entropy,
     "halt_update": halt_update,

@@ -141,7 +141,7 @@ def test_mixed_dtypes_and_devices_are_refused():
 
 def test_model_with_mixed_dtypes_is_refused():
     from looplm import LoopConfig, LoopGPT
-    model = LoopGPT(LoopConfig(vocab_size=11, block_size=8, n_embd=16, n_head=2, n_loops=2))
+    model = LoopGPT(LoopConfig(vocab_size=11, block_size=8, n_embd=16, n_head=2, n_loops=2), backend="reference")
     model.transformer.core[0].to(torch.bfloat16)
     with pytest.raises(ValueError, match="must share one dtype"):
         model(torch.zeros(1, 4, dtype=torch.long))

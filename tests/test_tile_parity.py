@@ -210,7 +210,7 @@ def _recorded_scores(model: LoopGPT, idx: torch.Tensor) -> torch.Tensor:
         return score
     model.halt_score = spy
     try:
-        model.set_backend("torch").loop(model.embed(idx), idx, model.config.max_loops, True, idx.new_zeros(
+        model.set_backend("reference").loop(model.embed(idx), idx, model.config.max_loops, True, idx.new_zeros(
             idx.shape, dtype=torch.float32) + _NEVER[model.config.halt])
     finally:
         del model.halt_score
@@ -243,12 +243,12 @@ def test_hierarchical_parity_tier2_loop_halting(criterion):
         per_token = torch.full(idx.shape, threshold, device=DEVICE)
         per_token[:, ::3] = _NEVER[criterion]  # every third token runs to max_loops
         results = {}
-        for backend in ("torch", "tile"):
+        for backend in ("reference", "tile"):
             model.set_backend(backend)
             trace = LoopTrace(steps=torch.empty(0))
             state = model.loop(model.embed(idx), idx, model.config.max_loops, True, per_token, trace)
             results[backend] = (state, trace.steps)
-    (state_ref, steps_ref), (state, steps) = results["torch"], results["tile"]
+    (state_ref, steps_ref), (state, steps) = results["reference"], results["tile"]
     assert torch.equal(steps, steps_ref), f"{criterion}: steps differ\n{steps_ref}\n{steps}"
     assert steps_ref.min() >= model.config.min_loops and steps_ref.max() == model.config.max_loops
     assert len(steps_ref.unique()) > 1, f"{criterion}: every token took {steps_ref.flatten()[0]} steps"
@@ -261,7 +261,7 @@ def test_hierarchical_parity_tier3_logits_and_loss():
     model = _tiny_model(n_loops=3)
     idx, targets = torch.randint(0, 65, (2, 2, 16), device=DEVICE)
     with torch.no_grad():
-        logits_ref, loss_ref = model.set_backend("torch")(idx, targets)
+        logits_ref, loss_ref = model.set_backend("reference")(idx, targets)
         logits, loss = model.set_backend("tile")(idx, targets)
     assert_close(logits, logits_ref, composed=True)
     assert_close(loss, loss_ref, composed=True)
@@ -273,7 +273,7 @@ def test_hierarchical_parity_tier3_halting_decisions(criterion):
     idx = torch.randint(0, 65, (3, 10), device=DEVICE)
     with torch.no_grad():
         model.config.halt_threshold = _separating_threshold(model, idx)
-        logits_ref, _, trace_ref = model.set_backend("torch")(idx, return_trace=True)
+        logits_ref, _, trace_ref = model.set_backend("reference")(idx, return_trace=True)
         logits, _, trace = model.set_backend("tile")(idx, return_trace=True)
     assert torch.equal(trace.steps, trace_ref.steps)
     assert trace.loops_run == trace_ref.loops_run
@@ -284,7 +284,7 @@ def test_hierarchical_parity_tier3_greedy_generation():
     model = _tiny_model("entropy", 4.0)
     prompt = torch.randint(0, 65, (2, 5), device=DEVICE)
     with torch.no_grad():
-        expected = model.set_backend("torch").generate(prompt, max_new_tokens=6, temperature=0)
+        expected = model.set_backend("reference").generate(prompt, max_new_tokens=6, temperature=0)
         generated = model.set_backend("tile").generate(prompt, max_new_tokens=6, temperature=0)
     assert torch.equal(generated, expected)
 
@@ -339,7 +339,7 @@ def test_hierarchical_parity_tier3_gpu_model_at_shipped_shapes(dtype, vocab):
     model = LoopGPT(cfg).to("cuda", dtype).eval()
     idx, targets = torch.randint(0, vocab, (2, batch, seq), device="cuda")
     with torch.no_grad():
-        logits_ref, loss_ref = model.set_backend("torch")(idx, targets)
+        logits_ref, loss_ref = model.set_backend("reference")(idx, targets)
         logits, loss = model.set_backend("tile")(idx, targets)
     assert_close(logits, logits_ref, composed=True)
     assert_close(loss, loss_ref, dtype=dtype, composed=True)

@@ -1,4 +1,4 @@
-"""Tiers 1 to 3 for the Triton backend against the reference ("torch") backend.
+"""Tiers 1 to 3 for the Triton backend against the oracle ("reference") backend.
 
 On a CPU machine the kernels run in Triton's interpreter, in fp32, at tiny shapes. On a GPU the
 same tiers run natively in fp32 and bf16 at the shipped model's shapes (the `gpu` tests).
@@ -200,7 +200,7 @@ def _scores_per_loop(model: LoopGPT, x0: torch.Tensor, idx: torch.Tensor, n_loop
 def _threshold_splitting(model: LoopGPT, x0: torch.Tensor, idx: torch.Tensor, loop: int) -> float:
     """A threshold (criterion units) in the widest gap between the reference's scores at `loop`
     among the middle half of the tokens: some tokens halt there, others run on, none is on the edge."""
-    model.set_backend("torch")
+    model.set_backend("reference")
     ranked = _scores_per_loop(model, x0, idx, loop)[-1].flatten().float().sort().values
     n = ranked.numel()
     gaps = ranked[n // 4 + 1:3 * n // 4 + 1] - ranked[n // 4:3 * n // 4]
@@ -219,9 +219,9 @@ def _loop_on(model: LoopGPT, backend: str, x0, idx, n_loops: int, thresholds):
 
 def _check_loop_parity(model: LoopGPT, idx: torch.Tensor, dtype: torch.dtype, min_matching: float = 1.0):
     cfg = model.config
-    x0 = model.set_backend("torch").embed(idx)
+    x0 = model.set_backend("reference").embed(idx)
     thresholds = torch.full(idx.shape, _threshold_splitting(model, x0, idx, loop=2), device=idx.device)
-    h_ref, trace_ref = _loop_on(model, "torch", x0, idx, cfg.max_loops, thresholds)
+    h_ref, trace_ref = _loop_on(model, "reference", x0, idx, cfg.max_loops, thresholds)
     h, trace = _loop_on(model, "triton", x0, idx, cfg.max_loops, thresholds)
     assert trace_ref.steps.unique().numel() > 1, f"halting with {cfg.halt} did not separate the tokens"
     matching = (trace.steps == trace_ref.steps).float().mean().item()
@@ -241,7 +241,7 @@ def test_hierarchical_parity_tier2_loop_halting(criterion):
 def test_hierarchical_parity_tier3_logits_and_loss():
     model = LoopGPT(_tiny_config(inject="norm_add", step_encoding="sinusoidal", update="euler")).to(DEVICE).eval()
     idx, targets = torch.randint(0, 65, (2, 11), device=DEVICE), torch.randint(0, 65, (2, 11), device=DEVICE)
-    logits_ref, loss_ref = model.set_backend("torch")(idx, targets)
+    logits_ref, loss_ref = model.set_backend("reference")(idx, targets)
     logits, loss = model.set_backend("triton")(idx, targets)
     assert_close(logits, logits_ref, composed=True)
     assert_close(loss, loss_ref, composed=True)
@@ -250,14 +250,14 @@ def test_hierarchical_parity_tier3_logits_and_loss():
 def test_hierarchical_parity_tier3_halting_decisions_and_greedy_generation():
     model = _model("entropy", max_loops=4)
     idx = torch.randint(0, 65, (2, 10), device=DEVICE)
-    x0 = model.set_backend("torch").embed(idx)
+    x0 = model.set_backend("reference").embed(idx)
     thresholds = torch.full(idx.shape, _threshold_splitting(model, x0, idx, loop=2), device=DEVICE)
-    _, _, trace_ref = model.set_backend("torch")(idx, thresholds=thresholds, return_trace=True)
+    _, _, trace_ref = model.set_backend("reference")(idx, thresholds=thresholds, return_trace=True)
     _, _, trace = model.set_backend("triton")(idx, thresholds=thresholds, return_trace=True)
     assert trace_ref.steps.unique().numel() > 1
     assert torch.equal(trace.steps, trace_ref.steps)
     prompt = idx[:, :6]
-    expected = model.set_backend("torch").generate(prompt, 3, temperature=0)
+    expected = model.set_backend("reference").generate(prompt, 3, temperature=0)
     assert torch.equal(model.set_backend("triton").generate(prompt, 3, temperature=0), expected)
 
 
@@ -303,11 +303,11 @@ def test_hierarchical_parity_tier3_gpu_model(dtype, vocab):
     cfg = _tiny_config(vocab_size=vocab, block_size=256, n_embd=384, n_head=6, n_loops=4)
     model = LoopGPT(cfg).to(device="cuda", dtype=dtype).eval()
     idx, targets = (torch.randint(0, vocab, (16, 256), device="cuda") for _ in range(2))
-    logits_ref, loss_ref = model.set_backend("torch")(idx, targets)
+    logits_ref, loss_ref = model.set_backend("reference")(idx, targets)
     logits, loss = model.set_backend("triton")(idx, targets)
     assert_close(logits, logits_ref, dtype=dtype, composed=True)
     assert math.isclose(loss.item(), loss_ref.item(), rel_tol=1e-3 if dtype == torch.float32 else 2e-2)
     if dtype == torch.float32:  # greedy tokens can flip on bf16 near-ties
         prompt = idx[:2, :32]
-        expected = model.set_backend("torch").generate(prompt, 8, temperature=0)
+        expected = model.set_backend("reference").generate(prompt, 8, temperature=0)
         assert torch.equal(model.set_backend("triton").generate(prompt, 8, temperature=0), expected)

@@ -1,0 +1,41 @@
+"""One way for every command-line tool to refuse bad input: one line on stderr, exit status 2.
+
+    if __name__ == "__main__":
+        run_cli(main)
+
+A user's mistake (a missing file, a corrupt checkpoint or table, a value out of range) reaches the
+user as `prog: error: what was wrong and what is allowed`, never as a traceback. The errors caught
+are the ones the library raises for bad input; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+
+class CLIError(Exception):
+    """Bad input found by a command-line tool; its message is the whole explanation."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (CLIError, ValueError, TypeError, LookupError, OSError,
+                                                 json.JSONDecodeError)
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None,
+            prog: Optional[str] = None) -> None:
+    """Call main(argv) and exit: 0 (or main's int) on success, 2 with one line on bad input."""
+    prog = prog or os.path.basename(sys.argv[0]) or "looplm"
+    try:
+        result = main(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except USER_ERRORS as e:
+        message = str(e).strip().splitlines()
+        print(f"{prog}: error: {message[0] if message else type(e).__name__}", file=sys.stderr)
+        for line in message[1:]:
+            print(f"  {line}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(result if isinstance(result, int) else 0)

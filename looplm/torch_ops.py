@@ -1,0 +1,85 @@
+"""The "torch" backend: the op set of `looplm.ops` as PyTorch computes it at its best.
+
+`F.layer_norm`, `F.linear` with the exact `F.gelu`, and `F.scaled_dot_product_attention` (which
+picks the flash, memory-efficient or math kernel for the device). Every op keeps its input's
+dtype and follows autocast and `torch.compile` as the functional ops do; the fp32 oracle that
+the kernels and this backend are checked against is `reference/` (backend "reference").
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+
+from looplm.ops import ACTIVATIONS, BlockWeights
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    return F.layer_norm(x, (x.size(-1),), weight, bias, eps)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none",
+           residual: Optional[Tensor] = None) -> Tensor:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    y = F.linear(x, weight, bias)
+    if activation == "gelu":
+        y = F.gelu(y)
+    return y if residual is None else residual + y
+
+
+def layer_norm_linear(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], weight: Tensor,
+                      bias: Optional[Tensor] = None, activation: str = "none", eps: float = 1e-5) -> Tensor:
+    return linear(layer_norm(x, norm_weight, norm_bias, eps), weight, bias, activation)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+    Tq, Tk = q.size(-2), k.size(-2)
+    if not causal or Tq == 1:  # a single query sits at the last position and sees every key
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if Tq < Tk:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tq, Tk), scale=scale)
+    # Tq > Tk: the first Tq - Tk queries see no key and return zeros; the rest are square-causal.
+    seen = F.scaled_dot_product_attention(q[..., Tq - Tk:, :], k, v, is_causal=True, scale=scale)
+    return F.pad(seen, (0, 0, Tq - Tk, 0))
+
+
+def softmax_entropy(logits: Tensor) -> tuple[Tensor, Tensor]:
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    p = log_p.exp()
+    return -torch.special.xlogy(p, p).sum(dim=-1), p.amax(dim=-1)
+
+
+def halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tensor, threshold: Tensor,
+                step: int, min_loops: int, max_loops: int) -> tuple[Tensor, Tensor, Tensor]:
+    halts = (score < threshold) if step >= min_loops else torch.zeros_like(active)
+    if step >= max_loops:
+        halts = torch.ones_like(active)
+    return torch.where(active[:, None], h_new, h), active & ~halts, steps + active.to(steps.dtype)
+
+
+def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0) -> Tensor:
+    w = weights
+    B, T, C = x.shape
+    qkv = layer_norm_linear(x, w.ln1_w, w.ln1_b, w.attn_w, w.attn_b)  # (B, T, 3C)
+    q, k, v = qkv.view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # three (B, H, T, D)
+    y = attention(q, k, v, causal=True).transpose(1, 2).reshape(B, T, C)
+    x = x + F.dropout(linear(y, w.proj_w, w.proj_b), p=dropout_p, training=dropout_p > 0)
+    hidden = layer_norm_linear(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")  # (B, T, 4C)
+    return x + F.dropout(linear(hidden, w.fc2_w, w.fc2_b), p=dropout_p, training=dropout_p > 0)
+
+
+OPS = {
+    "layer_norm": layer_norm,
+    "linear": linear,
+    "layer_norm_linear": layer_norm_linear,
+    "attention": attention,
+    "softmax_entropy": softmax_entropy,
+    "halt_update": halt_update,
+    "block": block,
+}
