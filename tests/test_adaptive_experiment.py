@@ -2,6 +2,8 @@
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from looplm import experiments
 from looplm.experiments import FIXED, goal_table
@@ -44,28 +46,76 @@ def test_goal_table_needs_the_full_fixed_depth_first(sweep):
         goal_table(sweep)
 
 
+def halving_entropy_threshold(entropy: torch.Tensor) -> float:
+    """A threshold between two neighbouring token entropies near the median, at the widest gap there,
+    so that about half the tokens fall below it and rounding cannot move one across."""
+    ordered = entropy.flatten().sort().values
+    middle = torch.arange(2 * len(ordered) // 5, 3 * len(ordered) // 5)
+    widest = middle[(ordered[middle + 1] - ordered[middle]).argmax()]
+    return ((ordered[widest] + ordered[widest + 1]) / 2).item()
+
+
 def test_adaptive_experiment_on_tiny_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name, value in dict(EVAL_BATCHES=1, TIMING_REPEATS=1, PROMPT_TOKENS=4, NEW_TOKENS=3,
                             GENERATION_BATCHES=(1, 2)).items():
         monkeypatch.setattr(experiments, name, value)
-    # delta < 2 holds for every token after loop 1 (the state starts at zero): it halts all at once
-    monkeypatch.setattr(experiments, "ADAPTIVE_SWEEP", {"entropy": (0.01,), "delta": (2.0,), "gate": (0.5,)})
-    loop = dict(TINY, n_loops=2, threads=1)
+    # Trained hard enough that the second loop changes the loss, so that rows which halt differently differ.
+    loop = dict(TINY, n_loops=2, threads=1, max_iters=10, lr_decay_iters=10, eval_interval=10, learning_rate=1e-1)
     monkeypatch.setitem(experiments.EXPERIMENTS, "adaptive", [
         experiments.Run("loop", "shakespeare_cpu_loop1x4.py", dict(loop, loss_weights="ramp")),
         experiments.Run("gate", "shakespeare_cpu_loop1x4.py",
-                        dict(loop, halt="gate", halt_threshold=0.5, gate_only=True,
-                             init_from=experiments.run_dir("adaptive", "loop") + "/last"))])
+                        dict(loop, max_iters=2, lr_decay_iters=2, eval_interval=2, halt="gate", halt_threshold=0.5,
+                             gate_only=True, init_from=experiments.run_dir("adaptive", "loop") + "/last"))])
+
+    # The sweep's val batch, drawn as the sweep draws it, and what 1 and 2 loops give on it without halting.
+    # Its entropy threshold halts about half the tokens after loop 1 and the rest at the budget of 2;
+    # delta < 2 holds for every token after loop 1 (the state starts at zero): it halts all at once;
+    # entropy < 0.01 holds for none.
+    seen = {}
+    real_sweep = experiments.adaptive_sweep
+
+    def sweep(model, task, seed=0):
+        x, y = task.get_batch("val", 12, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            logits = [model(x, y, halt=False, n_loops=n)[0] for n in (1, 2)]
+        losses = [F.cross_entropy(t.transpose(1, 2), y, reduction="none") for t in logits]
+        entropy_1 = torch.distributions.Categorical(logits=logits[0].double()).entropy()
+        threshold = halving_entropy_threshold(entropy_1)
+        halted = entropy_1 < threshold
+        seen.update(threshold=threshold, halted=halted, batch=(x, y), drawn=[],
+                    loss=torch.where(halted, losses[0], losses[1]).mean().item())
+        monkeypatch.setattr(experiments, "ADAPTIVE_SWEEP", {"entropy": (0.01, threshold), "delta": (2.0,),
+                                                            "gate": (0.5,)})
+        real_get_batch = task.get_batch
+
+        def recorded_get_batch(*args, **kwargs):
+            seen["drawn"].append(real_get_batch(*args, **kwargs))
+            return seen["drawn"][-1]
+
+        task.get_batch = recorded_get_batch
+        try:
+            return real_sweep(model, task, seed)
+        finally:
+            del task.get_batch
+
+    monkeypatch.setattr(experiments, "adaptive_sweep", sweep)
     summary = experiments.main(["adaptive", "--out", "results"])["adaptive"]
 
+    assert seen["drawn"] and all(torch.equal(x, seen["batch"][0]) for x, _ in seen["drawn"]), "the sweep's batch moved"
+    assert 0.35 < seen["halted"].float().mean() < 0.65
     sweep = summary["adaptive_sweep"]
     assert [(r["criterion"], r["threshold"]) for r in sweep] == [
-        (FIXED, None), (FIXED, None), ("entropy", 0.01), ("delta", 2.0), ("gate", 0.5)]
-    fixed_1, entropy, delta = sweep[1], sweep[2], sweep[3]
-    assert [r["loops_per_token"] for r in sweep[:2]] == [2, 1] and delta["loops_per_token"] == 1
-    assert delta["val_loss"] == pytest.approx(fixed_1["val_loss"], abs=2e-4)  # the same computation
-    assert entropy["loops_per_token"] == 2 and entropy["loss_vs_fixed_pct"] == pytest.approx(0, abs=0.01)
+        (FIXED, None), (FIXED, None), ("entropy", 0.01), ("entropy", seen["threshold"]), ("delta", 2.0), ("gate", 0.5)]
+    full, fixed_1, never, half, delta = sweep[:5]
+    assert [r["loops_per_token"] for r in sweep[:2]] == [2, 1]
+    assert abs(fixed_1["val_loss"] - full["val_loss"]) > 2e-3, "the second loop must change the loss"
+    assert delta["loops_per_token"] == 1 and delta["val_loss"] == pytest.approx(fixed_1["val_loss"], abs=1e-4)
+    assert never["loops_per_token"] == 2 and never["val_loss"] == pytest.approx(full["val_loss"], abs=1e-4)
+    # Halted tokens keep their loop-1 state; the others' loop 2 sees the same inputs as without halting.
+    assert half["loops_per_token"] == pytest.approx(2 - seen["halted"].float().mean().item(), abs=1e-3)
+    assert half["val_loss"] == pytest.approx(seen["loss"], abs=1e-4)
+    assert half["loop_reduction"] == pytest.approx(2 / half["loops_per_token"], abs=0.01)
     assert all(r["forward_ms"] > 0 for r in sweep)
     assert summary["adaptive_goal"] == goal_table(sweep)
 
