@@ -27,6 +27,9 @@ def test_split_is_90_10_and_decodes_back_to_the_corpus(data_dir):
     assert isinstance(train, np.memmap) and train.dtype == np.uint16
     assert len(train) == int(0.9 * len(text)) and len(train) + len(val) == len(text)
     assert tokenizer.decode(train[:1000].tolist()) == text[:1000]
+    # nanoGPT's ids: a character's index in the sorted vocabulary (a shifted id map would decode back too)
+    assert train[:1000].tolist() == [tokenizer.chars.index(c) for c in text[:1000]]
+    assert tokenizer.chars.index("\n") == 0 and tokenizer.chars.index(" ") == 1 and tokenizer.chars[-1] == "z"
     assert tokenizer.decode(val[-1000:].tolist()) == text[-1000:]
 
 
@@ -53,15 +56,28 @@ def test_interrupted_prepare_is_redone(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare(tmp_path)
     monkeypatch.setattr(shakespeare, "atomic_write_bytes", real_write)
+    assert calls == ["train.bin", "val.bin", "meta.json"], "meta.json must come after the token files"
     assert not (tmp_path / "shakespeare_char" / "meta.json").exists()
     assert prepare(tmp_path).vocab_size == 65
+
+
+def test_a_missing_token_file_is_written_again(tmp_path):
+    out = tmp_path / "shakespeare_char"
+    prepare(tmp_path)
+    val = (out / "val.bin").read_bytes()
+    (out / "val.bin").unlink()
+    prepare(tmp_path)
+    assert (out / "val.bin").read_bytes() == val
 
 
 def test_batches_are_next_character_windows_and_follow_the_generator(data_dir):
     data = tokens(data_dir, "val")
     x, y = get_batch(data, 4, 32, torch.Generator().manual_seed(3))
-    assert x.shape == y.shape == (4, 32) and x.dtype == torch.int64
-    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert x.shape == y.shape == (4, 32) and x.dtype == torch.int64 and y.dtype == torch.int64
+    windows = np.lib.stride_tricks.sliding_window_view(data, 33)
+    for row_x, row_y in zip(x, y):  # each row is a window of the split, and y the same window one token on
+        starts = np.flatnonzero((windows[:, :32] == row_x.numpy()).all(axis=1))
+        assert len(starts) and any((windows[i, 1:] == row_y.numpy()).all() for i in starts)
     x2, _ = get_batch(data, 4, 32, torch.Generator().manual_seed(3))
     x3, _ = get_batch(data, 4, 32, torch.Generator().manual_seed(4))
     assert torch.equal(x, x2) and not torch.equal(x, x3)
@@ -79,3 +95,12 @@ def test_task_view_and_errors(data_dir):
         CharTokenizer("abc").encode("abd")
     with pytest.raises(FileNotFoundError, match="prepare"):
         shakespeare.load_tokenizer(data_dir / "nowhere")
+
+
+def test_batches_reach_every_window_and_no_further():
+    """Token ids equal to their positions: a window shows where it starts. With 2 tokens more than the
+    block, there are exactly two windows whose targets fit, starting at 0 and 1."""
+    data = np.arange(10, dtype=np.uint16)
+    x, y = get_batch(data, 64, 8, torch.Generator().manual_seed(0))
+    assert set(x[:, 0].tolist()) == {0, 1}
+    assert torch.equal(x, x[:, :1] + torch.arange(8)) and torch.equal(y, x + 1)
