@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import reference
+from looplm import torch_ops
+from looplm.ops import BlockWeights
 from looplm.testing import assert_close
 
 
@@ -36,6 +38,26 @@ def test_linear_matches_torch(activation, with_bias, with_residual):
     expected = F.gelu(expected) if activation == "gelu" else expected
     expected = expected + r if r is not None else expected
     assert_close(reference.linear(x, w, b, activation=activation, residual=r), expected)
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+@pytest.mark.parametrize("norm_bias,bias", [(True, True), (False, False), (True, False)])
+def test_layer_norm_linear_matches_torch(activation, norm_bias, bias):
+    x = torch.randn(2, 3, 37) * 2 + 1
+    ln_w, ln_b = torch.randn(37), (torch.randn(37) if norm_bias else None)
+    w, b = torch.randn(19, 37) / 6, (torch.randn(19) if bias else None)
+    expected = F.linear(F.layer_norm(x, (37,), ln_w, ln_b, eps=1e-5), w, b)
+    expected = F.gelu(expected) if activation == "gelu" else expected
+    assert_close(reference.layer_norm_linear(x, ln_w, ln_b, w, b, activation=activation), expected)
+
+
+def test_layer_norm_linear_keeps_the_dtype_and_its_eps():
+    x, ln_w, w = torch.randn(4, 16) * 1e-3, torch.ones(16), torch.randn(8, 16) / 4
+    y = reference.layer_norm_linear(x.bfloat16(), ln_w.bfloat16(), None, w.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert_close(y, F.linear(F.layer_norm(x, (16,)), w), dtype=torch.bfloat16)
+    # rows whose variance is of the order of eps: eps=1e-2 must reach the normalisation
+    assert_close(reference.layer_norm_linear(x, ln_w, None, w, eps=1e-2), F.linear(F.layer_norm(x, (16,), eps=1e-2), w))
 
 
 def test_linear_rejects_unknown_activation():
@@ -113,11 +135,25 @@ def test_halt_update_semantics():
     assert not a.any()
 
 
+def test_halt_update_boundaries():
+    """A token may halt after loop min_loops itself; a score equal to its threshold does not halt it."""
+    h, h_new = torch.zeros(3, 2), torch.ones(3, 2)
+    active, steps = torch.ones(3, dtype=torch.bool), torch.full((3,), 2, dtype=torch.int32)
+    score, threshold = torch.tensor([0.1, 0.5, 0.9]), torch.full((3,), 0.5)
+    _, a, _ = reference.halt_update(h, h_new, active, steps, score, threshold, 3, 3, 10)
+    assert a.tolist() == [False, True, True]
+    _, a, _ = reference.halt_update(h, h_new, active, steps, score, threshold, 2, 3, 10)
+    assert a.all()
+
+
+def random_block_weights(C: int) -> BlockWeights:
+    return BlockWeights(*(torch.randn(*shape) / 4 for shape in [
+        (C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (4 * C, C), (4 * C,), (C, 4 * C), (C,)]))
+
+
 def test_block_matches_torch_modules():
     B, T, C, n_head = 2, 9, 24, 3
-    from looplm.ops import BlockWeights
-    w = BlockWeights(*(torch.randn(*s) / 4 for s in [(C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,),
-                                                       (4 * C, C), (4 * C,), (C, 4 * C), (C,)]))
+    w = random_block_weights(C)
     x = torch.randn(B, T, C)
     h = F.layer_norm(x, (C,), w.ln1_w, w.ln1_b)
     q, k, v = F.linear(h, w.attn_w, w.attn_b).split(C, dim=2)
@@ -126,6 +162,23 @@ def test_block_matches_torch_modules():
     x1 = x + F.linear(y, w.proj_w, w.proj_b)
     expected = x1 + F.linear(F.gelu(F.linear(F.layer_norm(x1, (C,), w.ln2_w, w.ln2_b), w.fc_w, w.fc_b)), w.fc2_w, w.fc2_b)
     assert_close(reference.block(x, w, n_head), expected, composed=True)
+
+
+def test_block_dropout_drops_the_two_residual_branches():
+    B, T, C, n_head, p = 2, 5, 16, 2, 0.5
+    w = random_block_weights(C)
+    x = torch.randn(B, T, C)
+    torch.manual_seed(1)
+    h = F.layer_norm(x, (C,), w.ln1_w, w.ln1_b)
+    q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in F.linear(h, w.attn_w, w.attn_b).split(C, 2))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    x1 = x + F.dropout(F.linear(y, w.proj_w, w.proj_b), p)
+    hidden = F.gelu(F.linear(F.layer_norm(x1, (C,), w.ln2_w, w.ln2_b), w.fc_w, w.fc_b))
+    expected = x1 + F.dropout(F.linear(hidden, w.fc2_w, w.fc2_b), p)
+    for backend in (reference.OPS, torch_ops.OPS):
+        torch.manual_seed(1)
+        assert_close(backend["block"](x, w, n_head, dropout_p=p), expected, composed=True)
+    assert not torch.allclose(reference.block(x, w, n_head, dropout_p=p), reference.block(x, w, n_head))
 
 
 def test_mixed_dtypes_and_devices_are_refused():
@@ -152,3 +205,53 @@ def test_softmax_entropy_with_masked_logits():
     entropy, max_prob = reference.softmax_entropy(logits)
     assert_close(entropy, torch.tensor([math.log(2)]))
     assert max_prob.item() == 0.5
+
+
+# The "torch" backend, what every CPU user runs, against the oracle: its own branches (attention
+# with more or fewer queries than keys, masked logits, the halting boundaries) are not PyTorch's.
+
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 9), (3, 10), (7, 7), (6, 4)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_hierarchical_parity_tier1_torch_backend_attention(Tq, Tk, causal, scale):
+    q, k, v = torch.randn(2, 3, Tq, 8), torch.randn(2, 3, Tk, 8), torch.randn(2, 3, Tk, 8)
+    assert_close(torch_ops.attention(q, k, v, causal=causal, scale=scale),
+                 reference.attention(q, k, v, causal=causal, scale=scale))
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_hierarchical_parity_tier1_torch_backend_norms_and_linears(activation):
+    x, r = torch.randn(2, 5, 24) * 2 + 1, torch.randn(2, 5, 40)
+    ln_w, ln_b, w, b = torch.randn(24), torch.randn(24), torch.randn(40, 24) / 5, torch.randn(40)
+    assert_close(torch_ops.layer_norm(x, ln_w, ln_b, eps=1e-3), reference.layer_norm(x, ln_w, ln_b, eps=1e-3))
+    assert_close(torch_ops.linear(x, w, b, activation, r), reference.linear(x, w, b, activation, r))
+    assert_close(torch_ops.layer_norm_linear(x, ln_w, ln_b, w, b, activation, eps=1e-3),
+                 reference.layer_norm_linear(x, ln_w, ln_b, w, b, activation, eps=1e-3))
+
+
+def test_hierarchical_parity_tier1_torch_backend_softmax_entropy():
+    logits = torch.randn(4, 1000) * torch.tensor([[1.0], [10.0], [100.0], [1e4]])
+    logits[0, 500:] = float("-inf")
+    for actual, expected in zip(torch_ops.softmax_entropy(logits), reference.softmax_entropy(logits)):
+        assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("step,min_loops,max_loops", [(1, 1, 4), (2, 3, 4), (3, 3, 4), (4, 1, 4), (5, 1, 4)])
+def test_hierarchical_parity_tier1_torch_backend_halt_update(step, min_loops, max_loops):
+    N = 40
+    h, h_new = torch.randn(N, 6), torch.randn(N, 6)
+    active, steps = torch.rand(N) < 0.7, torch.randint(0, 3, (N,), dtype=torch.int32)
+    score = torch.rand(N)
+    threshold = torch.where(torch.arange(N) % 5 == 0, score, torch.rand(N))  # every fifth exactly on its score
+    for actual, expected in zip(torch_ops.halt_update(h, h_new, active, steps, score, threshold, step, min_loops,
+                                                      max_loops),
+                                reference.halt_update(h, h_new, active, steps, score, threshold, step, min_loops,
+                                                      max_loops)):
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected)
+
+
+def test_hierarchical_parity_tier1_torch_backend_block():
+    C = 24
+    w = random_block_weights(C)
+    x = torch.randn(2, 9, C)
+    assert_close(torch_ops.block(x, w, 3), reference.block(x, w, 3), composed=True)
