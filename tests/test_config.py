@@ -28,10 +28,25 @@ from looplm import ConfigError, LoopConfig
     (dict(min_loops=5, max_loops=3), r"min_loops \(5\) must be <= max_loops \(3\)"),
     (dict(inject="none", state_init="zeros"), r"never shows the core the input"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(n_loops=True), r"n_loops must be an integer >= 1, got True"),
+    (dict(max_loops=0), r"max_loops must be an integer >= 1, got 0"),
+    (dict(n_prelude=-1), r"n_prelude must be an integer >= 0, got -1"),
+    (dict(state_noise_std=0.0), r"state_noise_std must be > 0, got 0.0"),
 ])
 def test_bad_configs_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         LoopConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(halt="confidence", halt_threshold=1.0), dict(halt="gate", halt_threshold=1.0),
+    dict(halt="entropy", halt_threshold=0.0), dict(halt="delta", halt_threshold=0.0), dict(halt="kl", halt_threshold=0.0),
+    dict(halt="entropy", halt_threshold=1.0, halt_thresholds_after={0: 0.0, 64: 2.0}),
+    dict(min_loops=3, n_loops=3), dict(dropout=0.0), dict(n_prelude=0, n_coda=0), dict(inject="none", state_init="embed"),
+])
+def test_the_edges_of_the_allowed_ranges_are_accepted(kwargs):
+    cfg = LoopConfig(**kwargs)
+    assert all(getattr(cfg, key) == value for key, value in kwargs.items())
 
 
 def test_max_loops_defaults_to_n_loops_and_may_exceed_it():
