@@ -26,16 +26,37 @@ def test_every_backend_implements_every_op_with_the_shared_signature(name):
         assert signature_mismatch(op, backend.ops[op]) is None
 
 
-def test_signature_check_catches_a_mismatch():
-    def layer_norm(x, weight, bias=None, epsilon=1e-5):
+def _renamed(x, weight, bias=None, epsilon=1e-5):
+    return x
+
+
+def _other_default(x, weight, bias=None, eps=1e-6):
+    return x
+
+
+def _keyword_only(x, weight, *, bias=None, eps=1e-5):
+    return x
+
+
+def _missing_eps(x, weight, bias=None):
+    return x
+
+
+@pytest.mark.parametrize("fn", [_renamed, _other_default, _keyword_only, _missing_eps])
+def test_signature_check_catches_a_mismatch(fn):
+    assert "layer_norm" in signature_mismatch("layer_norm", fn)
+
+
+def test_signature_check_accepts_the_same_signature_under_another_name():
+    def kernel_layer_norm(x, weight, bias=None, eps=1e-5):
         return x
-    assert "layer_norm" in signature_mismatch("layer_norm", layer_norm)
+    assert signature_mismatch("layer_norm", kernel_layer_norm) is None
 
 
 def test_builtin_backends_are_listed_with_a_reason_when_unavailable():
     listing = available_backends()
-    assert {"torch", "triton", "tile"} <= set(listing)
-    assert listing["torch"].available
+    assert {"torch", "reference", "triton", "tile"} <= set(listing)
+    assert listing["torch"].available and listing["reference"].available
     for name, a in listing.items():
         assert a.available or a.reason, f"{name} is unavailable without a reason"
 
@@ -43,8 +64,8 @@ def test_builtin_backends_are_listed_with_a_reason_when_unavailable():
 def test_unknown_backend_lists_the_known_ones():
     with pytest.raises(BackendUnavailable, match="unknown backend 'cuda-magic'") as err:
         get_backend("cuda-magic")
-    for name in ("torch", "triton", "tile"):
-        assert name in str(err.value)
+    for name in ("torch", "reference", "triton", "tile"):
+        assert f"  {name}: " in str(err.value)
     with pytest.raises(BackendUnavailable):
         LoopGPT(LoopConfig(n_embd=32, n_head=2, block_size=8), backend="cuda-magic")
 
@@ -86,6 +107,16 @@ def test_hybrid_autograd_uses_the_fast_torch_ops_while_grad_is_enabled():
     with_backward = Backend("fake", {**reference.OPS, "layer_norm": kernel_layer_norm},
                             differentiable=frozenset({"layer_norm"}))
     assert with_backward.op("layer_norm") is kernel_layer_norm
+
+
+@pytest.mark.parametrize("name,ops", [("reference", reference.OPS), ("torch", torch_ops.OPS)])
+def test_the_oracle_and_the_torch_backend_keep_their_own_ops_while_grad_is_enabled(name, ops):
+    """Parity tests run the oracle with gradients on: handing out another backend's ops there would
+    compare the kernels with something other than the oracle."""
+    backend = get_backend(name)
+    assert torch.is_grad_enabled()
+    for op in OP_NAMES:
+        assert backend.op(op) is ops[op], op
 
 
 def test_model_refuses_a_backend_on_the_wrong_device():
