@@ -5,11 +5,14 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from looplm import LoopConfig, LoopGPT
 from looplm.analyze import PLOTS, SUMMARY, main
-from looplm.checkpoint import save_checkpoint
-from looplm.probes import fixed_points, probe_accuracy, spearman
+from looplm.checkpoint import load_checkpoint, save_checkpoint
+from looplm.data.shakespeare import CharTokenizer, corpus_text
+from looplm.probes import fixed_points, loop_states, probe_accuracy, readout_accuracy, spearman
+from looplm.testing import assert_close
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak."
@@ -19,8 +22,12 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak."
 def checkpoint(tmp_path):
     torch.manual_seed(0)
     config = LoopConfig(vocab_size=65, block_size=64, n_embd=32, n_head=4, n_loops=3, max_loops=6,
-                        step_encoding="learned", halt="entropy", halt_threshold=4.1665)
-    return save_checkpoint(LoopGPT(config), tmp_path / "ckpt")
+                        step_encoding="learned", halt="entropy", halt_threshold=0.2)
+    model = LoopGPT(config)
+    with torch.no_grad():  # sharper than at initialisation, where every loop reads out nearly uniform
+        for p in model.parameters():
+            p.mul_(10)
+    return save_checkpoint(model, tmp_path / "ckpt")
 
 
 def test_analysis_writes_tables_plots_and_summary(checkpoint, tmp_path, capsys):
@@ -45,6 +52,31 @@ def test_analysis_writes_tables_plots_and_summary(checkpoint, tmp_path, capsys):
     assert "steps" in printed and "probe acc" in printed and "Fixed points" in printed
     assert f"{summary['per_loop'][0]['entropy']:.4f}" in printed
 
+    # The same numbers from the model's own forward: halting as configured, and t = 1..5 loops without.
+    model = load_checkpoint(checkpoint).eval()
+    idx = torch.tensor([CharTokenizer.from_text(corpus_text()).encode(TEXT)])
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+    with torch.no_grad():
+        _, _, trace = model(inputs, return_trace=True)
+        logits = [model(inputs, targets, halt=False, n_loops=t)[0][0] for t in range(1, 6)]
+    assert [c["steps"] for c in chars] == trace.steps[0].tolist()
+    assert max(c["steps"] for c in chars) > model.config.n_loops  # the budget is max_loops, not n_loops
+    entropy = [torch.distributions.Categorical(logits=t.double()).entropy().float() for t in logits]
+    for t, row in enumerate(summary["per_loop"]):
+        assert_close(torch.tensor(summary["entropy"][t]), entropy[t], composed=True, msg=f"loop {t + 1}")
+        assert row["entropy"] == pytest.approx(entropy[t].mean().item(), rel=1e-4)
+        assert row["readout_accuracy"] == pytest.approx((logits[t].argmax(-1) == targets[0]).float().mean().item())
+    loss = F.cross_entropy(logits[-1], targets[0], reduction="none")
+    assert_close(torch.tensor([c["loss"] for c in chars]), loss, composed=True)
+    assert_close(torch.tensor([c["final_entropy"] for c in chars]), entropy[-1], composed=True)
+    # The state starts at zero, so loop 1 moves every state by exactly its own size; a fixed point is the
+    # first loop whose change is below --tol.
+    change = torch.tensor(summary["state_change"])
+    assert change.shape == (5, len(chars)) and torch.allclose(change[0], torch.ones(len(chars)))
+    assert [r["delta"] for r in summary["per_loop"]] == pytest.approx(change.mean(1).tolist(), rel=1e-5)
+    below = [[t + 1 for t in range(1, 5) if change[t, p] < 0.3] for p in range(len(chars))]
+    assert [c["converged_at"] for c in chars] == [b[0] if b else None for b in below]
+
 
 def test_analysis_refuses_a_vocabulary_that_does_not_fit(checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="the vocabulary has 3 characters but the model expects 65"):
@@ -66,12 +98,23 @@ def test_fixed_points_find_where_states_stop_moving():
 
 
 def test_probe_reads_a_loop_that_encodes_the_target_and_not_one_that_does_not():
+    """States wider than the fitted positions: a probe scored where it was fit reads even noise perfectly."""
     torch.manual_seed(0)
-    targets = torch.randint(0, 5, (1, 200))
-    informative = torch.nn.functional.one_hot(targets, 5).float() * 3 + 0.1 * torch.randn(1, 200, 5)
-    noise = torch.randn(1, 200, 5)
+    targets = torch.randint(0, 5, (1, 60))
+    informative = F.pad(F.one_hot(targets, 5).float() * 3, (0, 59)) + 0.1 * torch.randn(1, 60, 64)
+    noise = torch.randn(1, 60, 64)
     chance, readable = probe_accuracy([noise, informative], targets, vocab_size=5)
     assert readable == 1.0 and chance < 0.5
+
+
+def test_readout_accuracy_reads_each_loop_through_the_models_head(checkpoint):
+    model = load_checkpoint(checkpoint).eval()
+    idx = torch.randint(0, 65, (2, 40))
+    states, _ = loop_states(model, idx, 3)
+    with torch.no_grad():
+        targets = model.head(states[1]).argmax(-1)  # what loop 2 predicts
+        accuracy = readout_accuracy(model, states, targets)
+    assert accuracy[1] == 1.0 and accuracy[0] < 0.9 and accuracy[2] < 0.9
 
 
 def test_spearman():
