@@ -255,3 +255,20 @@ def test_hierarchical_parity_tier1_torch_backend_block():
     w = random_block_weights(C)
     x = torch.randn(2, 9, C)
     assert_close(torch_ops.block(x, w, 3), reference.block(x, w, 3), composed=True)
+
+
+def test_assert_close_takes_the_dtypes_tolerance_and_never_passes_nan():
+    expected = torch.ones(8)
+    assert_close(expected + 5e-5, expected)
+    with pytest.raises(AssertionError):
+        assert_close(expected + 5e-3, expected)  # fine for bfloat16, not for float32
+    assert_close((expected + 5e-3).bfloat16(), expected)
+    assert_close(expected + 5e-3, expected, dtype=torch.bfloat16)
+    assert_close(expected + 5e-4, expected, composed=True)
+    with pytest.raises(AssertionError):
+        assert_close(expected + 5e-4, expected)
+    nan = torch.full((8,), float("nan"))
+    with pytest.raises(AssertionError):
+        assert_close(nan, nan)
+    with pytest.raises(AssertionError, match="loop 3"):
+        assert_close(expected + 1, expected, msg="loop 3")
