@@ -36,17 +36,16 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from looplm.checkpoint import load_checkpoint, read_config, save_checkpoint
+from looplm.checkpoint import TRAIN_STATE_FILE, load_checkpoint, load_train_state, read_config, save_checkpoint  # noqa: F401
 from looplm.config import ConfigError, LoopConfig
 from looplm.data.addition import AdditionTask
 from looplm.data.shakespeare import ShakespeareTask
-from looplm.fileio import atomic_path, atomic_write_text
+from looplm.fileio import atomic_write_text
 from looplm.model import LoopGPT
 from looplm.objective import LoopObjective, exit_distribution, loop_weights  # noqa: F401 (the trainer's API)
 from looplm.train_config import (DTYPES, HALTING_KEYS, TrainConfig, parse_args,  # noqa: F401
                                  read_config_file, split_config)
 
-TRAIN_STATE_FILE = "train_state.pt"
 METRICS_FIELDS = ("iter", "n_loops", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
 
 
@@ -97,11 +96,6 @@ def configure_optimizer(model: LoopGPT, cfg: TrainConfig, device_type: str) -> t
 
 
 # ---- files
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 class RunLog:
@@ -231,19 +225,16 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + ddp.rank)
     batch_rng = torch.Generator().manual_seed(cfg.seed + ddp.rank)
-    state_file = last_dir / TRAIN_STATE_FILE
-    if cfg.init_from == "resume" and not state_file.is_file():
-        raise FileNotFoundError(f"init_from='resume' needs {state_file}; it is missing (no complete checkpoint)")
+    # init_from='resume' with nothing complete to resume from fails here, naming the missing file
+    state = load_train_state(last_dir) if cfg.init_from == "resume" else None
     if cfg.init_from == "scratch":
         block_size = model_keys.get("block_size", LoopConfig.block_size)
     else:
         block_size = read_config(last_dir if cfg.init_from == "resume" else cfg.init_from).block_size
     task = make_task(cfg, block_size)
 
-    state = None
     if cfg.init_from == "resume":
         model = load_checkpoint(last_dir)
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
     else:
         model = build_model(cfg, model_keys, task.vocab_size)
     if model.config.vocab_size != task.vocab_size:
@@ -277,8 +268,10 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
         unused = model.config.halt == "gate" and not objective.gate
         objective = DistributedDataParallel(objective, device_ids=[ddp.local_rank] if device_type == "cuda" else None,
                                             find_unused_parameters=unused)
+    evaluator = model
     if cfg.compile:
         objective = torch.compile(objective)
+        evaluator = torch.compile(model)  # the evaluations run compiled too (in eval mode: a graph of its own)
     log = RunLog(out_dir, iter_num if state is not None else None) if ddp.master else None
 
     def progress_at(it: int, elapsed: float) -> float:
@@ -295,27 +288,29 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
             for _ in range(cfg.eval_iters):
                 x, y = task.get_batch(split, cfg.batch_size, eval_rng, device)
                 with autocast:
-                    losses.append(model(x, y, halt=False)[1].item())
+                    losses.append(evaluator(x, y, halt=False)[1].item())
             out[f"{split}_loss"] = sum(losses) / len(losses)
         model.train()
         return out
 
     def save(path: Path, with_state: bool) -> None:
-        save_checkpoint(model, path, metadata={"iter_num": iter_num, "task": task_metadata(cfg)})
-        if with_state:
-            atomic_torch_save(dict(
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
-                best_val_loss=best_val_loss, elapsed_s=elapsed_before + time.perf_counter() - start,
-                history=history, torch_rng=torch.get_rng_state(), batch_rng=batch_rng_state,
-                cuda_rng=torch.cuda.get_rng_state_all() if device_type == "cuda" else None,
-                train_config=asdict(cfg)), path / TRAIN_STATE_FILE)
+        # Only tensors and plain values, so that resuming loads it with weights_only=True.
+        train_state = dict(
+            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+            best_val_loss=best_val_loss, elapsed_s=elapsed_before + time.perf_counter() - start,
+            history=history, torch_rng=torch.get_rng_state(), batch_rng=batch_rng_state,
+            cuda_rng=torch.cuda.get_rng_state_all() if device_type == "cuda" else None,
+            train_config=asdict(cfg)) if with_state else None
+        save_checkpoint(model, path, metadata={"iter_num": iter_num, "task": task_metadata(cfg)},
+                        train_state=train_state)
 
-    tokens_per_iter = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * ddp.world_size
     model.train()
     start = time.perf_counter()
-    tokens_per_s, window_tokens, window_start = 0.0, 0, start
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not (cfg.progress and ddp.master), unit="it",
-               dynamic_ncols=True)
+    # Tokens/s counts the tokens the model ran: addition batches are cut to their longest row.
+    tokens_per_s, window_tokens, window_start, run_tokens = 0.0, 0, start, 0
+    # A progress bar on a terminal; in a log file or CI, a plain line every log_interval iterations.
+    show_bar = cfg.progress and ddp.master and sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not show_bar, unit="it", dynamic_ncols=True)
     # The train state keeps the batch generator as it was before the batch in hand, so a resumed run
     # draws the very batch this run would have trained on next.
     batch_rng_state = batch_rng.get_state()
@@ -360,6 +355,7 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
             with sync, autocast:
                 loss, lm_loss = objective(x, y, loops, grad_loops)
                 loss = loss / cfg.gradient_accumulation_steps
+            window_tokens += x.numel() * ddp.world_size
             batch_rng_state = batch_rng.get_state()
             x, y = task.get_batch("train", cfg.batch_size, batch_rng, device)  # while the GPU works
             scaler.scale(loss).backward()
@@ -371,12 +367,16 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         bar.update()
-        window_tokens += tokens_per_iter
         if iter_num % cfg.log_interval == 0 and ddp.master:
             now = time.perf_counter()
-            tokens_per_s, window_tokens, window_start = window_tokens / (now - window_start), 0, now
+            tokens_per_s, run_tokens = window_tokens / (now - window_start), run_tokens + window_tokens
+            window_tokens, window_start = 0, now
             lm = lm_loss.item()
-            bar.set_postfix(loss=f"{lm:.4f}", tok_s=f"{tokens_per_s:,.0f}", loops=loops)
+            if show_bar:
+                bar.set_postfix(loss=f"{lm:.4f}", tok_s=f"{tokens_per_s:,.0f}", loops=loops)
+            elif cfg.progress:
+                print(f"iter {iter_num}: loss {lm:.4f}, {tokens_per_s:,.0f} tokens/s, {loops} loops, lr {lr:.2e}",
+                      flush=True)
             log.write(dict(kind="train", iter=iter_num, loss=lm, objective=loss.item() * cfg.gradient_accumulation_steps,
                            n_loops=loops, lr=lr, tokens_per_s=round(tokens_per_s, 1),
                            elapsed_s=round(elapsed_before + now - start, 2)))
@@ -386,8 +386,9 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
         dist.barrier()
         dist.destroy_process_group()
     model.eval()
+    run_tokens += window_tokens
     return TrainResult(model, task, history, out_dir, iter_num, best_val_loss, elapsed,
-                       tokens_per_s or tokens_per_iter * max(iter_num, 1) / max(elapsed, 1e-9), device)
+                       tokens_per_s or run_tokens / max(elapsed - elapsed_before, 1e-9), device)
 
 
 def main(argv: Optional[list[str]] = None) -> TrainResult:

@@ -45,7 +45,7 @@ class TrainConfig:
     eval_iters: int = 200
     log_interval: int = 10
     always_save_checkpoint: bool = False
-    progress: bool = True  # tqdm bar
+    progress: bool = True  # a tqdm bar on a terminal, else a plain line every log_interval iterations
     report: bool = True  # print the end-of-run report
     sample_tokens: int = 300
     # batches

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from looplm import ConfigError, LoopConfig, LoopGPT
-from looplm.checkpoint import load_checkpoint
+from looplm.checkpoint import CheckpointError, load_checkpoint
 from looplm.train import (LoopObjective, TrainConfig, curriculum_loops, exit_distribution, learning_rate,
                           loop_weights, main, parse_args, split_config, train)
 
@@ -164,7 +164,7 @@ def test_resume_is_exact(tmp_path):
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     cfg, model_keys = tiny_run(tmp_path, init_from="resume")
-    with pytest.raises(FileNotFoundError, match="train_state.pt"):
+    with pytest.raises(CheckpointError, match="train_state.pt is missing"):
         train(cfg, model_keys)
 
 
