@@ -2,9 +2,12 @@
 import csv
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from looplm import ConfigError, LoopConfig, LoopGPT
 from looplm.checkpoint import CheckpointError, load_checkpoint
@@ -218,3 +221,28 @@ def test_main_trains_and_reports_on_shakespeare(tmp_path, capsys):
     assert "== loss curve" in out and "mean state delta" in out and "loops per token" in out
     assert "== sample (20 characters" in out and result.model.config.vocab_size == 65
     assert (tmp_path / "run" / "report.txt").read_text().strip() in out
+
+
+def _cpp_compiler():
+    return next((shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c and shutil.which(c)),
+                None)
+
+
+@pytest.mark.skipif(_cpp_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler for inductor's "
+                                                    "C++ backend; none found (CXX, g++, c++, clang++)")
+def test_a_compiled_run_trains_and_evaluates_as_the_eager_one(tmp_path):
+    """compile=True: the training step and the evaluations run through torch.compile (inductor's C++
+    backend on a CPU), with the eager run's numbers."""
+    run = dict(task="shakespeare", data_dir=str(tmp_path / "data"), max_iters=2, eval_interval=2, eval_iters=1,
+               batch_size=2)
+    eager_cfg, model_keys = tiny_run(tmp_path / "eager", **run)
+    compiled_cfg, _ = tiny_run(tmp_path / "compiled", compile=True, **run)
+    eager = train(eager_cfg, model_keys)
+    counters.clear()
+    compiled = train(compiled_cfg, model_keys)
+    assert counters["stats"]["unique_graphs"] >= 2  # the training step's graph and the evaluation's
+    for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(eager.history, compiled.history):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+    assert compiled.history[-1]["iter"] == 2
