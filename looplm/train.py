@@ -36,6 +36,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from looplm.cli import run_cli
 from looplm.checkpoint import TRAIN_STATE_FILE, load_checkpoint, load_train_state, read_config, save_checkpoint  # noqa: F401
 from looplm.config import ConfigError, LoopConfig
 from looplm.data.addition import AdditionTask
@@ -392,15 +393,13 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
 
 
 def main(argv: Optional[list[str]] = None) -> TrainResult:
-    argv = sys.argv[1:] if argv is None else argv
+    """The command line; bad settings, files and checkpoints raise the errors run_cli reports."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0 if argv else 2)
-    try:
-        cfg, model_keys = parse_args(argv)
-        result = train(cfg, model_keys)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg, model_keys = parse_args(argv)
+    result = train(cfg, model_keys)
     if cfg.report and int(os.environ.get("RANK", 0)) == 0:
         from looplm.report import training_report
         result.report = training_report(result, sample_tokens=cfg.sample_tokens, seed=cfg.seed)
@@ -410,4 +409,4 @@ def main(argv: Optional[list[str]] = None) -> TrainResult:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="looplm.train")
