@@ -122,7 +122,7 @@ NANOGPT_SHAPES = [  # nanoGPT's shakespeare_char CPU settings, and its GPU model
     dict(C=128, H=4, T=64, B=12),
     dict(C=384, H=6, T=256, B=4),
 ]
-NANOGPT_ROUNDS = {128: 21, 384: 9}  # interleaved rounds per shape when timing
+NANOGPT_ROUNDS = {128: 41, 384: 15}  # interleaved rounds per shape when timing
 VOCAB = 65  # shakespeare_char
 
 
