@@ -371,7 +371,7 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
         if iter_num % cfg.log_interval == 0 and ddp.master:
             now = time.perf_counter()
             tokens_per_s, run_tokens = window_tokens / (now - window_start), run_tokens + window_tokens
-            window_tokens, window_start = 0, now
+            tokens, window_tokens, window_start = window_tokens, 0, now
             lm = lm_loss.item()
             if show_bar:
                 bar.set_postfix(loss=f"{lm:.4f}", tok_s=f"{tokens_per_s:,.0f}", loops=loops)
@@ -379,7 +379,7 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
                 print(f"iter {iter_num}: loss {lm:.4f}, {tokens_per_s:,.0f} tokens/s, {loops} loops, lr {lr:.2e}",
                       flush=True)
             log.write(dict(kind="train", iter=iter_num, loss=lm, objective=loss.item() * cfg.gradient_accumulation_steps,
-                           n_loops=loops, lr=lr, tokens_per_s=round(tokens_per_s, 1),
+                           n_loops=loops, lr=lr, tokens=tokens, tokens_per_s=round(tokens_per_s, 1),
                            elapsed_s=round(elapsed_before + now - start, 2)))
     bar.close()
     elapsed = elapsed_before + time.perf_counter() - start

@@ -243,3 +243,21 @@ def test_a_compiled_run_trains_and_evaluates_as_the_eager_one(tmp_path):
     for a, b in zip(eager.history, compiled.history):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
     assert compiled.history[-1]["iter"] == 2
+
+
+def test_tokens_per_second_counts_the_tokens_run(tmp_path):
+    """Addition batches are cut to their longest row: the log counts those tokens, not batch x block_size."""
+    cfg, model_keys = tiny_run(tmp_path, random_offset=False, block_size=32)
+    train(cfg, model_keys)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    tokens = [r["tokens"] for r in records if r["kind"] == "train"]
+    assert len(tokens) == 4 and all(t % 4 == 0 and 0 < t < 4 * 32 for t in tokens), tokens
+
+
+def test_progress_off_a_terminal_is_plain_lines(tmp_path, capsys):
+    cfg, model_keys = tiny_run(tmp_path, progress=True, log_interval=2)
+    train(cfg, model_keys)  # pytest captures stderr: not a terminal
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("iter") and "tokens/s" in line]
+    assert [line.split(":")[0] for line in lines] == ["iter 2", "iter 4"]
+    assert "it/s" not in captured.err and "\r" not in captured.err  # no tqdm bar
