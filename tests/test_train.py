@@ -111,6 +111,37 @@ def test_every_loop_is_supervised_as_the_model_reads_it_out():
     assert last.item() == pytest.approx(per_loop[-1].item(), rel=1e-5)
 
 
+def test_only_the_weighted_loops_get_a_head_pass(monkeypatch):
+    model, x, y = model_and_batch()
+    calls = []
+    head = model.head
+    monkeypatch.setattr(model, "head", lambda h: calls.append(h) or head(h))
+    for kind, passes in (("last", 1), ("ramp", 3), ("all", 3)):
+        calls.clear()
+        LoopObjective(model, TrainConfig(loss_weights=kind))(x, y, 3)
+        assert len(calls) == passes, kind
+
+
+def test_gate_objective_is_the_expected_loss_over_the_tokens_with_targets():
+    """Masking by ignore_index and sums gives what selecting the tokens with a target gives."""
+    model, x, y = model_and_batch(halt="gate", halt_threshold=0.5)
+    torch.nn.init.normal_(model.halt_gate.weight, std=0.5)
+    cfg = TrainConfig(loss_weights="ramp", gate_loss_weight=0.7, gate_entropy_weight=0.1)
+    loss, last = LoopObjective(model, cfg)(x, y, 3)
+    states = []
+    model.loop(model.embed(x), x, 3, halting=False, states=states)
+    valid = y.reshape(-1) != -1
+    per_loop = [torch.nn.functional.cross_entropy(model.head(h).reshape(-1, 11), y.reshape(-1), ignore_index=-1,
+                                                  reduction="none")[valid] for h in states]
+    halt = torch.stack([torch.sigmoid(model.halt_gate(h).squeeze(-1)).reshape(-1)[valid] for h in states])
+    exit_probs = exit_distribution(halt)
+    expected = (exit_probs * torch.stack(per_loop)).sum(0).mean()
+    entropy = -(exit_probs * exit_probs.log()).sum(0).mean()
+    want = sum(w * l.mean() for w, l in zip(loop_weights("ramp", 3), per_loop)) + 0.7 * (expected - 0.1 * entropy)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert last.item() == pytest.approx(per_loop[-1].mean().item(), rel=1e-5)
+
+
 def core_grad(model, x, y, **objective_args):
     model.zero_grad()
     LoopObjective(model, TrainConfig())(x, y, 3, **objective_args)[0].backward()
