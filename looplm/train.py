@@ -36,14 +36,15 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from looplm.checkpoint import load_checkpoint, load_train_state, read_config, save_checkpoint
 from looplm.cli import run_cli
-from looplm.checkpoint import TRAIN_STATE_FILE, load_checkpoint, load_train_state, read_config, save_checkpoint  # noqa: F401
 from looplm.config import ConfigError, LoopConfig
 from looplm.data.addition import AdditionTask
 from looplm.data.shakespeare import ShakespeareTask
 from looplm.fileio import atomic_write_text
 from looplm.model import LoopGPT
-from looplm.objective import LoopObjective, exit_distribution, loop_weights  # noqa: F401 (the trainer's API)
+# The trainer's API as before the split: `from looplm.train import TrainConfig, LoopObjective, ...`
+from looplm.objective import LoopObjective, exit_distribution, loop_weights  # noqa: F401
 from looplm.train_config import (DTYPES, HALTING_KEYS, TrainConfig, parse_args,  # noqa: F401
                                  read_config_file, split_config)
 
