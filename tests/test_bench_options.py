@@ -1,12 +1,7 @@
 """bench/conftest.py: a --benchmark-only run times the benchmarks and lists no skip reasons."""
-import os
-import subprocess
-import sys
-from pathlib import Path
+from types import SimpleNamespace
 
-from bench.conftest import _without_skips
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench.conftest import _without_skips, pytest_collection_modifyitems
 
 
 def test_benchmark_only_reports_no_skip_reasons():
@@ -15,12 +10,18 @@ def test_benchmark_only_reports_no_skip_reasons():
     assert _without_skips("fsE") == "fE"
 
 
+def run_hook(benchmark_only):
+    deselected = []
+    config = SimpleNamespace(option=SimpleNamespace(benchmark_only=benchmark_only),
+                             hook=SimpleNamespace(pytest_deselected=lambda items: deselected.extend(items)))
+    timed, plain = SimpleNamespace(fixturenames=["benchmark", "tmp_path"]), SimpleNamespace(fixturenames=["tmp_path"])
+    items = [plain, timed, plain]
+    pytest_collection_modifyitems(config, items)
+    return items, deselected, timed, plain
+
+
 def test_benchmark_only_deselects_what_times_nothing():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark-only", "--collect-only", "-q",
-                           "tests/test_config.py", "bench/test_bench_baselines.py", "bench/test_bench_model.py",
-                           "-k", "config or baselines or nanogpt"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    collected = [line for line in done.stdout.splitlines() if "::" in line]
-    assert collected and all("test_train_step_against_nanogpt" in line for line in collected), done.stdout
+    items, deselected, timed, plain = run_hook(benchmark_only=True)
+    assert items == [timed] and deselected == [plain, plain]
+    items, deselected, timed, plain = run_hook(benchmark_only=False)
+    assert items == [plain, timed, plain] and deselected == []
