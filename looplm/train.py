@@ -32,7 +32,6 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -265,15 +264,16 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         batch_rng.set_state(state["batch_rng"])
 
-    objective: nn.Module = LoopObjective(model, cfg)
+    # The evaluations run the objective too (its second output is the last loop's loss, as the model
+    # computes it at n_loops), and with compile=True the compiled one: eval mode compiles its own graph.
+    evaluator = objective = LoopObjective(model, cfg)
     if ddp.enabled:
         unused = model.config.halt == "gate" and not objective.gate
         objective = DistributedDataParallel(objective, device_ids=[ddp.local_rank] if device_type == "cuda" else None,
                                             find_unused_parameters=unused)
-    evaluator = model
     if cfg.compile:
         objective = torch.compile(objective)
-        evaluator = torch.compile(model)  # the evaluations run compiled too (in eval mode: a graph of its own)
+        evaluator = objective if not ddp.enabled else torch.compile(evaluator)  # evaluation runs on one process
     log = RunLog(out_dir, iter_num if state is not None else None) if ddp.master else None
 
     def progress_at(it: int, elapsed: float) -> float:
@@ -290,7 +290,7 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
             for _ in range(cfg.eval_iters):
                 x, y = task.get_batch(split, cfg.batch_size, eval_rng, device)
                 with autocast:
-                    losses.append(evaluator(x, y, halt=False)[1].item())
+                    losses.append(evaluator(x, y, n_loops)[1].item())
             out[f"{split}_loss"] = sum(losses) / len(losses)
         model.train()
         return out
