@@ -18,12 +18,17 @@ bench: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-# Without an NVIDIA driver, torch is pinned to the CPU build first: an open range would pull the
-# newest CUDA build (several GB). With a driver, pip resolves torch from pyproject's range.
+# Without an NVIDIA driver (no nvidia-smi), torch 2.13.0 comes first from PyTorch's CPU index: PyPI
+# serves the CUDA build on Linux (several GB with its CUDA libraries), and pip prefers the index's
+# 2.13.0+cpu over it. An unreachable CPU index is only a warning; pip then takes PyPI's build. With
+# a driver, pip resolves torch from pyproject's range on PyPI (the CUDA build).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "torch==2.13.0"; fi
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q "torch==2.13.0" --extra-index-url $(TORCH_CPU_INDEX); fi
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

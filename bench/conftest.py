@@ -5,6 +5,10 @@ Plain `pytest` collects bench/ with the tests, so unless benchmarking is asked f
 runs single-shot (pytest-benchmark's --benchmark-disable): it still checks that the case works,
 in seconds. The saved JSON carries what a reader of the numbers needs: the device, the library
 versions and the exact command.
+
+`--benchmark-only` deselects the tests that time nothing (rather than skipping each one), and lists
+no skip reasons under `-ra`: the cases for another device or backend are counted in the last line,
+so the run ends on its benchmark table.
 """
 from __future__ import annotations
 
@@ -29,11 +33,28 @@ def pytest_configure(config: pytest.Config) -> None:
     option = config.option
     if hasattr(option, "benchmark_disable") and not any(getattr(option, name, None) for name in _TIMING_OPTIONS):
         option.benchmark_disable = True
+    if getattr(option, "benchmark_only", False):
+        option.reportchars = _without_skips(option.reportchars)
     threads = config.getoption("--bench-threads")
     if threads is not None:
         if threads < 1:
             raise pytest.UsageError(f"--bench-threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+
+
+def _without_skips(reportchars: str) -> str:
+    """pytest's -r characters with skips left out ('a' is every outcome but passes, 'A' every one)."""
+    expanded = reportchars.replace("A", "fExXpP").replace("a", "fExX")
+    return "".join(c for c in expanded if c not in "sS")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not getattr(config.option, "benchmark_only", False):
+        return
+    timed = [item for item in items if "benchmark" in getattr(item, "fixturenames", ())]
+    if len(timed) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in timed])
+        items[:] = timed
 
 
 def _version(package: str) -> str:

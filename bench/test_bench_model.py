@@ -2,8 +2,17 @@
 16, and one training step of GPT-12L against LoopLM-1Lx12 (equal FLOPs: both run 12 blocks of the
 same width). Each on the torch backend (eager), torch.compile of it where it applies, and the
 kernel backends. On a CPU the torch-backend cases run at the narrow CPU workload.
+
+And the training step against its peer, nanoGPT's own GPT (tests/nanogpt_arch.py, SDPA as nanoGPT
+uses it), at nanoGPT's CPU shapes and at C=384, T=256, in interleaved rounds: fp32 weights, under
+bf16 autocast on a GPU as nanoGPT trains there.
 """
 from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Callable
 
 import pytest
 import torch
@@ -12,6 +21,11 @@ from bench.harness import KERNEL_BACKENDS, backend_or_skip, bench_device, compil
 from bench.schema import CaseInfo
 from bench.workloads import ModelWorkload, build_model, calibrate_halting, forward_flops, generation_flops, \
     main_workload, model_dtype, model_workloads, token_batch
+from looplm import LoopConfig, LoopGPT
+from looplm.checkpoint import load_state
+from looplm.objective import LoopObjective
+from looplm.train import TrainConfig, configure_optimizer
+from tests.nanogpt_arch import GPT, GPTConfig
 
 DEVICE = bench_device()
 DTYPE = str(model_dtype(DEVICE)).removeprefix("torch.")
@@ -100,3 +114,102 @@ def test_train_step(benchmark, backend: str, layers: int, loops: int) -> None:
                     tokens=workload.batch * workload.seq, notes={"optimizer": "AdamW"})
     loss = measure(benchmark, step, info)
     assert torch.isfinite(loss)
+
+
+# ---- training step against nanoGPT
+
+NANOGPT_SHAPES = [  # nanoGPT's shakespeare_char CPU settings, and its GPU model's width at a CPU batch
+    dict(C=128, H=4, T=64, B=12),
+    dict(C=384, H=6, T=256, B=4),
+]
+NANOGPT_ROUNDS = {128: 41, 384: 15}  # interleaved rounds per shape when timing
+VOCAB = 65  # shakespeare_char
+
+
+def _train_steps(shape: dict) -> dict[str, Callable[[], torch.Tensor]]:
+    """One training step each (forward, backward, AdamW with nanoGPT's weight-decay groups,
+    zero_grad): nanoGPT's GPT-4L, and LoopLM's GPT-4L and LoopLM 1Lx4 as the trainer runs them
+    (LoopObjective) and as a nanoGPT user calls them (model(idx, targets)). GPT-4L starts from the
+    peer's own weights: the same function."""
+    C, H, T, B = shape["C"], shape["H"], shape["T"], shape["B"]
+    torch.manual_seed(0)
+    peer = GPT(GPTConfig(block_size=T, vocab_size=VOCAB, n_layer=4, n_head=H, n_embd=C, bias=True)).to(DEVICE)
+    generator = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, VOCAB, (B, T), generator=generator).to(DEVICE)
+    targets = torch.randint(0, VOCAB, (B, T), generator=generator).to(DEVICE)
+    settings = TrainConfig(device=DEVICE.type)
+
+    # fp32 weights; on a GPU under bf16 autocast, as nanoGPT and looplm.train run there
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE.type == "cuda" else contextlib.nullcontext()
+
+    def step_of(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        optimizer = configure_optimizer(model, settings, DEVICE.type)
+
+        def step() -> torch.Tensor:
+            with amp:
+                loss = loss_of()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+        return step
+
+    steps = {"nanoGPT-4L": step_of(peer, lambda: peer(idx, targets)[1])}
+    for name, layers, loops in (("GPT-4L", 4, 1), ("LoopLM-1Lx4", 1, 4)):
+        torch.manual_seed(0)
+        config = LoopConfig(vocab_size=VOCAB, block_size=T, n_embd=C, n_head=H, n_layer=layers, n_loops=loops)
+        for call in ("trainer", "model"):
+            model = LoopGPT(config).to(DEVICE).train()
+            if layers == 4:
+                load_state(model, {k.replace("transformer.h.", "transformer.core."): v
+                                   for k, v in peer.state_dict().items()}, source="nanoGPT-4L")
+            if call == "trainer":
+                objective = LoopObjective(model, settings)
+                steps[f"{name} (trainer)"] = step_of(model, lambda o=objective, n=loops: o(idx, targets, n)[0])
+            else:
+                steps[f"{name} (model call)"] = step_of(model, lambda m=model: m(idx, targets)[1])
+    return steps
+
+
+@pytest.mark.parametrize("shape", NANOGPT_SHAPES, ids=lambda s: "C{C}-T{T}-B{B}".format(**s))
+def test_train_step_against_nanogpt(benchmark, shape: dict) -> None:
+    """nanoGPT's GPT-4L against LoopLM's GPT-4L and LoopLM 1Lx4, fp32, the torch backend. Each
+    timed round runs every candidate's step once, in an order that rotates from round to round, so
+    that a machine's slow moments fall on all of them alike; the medians and their ratios to nanoGPT
+    are in the case's notes (the table's time is the whole round)."""
+    if not benchmark.enabled and shape != NANOGPT_SHAPES[0]:
+        pytest.skip("the wider shape runs only when benchmarking; the first shape checks the same steps")
+    steps = _train_steps(shape)
+    names = list(steps)
+    first = {name: step().item() for name, step in steps.items()}  # also the untimed warm-up
+    for name in ("GPT-4L (trainer)", "GPT-4L (model call)"):  # the same weights compute the same loss
+        assert first[name] == pytest.approx(first["nanoGPT-4L"], rel=1e-5), (name, first)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_times: dict[str, list[float]] = {name: [] for name in names}
+
+    def one_round() -> None:
+        offset = len(times[names[0]]) % len(names)
+        for name in names[offset:] + names[:offset]:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            loss = steps[name]()
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
+            assert torch.isfinite(loss), name
+
+    if not benchmark.enabled:
+        return
+    benchmark.pedantic(one_round, rounds=NANOGPT_ROUNDS[shape["C"]], iterations=1)
+    # Wall time, and the CPU time the process spent: on a machine shared with other work, wall time
+    # also counts the waits for a core, CPU time only the step's own work (one thread).
+    notes = {"rounds": len(times[names[0]]), "threads": torch.get_num_threads(), "optimizer": "AdamW"}
+    for label, samples in (("", times), ("cpu_", cpu_times)):
+        medians = {name: statistics.median(t) for name, t in samples.items()}
+        notes[f"median_{label}ms"] = {n: round(1e3 * m, 3) for n, m in medians.items()}
+        notes[f"{label}ratio_to_nanogpt"] = {n: round(m / medians["nanoGPT-4L"], 3) for n, m in medians.items()}
+    dtype = "bfloat16-autocast" if DEVICE.type == "cuda" else "float32"
+    info = CaseInfo("model", "train_step_vs_nanogpt", "torch", dict(model="4 blocks", **shape), dtype,
+                    device_name(DEVICE), tokens=shape["B"] * shape["T"], notes=notes)
+    benchmark.extra_info.update(info.to_extra_info())
+    benchmark.group = f"model: train_step_vs_nanogpt {dtype}"

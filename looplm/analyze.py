@@ -29,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from looplm.checkpoint import load_checkpoint  # noqa: E402
+from looplm.cli import ArgumentParser, CLIError, run_cli  # noqa: E402
 from looplm.data.shakespeare import CharTokenizer, corpus_text  # noqa: E402
 from looplm.fileio import atomic_write_bytes  # noqa: E402
 from looplm.model import LoopGPT, LoopTrace  # noqa: E402
@@ -41,7 +42,7 @@ HEATMAP_WIDTH = 32  # characters per heatmap row
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m looplm.analyze", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m looplm.analyze", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="checkpoint directory (looplm.checkpoint.save_checkpoint)")
     p.add_argument("--text", required=True, help="the text to analyse, at least two characters")
@@ -172,11 +173,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     tokenizer = CharTokenizer(args.vocab) if args.vocab else CharTokenizer.from_text(corpus_text())
     n_loops = args.loops if args.loops is not None else model.config.max_loops
     if n_loops < 2:
-        raise SystemExit(f"--loops must be >= 2 to see states change, got {n_loops}")
-    try:
-        result = analyze(model, tokenizer, args.text, n_loops, args.tol)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
+        raise CLIError(f"--loops must be >= 2 to see states change, got {n_loops}")
+    if not args.tol > 0:
+        raise CLIError(f"--tol must be > 0, got {args.tol}")
+    result = analyze(model, tokenizer, args.text, n_loops, args.tol)
     print_report(result)
     args.out.mkdir(parents=True, exist_ok=True)
     written = write_plots(result, args.out)
@@ -186,4 +186,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="looplm.analyze")

@@ -1,4 +1,10 @@
-"""Checkpoints: a directory holding model.safetensors and config.json, replaced atomically.
+"""Checkpoints: a directory holding model.safetensors and config.json (and, for the trainer's
+exact resume, train_state.pt), replaced atomically and crash-safe.
+
+Replacing a checkpoint never leaves a moment without one: the new directory is written beside the
+old, the old is renamed to a backup name (`.NAME.backup`), the new is renamed in, and the backup is
+removed. A crash between the two renames leaves only the backup; loading finds it there. A file
+that is missing, corrupt or not a checkpoint is a `CheckpointError` that names it.
 
 Also: importing a nanoGPT `ckpt.pt`, and transplanting a trained GPT layer into a LoopGPT core.
 """
@@ -6,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from looplm.backends import Backend
@@ -21,6 +29,7 @@ from looplm.model import LoopGPT
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TRAIN_STATE_FILE = "train_state.pt"  # optimizer, RNG and progress: tensors and plain values only
 TIED = "transformer.wte.weight"  # the same tensor as lm_head.weight; stored once
 
 
@@ -28,11 +37,20 @@ class CheckpointError(ValueError):
     pass
 
 
-def save_checkpoint(model: LoopGPT, path: Union[str, Path], metadata: Optional[dict] = None) -> Path:
-    """Write model and config to directory `path`. The new directory is built beside it and swapped
-    in by rename, so `path` holds either the old checkpoint or the new one, never a mix."""
+def backup_path(path: Union[str, Path]) -> Path:
+    """Where the old checkpoint waits while a new one is renamed in."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.backup")
+
+
+def save_checkpoint(model: LoopGPT, path: Union[str, Path], metadata: Optional[dict] = None,
+                    train_state: Optional[dict[str, Any]] = None) -> Path:
+    """Write model and config (and `train_state`, as train_state.pt) to directory `path`. The new
+    directory is built beside it and swapped in by rename, so `path` holds the old checkpoint or the
+    new one, never a mix; in the moment between the renames the old one is at backup_path(path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    backup = backup_path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the checkpoint from other users
@@ -41,29 +59,53 @@ def save_checkpoint(model: LoopGPT, path: Union[str, Path], metadata: Optional[d
             save_file(state, weights_file, metadata={"format": "pt"})
         doc = {"looplm_config": model.config.to_dict(), **({"metadata": metadata} if metadata else {})}
         atomic_write_text(tmp / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
+        if train_state is not None:
+            with atomic_path(tmp / TRAIN_STATE_FILE) as state_file:
+                torch.save(train_state, state_file)
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / path.name)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
+            if backup.exists():  # left by a crash after an earlier swap; `path` is complete, so it goes
+                shutil.rmtree(backup)
+            os.rename(path, backup)
+        os.rename(tmp, path)  # a crash just before this leaves the old checkpoint at `backup`
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(backup, ignore_errors=True)
     return path
 
 
-def read_config(path: Union[str, Path]) -> LoopConfig:
+def checkpoint_dir(path: Union[str, Path]) -> Path:
+    """The directory to load `path` from: `path` itself, or its backup when a crash in the middle of
+    a save left only that."""
     path = Path(path)
+    if not path.exists() and (backup_path(path) / CONFIG_FILE).is_file():
+        return backup_path(path)
+    return path
+
+
+def read_checkpoint_doc(path: Union[str, Path]) -> dict[str, Any]:
+    """The checkpoint's config.json: {"looplm_config": ..., "metadata": ...}."""
+    path = checkpoint_dir(path)
     config_file = path / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if not config_file.is_file():
         raise CheckpointError(f"{path} is not a LoopLM checkpoint: {CONFIG_FILE} is missing")
     try:
         doc = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file} is corrupt: {e}") from e
+    if not isinstance(doc, dict) or "looplm_config" not in doc:
+        raise CheckpointError(f"{config_file} does not hold a valid LoopConfig: no 'looplm_config'")
+    return doc
+
+
+def read_config(path: Union[str, Path]) -> LoopConfig:
+    doc = read_checkpoint_doc(path)
+    try:
         return LoopConfig.from_dict(doc["looplm_config"])
-    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
-        raise CheckpointError(f"{config_file} does not hold a valid LoopConfig: {e}") from e
+    except (KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{checkpoint_dir(path) / CONFIG_FILE} does not hold a valid LoopConfig: {e}") from e
 
 
 def load_checkpoint(path: Union[str, Path], backend: Union[str, Backend] = "torch",
@@ -71,7 +113,7 @@ def load_checkpoint(path: Union[str, Path], backend: Union[str, Backend] = "torc
                     expected_config: Optional[LoopConfig] = None) -> LoopGPT:
     """Build the LoopGPT that `path` describes and load its weights, checking every name and shape.
     With `expected_config`, a checkpoint made with another config is refused, naming the fields."""
-    path = Path(path)
+    path = checkpoint_dir(path)
     config = read_config(path)
     if expected_config is not None and expected_config != config:
         diff = {k: (v, getattr(config, k)) for k, v in expected_config.to_dict().items()
@@ -80,11 +122,39 @@ def load_checkpoint(path: Union[str, Path], backend: Union[str, Backend] = "torc
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         raise CheckpointError(f"{path} is not a LoopLM checkpoint: {WEIGHTS_FILE} is missing")
+    try:
+        weights = load_file(weights_file)
+    except SafetensorError as e:
+        raise CheckpointError(f"{weights_file} is corrupt or not a safetensors file: {e}") from e
     model = LoopGPT(config, backend="torch")
-    load_state(model, load_file(weights_file), source=str(weights_file))
+    load_state(model, weights, source=str(weights_file))
     if device is not None:
         model.to(device)
     return model.set_backend(backend)
+
+
+def load_torch_file(path: Union[str, Path]) -> Any:
+    """torch.load with weights_only=True (tensors and plain containers only), a corrupt or foreign
+    file named as such."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} is corrupt, or holds objects other than tensors and plain values "
+                              f"(loaded with weights_only=True)") from e
+    except (EOFError, RuntimeError) as e:  # RuntimeError: torch's reader found a damaged archive
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "the file ends early"
+        raise CheckpointError(f"{path} is corrupt: {reason}") from e
+
+
+def load_train_state(path: Union[str, Path]) -> dict[str, Any]:
+    """The trainer's resume state saved with checkpoint `path` (save_checkpoint's train_state)."""
+    state_file = checkpoint_dir(path) / TRAIN_STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file} is missing: {path} is not a complete checkpoint to resume from")
+    return load_torch_file(state_file)
 
 
 def load_state(model: LoopGPT, state: dict[str, torch.Tensor], source: str) -> None:
@@ -113,7 +183,7 @@ NANOGPT_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size
 def import_nanogpt(ckpt_path: Union[str, Path], backend: Union[str, Backend] = "torch") -> LoopGPT:
     """A LoopGPT (n_loops=1, the same function) from a nanoGPT `ckpt.pt`: its model_args and its
     state dict, with or without torch.compile's `_orig_mod.` prefix. Loaded with weights_only=True."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_torch_file(ckpt_path)
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{ckpt_path} is not a nanoGPT checkpoint: expected a dict with 'model_args' and "
                               f"'model', found {sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}")

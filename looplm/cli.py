@@ -9,18 +9,29 @@ are the ones the library raises for bad input; anything else is a bug and keeps 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
+
+from looplm.backends import BackendUnavailable  # an unknown or unavailable --backend
 
 
 class CLIError(Exception):
     """Bad input found by a command-line tool; its message is the whole explanation."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (CLIError, ValueError, TypeError, LookupError, OSError,
-                                                 json.JSONDecodeError)
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, whose refusals (a wrong-typed option, a missing argument) go through run_cli's one
+    line like every other user error, rather than a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CLIError(f"{message} (see --help)")
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (CLIError, BackendUnavailable, ValueError, TypeError, LookupError,
+                                                 OSError, json.JSONDecodeError)
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None,

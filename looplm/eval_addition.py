@@ -8,7 +8,6 @@ the loops the model was trained with.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -16,9 +15,11 @@ from typing import Optional, Sequence, Union
 import torch
 from tabulate import tabulate
 
-from looplm.checkpoint import CONFIG_FILE, load_checkpoint
+from looplm.checkpoint import load_checkpoint, read_checkpoint_doc
+from looplm.cli import ArgumentParser, run_cli
 from looplm.data.addition import AdditionTask, encode, sequence_length
 from looplm.model import LoopGPT
+from looplm.train import resolve_device
 
 
 @dataclass
@@ -82,7 +83,7 @@ def format_table(results: Sequence[DigitResult]) -> str:
 
 def task_from_checkpoint(path: Union[str, Path], test_digits: Optional[Sequence[int]] = None) -> AdditionTask:
     """The AdditionTask a checkpoint was trained on (from its metadata), with other test digits if given."""
-    doc = json.loads((Path(path) / CONFIG_FILE).read_text())
+    doc = read_checkpoint_doc(path)
     meta = doc.get("metadata", {}).get("task", {})
     if meta.get("task") != "addition":
         raise ValueError(f"{path} was not trained on addition (its task: {meta.get('task', 'not recorded')!r})")
@@ -109,7 +110,7 @@ def parse_digits(text: str) -> list[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[DigitResult]:
-    parser = argparse.ArgumentParser(prog="python -m looplm.eval_addition", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m looplm.eval_addition", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint directory written by looplm.train on the addition task")
     parser.add_argument("--max-loops", type=int, default=None, help="loop budget (default: the config's)")
     parser.add_argument("--digits", type=parse_digits, default=None, help="digit counts, e.g. 1-20 (default: "
@@ -120,7 +121,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[DigitResult]:
     args = parser.parse_args(argv)
     if args.max_loops is not None and args.max_loops < 1:
         parser.error(f"--max-loops must be >= 1, got {args.max_loops}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
+    device = resolve_device(args.device)
     task = task_from_checkpoint(args.checkpoint, args.digits)
     task.check_disjoint()
     model = load_checkpoint(args.checkpoint, backend=args.backend, device=device)
@@ -134,4 +137,4 @@ def main(argv: Optional[Sequence[str]] = None) -> list[DigitResult]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="looplm.eval_addition")

@@ -1,17 +1,14 @@
 """Train a LoopGPT: `python -m looplm.train CONFIG [--key=value ...]`.
 
-Configs are Python files of assignments, as nanoGPT's: any TrainConfig field below, and any
-LoopConfig field (the model; vocab_size comes from the task). `--key=value` overrides them; values
-are Python literals (a bare word is a string). Unknown keys and ill-typed values are errors.
+Configs are Python files of assignments, as nanoGPT's (`looplm.train_config`): any TrainConfig
+field and any LoopConfig field; `--key=value` overrides them.
 
 The loop of training is nanoGPT's (AdamW with weight decay on matrices only, linear warm-up then
-cosine decay, gradient clipping, periodic evaluation, best checkpoint), with what a looped model
-adds, all in `LoopObjective`:
-- multi-step supervision: the loss of every loop's readout, weighted `last`, `all` or `ramp`;
-- a loop curriculum (the training loop count grows over training), random depth per batch and
-  truncated backprop through the last `grad_loops` loops;
-- a learned halting gate (LoopConfig halt="gate"), trained on the expected loss under its exit
-  distribution minus an entropy bonus; `gate_only` trains the gate alone on a trained model.
+cosine decay, gradient clipping, periodic evaluation, best checkpoint). What a looped model adds:
+the loss in `looplm.objective.LoopObjective` (per-loop supervision, the halting gate's loss), and
+here a loop curriculum (the training loop count grows over training), random depth per batch,
+truncated backprop through the last `grad_loops` loops, and `gate_only` to train the gate alone on
+a trained model.
 
 Progress through training (for the schedule and the curriculum) is iterations over
 `lr_decay_iters`, or time over `max_seconds` when that is sooner. Checkpoints live in out_dir:
@@ -21,194 +18,39 @@ own batches and gradients are averaged (DDP; gloo on CPU, nccl on GPU).
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import csv
-import difflib
 import io
 import json
 import math
 import os
-import runpy
 import sys
 import time
-import types
-import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from looplm.checkpoint import load_checkpoint, read_config, save_checkpoint
+from looplm.checkpoint import load_checkpoint, load_train_state, read_config, save_checkpoint
+from looplm.cli import run_cli
 from looplm.config import ConfigError, LoopConfig
 from looplm.data.addition import AdditionTask
 from looplm.data.shakespeare import ShakespeareTask
-from looplm.fileio import atomic_path, atomic_write_text
+from looplm.fileio import atomic_write_text
 from looplm.model import LoopGPT
+# The trainer's API as before the split: `from looplm.train import TrainConfig, LoopObjective, ...`
+from looplm.objective import LoopObjective, exit_distribution, loop_weights  # noqa: F401
+from looplm.train_config import (DTYPES, HALTING_KEYS, TrainConfig, parse_args,  # noqa: F401
+                                 read_config_file, split_config)
 
-TASKS = ("shakespeare", "addition")
-LOSS_WEIGHTS = ("last", "all", "ramp")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODEL_KEYS = tuple(f.name for f in fields(LoopConfig) if f.name != "vocab_size")
-# Settings that change how a trained model halts, not its weights: a fine-tuning run may change them.
-HALTING_KEYS = ("halt", "halt_threshold", "halt_thresholds_after", "min_loops", "max_loops", "dropout")
-TRAIN_STATE_FILE = "train_state.pt"
 METRICS_FIELDS = ("iter", "n_loops", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
 
 
-@dataclass
-class TrainConfig:
-    # run
-    out_dir: str = "out/run"
-    data_dir: str = "out/data"
-    task: str = "shakespeare"
-    init_from: str = "scratch"  # scratch | resume (out_dir/last) | a checkpoint directory to fine-tune
-    seed: int = 1337
-    device: str = "auto"  # auto: cuda if available, else cpu
-    dtype: str = "auto"  # auto: bfloat16 on a GPU that has it, else float32
-    backend: str = "torch"
-    compile: bool = False
-    threads: Optional[int] = None  # CPU threads for torch; None keeps torch's choice
-    # evaluation and logging
-    eval_interval: int = 250
-    eval_iters: int = 200
-    log_interval: int = 10
-    always_save_checkpoint: bool = False
-    progress: bool = True  # tqdm bar
-    report: bool = True  # print the end-of-run report
-    sample_tokens: int = 300
-    # batches
-    batch_size: int = 12
-    gradient_accumulation_steps: int = 1
-    # addition (task="addition")
-    train_digits: tuple = (1, 4)
-    test_digits: tuple = tuple(range(1, 13))
-    reverse_digits: bool = True
-    zero_pad: bool = False
-    swap_augment: bool = True
-    random_offset: bool = True
-    n_train: int = 100_000
-    n_test: int = 200
-    # optimizer and schedule
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    max_iters: int = 2000
-    max_seconds: Optional[float] = None  # wall-time budget; training stops when it is spent
-    warmup_iters: int = 100
-    lr_decay_iters: Optional[int] = None  # None: max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables
-    # looped training
-    loss_weights: str = "last"  # last | all | ramp: how each loop's readout loss counts
-    loop_curriculum: tuple = ()  # e.g. (2, 4, 8, 12): training loop counts over equal parts of training
-    random_depth: bool = False  # each batch runs a loop count drawn from [1, current]
-    grad_loops: Optional[int] = None  # backprop through the last k loops only
-    gate_loss_weight: float = 1.0  # with halt="gate": weight of the exit-distribution loss
-    gate_entropy_weight: float = 0.05  # entropy bonus of the exit distribution
-    gate_only: bool = False  # train the halting gate alone (a second stage, from init_from=<checkpoint>)
-
-    def __post_init__(self) -> None:
-        choices = {"task": TASKS, "loss_weights": LOSS_WEIGHTS, "dtype": ("auto", *DTYPES)}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        positive = ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",
-                    "log_interval", "n_train", "n_test")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "gate_loss_weight",
-                     "gate_entropy_weight", "sample_tokens"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.min_lr > self.learning_rate:
-            raise ConfigError(f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
-        if self.max_seconds is not None and self.max_seconds <= 0:
-            raise ConfigError(f"max_seconds must be > 0 or None, got {self.max_seconds!r}")
-        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
-            raise ConfigError(f"lr_decay_iters must be >= 1 or None, got {self.lr_decay_iters!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1 or None, got {self.threads!r}")
-        if self.grad_loops is not None and self.grad_loops < 1:
-            raise ConfigError(f"grad_loops must be >= 1 or None, got {self.grad_loops!r}")
-        for n in self.loop_curriculum:
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-                raise ConfigError(f"loop_curriculum must hold loop counts >= 1, got {self.loop_curriculum!r}")
-        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
-            raise ConfigError(f"beta1 and beta2 must be in [0, 1), got {self.beta1!r}, {self.beta2!r}")
-
-
-# ---- configuration
-
-
-def parse_args(argv: list[str]) -> tuple[TrainConfig, dict[str, Any]]:
-    """Config files and --key=value overrides, in order -> (TrainConfig, the model keys that were set)."""
-    values: dict[str, Any] = {}
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, raw = arg[2:].partition("=")
-            if not sep or not key:
-                raise ConfigError(f"expected --key=value, got {arg!r}")
-            values[key] = _literal(raw)
-        else:
-            values.update(read_config_file(arg))
-    return split_config(values)
-
-
-def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    namespace = runpy.run_path(str(path))
-    return {k: v for k, v in namespace.items() if not k.startswith("_")
-            and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
-
-
-def split_config(values: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
-    """Check every key and type; the training keys make a TrainConfig, the model keys are returned."""
-    hints = typing.get_type_hints(TrainConfig)
-    known = sorted(set(hints) | set(MODEL_KEYS))
-    train, model = {}, {}
-    for key, value in values.items():
-        if key in hints:
-            train[key] = _coerce(key, value, hints[key])
-        elif key in MODEL_KEYS:
-            model[key] = value
-        else:
-            close = difflib.get_close_matches(key, known, n=3)
-            hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {known}"
-            raise ConfigError(f"unknown config key {key!r}{hint}")
-    return TrainConfig(**train), model
-
-
-def _literal(raw: str) -> Any:
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw  # a bare word: a string
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is tuple and isinstance(value, (list, tuple, range)):
-        return tuple(value)
-    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r} ({type(value).__name__})")
+# ---- the task
 
 
 def make_task(cfg: TrainConfig, block_size: int) -> Union[ShakespeareTask, AdditionTask]:
@@ -224,72 +66,6 @@ def task_metadata(cfg: TrainConfig) -> dict[str, Any]:
     keys = ("task",) + (("train_digits", "test_digits", "reverse_digits", "zero_pad", "swap_augment", "random_offset",
                          "n_train", "n_test", "seed") if cfg.task == "addition" else ("data_dir",))
     return {k: getattr(cfg, k) for k in keys}
-
-
-# ---- the objective
-
-
-def loop_weights(kind: str, n_loops: int) -> list[float]:
-    """Weights of the loss of each loop's readout, summing to 1."""
-    if kind == "last":
-        raw = [0.0] * (n_loops - 1) + [1.0]
-    elif kind == "all":
-        raw = [1.0] * n_loops
-    elif kind == "ramp":
-        raw = [float(t) for t in range(1, n_loops + 1)]
-    else:
-        raise ValueError(f"loss_weights must be one of {LOSS_WEIGHTS}, got {kind!r}")
-    return [w / sum(raw) for w in raw]
-
-
-def exit_distribution(halt_probs: Tensor) -> Tensor:
-    """Per-loop halting probabilities (L, N) -> probability of exiting at each loop (L, N): halt at t
-    having run on through 1..t-1; the last loop takes what is left."""
-    survive = torch.cumprod(1 - halt_probs, dim=0)
-    before = torch.cat([torch.ones_like(survive[:1]), survive[:-1]])
-    return torch.cat([(halt_probs * before)[:-1], before[-1:]])
-
-
-class LoopObjective(nn.Module):
-    """The training loss of a LoopGPT, as a module so DDP and torch.compile see one forward."""
-
-    def __init__(self, model: LoopGPT, cfg: TrainConfig):
-        super().__init__()
-        self.model = model
-        self.loss_weights = cfg.loss_weights
-        self.gate = model.config.halt == "gate" and (cfg.gate_loss_weight > 0 or cfg.gate_only)
-        self.gate_only = cfg.gate_only
-        self.gate_loss_weight = cfg.gate_loss_weight
-        self.gate_entropy_weight = cfg.gate_entropy_weight
-
-    def forward(self, idx: Tensor, targets: Tensor, n_loops: int, grad_loops: Optional[int] = None
-                ) -> tuple[Tensor, Tensor]:
-        """-> (loss to minimise, the last loop's language-model loss for logging)."""
-        model = self.model
-        states: list[Tensor] = []
-        model.loop(model.embed(idx), idx, n_loops, halting=False, states=states, grad_loops=grad_loops)
-        weights = loop_weights(self.loss_weights, n_loops)
-        valid = targets.reshape(-1) != -1
-        per_loop = []  # per-token losses (N,) of the loops the loss needs
-        for t, h in enumerate(states):
-            if weights[t] > 0 or self.gate:
-                logits = model.head(h)
-                per_loop.append(F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                                ignore_index=-1, reduction="none")[valid])
-            else:
-                per_loop.append(None)
-        last_loss = per_loop[-1].mean()
-        loss = last_loss.new_zeros(())
-        if not self.gate_only:
-            loss = loss + sum(w * l.mean() for w, l in zip(weights, per_loop) if w > 0)
-        if self.gate:
-            halt_probs = torch.stack([torch.sigmoid(model.halt_gate(h).squeeze(-1).float()).reshape(-1)[valid]
-                                      for h in states])
-            exit_probs = exit_distribution(halt_probs)
-            expected_loss = (exit_probs * torch.stack(per_loop)).sum(0).mean()
-            entropy = -(exit_probs * exit_probs.clamp(min=1e-12).log()).sum(0).mean()
-            loss = loss + self.gate_loss_weight * (expected_loss - self.gate_entropy_weight * entropy)
-        return loss, last_loss.detach()
 
 
 # ---- the schedule
@@ -321,11 +97,6 @@ def configure_optimizer(model: LoopGPT, cfg: TrainConfig, device_type: str) -> t
 
 
 # ---- files
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 class RunLog:
@@ -455,19 +226,16 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + ddp.rank)
     batch_rng = torch.Generator().manual_seed(cfg.seed + ddp.rank)
-    state_file = last_dir / TRAIN_STATE_FILE
-    if cfg.init_from == "resume" and not state_file.is_file():
-        raise FileNotFoundError(f"init_from='resume' needs {state_file}; it is missing (no complete checkpoint)")
+    # init_from='resume' with nothing complete to resume from fails here, naming the missing file
+    state = load_train_state(last_dir) if cfg.init_from == "resume" else None
     if cfg.init_from == "scratch":
         block_size = model_keys.get("block_size", LoopConfig.block_size)
     else:
         block_size = read_config(last_dir if cfg.init_from == "resume" else cfg.init_from).block_size
     task = make_task(cfg, block_size)
 
-    state = None
     if cfg.init_from == "resume":
         model = load_checkpoint(last_dir)
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
     else:
         model = build_model(cfg, model_keys, task.vocab_size)
     if model.config.vocab_size != task.vocab_size:
@@ -496,13 +264,16 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         batch_rng.set_state(state["batch_rng"])
 
-    objective: nn.Module = LoopObjective(model, cfg)
+    # The evaluations run the objective too (its second output is the last loop's loss, as the model
+    # computes it at n_loops), and with compile=True the compiled one: eval mode compiles its own graph.
+    evaluator = objective = LoopObjective(model, cfg)
     if ddp.enabled:
         unused = model.config.halt == "gate" and not objective.gate
         objective = DistributedDataParallel(objective, device_ids=[ddp.local_rank] if device_type == "cuda" else None,
                                             find_unused_parameters=unused)
     if cfg.compile:
         objective = torch.compile(objective)
+        evaluator = objective if not ddp.enabled else torch.compile(evaluator)  # evaluation runs on one process
     log = RunLog(out_dir, iter_num if state is not None else None) if ddp.master else None
 
     def progress_at(it: int, elapsed: float) -> float:
@@ -519,27 +290,29 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
             for _ in range(cfg.eval_iters):
                 x, y = task.get_batch(split, cfg.batch_size, eval_rng, device)
                 with autocast:
-                    losses.append(model(x, y, halt=False)[1].item())
+                    losses.append(evaluator(x, y, n_loops)[1].item())
             out[f"{split}_loss"] = sum(losses) / len(losses)
         model.train()
         return out
 
     def save(path: Path, with_state: bool) -> None:
-        save_checkpoint(model, path, metadata={"iter_num": iter_num, "task": task_metadata(cfg)})
-        if with_state:
-            atomic_torch_save(dict(
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
-                best_val_loss=best_val_loss, elapsed_s=elapsed_before + time.perf_counter() - start,
-                history=history, torch_rng=torch.get_rng_state(), batch_rng=batch_rng_state,
-                cuda_rng=torch.cuda.get_rng_state_all() if device_type == "cuda" else None,
-                train_config=asdict(cfg)), path / TRAIN_STATE_FILE)
+        # Only tensors and plain values, so that resuming loads it with weights_only=True.
+        train_state = dict(
+            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+            best_val_loss=best_val_loss, elapsed_s=elapsed_before + time.perf_counter() - start,
+            history=history, torch_rng=torch.get_rng_state(), batch_rng=batch_rng_state,
+            cuda_rng=torch.cuda.get_rng_state_all() if device_type == "cuda" else None,
+            train_config=asdict(cfg)) if with_state else None
+        save_checkpoint(model, path, metadata={"iter_num": iter_num, "task": task_metadata(cfg)},
+                        train_state=train_state)
 
-    tokens_per_iter = cfg.batch_size * block_size * cfg.gradient_accumulation_steps * ddp.world_size
     model.train()
     start = time.perf_counter()
-    tokens_per_s, window_tokens, window_start = 0.0, 0, start
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not (cfg.progress and ddp.master), unit="it",
-               dynamic_ncols=True)
+    # Tokens/s counts the tokens the model ran: addition batches are cut to their longest row.
+    tokens_per_s, window_tokens, window_start, run_tokens = 0.0, 0, start, 0
+    # A progress bar on a terminal; in a log file or CI, a plain line every log_interval iterations.
+    show_bar = cfg.progress and ddp.master and sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not show_bar, unit="it", dynamic_ncols=True)
     # The train state keeps the batch generator as it was before the batch in hand, so a resumed run
     # draws the very batch this run would have trained on next.
     batch_rng_state = batch_rng.get_state()
@@ -584,6 +357,7 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
             with sync, autocast:
                 loss, lm_loss = objective(x, y, loops, grad_loops)
                 loss = loss / cfg.gradient_accumulation_steps
+            window_tokens += x.numel() * ddp.world_size
             batch_rng_state = batch_rng.get_state()
             x, y = task.get_batch("train", cfg.batch_size, batch_rng, device)  # while the GPU works
             scaler.scale(loss).backward()
@@ -595,14 +369,18 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         bar.update()
-        window_tokens += tokens_per_iter
         if iter_num % cfg.log_interval == 0 and ddp.master:
             now = time.perf_counter()
-            tokens_per_s, window_tokens, window_start = window_tokens / (now - window_start), 0, now
+            tokens_per_s, run_tokens = window_tokens / (now - window_start), run_tokens + window_tokens
+            tokens, window_tokens, window_start = window_tokens, 0, now
             lm = lm_loss.item()
-            bar.set_postfix(loss=f"{lm:.4f}", tok_s=f"{tokens_per_s:,.0f}", loops=loops)
+            if show_bar:
+                bar.set_postfix(loss=f"{lm:.4f}", tok_s=f"{tokens_per_s:,.0f}", loops=loops)
+            elif cfg.progress:
+                print(f"iter {iter_num}: loss {lm:.4f}, {tokens_per_s:,.0f} tokens/s, {loops} loops, lr {lr:.2e}",
+                      flush=True)
             log.write(dict(kind="train", iter=iter_num, loss=lm, objective=loss.item() * cfg.gradient_accumulation_steps,
-                           n_loops=loops, lr=lr, tokens_per_s=round(tokens_per_s, 1),
+                           n_loops=loops, lr=lr, tokens=tokens, tokens_per_s=round(tokens_per_s, 1),
                            elapsed_s=round(elapsed_before + now - start, 2)))
     bar.close()
     elapsed = elapsed_before + time.perf_counter() - start
@@ -610,20 +388,19 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
         dist.barrier()
         dist.destroy_process_group()
     model.eval()
+    run_tokens += window_tokens
     return TrainResult(model, task, history, out_dir, iter_num, best_val_loss, elapsed,
-                       tokens_per_s or tokens_per_iter * max(iter_num, 1) / max(elapsed, 1e-9), device)
+                       tokens_per_s or run_tokens / max(elapsed - elapsed_before, 1e-9), device)
 
 
 def main(argv: Optional[list[str]] = None) -> TrainResult:
-    argv = sys.argv[1:] if argv is None else argv
+    """The command line; bad settings, files and checkpoints raise the errors run_cli reports."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0 if argv else 2)
-    try:
-        cfg, model_keys = parse_args(argv)
-        result = train(cfg, model_keys)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg, model_keys = parse_args(argv)
+    result = train(cfg, model_keys)
     if cfg.report and int(os.environ.get("RANK", 0)) == 0:
         from looplm.report import training_report
         result.report = training_report(result, sample_tokens=cfg.sample_tokens, seed=cfg.seed)
@@ -633,4 +410,4 @@ def main(argv: Optional[list[str]] = None) -> TrainResult:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="looplm.train")

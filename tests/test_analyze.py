@@ -79,7 +79,7 @@ def test_analysis_writes_tables_plots_and_summary(checkpoint, tmp_path, capsys):
 
 
 def test_analysis_refuses_a_vocabulary_that_does_not_fit(checkpoint, tmp_path):
-    with pytest.raises(SystemExit, match="the vocabulary has 3 characters but the model expects 65"):
+    with pytest.raises(ValueError, match="the vocabulary has 3 characters but the model expects 65"):
         main([str(checkpoint), "--text", "abc", "--vocab", "abc", "--out", str(tmp_path)])
 
 

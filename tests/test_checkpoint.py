@@ -1,13 +1,16 @@
 """Checkpoints: round trip, refusals, atomic replacement, nanoGPT import, layer transplant."""
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from looplm import LoopConfig, LoopGPT
 from looplm import checkpoint as ckpt_module
-from looplm.checkpoint import (CheckpointError, import_nanogpt, load_checkpoint, read_config, save_checkpoint,
-                               transplant_layer)
+from looplm.checkpoint import (CheckpointError, backup_path, import_nanogpt, load_checkpoint, load_train_state,
+                               read_checkpoint_doc, read_config, save_checkpoint, transplant_layer)
 from tests.nanogpt_arch import GPT, GPTConfig
 
 
@@ -55,10 +58,73 @@ def test_loading_refuses_what_does_not_fit(tmp_path):
                                               r"checkpoint \(192, 64\) vs model \(96, 32\)"):
         load_checkpoint(other)
     (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is corrupt"):
+        read_config(path)
+    (path / "config.json").write_text('{"looplm_config": {"n_loops": 0}}')
     with pytest.raises(CheckpointError, match="does not hold a valid LoopConfig"):
         read_config(path)
-    with pytest.raises(CheckpointError, match="config.json is missing"):
+    with pytest.raises(CheckpointError, match="'.*nowhere' does not exist"):
         load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_corrupt_files_are_named(tmp_path):
+    path = save_checkpoint(LoopGPT(small()), tmp_path / "ckpt", train_state={"step": torch.ones(2)})
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
+        load_checkpoint(path)
+    assert torch.equal(load_train_state(path)["step"], torch.ones(2))
+    state_file = path / "train_state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="train_state.pt is corrupt"):
+        load_train_state(path)
+    torch.save({"config": small()}, state_file)  # an object, not tensors and plain values
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_train_state(path)
+
+
+def test_a_crash_between_the_renames_leaves_the_old_checkpoint_loadable(tmp_path, monkeypatch):
+    old = LoopGPT(small())
+    path = save_checkpoint(old, tmp_path / "ckpt", metadata={"iter": 1})
+    real_rename = os.rename
+
+    def crash_on_swap_in(src, dst):
+        if Path(dst) == path:  # the old one has been moved aside; the new one is not in yet
+            raise KeyboardInterrupt("killed")
+        real_rename(src, dst)
+    monkeypatch.setattr(ckpt_module.os, "rename", crash_on_swap_in)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(LoopGPT(small(n_loops=5)), path, metadata={"iter": 2})
+    monkeypatch.undo()
+    assert not path.exists() and backup_path(path).is_dir()
+    loaded = load_checkpoint(path)  # from the backup
+    assert loaded.config == old.config and read_checkpoint_doc(path)["metadata"] == {"iter": 1}
+    for a, b in zip(loaded.state_dict().values(), old.state_dict().values()):
+        assert torch.equal(a, b)
+    # the next save completes the swap and leaves nothing else behind
+    save_checkpoint(LoopGPT(small(n_loops=6)), path, metadata={"iter": 3})
+    assert load_checkpoint(path).config.n_loops == 6
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_a_crash_before_the_backup_is_removed_leaves_the_new_checkpoint(tmp_path, monkeypatch):
+    path = save_checkpoint(LoopGPT(small()), tmp_path / "ckpt")
+    real_rmtree = shutil.rmtree
+
+    def crash_on_cleanup(target, *args, **kwargs):
+        if Path(target) == backup_path(path):
+            raise KeyboardInterrupt("killed")
+        real_rmtree(target, *args, **kwargs)
+    monkeypatch.setattr(ckpt_module.shutil, "rmtree", crash_on_cleanup)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(LoopGPT(small(n_loops=5)), path)
+    monkeypatch.undo()
+    assert load_checkpoint(path).config.n_loops == 5 and backup_path(path).is_dir()
+    save_checkpoint(LoopGPT(small(n_loops=6)), path)  # a stale backup is cleared first
+    assert load_checkpoint(path).config.n_loops == 6 and not backup_path(path).exists()
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
@@ -73,11 +139,15 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     assert "unexpected: ['transformer.coda.0" in str(err.value)
 
 
+@pytest.mark.parametrize("flash", [True, False], ids=["sdpa", "mask-buffer"])
 @pytest.mark.parametrize("compiled_prefix", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_nanogpt_import_gives_nanogpts_logits(tmp_path, compiled_prefix, bias):
+def test_nanogpt_import_gives_nanogpts_logits(tmp_path, compiled_prefix, bias, flash):
     config = GPTConfig(block_size=16, vocab_size=29, n_layer=3, n_head=2, n_embd=24, bias=bias)
-    gpt = GPT(config).eval()
+    gpt = GPT(config, flash=flash).eval()
+    for name, p in gpt.named_parameters():  # large random weights: a wrong mapping must show in the logits
+        if not name.startswith("transformer.ln"):
+            torch.nn.init.normal_(p, std=0.2)
     state = gpt.state_dict()
     if compiled_prefix:
         state = {f"_orig_mod.{k}": v for k, v in state.items()}
@@ -87,8 +157,10 @@ def test_nanogpt_import_gives_nanogpts_logits(tmp_path, compiled_prefix, bias):
     assert model.config.n_layer == 3 and model.config.n_loops == 1 and model.config.bias is bias
     idx = torch.randint(0, 29, (2, 16))
     with torch.no_grad():
-        logits, _ = model(idx, idx)
-        torch.testing.assert_close(logits, gpt(idx), rtol=1e-4, atol=1e-4)
+        logits, loss = model(idx, idx)
+        expected_logits, expected_loss = gpt(idx, idx)
+        torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
 
 
 def test_nanogpt_import_refuses_other_files(tmp_path):
