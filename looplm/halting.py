@@ -1,4 +1,4 @@
-"""Halting measures shared by the masked loop (looplm.model) and the compacted one (looplm.compaction)."""
+"""Halting measures shared by the loop engine (looplm.engine) and the analysis tools."""
 from __future__ import annotations
 
 import torch
