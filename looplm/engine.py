@@ -160,10 +160,10 @@ def block_on_rows(model: "LoopGPT", blk: "Block", layer: int, x: Tensor, rows: _
     p = model._dropout_p()
     if p > 0:
         x = x + F.dropout(backend.op("linear")(y, w.proj_w, w.proj_b), p, training=True)
-        hidden = backend.op("layer_norm_linear")(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, "gelu")
+        hidden = backend.op("layer_norm_linear")(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")
         return x + F.dropout(backend.op("linear")(hidden, w.fc2_w, w.fc2_b), p, training=True)
     x = backend.op("linear")(y, w.proj_w, w.proj_b, residual=x)
-    hidden = backend.op("layer_norm_linear")(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, "gelu")
+    hidden = backend.op("layer_norm_linear")(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")
     return backend.op("linear")(hidden, w.fc2_w, w.fc2_b, residual=x)
 
 

@@ -21,7 +21,6 @@ fast torch ops for autograd.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional, Union
 
 import torch
@@ -34,7 +33,7 @@ from looplm.config import HIGHER_IS_SURER, LoopConfig, check_threshold
 from looplm.engine import KVStore, LoopTrace, blocks_with_cache, run_loop
 from looplm.ops import BlockWeights
 
-__all__ = ["Block", "LayerNorm", "LoopGPT", "LoopTrace", "check_sampling", "sample_next_token"]
+__all__ = ["MLP", "Block", "CausalSelfAttention", "LayerNorm", "LoopGPT", "LoopTrace", "check_sampling", "sample_next_token"]
 
 GATE_BIAS_INIT = -4.0  # sigmoid(-4) ~ 0.02: an untrained gate halts late
 
@@ -52,9 +51,45 @@ class LayerNorm(nn.Module):
         return self.backend.op("layer_norm")(x, self.weight, self.bias)
 
 
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention of (B, T, C) normalised inputs, nanoGPT's c_attn and c_proj."""
+
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        C, bias = config.n_embd, config.bias
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(C, 3 * C, bias=bias)
+        self.c_proj = nn.Linear(C, C, bias=bias)
+        self.backend = get_backend("torch")  # LoopGPT.set_backend sets every module's
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        linear = self.backend.op("linear")
+        q, k, v = linear(x, self.c_attn.weight, self.c_attn.bias).view(B, T, 3, self.n_head, C // self.n_head) \
+            .permute(2, 0, 3, 1, 4)
+        y = self.backend.op("attention")(q, k, v, causal=True).transpose(1, 2).reshape(B, T, C)
+        return linear(y, self.c_proj.weight, self.c_proj.bias)
+
+
+class MLP(nn.Module):
+    """c_fc, exact GELU, c_proj (nanoGPT's)."""
+
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        C, bias = config.n_embd, config.bias
+        self.c_fc = nn.Linear(C, 4 * C, bias=bias)
+        self.c_proj = nn.Linear(4 * C, C, bias=bias)
+        self.backend = get_backend("torch")  # LoopGPT.set_backend sets every module's
+
+    def forward(self, x: Tensor) -> Tensor:
+        linear = self.backend.op("linear")
+        return linear(linear(x, self.c_fc.weight, self.c_fc.bias, "gelu"), self.c_proj.weight, self.c_proj.bias)
+
+
 class Block(nn.Module):
-    """A pre-norm transformer block, computed by the backend's fused `block` op. The loop engine
-    runs it on a subset of tokens through the split ops (`looplm.engine.block_on_rows`)."""
+    """A pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)), computed in one call of
+    the backend's fused `block` op. The loop engine runs it on a subset of tokens through the split
+    ops (`looplm.engine.block_on_rows`)."""
 
     def __init__(self, config: LoopConfig):
         super().__init__()
@@ -63,9 +98,9 @@ class Block(nn.Module):
         self.dropout = config.dropout
         self.backend = get_backend("torch")  # LoopGPT.set_backend sets every module's
         self.ln_1 = LayerNorm(C, bias)
-        self.attn = nn.ModuleDict(dict(c_attn=nn.Linear(C, 3 * C, bias=bias), c_proj=nn.Linear(C, C, bias=bias)))
+        self.attn = CausalSelfAttention(config)
         self.ln_2 = LayerNorm(C, bias)
-        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(C, 4 * C, bias=bias), c_proj=nn.Linear(4 * C, C, bias=bias)))
+        self.mlp = MLP(config)
 
     def weights(self) -> BlockWeights:
         a, m = self.attn, self.mlp
@@ -139,7 +174,7 @@ class LoopGPT(nn.Module):
     def set_backend(self, backend: Union[str, Backend]) -> "LoopGPT":
         self.backend = get_backend(backend)
         for module in self.modules():
-            if isinstance(module, (LayerNorm, Block)):
+            if isinstance(module, (LayerNorm, CausalSelfAttention, MLP, Block)):
                 module.backend = self.backend
         return self
 
