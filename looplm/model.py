@@ -329,9 +329,10 @@ class LoopGPT(nn.Module):
         if idx.device != device:
             raise ValueError(f"idx is on {idx.device} but the model is on {device}; move one of them")
         self.backend.check_device(device)
-        lo, hi = (int(v) for v in torch.aminmax(idx))  # one reduction, one sync
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
+        if not torch.compiler.is_compiling():  # a data-dependent check would break a compiled graph
+            lo, hi = (int(v) for v in torch.aminmax(idx))  # one reduction, one sync
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
         if targets is not None:
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
