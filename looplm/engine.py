@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from looplm import torch_ops
 from looplm.config import READOUT_CRITERIA
 from looplm.halting import relative_change
 
@@ -86,28 +87,45 @@ class KVStore(Protocol):
 
 class _Rows:
     """The tokens a loop computes: every one (idx None) or the flat indices idx (R,), with what
-    attention needs to run on them: the batch rows holding them and the window of positions."""
+    attention needs to run on them, worked out on the host once per loop: the batch rows holding
+    them, the window of positions p0..p1 they span, and each row's place in the padded window
+    (padded_at) and among its batch row's active tokens (packed_at)."""
 
     def __init__(self, B: int, T: int, idx: Optional[Tensor] = None, host: Optional[Tensor] = None):
         self.B, self.T, self.idx = B, T, idx
-        if idx is None:
-            self.count, self.batches, self.p0, self.p1 = B * T, None, 0, T - 1
-            return
-        self.count = len(host)
-        if self.count == 0:  # nobody left: the loop ends
+        self.batches, self.p0, self.p1 = None, 0, T - 1
+        self.count = B * T if idx is None else len(host)
+        if idx is None or self.count == 0:
             return
         batch, pos = host // T, host % T
-        self.p0, self.p1 = int(pos.min()), int(pos.max())
-        batches = torch.unique(batch)
-        self.batches = None if len(batches) == B else batches.to(idx.device, non_blocking=True)
-        slot = torch.searchsorted(batches, batch) if self.batches is not None else batch
-        # where each row's query sits in the padded (batch rows, window) block
-        self.padded_at = (slot * (self.p1 - self.p0 + 1) + pos - self.p0).to(idx.device, non_blocking=True)
+        self.p0, self.p1 = int(pos[0]), int(pos.max())
+        counts = torch.bincount(batch, minlength=B)
+        batches = counts.nonzero().squeeze(1)
         self.n_batches = len(batches)
+        slot = batch
+        if self.n_batches < B:
+            self.batches = batches.to(idx.device, non_blocking=True)
+            slot = torch.cumsum(counts > 0, 0)[batch] - 1
+        self.p0 = int(pos.min())
+        device = idx.device
+        self.padded_at = (slot * (self.p1 - self.p0 + 1) + pos - self.p0).to(device, non_blocking=True)
+        # packed: batch row slot, rank among its active tokens; up to the most any batch row has
+        counts = counts[batches]
+        self.packed_len = int(counts.max())
+        rank = torch.arange(self.count) - (torch.cumsum(counts, 0) - counts)[slot]
+        self.packed_at = (slot * self.packed_len + rank).to(device, non_blocking=True)
+        positions = torch.zeros(self.n_batches * self.packed_len, dtype=torch.long)
+        positions[slot * self.packed_len + rank] = pos
+        self.positions = positions.view(self.n_batches, self.packed_len).to(device, non_blocking=True)
 
     @property
     def every(self) -> bool:
         return self.idx is None
+
+    def causal_mask(self, past: int) -> Tensor:
+        """(batch rows, 1, packed_len, past + p1 + 1) bool: which keys each packed query sees."""
+        keys = torch.arange(-past, self.p1 + 1, device=self.positions.device)
+        return (keys <= self.positions[:, :, None])[:, None]
 
 
 def active_rows(active: Tensor, B: int, T: int) -> _Rows:
@@ -170,27 +188,37 @@ def block_on_rows(model: "LoopGPT", blk: "Block", layer: int, x: Tensor, rows: _
 def _attend(backend, q: Tensor, rows: _Rows, keys: Tensor, values: Tensor, past: Optional[tuple[Tensor, Tensor]],
             n_head: int) -> Tensor:
     """Causal attention of the rows' queries q (R, C) over the keys/values (N, C) of every token of
-    the (B, T) block, after the `past` ones (B, P, C). Returns (R, C)."""
+    the (B, T) block, after the `past` ones (B, P, C). Returns (R, C).
+
+    Some rows: the backend's attention op on the window of positions p0..p1, padded with the
+    halted tokens' positions. On the torch backend, whose attention is PyTorch's SDPA, which takes
+    a mask, only the active queries run, packed per batch row, with their causal mask: the cost
+    falls with the active tokens however they are spread."""
     B, T, C = rows.B, rows.T, q.size(-1)
-    width = rows.p1 - rows.p0 + 1
     k, v = keys.view(B, T, C)[:, :rows.p1 + 1], values.view(B, T, C)[:, :rows.p1 + 1]
     if rows.batches is not None:  # only the batch rows holding a running token
         k, v = k[rows.batches], v[rows.batches]
         past = (past[0][rows.batches], past[1][rows.batches]) if past is not None else None
     if past is not None:
         k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
-    if rows.every:
-        queries = q.view(B, T, C)
-    else:
-        queries = q.new_zeros(rows.n_batches * width, C).index_copy_(0, rows.padded_at, q)
-        queries = queries.view(rows.n_batches, width, C)
 
     def heads(x: Tensor) -> Tensor:
         return x.view(x.size(0), x.size(1), n_head, C // n_head).transpose(1, 2)
 
-    y = backend.op("attention")(heads(queries), heads(k), heads(v), causal=True)
-    y = y.transpose(1, 2).reshape(-1, C)
-    return y if rows.every else y.index_select(0, rows.padded_at)
+    attention = backend.op("attention")
+    if rows.every:
+        y = attention(heads(q.view(B, T, C)), heads(k), heads(v), causal=True)
+        return y.transpose(1, 2).reshape(-1, C)
+    if attention is torch_ops.attention:
+        queries = q.new_zeros(rows.n_batches * rows.packed_len, C).index_copy_(0, rows.packed_at, q)
+        mask = rows.causal_mask(past[0].size(1) if past is not None else 0)
+        y = F.scaled_dot_product_attention(heads(queries.view(rows.n_batches, rows.packed_len, C)), heads(k), heads(v),
+                                           attn_mask=mask)
+        return y.transpose(1, 2).reshape(-1, C).index_select(0, rows.packed_at)
+    width = rows.p1 - rows.p0 + 1
+    queries = q.new_zeros(rows.n_batches * width, C).index_copy_(0, rows.padded_at, q)
+    y = attention(heads(queries.view(rows.n_batches, width, C)), heads(k), heads(v), causal=True)
+    return y.transpose(1, 2).reshape(-1, C).index_select(0, rows.padded_at)
 
 
 def run_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Optional[Tensor] = None, *,
