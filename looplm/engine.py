@@ -40,6 +40,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -86,54 +87,58 @@ class KVStore(Protocol):
 
 
 class _Rows:
-    """The tokens a loop computes: every one (idx None) or the flat indices idx (R,), with what
+    """The tokens a loop computes: every one (idx None) or the flat indices idx (R,), from the host
+    array `host`, with what
     attention needs to run on them, worked out on the host once per loop: the batch rows holding
     them, the window of positions p0..p1 they span, and each row's place in the padded window
     (padded_at) and among its batch row's active tokens (packed_at)."""
 
-    def __init__(self, B: int, T: int, idx: Optional[Tensor] = None, host: Optional[Tensor] = None):
-        self.B, self.T, self.idx = B, T, idx
-        self.batches, self.p0, self.p1 = None, 0, T - 1
-        self.count = B * T if idx is None else len(host)
-        if idx is None or self.count == 0:
+    def __init__(self, B: int, T: int, host: Optional[np.ndarray] = None, device: Optional[torch.device] = None):
+        self.B, self.T, self.idx = B, T, None
+        self.batches, self.p0, self.p1, self._mask = None, 0, T - 1, None
+        self.count = B * T if host is None else len(host)
+        if host is None or self.count == 0:
             return
+
+        def to_device(a: np.ndarray) -> Tensor:
+            return torch.from_numpy(a).to(device, non_blocking=True)
+        self.idx = to_device(host)
         batch, pos = host // T, host % T
-        self.p0, self.p1 = int(pos[0]), int(pos.max())
-        counts = torch.bincount(batch, minlength=B)
-        batches = counts.nonzero().squeeze(1)
+        self.p0, self.p1 = int(pos.min()), int(pos.max())
+        counts = np.bincount(batch, minlength=B)
+        batches = np.flatnonzero(counts)
         self.n_batches = len(batches)
         slot = batch
         if self.n_batches < B:
-            self.batches = batches.to(idx.device, non_blocking=True)
-            slot = torch.cumsum(counts > 0, 0)[batch] - 1
-        self.p0 = int(pos.min())
-        device = idx.device
-        self.padded_at = (slot * (self.p1 - self.p0 + 1) + pos - self.p0).to(device, non_blocking=True)
+            self.batches = to_device(batches)
+            slot = np.cumsum(counts > 0)[batch] - 1
+        self.padded_at = to_device(slot * (self.p1 - self.p0 + 1) + pos - self.p0)
         # packed: batch row slot, rank among its active tokens; up to the most any batch row has
         counts = counts[batches]
         self.packed_len = int(counts.max())
-        rank = torch.arange(self.count) - (torch.cumsum(counts, 0) - counts)[slot]
-        self.packed_at = (slot * self.packed_len + rank).to(device, non_blocking=True)
-        positions = torch.zeros(self.n_batches * self.packed_len, dtype=torch.long)
-        positions[slot * self.packed_len + rank] = pos
-        self.positions = positions.view(self.n_batches, self.packed_len).to(device, non_blocking=True)
+        packed_at = slot * self.packed_len + np.arange(self.count) - (np.cumsum(counts) - counts)[slot]
+        self.packed_at = to_device(packed_at)
+        positions = np.zeros(self.n_batches * self.packed_len, dtype=np.int64)
+        positions[packed_at] = pos
+        self.positions = to_device(positions.reshape(self.n_batches, self.packed_len))
 
     @property
     def every(self) -> bool:
         return self.idx is None
 
     def causal_mask(self, past: int) -> Tensor:
-        """(batch rows, 1, packed_len, past + p1 + 1) bool: which keys each packed query sees."""
-        keys = torch.arange(-past, self.p1 + 1, device=self.positions.device)
-        return (keys <= self.positions[:, :, None])[:, None]
+        """(batch rows, 1, packed_len, past + p1 + 1) bool: which keys each packed query sees
+        (made once per loop, for every layer)."""
+        if self._mask is None or self._mask.size(-1) != past + self.p1 + 1:
+            keys = torch.arange(-past, self.p1 + 1, device=self.positions.device)
+            self._mask = (keys <= self.positions[:, :, None])[:, None]
+        return self._mask
 
 
 def active_rows(active: Tensor, B: int, T: int) -> _Rows:
     """The rows of the active tokens, from one device-to-host transfer of the mask."""
-    host = active.cpu().nonzero().squeeze(1)  # the one sync of the loop
-    if len(host) == B * T:
-        return _Rows(B, T)
-    return _Rows(B, T, host.to(active.device, non_blocking=True), host)
+    host = np.flatnonzero(active.cpu().numpy())  # the one sync of the loop
+    return _Rows(B, T) if len(host) == B * T else _Rows(B, T, host, active.device)
 
 
 def _write(buffer: Tensor, rows: _Rows, new: Tensor, keep: Optional[Tensor] = None) -> Tensor:
@@ -149,11 +154,13 @@ def _write(buffer: Tensor, rows: _Rows, new: Tensor, keep: Optional[Tensor] = No
 
 
 class _Layers:
-    """Per block (core layers, then coda layers), every token's latest keys and values, (N, C)."""
+    """Per block (core layers, then coda layers): its weights, read once per run, and every token's
+    latest keys and values, (N, C)."""
 
-    def __init__(self, n: int):
-        self.keys: list[Optional[Tensor]] = [None] * n
-        self.values: list[Optional[Tensor]] = [None] * n
+    def __init__(self, blocks: list["Block"]):
+        self.weights = [blk.weights() for blk in blocks]
+        self.keys: list[Optional[Tensor]] = [None] * len(blocks)
+        self.values: list[Optional[Tensor]] = [None] * len(blocks)
 
     def detach(self) -> None:
         self.keys = [k.detach() if k is not None else None for k in self.keys]
@@ -164,7 +171,7 @@ def block_on_rows(model: "LoopGPT", blk: "Block", layer: int, x: Tensor, rows: _
                   keep: Optional[Tensor], kv: Optional[KVStore], loop: int) -> Tensor:
     """One block for the rows x (R, C): its keys and values go to the layer's buffers (except the
     rows `keep` marks: halted tokens in the masked loop), attention reads every token's."""
-    backend, w, C = model.backend, blk.weights(), x.size(-1)
+    backend, w, C = model.backend, layers.weights[layer], x.size(-1)
     q, k, v = backend.op("layer_norm_linear")(x, w.ln1_w, w.ln1_b, w.attn_w, w.attn_b).split(C, dim=-1)
     if layers.keys[layer] is None:  # the first loop computes every token
         layers.keys[layer], layers.values[layer] = k, v
@@ -242,7 +249,7 @@ def run_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Optional[Ten
     h = h.reshape(N, C) if split else h
     active = torch.ones(N, dtype=torch.bool, device=x0.device)
     steps = torch.zeros(N, dtype=torch.int32, device=x0.device)
-    layers = _Layers(n_core + len(model.transformer.coda))
+    layers = _Layers([*model.transformer.core, *model.transformer.coda])
     prev_log_p = None  # the last distribution of every token, for the KL criterion only
     entropy = torch.zeros(N, device=x0.device) if trace is not None else None
     rows = _Rows(B, T)
@@ -352,7 +359,7 @@ def blocks_with_cache(model: "LoopGPT", blocks, x: Tensor, kv: KVStore) -> Tenso
     """Untied blocks (prelude, coda) on the block of new tokens x (B, T, C), every token running,
     attending to the earlier tokens' keys and values in `kv` (one entry each, loop 1) and storing theirs."""
     B, T, C = x.shape
-    rows, layers, x = _Rows(B, T), _Layers(len(blocks)), x.reshape(B * T, C)
+    rows, layers, x = _Rows(B, T), _Layers(list(blocks)), x.reshape(B * T, C)
     for layer, blk in enumerate(blocks):
         x = block_on_rows(model, blk, layer, x, rows, layers, None, kv, 1)
     return x.view(B, T, C)
