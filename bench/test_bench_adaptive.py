@@ -132,6 +132,7 @@ def test_bench_generate_vs_gpt2(benchmark, B):
         benchmark.pedantic(looplm, rounds=2, warmup_rounds=0)
     tokens = B * NEW
     record(benchmark, "generate_vs_gpt2", dict(B=B, prompt=PROMPT, new=NEW, C=GENERATION.n_embd, loops=4),
-           looplm_tokens_per_s=round(tokens / medians["looplm"], 1), gpt2_tokens_per_s=round(tokens / medians["gpt2"], 1),
+           looplm_tokens_per_s=round(tokens / medians["looplm"], 1),
+           gpt2_tokens_per_s=round(tokens / medians["gpt2"], 1),
            ratio=round(medians["gpt2"] / medians["looplm"], 3), target=1.5 if B == 1 else None,
            peer="transformers GPT2LMHeadModel, 4 layers, KV cache, generate(do_sample=False)")

@@ -146,7 +146,8 @@ def calibrate_halting(model: LoopGPT, idx: torch.Tensor, fraction: float) -> dic
     config.halt_threshold = max(float(torch.quantile(entropy, fraction)), 0.0)
     _, _, trace = model(idx, halt=True, return_trace=True)
     stopped = (trace.steps == config.min_loops).float().mean().item()
-    assert abs(stopped - fraction) <= 0.1, f"calibrated to stop {fraction:.0%} of the tokens at min_loops, stopped {stopped:.0%}"
+    assert abs(stopped - fraction) <= 0.1, \
+        f"calibrated to stop {fraction:.0%} of the tokens at min_loops, stopped {stopped:.0%}"
     return dict(threshold_nats=round(config.halt_threshold, 4), loops_run=trace.loops_run,
                 mean_steps=round(trace.steps.float().mean().item(), 2))
 

@@ -242,7 +242,6 @@ def run_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Optional[Ten
     split = halting or kv is not None  # else every token runs every loop: the fused block op
     B, T, C = x0.shape
     N = B * T
-    n_core = len(model.transformer.core)
     needs_readout = trace is not None or (halting and cfg.halt in READOUT_CRITERIA)
     x0_rows = x0.reshape(N, C)
     h = model.initial_state(x0)

@@ -33,7 +33,8 @@ from looplm.config import HIGHER_IS_SURER, LoopConfig, check_threshold
 from looplm.engine import KVStore, LoopTrace, blocks_with_cache, run_loop
 from looplm.ops import BlockWeights
 
-__all__ = ["MLP", "Block", "CausalSelfAttention", "LayerNorm", "LoopGPT", "LoopTrace", "check_sampling", "sample_next_token"]
+__all__ = ["Block", "CausalSelfAttention", "LayerNorm", "LoopGPT", "LoopTrace", "MLP", "check_sampling",
+           "sample_next_token"]
 
 GATE_BIAS_INIT = -4.0  # sigmoid(-4) ~ 0.02: an untrained gate halts late
 

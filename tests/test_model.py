@@ -90,7 +90,8 @@ def test_modules_are_nanogpts_with_forwards():
 def test_default_config_is_the_shakespeare_looplm_1x12():
     model = LoopGPT()
     cfg = model.config
-    assert (cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.n_loops) == (65, 256, 384, 6, 1, 12)
+    shape = (cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.n_loops)
+    assert shape == (65, 256, 384, 6, 1, 12)
     assert LoopGPT(backend="reference").backend.name == "reference"
     with pytest.raises(TypeError, match="config must be a LoopConfig or None.*backend="):
         LoopGPT("tile")
