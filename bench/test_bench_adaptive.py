@@ -1,28 +1,49 @@
-"""Adaptive compute on the CPU (torch backend): halting that saves time, cached adaptive generation.
+"""Adaptive compute on the CPU (torch backend), each case against its peer in the same run.
 
-    pytest bench/test_bench_adaptive.py --benchmark-only
+    OMP_NUM_THREADS=1 pytest bench/test_bench_adaptive.py --benchmark-only
 
-forward: one eval forward with a given fraction of tokens halted after loop 1 (the rest think to
-the budget), compacted loop against the masked loop. generate: tokens/s of cached generation at
-fixed depth and with halting, against uncached LoopGPT.generate, at batch 1 and 16.
+halting efficiency: LoopLM 1Lx8 (B=4, T=128, C=128), an eval forward where exactly a given share
+of the tokens (picked by per-token thresholds) stops after loop 1 and the rest think to loop 8,
+against the fixed-depth forward. Efficiency = (speed-up over fixed depth) / (loop reduction).
+generation: greedy tokens/s of `LoopGPT.generate` (per-loop K/V cache), LoopLM 1Lx4, C=128, 128
+new tokens, against Hugging Face transformers' GPT-2 of 4 layers with its KV cache (the optional
+`bench` extra), at batch 1 and 16.
+
+Each case times its variants in interleaved rounds (a, b, a, b, ...) and records the medians in
+the benchmark's extra_info, so that a noisy shared machine slows both alike; pytest-benchmark's
+own table shows the LoopLM variant.
 """
 from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
 
 import pytest
 import torch
 
 from bench.schema import CaseInfo
-from looplm import LoopConfig, LoopGPT
-from looplm.generation import generate_cached
+from looplm import LoopConfig, LoopGPT, LoopTrace
+from looplm.testing import assert_close
 
-CONFIG = dict(vocab_size=65, block_size=128, n_embd=128, n_head=4, n_layer=1, n_loops=4, max_loops=8,
-              step_encoding="learned", halt="entropy", halt_threshold=1.0)
-LOOPS = CONFIG["max_loops"]
+LOOPS = 8
+HALTING = LoopConfig(vocab_size=65, block_size=128, n_embd=128, n_head=4, n_layer=1, n_loops=LOOPS,
+                     halt="entropy", halt_threshold=1.0)
+# Per-token thresholds: one every score passes (stop after loop 1) and one none does (think to the budget).
+STOP, NEVER = 100.0, 0.0
 
 
-def model() -> LoopGPT:
-    torch.manual_seed(0)
-    return LoopGPT(LoopConfig(**CONFIG)).eval()
+def interleaved_medians(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each variant over `rounds` rounds, the variants alternating in every round."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def record(benchmark, op: str, shape: dict, **notes) -> None:
@@ -31,36 +52,87 @@ def record(benchmark, op: str, shape: dict, **notes) -> None:
     benchmark.extra_info.update(info.to_extra_info())
 
 
-@pytest.mark.parametrize("loop", ["compacted", "masked"])
-@pytest.mark.parametrize("halted", [0.0, 0.5, 0.9])
-def test_bench_forward_time_falls_with_halted_fraction(benchmark, halted, loop):
-    m, B, T = model(), 4, 128
+def halting_model(criterion: str) -> LoopGPT:
+    torch.manual_seed(0)
+    config = LoopConfig(**{**HALTING.to_dict(), "halt": criterion})
+    return LoopGPT(config).eval()
+
+
+@pytest.mark.parametrize("halted", [0.5, 0.9])
+@pytest.mark.parametrize("criterion", ["delta", "entropy"])
+def test_bench_halting_efficiency(benchmark, criterion, halted):
+    m, B, T = halting_model(criterion), 4, 128
     idx = torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(0))
-    thresholds = torch.zeros(B, T)  # entropy is never below 0: these tokens think to the budget
-    thresholds[:, torch.randperm(T, generator=torch.Generator().manual_seed(1))[:round(halted * T)]] = 100.0
+    stops = torch.zeros(B * T, dtype=torch.bool)
+    stops[torch.randperm(B * T, generator=torch.Generator().manual_seed(1))[:round(halted * B * T)]] = True
+    thresholds = torch.where(stops, STOP, NEVER).view(B, T)
+    with torch.no_grad():
+        # what the case measures: exactly the chosen tokens stop after loop 1, the rest run 8 loops,
+        # and the compacted loop gives the masked loop's result
+        trace = LoopTrace(steps=torch.empty(0))
+        compacted = m.loop(m.embed(idx), idx, LOOPS, True, thresholds, trace)
+        masked = m.loop(m.embed(idx), idx, LOOPS, True, thresholds, compact=False)
+        assert torch.equal(trace.steps.view(-1), torch.where(stops, 1, LOOPS).int())
+        assert_close(compacted, masked, composed=True)
+        mean_steps = trace.steps.float().mean().item()
 
-    def forward():
-        with torch.no_grad():
-            return m.loop(m.embed(idx), idx, LOOPS, True, thresholds, compact=loop == "compacted")
-    benchmark.pedantic(forward, rounds=3, warmup_rounds=1)
-    record(benchmark, "loop", dict(B=B, T=T, C=CONFIG["n_embd"], loops=LOOPS, halted=halted, loop=loop))
+        def fixed():
+            return m(idx, idx, halt=False)
+
+        def adaptive():
+            return m(idx, idx, halt=True, thresholds=thresholds)
+        medians = interleaved_medians({"fixed": fixed, "adaptive": adaptive}, rounds=7) if benchmark.enabled else \
+            {"fixed": float("nan"), "adaptive": float("nan")}
+        benchmark.pedantic(adaptive, rounds=3, warmup_rounds=1)
+    speedup = medians["fixed"] / medians["adaptive"]
+    reduction = LOOPS / mean_steps
+    record(benchmark, "halting_efficiency", dict(B=B, T=T, C=HALTING.n_embd, loops=LOOPS, halted=halted,
+                                                 criterion=criterion),
+           fixed_ms=round(1e3 * medians["fixed"], 2), adaptive_ms=round(1e3 * medians["adaptive"], 2),
+           speedup=round(speedup, 3), loop_reduction=round(reduction, 3), efficiency=round(speedup / reduction, 3),
+           target=0.9 if halted == 0.5 else 0.8)
 
 
-@pytest.mark.parametrize("mode", ["cached_fixed", "cached_adaptive", "uncached_fixed"])
+GENERATION = LoopConfig(vocab_size=65, block_size=256, n_embd=128, n_head=4, n_layer=1, n_loops=4)
+PROMPT, NEW = 16, 128
+
+
+def gpt2_peer(n_layer: int):
+    """Hugging Face transformers' GPT-2 of the same width, vocabulary and context, n_layer layers."""
+    transformers = pytest.importorskip("transformers", reason="the GPT-2 peer needs Hugging Face transformers: "
+                                                               "pip install -e '.[bench]'")
+    config = transformers.GPT2Config(vocab_size=GENERATION.vocab_size, n_positions=GENERATION.block_size,
+                                     n_embd=GENERATION.n_embd, n_layer=n_layer, n_head=GENERATION.n_head,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
 @pytest.mark.parametrize("B", [1, 16])
-def test_bench_generate_tokens_per_second(benchmark, B, mode):
-    m, prompt, new = model(), 8, 24
-    idx = torch.randint(0, 65, (B, prompt), generator=torch.Generator().manual_seed(0))
-    halt = mode == "cached_adaptive"
-    if halt:  # an untrained model's entropy is near log(65) = 4.17: let about half the tokens stop early
-        m.config.halt_threshold = 4.173
-    if mode == "uncached_fixed":
-        out = benchmark.pedantic(lambda: m.generate(idx, new, temperature=0, halt=False), rounds=2)
-        loops_per_token = float(CONFIG["n_loops"])
-    else:
-        out, stats = benchmark.pedantic(
-            lambda: generate_cached(m, idx, new, temperature=0, halt=halt), rounds=2)
-        loops_per_token = stats.loops_per_token
-    assert out.shape == (B, prompt + new)
-    record(benchmark, "generate", dict(B=B, prompt=prompt, new=new, C=CONFIG["n_embd"], mode=mode),
-           loops_per_token=loops_per_token)
+def test_bench_generate_vs_gpt2(benchmark, B):
+    """Greedy, 128 new tokens: LoopLM 1Lx4 with its per-loop K/V cache against GPT-2 4L with its KV cache."""
+    torch.manual_seed(0)
+    m = LoopGPT(GENERATION).eval()
+    peer = gpt2_peer(n_layer=4)
+    idx = torch.randint(1, 65, (B, PROMPT), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(idx)
+
+    def looplm():
+        return m.generate(idx, NEW, temperature=0)
+
+    def gpt2():
+        return peer.generate(idx, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                             use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        out, peer_out = looplm(), gpt2()
+        assert out.shape == peer_out.shape == (B, PROMPT + NEW)
+        assert torch.equal(out, m.generate(idx, NEW, temperature=0, use_cache=False)), "cached != uncached"
+        medians = interleaved_medians({"looplm": looplm, "gpt2": gpt2}, rounds=5) if benchmark.enabled else \
+            {"looplm": float("nan"), "gpt2": float("nan")}
+        benchmark.pedantic(looplm, rounds=2, warmup_rounds=0)
+    tokens = B * NEW
+    record(benchmark, "generate_vs_gpt2", dict(B=B, prompt=PROMPT, new=NEW, C=GENERATION.n_embd, loops=4),
+           looplm_tokens_per_s=round(tokens / medians["looplm"], 1),
+           gpt2_tokens_per_s=round(tokens / medians["gpt2"], 1),
+           ratio=round(medians["gpt2"] / medians["looplm"], 3), target=1.5 if B == 1 else None,
+           peer="transformers GPT2LMHeadModel, 4 layers, KV cache, generate(do_sample=False)")

@@ -19,8 +19,8 @@ import torch
 
 from bench.harness import KERNEL_BACKENDS, backend_or_skip, bench_device, compile_or_skip, device_name, measure
 from bench.schema import CaseInfo
-from bench.workloads import ModelWorkload, build_model, calibrate_halting, forward_flops, generation_flops, \
-    main_workload, model_dtype, model_workloads, token_batch
+from bench.workloads import SHAKESPEARE, ModelWorkload, build_model, calibrate_halting, forward_flops, \
+    generation_flops, main_workload, model_dtype, model_workloads, token_batch
 from looplm import LoopConfig, LoopGPT
 from looplm.checkpoint import load_state
 from looplm.objective import LoopObjective
@@ -74,7 +74,7 @@ def test_generate(benchmark, backend: str, batch: int, halting: bool) -> None:
     workload = main_workload(DEVICE)
     model = build_model(workload, _registry_backend(backend), DEVICE, halting=True).eval()
     prompt = token_batch(workload, batch, workload.prompt, DEVICE)
-    notes = {"sampling": "greedy", "kv_cache": False}
+    notes = {"sampling": "greedy", "kv_cache": True}
     flops = None  # with halting the loops run per new token vary; tokens/s is the measure
     if halting:
         notes.update(calibrate_halting(model, prompt, workload.halted_fraction))  # as halting does on the prompt
@@ -87,6 +87,37 @@ def test_generate(benchmark, backend: str, batch: int, halting: bool) -> None:
     out = measure(benchmark, lambda: model.generate(prompt, workload.new_tokens, temperature=0.0, halt=halting),
                   info)
     assert out.shape == (batch, workload.prompt + workload.new_tokens)
+
+
+def test_eval_forward_torch_vs_reference(benchmark) -> None:
+    """The shakespeare LoopLM 1Lx12 (C=384, 6 heads, T=256), batch 2, eval forward with the loss:
+    the fast "torch" backend against the fp32 oracle "reference", in interleaved rounds."""
+    from bench.test_bench_adaptive import interleaved_medians
+    from looplm.testing import assert_close
+    workload = SHAKESPEARE
+    model = build_model(workload, "torch", DEVICE).eval()
+    batch = 2
+    idx = token_batch(workload, batch, workload.seq, DEVICE)
+    targets = idx.roll(-1, dims=1)
+
+    def on(backend: str):
+        def forward():
+            return model.set_backend(backend)(idx, targets)
+        return forward
+    with torch.inference_mode():
+        logits, loss = on("torch")()
+        logits_ref, loss_ref = on("reference")()
+        assert_close(logits, logits_ref, dtype=model_dtype(DEVICE), composed=True)
+        medians = interleaved_medians({"torch": on("torch"), "reference": on("reference")}, rounds=5) \
+            if benchmark.enabled else {"torch": float("nan"), "reference": float("nan")}
+        shape = dict(model="shakespeare-LoopLM-1Lx12", B=batch, T=workload.seq)
+        info = CaseInfo("model", "eval_forward_vs_reference", "torch", shape, DTYPE, device_name(DEVICE),
+                        flops=forward_flops(model.config, batch, workload.seq, model.config.n_loops,
+                                            head_positions=workload.seq), tokens=batch * workload.seq,
+                        notes=dict(torch_ms=round(1e3 * medians["torch"], 1),
+                                   reference_ms=round(1e3 * medians["reference"], 1),
+                                   speedup=round(medians["reference"] / medians["torch"], 3), target=1.3))
+        measure(benchmark, on("torch"), info)
 
 
 @pytest.mark.parametrize("layers,loops", [(12, 1), (1, 12)], ids=["GPT-12L", "LoopLM-1Lx12"])

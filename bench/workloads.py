@@ -145,6 +145,9 @@ def calibrate_halting(model: LoopGPT, idx: torch.Tensor, fraction: float) -> dic
     entropy = trace.entropy[config.min_loops - 1].float().flatten()
     config.halt_threshold = max(float(torch.quantile(entropy, fraction)), 0.0)
     _, _, trace = model(idx, halt=True, return_trace=True)
+    stopped = (trace.steps == config.min_loops).float().mean().item()
+    assert abs(stopped - fraction) <= 0.1, \
+        f"calibrated to stop {fraction:.0%} of the tokens at min_loops, stopped {stopped:.0%}"
     return dict(threshold_nats=round(config.halt_threshold, 4), loops_run=trace.loops_run,
                 mean_steps=round(trace.steps.float().mean().item(), 2))
 
@@ -158,6 +161,11 @@ def forward_flops(config: LoopConfig, batch: int, seq: int, loops: int, head_pos
 
 
 def generation_flops(config: LoopConfig, batch: int, prompt: int, new_tokens: int, loops: int) -> int:
-    """model.generate re-reads the whole (cropped) context for every new token: no KV cache."""
-    return sum(forward_flops(config, batch, min(prompt + i, config.block_size), loops, head_positions=1)
-               for i in range(new_tokens))
+    """model.generate with its K/V cache (the default, within block_size): the prompt once, then each
+    fed token alone through every block, attending to the context so far, and the lm_head."""
+    c, v = config.n_embd, config.vocab_size
+    blocks = config.n_prelude + config.n_coda + config.n_layer * loops
+    flops = forward_flops(config, batch, prompt, loops, head_positions=1)
+    for context in range(prompt + 1, prompt + new_tokens):
+        flops += blocks * (2 * batch * 12 * c * c + 4 * batch * context * c) + 2 * batch * c * v
+    return flops

@@ -15,6 +15,7 @@ the backend.
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
@@ -54,6 +55,24 @@ class Backend:
 
 class BackendUnavailable(RuntimeError):
     pass
+
+
+_WARNED_HYBRID: set[str] = set()  # backends already warned about, once per process
+
+
+def hybrid_ops(backend: Backend, context: str) -> list[str]:
+    """The ops of `backend` that run on the "torch" backend now because gradients are enabled and it
+    has no backward for them. Where that is a surprise (`context` says why: e.g. an eval-mode
+    forward), warn once per backend, saying how to run its own kernels."""
+    if not torch.is_grad_enabled():
+        return []
+    fallen = [name for name in OP_NAMES if name not in backend.differentiable]
+    if fallen and backend.name not in _WARNED_HYBRID:
+        _WARNED_HYBRID.add(backend.name)
+        warnings.warn(f"backend {backend.name!r}: {context} but gradients are enabled, so its ops {fallen} run on "
+                      "the 'torch' backend (hybrid autograd: the kernels have no backward); run inference under "
+                      "torch.no_grad() or torch.inference_mode() to use its kernels", UserWarning, stacklevel=3)
+    return fallen
 
 
 @dataclass

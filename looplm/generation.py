@@ -1,26 +1,26 @@
-"""Adaptive generation with a K/V cache per loop step.
+"""Generation with a per-loop K/V cache (what `LoopGPT.generate` runs by default).
 
-`LoopGPT.generate` reruns the whole context for every new token. `generate_cached` runs the prompt
-once, then each new token alone: it loops until its halting criterion says stop (or the loop
-budget), attending at loop t to the keys and values the earlier tokens offered at loop t, read
-from a cache. The rows of a batch whose token has halted stop computing (`looplm.compaction`).
+The prompt runs once, then each new token alone: it loops until its halting criterion says stop
+(or the loop budget), attending at loop t to the keys and values the earlier tokens offered at
+loop t, read from a cache. Rows of a batch whose token has halted stop computing (the loop engine
+runs the active tokens only).
 
-What a token offers at loop t. Its cache entries are e_1..e_s, the keys and values of its core
-input at each loop it ran, and, if it halted before the budget, e_{s+1}: those of its frozen state
-(the input the masked loop keeps giving it). With n = its number of entries, the fill policy
-decides what a later token reads at loop t:
+What a token offers at loop t. Under the loop engine's semantics (`looplm.engine`) a token that ran
+s loops has, per core layer, the entries e_1..e_s (its keys and values at each loop it ran) and,
+halted, offers e_s from then on. The fill policy decides what a later token reads at loop t:
 
-    latest   e_min(t, n): the loop-t entry, or the latest one a token that halted earlier has. This is
-             exactly what LoopGPT.forward computes, so greedy generation equals LoopGPT.generate.
-             Memory: one slot per loop of the budget.
-    last     e_n only: every earlier token as it ended. Memory: one slot; an approximation.
+    latest   e_min(t, s): exactly what LoopGPT.forward computes, so generation equals
+             LoopGPT.generate(use_cache=False). Memory: one slot per loop of the budget.
+    last     e_s only: every earlier token as it ended. Memory: one slot; an approximation.
     ring     the last k entries in a ring of k slots: e_t where kept, else the nearest kept one,
-             e_clamp(t, n-k+1, n). k=1 is "last", k >= the budget is "latest".
+             e_clamp(t, s-k+1, s). k=1 is "last", k >= the budget is "latest".
 
-Halting needs n_layer == 1 (a halted token's deeper keys would keep changing, see
-looplm.compaction); without halting any n_layer works. Per-token thresholds follow the config
+Prelude and coda layers run once per token and keep one entry per token each; the coda inside the
+loop's readout (the readout criteria with a coda) is cached per loop as the core is. Any n_layer,
+prelude and coda, with or without halting. Per-token thresholds follow the config
 (`halt_thresholds_after`, e.g. a stricter threshold from each `=` on: "wait to think"), computed
-from the tokens fed so far, so a schedule applies to generated tokens as to prompt tokens.
+from the tokens fed so far, so a schedule applies to generated tokens as to prompt tokens. When the
+context outgrows block_size, every further token reruns the cropped context, as nanoGPT does.
 """
 from __future__ import annotations
 
@@ -30,14 +30,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from looplm.compaction import run_loop
+from looplm.config import READOUT_CRITERIA
+from looplm.engine import blocks_with_cache, run_loop
 from looplm.model import LoopGPT, check_sampling, sample_next_token
 
 FILLS = ("latest", "last", "ring")
 
 
 class LoopKVCache:
-    """Keys and values of every cached token, per core layer, in a ring of `slots` loop entries.
+    """Keys and values of every cached token, per layer, in a ring of `slots` loop entries.
 
     Entry e of a token lives in slot (e - 1) % slots, so the last `slots` entries written survive.
     Tokens are added a block at a time: `begin(T)`, the loop's `store` calls, `commit(steps)`.
@@ -49,9 +50,10 @@ class LoopKVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.entries = torch.zeros(batch, max_len, dtype=torch.int32, device=device)
-        self.slots, self.budget, self.max_len = slots, budget, max_len
+        self.slots, self.budget, self.batch, self.max_len = slots, budget, batch, max_len
         self.length = 0  # tokens committed
         self.block_len = 0  # tokens of the block being looped, at positions length ..
+        self.fewest = self.most = 0  # the fewest and most entries of a committed token (host copies)
 
     @property
     def nbytes(self) -> int:
@@ -63,29 +65,39 @@ class LoopKVCache:
                              f"{block_len} more do not fit")
         self.block_len = block_len
 
-    def store(self, layer: int, loop: int, rows: Tensor, keys: Tensor, values: Tensor) -> None:
-        batch, pos = rows // self.block_len, self.length + rows % self.block_len
+    def store(self, layer: int, loop: int, rows: Optional[Tensor], keys: Tensor, values: Tensor) -> None:
         slot = (loop - 1) % self.slots
+        if rows is None:  # the whole block: one slice
+            span = slice(self.length, self.length + self.block_len)
+            self.keys[layer, slot, :, span] = keys.view(self.batch, self.block_len, -1)
+            self.values[layer, slot, :, span] = values.view(self.batch, self.block_len, -1)
+            return
+        batch, pos = rows // self.block_len, self.length + rows % self.block_len
         self.keys[layer, slot, batch, pos] = keys
         self.values[layer, slot, batch, pos] = values
 
     def past(self, layer: int, loop: int) -> Optional[tuple[Tensor, Tensor]]:
         if self.length == 0:
             return None
+        if self.most - self.slots + 1 <= loop <= self.fewest:  # every token reads the same slot: a view
+            s = (loop - 1) % self.slots
+            return self.keys[layer, s, :, :self.length], self.values[layer, s, :, :self.length]
         n = self.entries[:, :self.length]
         slot = (n.clamp(max=loop).maximum(n - self.slots + 1) - 1) % self.slots  # (B, P)
-        first = slot[0, 0]
-        if bool((slot == first).all()):
-            s = int(first)
-            return self.keys[layer, s, :, :self.length], self.values[layer, s, :, :self.length]
         batch = torch.arange(slot.size(0), device=slot.device)[:, None]
         pos = torch.arange(self.length, device=slot.device)[None, :]
         return self.keys[layer, slot, batch, pos], self.values[layer, slot, batch, pos]
 
-    def commit(self, steps: Tensor) -> None:
-        """Close the block: its tokens ran `steps` (B, T) loops; one more entry if they halted early."""
-        entries = steps + (steps < self.budget).to(steps.dtype)
-        self.entries[:, self.length:self.length + self.block_len] = entries
+    def commit(self, steps: Optional[Tensor] = None) -> None:
+        """Close the block: its tokens ran `steps` (B, T) loops (None: one each)."""
+        if steps is None:
+            self.entries[:, self.length:self.length + self.block_len] = 1
+            fewest = most = 1
+        else:
+            self.entries[:, self.length:self.length + self.block_len] = steps
+            fewest, most = (int(v) for v in torch.aminmax(steps))
+        self.fewest = fewest if self.length == 0 else min(self.fewest, fewest)
+        self.most = max(self.most, most)
         self.length += self.block_len
         self.block_len = 0
 
@@ -112,6 +124,24 @@ class GenerationStats:
         return self.new_token_steps.float().mean().item()
 
 
+class _Caches:
+    """The caches of one run: the loop's (core layers, and the readout's coda layers when halting
+    reads the coda), the prelude's and the coda's (one entry per token)."""
+
+    def __init__(self, model: LoopGPT, loop_layers: int, slots: int, budget: int, batch: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device):
+        cfg = model.config
+
+        def cache(layers: int, slots: int, budget: int) -> Optional[LoopKVCache]:
+            return LoopKVCache(layers, slots, batch, max_len, cfg.n_embd, budget, dtype, device) if layers else None
+        self.loop = cache(loop_layers, slots, budget)
+        self.prelude, self.coda = cache(cfg.n_prelude, 1, 1), cache(cfg.n_coda, 1, 1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in (self.loop, self.prelude, self.coda) if c is not None)
+
+
 @torch.no_grad()
 def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, *, fill: str = "latest", ring_size: Optional[int] = None,
@@ -125,42 +155,46 @@ def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatur
     check_sampling(max_new_tokens, temperature, top_k)
     model._check_inputs(idx, None)
     cfg = model.config
-    if cfg.n_prelude or cfg.n_coda:
-        raise ValueError(f"generate_cached needs a model without prelude or coda layers (they would need caches "
-                         f"of their own), got n_prelude={cfg.n_prelude}, n_coda={cfg.n_coda}; use "
-                         "LoopGPT.generate")
     halting = (cfg.halt != "none" and not model.training) if halt is None else bool(halt)
     if halting and cfg.halt == "none":
         raise ValueError("halt=True but the config has halt='none'; set a halting criterion")
-    if halting and cfg.n_layer != 1:
-        raise ValueError(f"cached generation with halting needs n_layer=1, got n_layer={cfg.n_layer} (a halted "
-                         "token's deeper keys and values keep changing); pass halt=False or use LoopGPT.generate")
     budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
     if not isinstance(budget, int) or budget < (cfg.min_loops if halting else 1):
         raise ValueError(f"n_loops must be an integer >= {cfg.min_loops if halting else 1}, got {budget!r}")
     slots = _slots(fill, ring_size, budget)
+    loop_layers = cfg.n_layer + (cfg.n_coda if halting and cfg.halt in READOUT_CRITERIA else 0)
     B, prompt_len = idx.shape
-    fed = prompt_len + max(max_new_tokens - 1, 0)  # the last new token is never fed back
-    if fed > cfg.block_size:
-        raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) - 1 = {fed} exceeds "
-                         f"block_size {cfg.block_size}; LoopGPT.generate crops the context instead")
-
-    x0 = model.embed(idx)
-    cache = LoopKVCache(cfg.n_layer, slots, B, fed, cfg.n_embd, budget, x0.dtype, x0.device)
-    all_steps = []
+    caches, cache_bytes, all_steps = None, 0, []
     for i in range(max_new_tokens):
-        if i > 0:
-            x0 = model.embed(idx[:, -1:], start=idx.size(1) - 1)
-        T = x0.size(1)
-        threshold = model.halt_bar(idx).view(B, -1)[:, -T:].reshape(-1) if halting else None
-        cache.begin(T)
-        h, steps = run_loop(model, x0, threshold, budget, kv=cache)
-        cache.commit(steps.view(B, T))
-        all_steps.append(steps.view(B, T))
-        next_token = sample_next_token(model.head(h[:, -1:])[:, -1], temperature, top_k)
+        if caches is None or idx.size(1) > cfg.block_size:  # (re)start from the cropped context
+            feed = idx[:, -cfg.block_size:]
+            to_feed = min(cfg.block_size, feed.size(1) + max_new_tokens - 1 - i)
+            weight = model.lm_head.weight
+            caches = _Caches(model, loop_layers, slots, budget, B, to_feed, weight.dtype, weight.device)
+            cache_bytes = max(cache_bytes, caches.nbytes)
+            start = 0
+        else:
+            feed, start = idx[:, -1:], caches.loop.length
+        T = feed.size(1)
+        for cache in (caches.loop, caches.prelude, caches.coda):
+            if cache is not None:
+                cache.begin(T)
+        x0 = model.embed(feed, start, kv=caches.prelude)
+        # per-token thresholds from the context seen so far, for the fed positions
+        threshold = model.halt_bar(idx[:, -cfg.block_size:]).view(B, -1)[:, -T:].reshape(-1) if halting else None
+        h, steps = run_loop(model, x0, budget, threshold, kv=caches.loop)
+        if cfg.n_coda:
+            h = blocks_with_cache(model, model.transformer.coda, h, caches.coda)
+        caches.loop.commit(steps.view(B, T))
+        for cache in (caches.prelude, caches.coda):
+            if cache is not None:
+                cache.commit()
+        # a restart past block_size reran known tokens: count the new one only
+        all_steps.append(steps.view(B, T) if i == 0 or start else steps.view(B, T)[:, -1:])
+        next_token = sample_next_token(model.logits(h[:, -1]), temperature, top_k)
         idx = torch.cat((idx, next_token), dim=1)
     steps = torch.cat(all_steps, dim=1) if all_steps else torch.zeros(B, 0, dtype=torch.int32, device=idx.device)
-    return idx, GenerationStats(steps, prompt_len, budget, fill, slots, cache.nbytes, halting)
+    return idx, GenerationStats(steps, prompt_len, budget, fill, slots, cache_bytes, halting)
 
 
 def _slots(fill: str, ring_size: Optional[int], budget: int) -> int:

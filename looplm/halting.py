@@ -1,4 +1,4 @@
-"""Halting measures shared by the masked loop (looplm.model) and the compacted one (looplm.compaction)."""
+"""Halting measures shared by the loop engine (looplm.engine) and the analysis tools."""
 from __future__ import annotations
 
 import torch
@@ -9,5 +9,5 @@ def relative_change(h: Tensor, h_new: Tensor, eps: float = 1e-6) -> Tensor:
     """||h_new - h|| / max(||h||, ||h_new||) per token, (B, T, C) -> (B, T) float32, in [0, 2].
     The larger norm in the denominator keeps the first loop from a zero state at 1, not infinity."""
     h, h_new = h.float(), h_new.float()
-    scale = torch.maximum(h.norm(dim=-1), h_new.norm(dim=-1)).clamp(min=eps)
-    return (h_new - h).norm(dim=-1) / scale
+    norm = torch.linalg.vector_norm
+    return norm(h_new - h, dim=-1) / torch.maximum(norm(h, dim=-1), norm(h_new, dim=-1)).clamp(min=eps)

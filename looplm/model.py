@@ -13,14 +13,14 @@ n_layer=12, n_loops=1 is GPT-12L; n_layer=1, n_loops=12 is LoopLM 1Lx12. Paramet
 nanoGPT (transformer.wte, .wpe, .ln_f, lm_head; blocks with ln_1, attn.c_attn, attn.c_proj, ln_2,
 mlp.c_fc, mlp.c_proj) with the looped blocks under transformer.core.
 
-A halted token keeps its state, and its step encoding stays at its own last loop, so the keys and
-values it offers the later tokens are those of its frozen state. Every op goes through the backend
-(`looplm.backends`), which decides between kernels and the reference for autograd.
+The loop itself, with halting, lives in `looplm.engine`: a halted token keeps its state and, at
+every layer, offers the keys and values of its last loop, so the core runs for the active tokens
+only. Every op goes through the backend (`looplm.backends`), which decides between kernels and the
+fast torch ops for autograd.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -28,35 +28,80 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from looplm.backends import Backend, get_backend
-from looplm.compaction import compact_loop, compaction_blocker
-from looplm.config import HIGHER_IS_SURER, READOUT_CRITERIA, LoopConfig, check_threshold
-from looplm.halting import relative_change
+from looplm.backends import Backend, get_backend, hybrid_ops
+from looplm.config import HIGHER_IS_SURER, LoopConfig, check_threshold
+from looplm.engine import KVStore, LoopTrace, blocks_with_cache, run_loop
 from looplm.ops import BlockWeights
+
+__all__ = ["Block", "CausalSelfAttention", "LayerNorm", "LoopGPT", "LoopTrace", "MLP", "check_sampling",
+           "sample_next_token"]
 
 GATE_BIAS_INIT = -4.0  # sigmoid(-4) ~ 0.02: an untrained gate halts late
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (nanoGPT's)."""
+    """LayerNorm with an optional bias (nanoGPT's), computed by the backend's `layer_norm` op."""
 
     def __init__(self, ndim: int, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.backend = get_backend("torch")  # LoopGPT.set_backend sets every module's
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backend.op("layer_norm")(x, self.weight, self.bias)
 
 
-class Block(nn.Module):
-    """A pre-norm transformer block; its computation is the backend's `block` op."""
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention of (B, T, C) normalised inputs, nanoGPT's c_attn and c_proj."""
 
     def __init__(self, config: LoopConfig):
         super().__init__()
         C, bias = config.n_embd, config.bias
         self.n_head = config.n_head
+        self.c_attn = nn.Linear(C, 3 * C, bias=bias)
+        self.c_proj = nn.Linear(C, C, bias=bias)
+        self.backend = get_backend("torch")  # LoopGPT.set_backend sets every module's
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        linear = self.backend.op("linear")
+        q, k, v = linear(x, self.c_attn.weight, self.c_attn.bias).view(B, T, 3, self.n_head, C // self.n_head) \
+            .permute(2, 0, 3, 1, 4)
+        y = self.backend.op("attention")(q, k, v, causal=True).transpose(1, 2).reshape(B, T, C)
+        return linear(y, self.c_proj.weight, self.c_proj.bias)
+
+
+class MLP(nn.Module):
+    """c_fc, exact GELU, c_proj (nanoGPT's)."""
+
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        C, bias = config.n_embd, config.bias
+        self.c_fc = nn.Linear(C, 4 * C, bias=bias)
+        self.c_proj = nn.Linear(4 * C, C, bias=bias)
+        self.backend = get_backend("torch")  # LoopGPT.set_backend sets every module's
+
+    def forward(self, x: Tensor) -> Tensor:
+        linear = self.backend.op("linear")
+        return linear(linear(x, self.c_fc.weight, self.c_fc.bias, "gelu"), self.c_proj.weight, self.c_proj.bias)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)), computed in one call of
+    the backend's fused `block` op. The loop engine runs it on a subset of tokens through the split
+    ops (`looplm.engine.block_on_rows`)."""
+
+    def __init__(self, config: LoopConfig):
+        super().__init__()
+        C, bias = config.n_embd, config.bias
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.backend = get_backend("torch")  # LoopGPT.set_backend sets every module's
         self.ln_1 = LayerNorm(C, bias)
-        self.attn = nn.ModuleDict(dict(c_attn=nn.Linear(C, 3 * C, bias=bias), c_proj=nn.Linear(C, C, bias=bias)))
+        self.attn = CausalSelfAttention(config)
         self.ln_2 = LayerNorm(C, bias)
-        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(C, 4 * C, bias=bias), c_proj=nn.Linear(4 * C, C, bias=bias)))
+        self.mlp = MLP(config)
 
     def weights(self) -> BlockWeights:
         a, m = self.attn, self.mlp
@@ -64,29 +109,8 @@ class Block(nn.Module):
                             a.c_proj.bias, self.ln_2.weight, self.ln_2.bias, m.c_fc.weight, m.c_fc.bias,
                             m.c_proj.weight, m.c_proj.bias)
 
-    def forward(self, x: Tensor, backend: Backend, dropout_p: float = 0.0) -> Tensor:
-        return backend.op("block")(x, self.weights(), self.n_head, dropout_p)
-
-
-@dataclass
-class LoopTrace:
-    """What the loop did. Per token: the loops it ran. Per loop t (lists index t-1), per token:
-    the readout's entropy (nats), the relative state change ||h_t - h_{t-1}|| / ||h_{t-1}||, and
-    whether the token was still running during loop t."""
-
-    steps: Tensor  # (B, T) int32
-    entropy: list[Tensor] = field(default_factory=list)  # each (B, T) float32
-    delta: list[Tensor] = field(default_factory=list)  # each (B, T) float32
-    active: list[Tensor] = field(default_factory=list)  # each (B, T) bool
-
-    @property
-    def loops_run(self) -> int:
-        return len(self.entropy)
-
-    def per_loop(self) -> list[dict[str, float]]:
-        """Per loop: mean entropy and state change over all tokens, and the fraction still active."""
-        return [dict(loop=t + 1, entropy=e.mean().item(), delta=d.mean().item(), active=a.float().mean().item())
-                for t, (e, d, a) in enumerate(zip(self.entropy, self.delta, self.active))]
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backend.op("block")(x, self.weights(), self.n_head, self.dropout if self.training else 0.0)
 
 
 def sinusoidal_encoding(t: Tensor, dim: int) -> Tensor:
@@ -99,9 +123,16 @@ def sinusoidal_encoding(t: Tensor, dim: int) -> Tensor:
 
 
 class LoopGPT(nn.Module):
+    """LoopGPT(config, backend="torch"); without a config, the shakespeare LoopLM 1Lx12 (LoopConfig()'s
+    defaults: vocab 65, block 256, 384 wide, 6 heads, 1 layer, 12 loops)."""
 
-    def __init__(self, config: LoopConfig, backend: Union[str, Backend] = "torch"):
+    def __init__(self, config: Optional[LoopConfig] = None, backend: Union[str, Backend] = "torch"):
         super().__init__()
+        if config is None:
+            config = LoopConfig()
+        if not isinstance(config, LoopConfig):
+            raise TypeError(f"LoopGPT(config, backend): config must be a LoopConfig or None (the shakespeare "
+                            f"LoopLM 1Lx12), got {type(config).__name__} {config!r}; name a backend with backend=...")
         self.config = config
         C, bias = config.n_embd, config.bias
         self.transformer = nn.ModuleDict(dict(
@@ -143,6 +174,9 @@ class LoopGPT(nn.Module):
 
     def set_backend(self, backend: Union[str, Backend]) -> "LoopGPT":
         self.backend = get_backend(backend)
+        for module in self.modules():
+            if isinstance(module, (LayerNorm, CausalSelfAttention, MLP, Block)):
+                module.backend = self.backend
         return self
 
     def get_num_params(self, non_embedding: bool = True) -> int:
@@ -152,13 +186,15 @@ class LoopGPT(nn.Module):
 
     # ---- the pieces of the forward pass
 
-    def embed(self, idx: Tensor, start: int = 0) -> Tensor:
-        """(B, T) token ids at positions start.. -> x0 (B, T, C), through the prelude (which sees
-        only these tokens: a cached decode step with a prelude would need its own cache)."""
+    def embed(self, idx: Tensor, start: int = 0, *, kv: Optional[KVStore] = None) -> Tensor:
+        """(B, T) token ids at positions start.. -> x0 (B, T, C), through the prelude. With `kv` (cached
+        generation) the prelude also attends to the earlier tokens' keys and values kept there."""
         pos = torch.arange(start, start + idx.size(1), device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if kv is not None:
+            return blocks_with_cache(self, self.transformer.prelude, x, kv)
         for blk in self.transformer.prelude:
-            x = blk(x, self.backend, self._dropout_p())
+            x = blk(x)
         return x
 
     def initial_state(self, x0: Tensor) -> Tensor:
@@ -171,7 +207,7 @@ class LoopGPT(nn.Module):
     def inject(self, h: Tensor, x0: Tensor, loop_index: Tensor) -> Tensor:
         """The core's input at loop `loop_index` (B, T): each token's own loop count."""
         cfg = self.config
-        u = h if cfg.inject == "none" else h + (x0 if cfg.inject == "add" else self._layer_norm(x0, self.ln_inject))
+        u = h if cfg.inject == "none" else h + (x0 if cfg.inject == "add" else self.ln_inject(x0))
         if cfg.step_encoding == "learned":
             u = u + self.step_emb((loop_index - 1).clamp(max=cfg.n_loops - 1))
         elif cfg.step_encoding == "sinusoidal":
@@ -179,8 +215,9 @@ class LoopGPT(nn.Module):
         return u
 
     def core(self, u: Tensor) -> Tensor:
+        """The tied layers on every token (the loop engine splits them to run the active tokens only)."""
         for blk in self.transformer.core:
-            u = blk(u, self.backend, self._dropout_p())
+            u = blk(u)
         return u
 
     def update(self, h: Tensor, g: Tensor) -> Tensor:
@@ -189,13 +226,15 @@ class LoopGPT(nn.Module):
         return g
 
     def head(self, h: Tensor) -> Tensor:
-        """Final state (B, T, C) -> logits (B, T, V): coda, ln_f, tied lm_head."""
+        """Final state (B, T, C) -> logits (B, T, V): coda, then ln_f and the tied lm_head."""
         for blk in self.transformer.coda:
-            h = blk(h, self.backend, self._dropout_p())
-        return self.backend.op("linear")(self._layer_norm(h, self.transformer.ln_f), self.lm_head.weight)
+            h = blk(h)
+        return self.logits(h)
 
-    def _layer_norm(self, x: Tensor, ln: LayerNorm) -> Tensor:
-        return self.backend.op("layer_norm")(x, ln.weight, ln.bias)
+    def logits(self, h: Tensor) -> Tensor:
+        """ln_f and the tied lm_head, one op: (..., C) -> (..., V)."""
+        ln = self.transformer.ln_f
+        return self.backend.op("layer_norm_linear")(h, ln.weight, ln.bias, self.lm_head.weight)
 
     def _dropout_p(self) -> float:
         return self.config.dropout if self.training else 0.0
@@ -228,86 +267,23 @@ class LoopGPT(nn.Module):
         thr = self.halt_thresholds(idx, thresholds)
         return (-thr if self.config.halt in HIGHER_IS_SURER else thr).reshape(-1)
 
-    def halt_score(self, h: Tensor, h_new: Tensor, readout: Optional[tuple], prev_log_p: Optional[Tensor]) -> Tensor:
-        """(B, T) score of the configured criterion; lower means surer (looplm.ops)."""
-        criterion = self.config.halt
-        if criterion == "entropy":
-            return readout[0]
-        if criterion == "confidence":
-            return -readout[1]
-        if criterion == "delta":
-            return relative_change(h, h_new)
-        if criterion == "kl":
-            if prev_log_p is None:
-                return torch.full(h.shape[:2], math.inf, device=h.device)
-            log_p = readout[2]
-            return (log_p.exp() * (log_p - prev_log_p)).sum(-1)
-        if criterion == "gate":
-            return -torch.sigmoid(self.halt_gate(h_new).squeeze(-1).float())
-        raise AssertionError(criterion)
-
     # ---- the loop
 
     def loop(self, x0: Tensor, idx: Tensor, n_loops: int, halting: bool, thresholds: Optional[Tensor] = None,
              trace: Optional[LoopTrace] = None, states: Optional[list[Tensor]] = None,
-             grad_loops: Optional[int] = None, compact: Optional[bool] = None) -> Tensor:
+             grad_loops: Optional[int] = None, compact: bool = True) -> Tensor:
         """Run the tied core from x0 (B, T, C); returns the final state. Fills `trace` if given.
         For training: `states` receives the state after every loop (to supervise each one), and
         `grad_loops` keeps the graph of the state through the last grad_loops loops only (truncated
         backprop; x0 still gets every loop's gradient through the injection).
 
-        With halting, the loop runs the core only for the tokens still active (`looplm.compaction`)
-        wherever that gives this masked loop's result; compact=False forces the masked loop, the
-        reference semantics, and compact=True refuses a model it does not apply to."""
-        if compact is None:
-            compact = halting and compaction_blocker(self) is None
-        if compact:
-            return compact_loop(self, x0, idx, n_loops, halting, thresholds, trace, states, grad_loops)
-        cfg = self.config
-        B, T, C = x0.shape
-        h = self.initial_state(x0)
-        active = torch.ones(B * T, dtype=torch.bool, device=x0.device)
-        steps = torch.zeros(B * T, dtype=torch.int32, device=x0.device)
-        thr = self.halt_bar(idx, thresholds) if halting else None
-        needs_readout = trace is not None or (halting and cfg.halt in READOUT_CRITERIA)
-        prev_log_p = None
-        for t in range(1, n_loops + 1):
-            if grad_loops is not None and t == n_loops - grad_loops + 1:
-                h = h.detach()
-            loop_index = torch.where(active, t, steps).view(B, T)  # a halted token keeps its last loop
-            h_new = self.update(h, self.core(self.inject(h, x0, loop_index)))
-            readout = self.readout(h_new) if needs_readout else None
-            if halting:
-                score = self.halt_score(h, h_new, readout, prev_log_p).reshape(-1)
-                was_active = active
-                h_flat, active, steps = self.backend.op("halt_update")(
-                    h.reshape(B * T, C), h_new.reshape(B * T, C), active, steps, score, thr, t, cfg.min_loops,
-                    n_loops)
-                h_prev, h = h, h_flat.view(B, T, C)
-            else:
-                was_active, h_prev, h = active, h, h_new
-                steps = steps + 1
-            if trace is not None:
-                entropy = torch.where(was_active.view(B, T), readout[0], trace.entropy[-1]) if trace.entropy \
-                    else readout[0]
-                trace.entropy.append(entropy)
-                trace.delta.append(relative_change(h_prev, h))
-                trace.active.append(was_active.view(B, T))
-            if states is not None:
-                states.append(h)
-            if readout is not None:
-                prev_log_p = readout[2]
-            if halting and not active.any():
-                break
-        if trace is not None:
-            trace.steps = steps.view(B, T)
+        With halting the core runs for the active tokens only (`looplm.engine`); compact=False runs
+        it for every token and discards the halted tokens' results: the same semantics, the reference
+        the compacted loop is checked against."""
+        threshold = self.halt_bar(idx, thresholds) if halting else None
+        h, _ = run_loop(self, x0, n_loops, threshold, compact=compact, trace=trace, states=states,
+                        grad_loops=grad_loops)
         return h
-
-    def readout(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """What the model would predict from state h: (entropy, max probability, log-probs)."""
-        logits = self.head(h)
-        entropy, max_prob = self.backend.op("softmax_entropy")(logits)
-        return entropy, max_prob, torch.log_softmax(logits.float(), dim=-1)
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, n_loops: Optional[int] = None,
                 halt: Optional[bool] = None, thresholds: Optional[Tensor] = None, return_trace: bool = False):
@@ -328,6 +304,8 @@ class LoopGPT(nn.Module):
         if halting and budget < cfg.min_loops:
             raise ValueError(f"n_loops ({budget}) is below min_loops ({cfg.min_loops})")
         trace = LoopTrace(steps=torch.empty(0)) if return_trace else None
+        if not self.training:
+            hybrid_ops(self.backend, "the model is in eval mode")
 
         x0 = self.embed(idx)
         h = self.loop(x0, idx, budget, halting, thresholds, trace)
@@ -352,9 +330,10 @@ class LoopGPT(nn.Module):
         if idx.device != device:
             raise ValueError(f"idx is on {idx.device} but the model is on {device}; move one of them")
         self.backend.check_device(device)
-        lo, hi = (int(v) for v in torch.aminmax(idx))  # one reduction, one sync
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
+        if not torch.compiler.is_compiling():  # a data-dependent check would break a compiled graph
+            lo, hi = (int(v) for v in torch.aminmax(idx))  # one reduction, one sync
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
         if targets is not None:
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
@@ -363,13 +342,18 @@ class LoopGPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 **forward_kwargs) -> Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T), nanoGPT's way. temperature=0 is greedy.
-        Each token reruns the whole context; `looplm.generation.generate_cached` keeps a K/V cache."""
+                 *, use_cache: bool = True, halt: Optional[bool] = None, n_loops: Optional[int] = None) -> Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T), nanoGPT's way. temperature=0 is greedy;
+        halt and n_loops as in forward. By default every token runs once, keys and values kept per
+        loop (`looplm.generation`, fill "latest": the same tokens as without the cache); rows whose
+        token has halted stop computing. use_cache=False reruns the whole (cropped) context per token."""
+        if use_cache:
+            from looplm.generation import generate_cached  # generation builds on this module
+            return generate_cached(self, idx, max_new_tokens, temperature, top_k, halt=halt, n_loops=n_loops)[0]
         check_sampling(max_new_tokens, temperature, top_k)
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond, **forward_kwargs)
+            logits, _ = self(idx_cond, halt=halt, n_loops=n_loops)
             idx = torch.cat((idx, sample_next_token(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
 

@@ -1,25 +1,35 @@
-"""Halting that saves compute: the compacted loop against the masked loop, the reference semantics."""
+"""Halting that saves compute: the compacted loop against the masked loop, the reference semantics,
+on every backend, for every model shape and criterion (looplm.engine)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from looplm import LoopConfig, LoopGPT, LoopTrace
-from looplm.backends import Backend, get_backend
-from looplm.compaction import compaction_blocker
+from looplm.backends import Backend, BackendUnavailable, get_backend
 from looplm.ops import OP_NAMES
 from looplm.testing import assert_close
 
-BACKENDS = ("torch", "triton", "tile")
+pytestmark = pytest.mark.filterwarnings("ignore:backend 'tile' runs its cuTile kernels in the CPU emulator")
+
 # Thresholds at which this seed's sharpened tiny model halts tokens after many different loop counts.
 CRITERIA = {"entropy": 2.65, "confidence": 0.15, "delta": 0.35, "kl": 0.01, "gate": 0.7}
+# A threshold no score passes (criterion units): tokens given it think to the budget.
+NEVER = {"entropy": 0.0, "confidence": 1.0, "delta": 0.0, "kl": 0.0, "gate": 1.0}
 MAX_LOOPS = 8
+SHAPES = {  # n_layer 1, 2 and 3, with prelude and coda
+    "1L": dict(n_layer=1),
+    "2L-prelude-coda": dict(n_layer=2, n_prelude=1, n_coda=1),
+    "3L-coda2": dict(n_layer=3, n_coda=2),
+}
 
 
 def backend_or_skip(name: str) -> Backend:
+    """The backend, or a skip saying why it is unavailable here (its documented error); anything
+    else fails the test."""
     try:
         return get_backend(name)
-    except Exception as e:  # unavailable here, or its kernels are not built
+    except BackendUnavailable as e:
         pytest.skip(f"backend {name!r}: {e}")
 
 
@@ -39,6 +49,13 @@ def sharpened_model(criterion: str = "entropy", threshold: float | None = None, 
     return model
 
 
+def mixed_thresholds(criterion: str, idx: torch.Tensor) -> torch.Tensor:
+    """The criterion's threshold for most tokens, and one no score passes for every third."""
+    thresholds = torch.full(idx.shape, CRITERIA[criterion])
+    thresholds[:, ::3] = NEVER[criterion]
+    return thresholds
+
+
 def run_both(model: LoopGPT, idx: torch.Tensor, **loop_kwargs) -> tuple[tuple, tuple]:
     """(state, trace) of the masked loop and of the compacted loop, from the same start."""
     results = []
@@ -46,7 +63,8 @@ def run_both(model: LoopGPT, idx: torch.Tensor, **loop_kwargs) -> tuple[tuple, t
         trace = LoopTrace(steps=torch.empty(0))
         torch.manual_seed(1)  # the same noise for a noise-initialised state
         with torch.no_grad():
-            h = model.loop(model.embed(idx), idx, MAX_LOOPS, True, trace=trace, compact=compact, **loop_kwargs)
+            h = model.loop(model.embed(idx), idx, model.config.max_loops, True, trace=trace, compact=compact,
+                           **loop_kwargs)
         results.append((h, trace))
     return results[0], results[1]
 
@@ -62,22 +80,31 @@ def assert_same_run(masked: tuple, compacted: tuple) -> None:
     assert_close(h, h_ref, composed=True, msg="final states")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_hierarchical_parity_tier2_compacted_loop(backend):
-    """Per backend: the compacted loop halts the same tokens after the same loops, same states."""
-    model = sharpened_model("entropy").set_backend(backend_or_skip(backend))
-    idx = torch.randint(0, 17, (2, 12), generator=torch.Generator().manual_seed(2))
-    masked, compacted = run_both(model, idx)
-    assert len(masked[1].steps.unique()) >= 3, "the test needs tokens that halt after different loop counts"
-    assert_same_run(masked, compacted)
+def assert_mixed_halting(trace: LoopTrace, max_loops: int) -> None:
+    steps = trace.steps
+    assert (steps < max_loops).any() and (steps == max_loops).any(), f"steps {steps.unique().tolist()}"
+    assert len(steps.unique()) >= 2
 
 
-@pytest.mark.parametrize("criterion", sorted(CRITERIA))
-def test_hierarchical_parity_tier2_compacted_loop_per_criterion(criterion):
-    model = sharpened_model(criterion)
-    idx = torch.randint(0, 17, (2, 12), generator=torch.Generator().manual_seed(2))
-    masked, compacted = run_both(model, idx)
-    assert len(masked[1].steps.unique()) >= 2, "the test needs tokens that halt after different loop counts"
+# The PyTorch backends run every (shape, criterion); the kernels, interpreted or emulated on a CPU
+# and slow there, every shape and every criterion once.
+KERNEL_CASES = [("1L", "gate"), ("1L", "confidence"), ("1L", "kl"), ("2L-prelude-coda", "delta"),
+                ("3L-coda2", "entropy")]
+TIER2_CASES = [(backend, shape, criterion) for backend in ("torch", "reference") for shape in SHAPES
+               for criterion in sorted(CRITERIA)]
+TIER2_CASES += [(backend, shape, criterion) for backend in ("triton", "tile") for shape, criterion in KERNEL_CASES]
+
+
+@pytest.mark.parametrize("backend,shape,criterion", TIER2_CASES)
+def test_hierarchical_parity_tier2_compacted_equals_masked(backend, shape, criterion):
+    """Per backend, model shape and criterion: the compacted loop halts the same tokens after the
+    same loops as the masked loop, with the same traces and states."""
+    kernel = backend in ("triton", "tile")
+    max_loops = 5 if kernel else MAX_LOOPS
+    model = sharpened_model(criterion, max_loops=max_loops, **SHAPES[shape]).set_backend(backend_or_skip(backend))
+    idx = torch.randint(0, 17, (1, 10) if kernel else (2, 12), generator=torch.Generator().manual_seed(2))
+    masked, compacted = run_both(model, idx, thresholds=mixed_thresholds(criterion, idx))
+    assert_mixed_halting(masked[1], max_loops)
     assert_same_run(masked, compacted)
 
 
@@ -107,10 +134,11 @@ def counting(backend: Backend, rows: dict[str, int]) -> Backend:
                    differentiable=frozenset(OP_NAMES))
 
 
-def test_compaction_skips_the_work_of_halted_tokens():
+@pytest.mark.parametrize("shape", ["1L", "2L-prelude-coda"])
+def test_compaction_skips_the_work_of_halted_tokens(shape):
     """Half the tokens halt after one loop: the compacted loop runs the MLP, the readout and the
-    halting update on about half the rows the masked loop does."""
-    model = sharpened_model("entropy")
+    halting update on the active tokens only; the masked loop on every token every loop."""
+    model = sharpened_model("entropy", **SHAPES[shape])
     idx = torch.randint(0, 17, (2, 12))
     thresholds = torch.zeros(idx.shape)
     thresholds[:, ::2] = 100.0  # entropy is always below: these halt after loop 1; the rest never halt
@@ -121,35 +149,41 @@ def test_compaction_skips_the_work_of_halted_tokens():
         with torch.no_grad():
             outputs[compact] = model.loop(model.embed(idx), idx, MAX_LOOPS, True, thresholds, compact=compact)
     assert_close(outputs[True], outputs[False], composed=True)
+    n_layer, n_coda = model.config.n_layer, model.config.n_coda
     token_loops = idx.numel() * MAX_LOOPS
-    assert rows[False]["block"] == rows[False]["halt_update"] == rows[False]["softmax_entropy"] == token_loops
     active_token_loops = idx.numel() // 2 * (1 + MAX_LOOPS)
-    assert rows[True]["mlp"] == rows[True]["halt_update"] == rows[True]["softmax_entropy"] == active_token_loops
+    for compact, expected in ((False, token_loops), (True, active_token_loops)):
+        counted = rows[compact]
+        assert counted["halt_update"] == counted["softmax_entropy"] == expected, compact
+        assert counted["mlp"] == (n_layer + n_coda) * expected, compact  # the coda runs in the readout
 
 
-def test_compaction_is_the_default_with_halting_and_keeps_gradients():
-    """Training with forced halting: the default (compacted) loop gives the masked loop's gradients,
-    also with truncated backprop, whose detach must cut the halted tokens' kept keys and values too."""
-    model = sharpened_model("entropy").train()
+def test_compacted_loop_keeps_gradients():
+    """Training with forced halting: the compacted loop gives the masked loop's gradients, also
+    with truncated backprop, whose detach must cut the kept keys and values too."""
+    model = sharpened_model("entropy", n_layer=2, n_coda=1).train()
     idx = torch.randint(0, 17, (2, 10))
+    thresholds = mixed_thresholds("entropy", idx)
     grads = {}
-    for compact in (False, None):
+    for compact in (False, True):
         model.zero_grad()
         states = []
-        h = model.loop(model.embed(idx), idx, MAX_LOOPS, True, states=states, grad_loops=3, compact=compact)
+        h = model.loop(model.embed(idx), idx, MAX_LOOPS, True, thresholds, states=states, grad_loops=3,
+                       compact=compact)
         (model.head(h).logsumexp(-1).sum() + sum(s.square().mean() for s in states)).backward()
         grads[compact] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert grads[None].keys() == grads[False].keys()
+    assert grads[True].keys() == grads[False].keys()
     for name, grad in grads[False].items():
-        assert_close(grads[None][name], grad, composed=True, msg=name)
+        assert_close(grads[True][name], grad, composed=True, msg=name)
 
 
-def test_masked_loop_is_kept_where_compaction_would_differ():
-    model = sharpened_model("entropy", n_layer=2)
-    assert "n_layer=2" in compaction_blocker(model)
-    idx = torch.randint(0, 17, (1, 6))
-    with pytest.raises(ValueError, match="does not apply to this model: n_layer=2"):
-        model.loop(model.embed(idx), idx, 4, True, compact=True)
-    assert "n_coda=1" in compaction_blocker(sharpened_model("entropy", n_coda=1))
-    assert compaction_blocker(sharpened_model("entropy", dropout=0.1).train()) is not None
-    assert compaction_blocker(sharpened_model("entropy", dropout=0.1).eval()) is None
+def test_readout_is_computed_only_when_needed():
+    """delta and gate halting without a trace read nothing out; the readout criteria once a loop."""
+    idx = torch.randint(0, 17, (2, 12))
+    for criterion, readouts in (("delta", 0), ("gate", 0), ("entropy", 1), ("kl", 0)):
+        model = sharpened_model(criterion)
+        rows = {}
+        model.set_backend(counting(get_backend("torch"), rows))
+        with torch.no_grad():
+            model.loop(model.embed(idx), idx, MAX_LOOPS, True)
+        assert ("softmax_entropy" in rows) == bool(readouts), criterion  # kl takes one log-softmax instead

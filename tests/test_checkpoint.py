@@ -188,7 +188,7 @@ def test_transplant_a_trained_layer_into_the_loop():
     idx = torch.randint(0, 23, (1, 8))
     with torch.no_grad():
         x0 = gpt.embed(idx)
-        expected = gpt.head(gpt.transformer.core[2](x0, gpt.backend))
+        expected = gpt.head(gpt.transformer.core[2](x0))
         torch.testing.assert_close(loop(idx, idx, n_loops=1)[0], expected)
     with pytest.raises(IndexError, match="source_layer 3 is out of range: the source core has 3 layers"):
         transplant_layer(gpt, loop, source_layer=3)

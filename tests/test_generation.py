@@ -1,4 +1,5 @@
-"""Cached adaptive generation: equal to LoopGPT.generate where documented, fill policies, schedules."""
+"""Cached generation (LoopGPT.generate's default): equal to uncached generation for every model
+shape, at fixed depth and with halting; fill policies, schedules, exited rows."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from looplm import LoopConfig, LoopGPT
 from looplm.backends import get_backend
 from looplm.generation import LoopKVCache, generate_cached
-from tests.test_adaptive import MAX_LOOPS, counting, sharpened_model
+from tests.test_adaptive import MAX_LOOPS, SHAPES, counting, sharpened_model
 
 
 def fixed_depth_model(**overrides) -> LoopGPT:
@@ -22,24 +23,35 @@ def fixed_depth_model(**overrides) -> LoopGPT:
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(), dict(n_layer=2), dict(step_encoding="learned", update="euler", inject="norm_add"),
-], ids=["1L", "2L", "learned-euler-norm_add"])
+    *SHAPES.values(), dict(step_encoding="learned", update="euler", inject="norm_add"),
+], ids=[*SHAPES, "learned-euler-norm_add"])
 def test_cached_equals_uncached_at_fixed_depth(overrides):
     model = fixed_depth_model(**overrides)
     idx = torch.randint(0, 17, (3, 5))
     out, stats = generate_cached(model, idx, 12, temperature=0)
-    assert torch.equal(out, model.generate(idx, 12, temperature=0))
+    assert torch.equal(out, model.generate(idx, 12, temperature=0, use_cache=False))
+    assert torch.equal(out, model.generate(idx, 12, temperature=0))  # the default is the cache
     assert stats.steps.shape == (3, 5 + 12 - 1) and (stats.steps == 4).all() and stats.loops_per_token == 4.0
 
 
-def test_latest_fill_with_halting_equals_uncached_generation():
-    """A halted token offers its frozen state's keys and values to later loops, as in forward."""
-    model = sharpened_model("entropy", block_size=32)
+def test_cached_generation_past_block_size_reruns_the_cropped_context():
+    model = fixed_depth_model(n_prelude=1, n_coda=1, block_size=8)
     idx = torch.randint(0, 17, (2, 5))
+    out = model.generate(idx, 10, temperature=0)
+    assert out.shape == (2, 15) and torch.equal(out, model.generate(idx, 10, temperature=0, use_cache=False))
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "delta", "kl"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_latest_fill_with_halting_equals_uncached_generation(shape, criterion):
+    """A halted token offers its last loop's keys and values to later loops, at every layer (and
+    every coda layer of the readout), as in forward."""
+    model = sharpened_model(criterion, block_size=32, **SHAPES[shape])
+    idx = torch.randint(0, 17, (2, 5), generator=torch.Generator().manual_seed(4))
     out, stats = generate_cached(model, idx, 14, temperature=0)
-    assert len(stats.new_token_steps.unique()) >= 2, "the test needs tokens that halt after different loops"
-    assert torch.equal(out, model.generate(idx, 14, temperature=0))
-    assert stats.halting and stats.budget == MAX_LOOPS and 1 <= stats.loops_per_token < MAX_LOOPS
+    assert len(stats.steps.unique()) >= 2, "the test needs tokens that halt after different loops"
+    assert torch.equal(out, model.generate(idx, 14, temperature=0, use_cache=False))
+    assert stats.halting and stats.budget == MAX_LOOPS and 1 <= stats.loops_per_token <= MAX_LOOPS
 
 
 def test_ring_interpolates_between_last_and_latest_and_bounds_memory():
@@ -60,8 +72,8 @@ def test_ring_interpolates_between_last_and_latest_and_bounds_memory():
 def test_fill_policies_read_the_documented_entries(slots):
     """Entry e of position p holds 100 e + p; reading loop t must give e = clamp(t, n - slots + 1, n)."""
     budget = 5
-    steps = torch.tensor([[5, 1, 3, 4]], dtype=torch.int32)  # the last three halted early: one more entry
-    entries = steps + (steps < budget).int()
+    steps = torch.tensor([[5, 1, 3, 4]], dtype=torch.int32)  # a token has one entry per loop it ran
+    entries = steps
     cache = LoopKVCache(n_layer=1, slots=slots, batch=1, max_len=5, n_embd=2, budget=budget,
                         dtype=torch.float32, device=torch.device("cpu"))
     cache.begin(4)
@@ -103,18 +115,9 @@ def test_batched_generation_stops_computing_exited_rows():
     (dict(fill="all"), "fill must be one of"),
     (dict(fill="ring"), "fill='ring' needs ring_size"),
     (dict(fill="latest", ring_size=2), "ring_size is for fill='ring'"),
-    (dict(max_new_tokens=30), "exceeds block_size 24"),
     (dict(temperature=-1.0), "temperature must be >= 0"),
 ])
 def test_bad_arguments_are_refused(kwargs, message):
     args = {"max_new_tokens": 3, "temperature": 0.0, **kwargs}
     with pytest.raises(ValueError, match=message):
         generate_cached(fixed_depth_model(), torch.zeros(1, 2, dtype=torch.long), **args)
-
-
-def test_models_the_cache_cannot_serve_are_refused():
-    idx = torch.zeros(1, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match="halting needs n_layer=1, got n_layer=2"):
-        generate_cached(sharpened_model("entropy", n_layer=2), idx, 2)
-    with pytest.raises(ValueError, match="without prelude or coda layers"):
-        generate_cached(fixed_depth_model(n_prelude=1), idx, 2)

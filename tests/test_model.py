@@ -1,9 +1,15 @@
 """LoopGPT: the loop, halting, numerics, gradients, parameter counts and input errors."""
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from looplm import LoopConfig, LoopGPT
+from looplm import LoopConfig, LoopGPT, LoopTrace, get_backend
+from looplm import backends
 from looplm.halting import relative_change
+from looplm.model import Block, LayerNorm
+from looplm.testing import assert_close
 
 
 def tiny(**overrides) -> LoopConfig:
@@ -57,10 +63,76 @@ def test_gpt_is_the_same_code_path():
     idx = tokens()
     x = gpt.embed(idx)
     for blk in gpt.transformer.core:
-        x = blk(x, gpt.backend)
+        x = blk(x)
     expected = gpt.head(x)
     logits, _ = gpt(idx, idx)
     torch.testing.assert_close(logits, expected)
+
+
+def test_modules_are_nanogpts_with_forwards():
+    """Every module computes when called (containers aside); a block is x + attn(ln_1(x)), then
+    + mlp(ln_2(x)), the composition of its own modules, in one fused op."""
+    model = LoopGPT(tiny(n_prelude=1, n_coda=1, inject="norm_add"))
+    x = torch.randn(2, 5, 32)
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.ModuleDict, torch.nn.ModuleList, LoopGPT)):
+            continue
+        probe = torch.randint(0, 17, (2, 5)) if isinstance(module, torch.nn.Embedding) else \
+            torch.randn(2, 5, module.in_features) if isinstance(module, torch.nn.Linear) else x
+        assert module(probe).shape[:2] == (2, 5), name
+    blk = model.transformer.core[0]
+    y = x + blk.attn(blk.ln_1(x))
+    assert_close(blk(x), y + blk.mlp(blk.ln_2(y)), composed=True)
+    ln = LayerNorm(32, bias=False)
+    assert_close(ln(x), F.layer_norm(x, (32,), ln.weight))
+
+
+def test_default_config_is_the_shakespeare_looplm_1x12():
+    model = LoopGPT()
+    cfg = model.config
+    shape = (cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.n_loops)
+    assert shape == (65, 256, 384, 6, 1, 12)
+    assert LoopGPT(backend="reference").backend.name == "reference"
+    with pytest.raises(TypeError, match="config must be a LoopConfig or None.*backend="):
+        LoopGPT("tile")
+
+
+def test_default_config_on_the_tile_backend():
+    """`LoopGPT(backend="tile")` as written: construct, and one tiny forward in the emulator."""
+    availability = backends.available_backends()["tile"]
+    if not availability.available:
+        pytest.skip(f"backend 'tile' is unavailable here: {availability.reason}")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "backend 'tile' runs its cuTile kernels in the CPU emulator")
+        model = LoopGPT(backend="tile").eval()
+        assert all(m.backend.name == "tile" for m in model.modules() if isinstance(m, (Block, LayerNorm)))
+        idx = torch.randint(0, 65, (1, 3))
+        with torch.no_grad():
+            logits, _ = model(idx, n_loops=2)
+            expected, _ = model.set_backend("reference")(idx, n_loops=2)
+    assert_close(logits, expected, composed=True)
+
+
+def test_kernel_backend_in_eval_with_gradients_warns_once(monkeypatch):
+    """Eval mode with gradients enabled runs the torch ops, not the kernels: say so, once."""
+    monkeypatch.setattr(backends, "_WARNED_HYBRID", set())
+    try:
+        triton = get_backend("triton")
+    except backends.BackendUnavailable as e:
+        pytest.skip(f"backend 'triton' is unavailable here: {e}")
+    model = LoopGPT(tiny(), backend=triton).eval()
+    idx = tokens(1, 4)
+    with pytest.warns(UserWarning, match=r"eval mode but gradients are enabled.*torch.no_grad\(\) or "
+                                         r"torch.inference_mode\(\)"):
+        model(idx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(idx)  # once only
+        with torch.no_grad():
+            model(idx)  # the kernels run: nothing to say
+        model.train()(idx, idx)  # training differentiates through the torch ops, as documented
+    assert backends.hybrid_ops(get_backend("torch"), "eval") == []
 
 
 def test_parameter_counts_gpt12l_and_looplm_1x12():
@@ -81,16 +153,23 @@ def halting_model(criterion="entropy", threshold=2.0, **overrides) -> LoopGPT:
     return model.eval()
 
 
-@pytest.mark.parametrize("criterion,threshold", [
-    ("entropy", 2.8), ("confidence", 0.07), ("delta", 0.3), ("kl", 1e-3), ("gate", 0.01)])
-def test_each_criterion_halts_tokens_and_freezes_them(criterion, threshold):
-    torch.manual_seed(1)
-    model = halting_model(criterion, threshold, n_loops=3, max_loops=6, step_encoding="learned")
-    idx = tokens(2, 10)
+# A threshold no score passes (criterion units): tokens given it think to max_loops.
+NEVER = {"entropy": 0.0, "confidence": 1.0, "delta": 0.0, "kl": 0.0, "gate": 1.0}
+
+
+@pytest.mark.parametrize("criterion", sorted(NEVER))
+def test_each_criterion_halts_tokens_and_freezes_them(criterion):
+    from tests.test_adaptive import CRITERIA, sharpened_model
+    model = sharpened_model(criterion, max_loops=6)
+    idx = torch.randint(0, 17, (2, 12), generator=torch.Generator().manual_seed(2))
+    thresholds = torch.full(idx.shape, CRITERIA[criterion])
+    thresholds[:, ::3] = NEVER[criterion]  # every third token never halts early
     with torch.no_grad():
-        _, _, trace = model(idx, idx, return_trace=True)
+        _, _, trace = model(idx, idx, return_trace=True, thresholds=thresholds)
     steps = trace.steps
     assert steps.min() >= 1 and steps.max() <= 6
+    assert (steps[:, ::3] == 6).all(), "a token whose threshold no score passes halted early"
+    assert (steps < 6).any(), f"{criterion}: no token halted before max_loops"
     assert trace.loops_run == steps.max()
     # steps equal the number of loops in which the token was active
     assert torch.equal(torch.stack(trace.active).sum(0).int(), steps)
@@ -133,20 +212,66 @@ def test_per_token_threshold_after_a_trigger_token():
     assert trace.steps.tolist() == [[1, 1, 6, 6, 6, 1, 1, 6, 6]]
 
 
+def _block_reading(blk, x, keys, values, mask):
+    """nanoGPT's block on x (T, C) whose attention reads keys and values (T, C) where mask (T, T) allows."""
+    C, H = x.size(-1), blk.n_head
+    q = F.linear(F.layer_norm(x, (C,), blk.ln_1.weight, blk.ln_1.bias), blk.attn.c_attn.weight[:C],
+                 blk.attn.c_attn.bias[:C])
+
+    def heads(t):
+        return t.view(-1, H, C // H).transpose(0, 1)
+    y = F.scaled_dot_product_attention(heads(q), heads(keys), heads(values), attn_mask=mask)
+    x = x + blk.attn.c_proj(y.transpose(0, 1).reshape(-1, C))
+    return x + blk.mlp.c_proj(F.gelu(blk.mlp.c_fc(F.layer_norm(x, (C,), blk.ln_2.weight, blk.ln_2.bias))))
+
+
+def _keys_values(blk, x):
+    C = x.size(-1)
+    kv = F.linear(F.layer_norm(x, (C,), blk.ln_1.weight, blk.ln_1.bias), blk.attn.c_attn.weight[C:],
+                  blk.attn.c_attn.bias[C:])
+    return kv[:, :C], kv[:, C:]
+
+
+def _loop_by_hand(model, x0, halted, n_loops, halted_offer):
+    """The semantics spelled out for one sequence x0 (T, C), one tied layer, inject add, no step
+    encoding: tokens `halted` (T,) stop after loop 1; the others run n_loops loops. halted_offer:
+    "last loop" (the documented rule: the loop-1 keys and values) or "nothing" (dropped)."""
+    blk, T = model.transformer.core[0], x0.size(0)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    keys, values = _keys_values(blk, x0)
+    h = _block_reading(blk, x0, keys, values, causal)  # loop 1: h starts at zero, u = x0
+    first_keys, first_values = keys, values
+    for _ in range(2, n_loops + 1):
+        u = h + x0
+        keys, values = _keys_values(blk, u)
+        mask = causal
+        if halted_offer == "last loop":
+            keys = torch.where(halted[:, None], first_keys, keys)
+            values = torch.where(halted[:, None], first_values, values)
+        else:
+            mask = causal & (~halted[None, :] | torch.eye(T, dtype=torch.bool))
+        h = torch.where(halted[:, None], h, _block_reading(blk, u, keys, values, mask))
+    return h
+
+
 def test_halted_tokens_are_still_attended_to():
-    """A later token still running must see the frozen earlier tokens: changing a halted token's
-    input changes the later token's result."""
-    model = halting_model("entropy", 0.0, max_loops=4)
-    idx = tokens(1, 8)
+    """A token still running reads, at every later loop, the keys and values a halted token had in
+    its last loop; dropping them from attention gives a different result."""
+    from tests.test_adaptive import sharpened_model
+    model = sharpened_model("entropy", max_loops=4, step_encoding="none")
+    idx = torch.randint(0, 17, (1, 8), generator=torch.Generator().manual_seed(3))
     thresholds = torch.zeros(1, 8)
-    thresholds[0, :4] = 100.0  # the first four halt after loop 1
+    thresholds[0, :4] = 100.0  # the first four halt after loop 1, the rest think to 4 loops
+    halted = thresholds[0] > 0
     with torch.no_grad():
-        logits_a, _, trace = model(idx, idx, return_trace=True, thresholds=thresholds)
-        idx_b = idx.clone()
-        idx_b[0, 1] = (idx[0, 1] + 1) % 17
-        logits_b, _ = model(idx_b, idx_b, thresholds=thresholds)
+        x0 = model.embed(idx)
+        trace = LoopTrace(steps=torch.empty(0))
+        h = model.loop(x0, idx, 4, True, thresholds, trace)
+        expected = _loop_by_hand(model, x0[0], halted, 4, "last loop")
+        dropped = _loop_by_hand(model, x0[0], halted, 4, "nothing")
     assert trace.steps[0, :4].tolist() == [1, 1, 1, 1] and (trace.steps[0, 4:] == 4).all()
-    assert not torch.allclose(logits_a[0, 6], logits_b[0, 6])
+    assert_close(h[0], expected, composed=True)
+    assert not torch.allclose(h[0, 4:], dropped[4:], atol=1e-2), "the test cannot tell dropped tokens apart"
 
 
 def test_halting_is_off_in_training_unless_asked():

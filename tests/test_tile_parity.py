@@ -13,6 +13,7 @@ from looplm.model import LoopTrace
 from looplm.testing import assert_close
 from looplm_tile import attention, halt_update, layer_norm, linear, runtime, softmax_entropy
 import reference
+from tests.test_torch_parity import scores_per_loop
 from tuning.buckets import MODEL_SHAPES
 from tuning.gpus import ARCHS
 
@@ -201,20 +202,11 @@ def _tiny_model(halt: str = "none", threshold=None, **overrides) -> LoopGPT:
 
 
 def _recorded_scores(model: LoopGPT, idx: torch.Tensor) -> torch.Tensor:
-    """The reference run's halting scores, (loops, tokens), in the lower-is-surer units."""
-    scores, score_of = [], model.halt_score
-
-    def spy(*args):
-        score = score_of(*args)
-        scores.append(score.reshape(-1))
-        return score
-    model.halt_score = spy
-    try:
-        model.set_backend("reference").loop(model.embed(idx), idx, model.config.max_loops, True, idx.new_zeros(
-            idx.shape, dtype=torch.float32) + _NEVER[model.config.halt])
-    finally:
-        del model.halt_score
-    return torch.stack(scores)
+    """The reference's halting scores with every token running every loop, (loops, tokens), in the
+    lower-is-surer units."""
+    model.set_backend("reference")
+    scores = scores_per_loop(model, model.embed(idx), model.config.max_loops)
+    return torch.stack([score.reshape(-1) for score in scores])
 
 
 # A threshold no score passes, for the recording run (criterion units, within the allowed range).

@@ -19,6 +19,7 @@ from looplm.config import HIGHER_IS_SURER  # noqa: E402
 from looplm.ops import OP_NAMES, BlockWeights, signature_mismatch  # noqa: E402
 from looplm.testing import assert_close  # noqa: E402
 from looplm_triton.linear import layer_norm_linear  # noqa: E402
+from tests.test_torch_parity import scores_per_loop  # noqa: E402
 
 TRITON = get_backend("triton").ops
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -186,22 +187,13 @@ def _model(criterion: str, device=DEVICE, dtype=torch.float32, **overrides) -> L
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _scores_per_loop(model: LoopGPT, x0: torch.Tensor, idx: torch.Tensor, n_loops: int) -> list[torch.Tensor]:
-    """The criterion's score (lower is surer) after each loop, running every token every loop."""
-    h, prev_log_p, scores = model.initial_state(x0), None, []
-    for t in range(1, n_loops + 1):
-        h_new = model.update(h, model.core(model.inject(h, x0, torch.full_like(idx, t))))
-        readout = model.readout(h_new)
-        scores.append(model.halt_score(h, h_new, readout, prev_log_p))
-        h, prev_log_p = h_new, readout[2]
-    return scores
 
 
 def _threshold_splitting(model: LoopGPT, x0: torch.Tensor, idx: torch.Tensor, loop: int) -> float:
     """A threshold (criterion units) in the widest gap between the reference's scores at `loop`
     among the middle half of the tokens: some tokens halt there, others run on, none is on the edge."""
     model.set_backend("reference")
-    ranked = _scores_per_loop(model, x0, idx, loop)[-1].flatten().float().sort().values
+    ranked = scores_per_loop(model, x0, loop)[-1].flatten().float().sort().values
     n = ranked.numel()
     gaps = ranked[n // 4 + 1:3 * n // 4 + 1] - ranked[n // 4:3 * n // 4]
     widest = n // 4 + int(gaps.argmax())

@@ -1,0 +1,364 @@
+"""The loop engine: the tied core applied loop after loop, with per-token halting, in one place.
+
+    h = init(x0)
+    for t in 1 .. n_loops:
+        rows = the tokens still active (every token without halting)
+        x = inject(h, x0, t)[rows]
+        for each core layer:  x = block(x) on rows, reading every token's keys and values
+        h_new = update(h[rows], x);  readout / score only if the criterion or the trace needs it
+        h[rows], active[rows], steps[rows] = halt_update(...)
+
+Semantics with halting (recursion-wise K/V caching, as in Mixture-of-Recursions). Every core
+layer keeps, per token, the keys and values the token computed at that layer in its latest loop.
+A token that halts after loop s keeps offering its loop-s keys and values at every layer to the
+tokens that still run; its own state stays h_s. Nothing about a halted token changes after it
+halts, so running the core for the active tokens only ("compacted") gives exactly the result of
+running it for every token and discarding the halted ones' outputs ("masked", compact=False, the
+reference semantics): the two differ only by the rounding of differently shaped matmuls. This holds
+for any n_layer; with one layer it is the plain rule "a halted token is seen as it was in its last loop".
+
+The coda. The in-loop readout (halting criteria, traces) passes the state through the coda with
+the same rule: per coda layer, a halted token offers the keys and values of its last readout. The
+final logits (`LoopGPT.head`) run the coda over every token's final state, full sequence.
+
+Without halting every token runs every loop: the core is the backends' fused `block` op over the
+whole sequence. With halting (or a K/V store, for generation) the block is split into the ops
+`layer_norm_linear` (LN1 + QKV, LN2 + fc + GELU), `attention` and `linear` (proj and fc2 with the
+residual in the epilogue), so each backend's kernels run on the active rows only.
+
+Cost per loop. Work proportional to the active tokens: states, keys, values and the trace are
+written in place into preallocated buffers (out of place while autograd records, which needs the
+old values), and the host learns which tokens are active from one device-to-host transfer per loop.
+Attention runs on the batch rows holding an active token, for the window of positions p0..p1 they
+span (the op's causal mask is aligned bottom-right, so queries p0..p1 over keys 0..p1 keep their
+positions); the readout computes one log-softmax per loop, and only for the KL criterion keeps the
+previous distribution.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from looplm import torch_ops
+from looplm.config import READOUT_CRITERIA
+from looplm.halting import relative_change
+
+if TYPE_CHECKING:
+    from looplm.model import Block, LoopGPT
+
+
+@dataclass
+class LoopTrace:
+    """What the loop did. Per token: the loops it ran. Per loop t (lists index t-1), per token:
+    the readout's entropy (nats), the relative state change ||h_t - h_{t-1}|| / ||h_{t-1}||, and
+    whether the token was still running during loop t."""
+
+    steps: Tensor  # (B, T) int32
+    entropy: list[Tensor] = field(default_factory=list)  # each (B, T) float32
+    delta: list[Tensor] = field(default_factory=list)  # each (B, T) float32
+    active: list[Tensor] = field(default_factory=list)  # each (B, T) bool
+
+    @property
+    def loops_run(self) -> int:
+        return len(self.entropy)
+
+    def per_loop(self) -> list[dict[str, float]]:
+        """Per loop: mean entropy and state change over all tokens, and the fraction still active."""
+        return [dict(loop=t + 1, entropy=e.mean().item(), delta=d.mean().item(), active=a.float().mean().item())
+                for t, (e, d, a) in enumerate(zip(self.entropy, self.delta, self.active))]
+
+
+class KVStore(Protocol):
+    """Keys and values of earlier tokens, per layer and loop (see looplm.generation). Layers
+    0..n_layer-1 are the core's, n_layer.. the coda's in the in-loop readout."""
+
+    def past(self, layer: int, loop: int) -> Optional[tuple[Tensor, Tensor]]:
+        """(K, V), each (B, P, C), that the block's tokens attend to before their own; None if P = 0."""
+
+    def store(self, layer: int, loop: int, rows: Optional[Tensor], keys: Tensor, values: Tensor) -> None:
+        """Entry `loop` of the block's tokens `rows` (flat indices into (B, T); None: every one):
+        keys, values (R, C)."""
+
+
+class _Rows:
+    """The tokens a loop computes: every one (idx None) or the flat indices idx (R,), from the host
+    array `host`, with what
+    attention needs to run on them, worked out on the host once per loop: the batch rows holding
+    them, the window of positions p0..p1 they span, and each row's place in the padded window
+    (padded_at) and among its batch row's active tokens (packed_at)."""
+
+    def __init__(self, B: int, T: int, host: Optional[np.ndarray] = None, device: Optional[torch.device] = None):
+        self.B, self.T, self.idx = B, T, None
+        self.batches, self.p0, self.p1, self._mask = None, 0, T - 1, None
+        self.count = B * T if host is None else len(host)
+        if host is None or self.count == 0:
+            return
+
+        def to_device(a: np.ndarray) -> Tensor:
+            return torch.from_numpy(a).to(device, non_blocking=True)
+        self.idx = to_device(host)
+        batch, pos = host // T, host % T
+        self.p0, self.p1 = int(pos.min()), int(pos.max())
+        counts = np.bincount(batch, minlength=B)
+        batches = np.flatnonzero(counts)
+        self.n_batches = len(batches)
+        slot = batch
+        if self.n_batches < B:
+            self.batches = to_device(batches)
+            slot = np.cumsum(counts > 0)[batch] - 1
+        self.padded_at = to_device(slot * (self.p1 - self.p0 + 1) + pos - self.p0)
+        # packed: batch row slot, rank among its active tokens; up to the most any batch row has
+        counts = counts[batches]
+        self.packed_len = int(counts.max())
+        packed_at = slot * self.packed_len + np.arange(self.count) - (np.cumsum(counts) - counts)[slot]
+        self.packed_at = to_device(packed_at)
+        positions = np.zeros(self.n_batches * self.packed_len, dtype=np.int64)
+        positions[packed_at] = pos
+        self.positions = to_device(positions.reshape(self.n_batches, self.packed_len))
+
+    @property
+    def every(self) -> bool:
+        return self.idx is None
+
+    def causal_mask(self, past: int) -> Tensor:
+        """(batch rows, 1, packed_len, past + p1 + 1) bool: which keys each packed query sees
+        (made once per loop, for every layer)."""
+        if self._mask is None or self._mask.size(-1) != past + self.p1 + 1:
+            keys = torch.arange(-past, self.p1 + 1, device=self.positions.device)
+            self._mask = (keys <= self.positions[:, :, None])[:, None]
+        return self._mask
+
+
+def active_rows(active: Tensor, B: int, T: int) -> _Rows:
+    """The rows of the active tokens, from one device-to-host transfer of the mask."""
+    host = np.flatnonzero(active.cpu().numpy())  # the one sync of the loop
+    return _Rows(B, T) if len(host) == B * T else _Rows(B, T, host, active.device)
+
+
+def _write(buffer: Tensor, rows: _Rows, new: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+    """buffer with `rows` replaced by new (R, ...), where keep (R,) bool, if given, is False; in
+    place unless autograd records (it needs the old values) or every row is replaced."""
+    if keep is not None:
+        new = torch.where(keep.view(-1, *([1] * (new.dim() - 1))), buffer if rows.every else buffer[rows.idx], new)
+    if rows.every:
+        return new
+    if torch.is_grad_enabled():
+        return buffer.index_copy(0, rows.idx, new)
+    return buffer.index_copy_(0, rows.idx, new)
+
+
+class _Layers:
+    """Per block (core layers, then coda layers): its weights, read once per run, and every token's
+    latest keys and values, (N, C)."""
+
+    def __init__(self, blocks: list["Block"]):
+        self.weights = [blk.weights() for blk in blocks]
+        self.keys: list[Optional[Tensor]] = [None] * len(blocks)
+        self.values: list[Optional[Tensor]] = [None] * len(blocks)
+
+    def detach(self) -> None:
+        self.keys = [k.detach() if k is not None else None for k in self.keys]
+        self.values = [v.detach() if v is not None else None for v in self.values]
+
+
+def block_on_rows(model: "LoopGPT", blk: "Block", layer: int, x: Tensor, rows: _Rows, layers: _Layers,
+                  keep: Optional[Tensor], kv: Optional[KVStore], loop: int) -> Tensor:
+    """One block for the rows x (R, C): its keys and values go to the layer's buffers (except the
+    rows `keep` marks: halted tokens in the masked loop), attention reads every token's."""
+    backend, w, C = model.backend, layers.weights[layer], x.size(-1)
+    q, k, v = backend.op("layer_norm_linear")(x, w.ln1_w, w.ln1_b, w.attn_w, w.attn_b).split(C, dim=-1)
+    if layers.keys[layer] is None:  # the first loop computes every token
+        layers.keys[layer], layers.values[layer] = k, v
+    else:
+        layers.keys[layer] = _write(layers.keys[layer], rows, k, keep)
+        layers.values[layer] = _write(layers.values[layer], rows, v, keep)
+    if kv is not None:
+        kv.store(layer, loop, rows.idx, k, v)
+    past = kv.past(layer, loop) if kv is not None else None
+    y = _attend(backend, q, rows, layers.keys[layer], layers.values[layer], past, blk.n_head)
+    p = model._dropout_p()
+    if p > 0:
+        x = x + F.dropout(backend.op("linear")(y, w.proj_w, w.proj_b), p, training=True)
+        hidden = backend.op("layer_norm_linear")(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")
+        return x + F.dropout(backend.op("linear")(hidden, w.fc2_w, w.fc2_b), p, training=True)
+    x = backend.op("linear")(y, w.proj_w, w.proj_b, residual=x)
+    hidden = backend.op("layer_norm_linear")(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")
+    return backend.op("linear")(hidden, w.fc2_w, w.fc2_b, residual=x)
+
+
+def _attend(backend, q: Tensor, rows: _Rows, keys: Tensor, values: Tensor, past: Optional[tuple[Tensor, Tensor]],
+            n_head: int) -> Tensor:
+    """Causal attention of the rows' queries q (R, C) over the keys/values (N, C) of every token of
+    the (B, T) block, after the `past` ones (B, P, C). Returns (R, C).
+
+    Some rows: the backend's attention op on the window of positions p0..p1, padded with the
+    halted tokens' positions. On the torch backend, whose attention is PyTorch's SDPA, which takes
+    a mask, only the active queries run, packed per batch row, with their causal mask: the cost
+    falls with the active tokens however they are spread."""
+    B, T, C = rows.B, rows.T, q.size(-1)
+    k, v = keys.view(B, T, C)[:, :rows.p1 + 1], values.view(B, T, C)[:, :rows.p1 + 1]
+    if rows.batches is not None:  # only the batch rows holding a running token
+        k, v = k[rows.batches], v[rows.batches]
+        past = (past[0][rows.batches], past[1][rows.batches]) if past is not None else None
+    if past is not None:
+        k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+
+    def heads(x: Tensor) -> Tensor:
+        return x.view(x.size(0), x.size(1), n_head, C // n_head).transpose(1, 2)
+
+    attention = backend.op("attention")
+    if rows.every:
+        y = attention(heads(q.view(B, T, C)), heads(k), heads(v), causal=True)
+        return y.transpose(1, 2).reshape(-1, C)
+    if attention is torch_ops.attention:
+        queries = q.new_zeros(rows.n_batches * rows.packed_len, C).index_copy_(0, rows.packed_at, q)
+        mask = rows.causal_mask(past[0].size(1) if past is not None else 0)
+        y = F.scaled_dot_product_attention(heads(queries.view(rows.n_batches, rows.packed_len, C)), heads(k), heads(v),
+                                           attn_mask=mask)
+        return y.transpose(1, 2).reshape(-1, C).index_select(0, rows.packed_at)
+    width = rows.p1 - rows.p0 + 1
+    queries = q.new_zeros(rows.n_batches * width, C).index_copy_(0, rows.padded_at, q)
+    y = attention(heads(queries.view(rows.n_batches, width, C)), heads(k), heads(v), causal=True)
+    return y.transpose(1, 2).reshape(-1, C).index_select(0, rows.padded_at)
+
+
+def run_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Optional[Tensor] = None, *,
+             compact: bool = True, trace: Optional[LoopTrace] = None, states: Optional[list[Tensor]] = None,
+             grad_loops: Optional[int] = None, kv: Optional[KVStore] = None) -> tuple[Tensor, Tensor]:
+    """Loop the core from x0 (B, T, C); returns the final state (B, T, C) and the steps (B*T,) int32.
+
+    threshold (B*T,) float32, in halt_update's lower-is-surer units, turns halting on; None runs
+    every token n_loops times. compact=False runs every token every loop and discards the halted
+    tokens' results (the reference semantics; same result). trace and states as LoopGPT.loop;
+    `kv` receives every key and value computed and supplies the earlier tokens' (generation)."""
+    cfg, backend = model.config, model.backend
+    halting = threshold is not None
+    split = halting or kv is not None  # else every token runs every loop: the fused block op
+    B, T, C = x0.shape
+    N = B * T
+    needs_readout = trace is not None or (halting and cfg.halt in READOUT_CRITERIA)
+    x0_rows = x0.reshape(N, C)
+    h = model.initial_state(x0)
+    h = h.reshape(N, C) if split else h
+    active = torch.ones(N, dtype=torch.bool, device=x0.device)
+    steps = torch.zeros(N, dtype=torch.int32, device=x0.device)
+    layers = _Layers([*model.transformer.core, *model.transformer.coda])
+    prev_log_p = None  # the last distribution of every token, for the KL criterion only
+    entropy = torch.zeros(N, device=x0.device) if trace is not None else None
+    rows = _Rows(B, T)
+    for t in range(1, n_loops + 1):
+        if grad_loops is not None and t == n_loops - grad_loops + 1:
+            h = h.detach()  # truncated backprop: the graph of earlier loops, keys and values included, is cut
+            layers.detach()
+        keep = ~active if halting and not compact and t > 1 else None  # masked loop: halted tokens' K/V stay
+        if split:
+            h_rows = h if rows.every else h.index_select(0, rows.idx)
+            x = model.inject(h_rows, x0_rows if rows.every else x0_rows.index_select(0, rows.idx),
+                             torch.full((rows.count,), t, device=x0.device))
+            for layer, blk in enumerate(model.transformer.core):
+                x = block_on_rows(model, blk, layer, x, rows, layers, keep, kv, t)
+            h_new = model.update(h_rows, x)
+        else:
+            h_rows = h
+            h_new = model.update(h, model.core(model.inject(h, x0, torch.full((B, T), t, device=x0.device))))
+
+        logits = None
+        if needs_readout:
+            logits = readout_logits(model, h_new, rows, layers, keep, kv, t) if split else model.head(h_new)
+        prev = prev_log_p if prev_log_p is None or rows.every else prev_log_p.index_select(0, rows.idx)
+        score, row_entropy, log_p = halt_score(model, cfg.halt if halting else None, h_rows, h_new, logits, prev,
+                                               trace is not None)
+        if halting:
+            row_active = active if rows.every else torch.ones(rows.count, dtype=torch.bool, device=x0.device)
+            row_steps = steps if rows.every else steps.index_select(0, rows.idx)
+            row_threshold = threshold if rows.every else threshold.index_select(0, rows.idx)
+            h_new, still_active, row_steps = backend.op("halt_update")(
+                h_rows, h_new, row_active, row_steps, score.reshape(-1), row_threshold, t, cfg.min_loops, n_loops)
+        else:
+            still_active, row_steps = None, (steps + 1 if rows.every else None)
+        was_active = active
+        if trace is not None:
+            trace.active.append(was_active.view(B, T))
+            trace.delta.append(_write(torch.zeros(N, device=x0.device), rows,
+                                      relative_change(h_rows, h_new).reshape(-1)).view(B, T))
+            entropy = _write(entropy, rows, row_entropy.reshape(-1), None if t == 1 else keep)
+            trace.entropy.append(entropy.view(B, T).clone())
+        if log_p is not None:
+            log_p = log_p.reshape(-1, log_p.size(-1))
+            prev_log_p = log_p if prev_log_p is None else _write(prev_log_p, rows, log_p, keep)
+        h = _write(h, rows, h_new)
+        steps = row_steps if rows.every else _write(steps, rows, row_steps)
+        if states is not None:
+            states.append(h.view(B, T, C) if torch.is_grad_enabled() or not split else h.view(B, T, C).clone())
+        if not halting:
+            continue
+        # a fresh mask when the trace keeps the old one
+        active = still_active if rows.every else _write(active.clone() if trace is not None else active, rows,
+                                                        still_active)
+        if compact:
+            rows = active_rows(active, B, T)
+            if rows.count == 0:
+                break
+        elif not bool(active.any()):  # the one sync of the masked loop
+            break
+    if trace is not None:
+        trace.steps = steps.view(B, T)
+    return h.view(B, T, C), steps
+
+
+def readout_logits(model: "LoopGPT", h: Tensor, rows: _Rows, layers: _Layers, keep: Optional[Tensor],
+                   kv: Optional[KVStore], loop: int) -> Tensor:
+    """Logits (R, V) of the rows' states h (R, C): the coda (each layer reading every token's latest
+    readout keys and values), ln_f and the tied lm_head in one op."""
+    n_core = len(model.transformer.core)
+    for i, blk in enumerate(model.transformer.coda):
+        h = block_on_rows(model, blk, n_core + i, h, rows, layers, keep, kv, loop)
+    return model.logits(h)
+
+
+def halt_score(model: "LoopGPT", criterion: Optional[str], h: Tensor, h_new: Tensor, logits: Optional[Tensor],
+               prev_log_p: Optional[Tensor] = None, want_entropy: bool = False
+               ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The halting score of states h -> h_new (..., C) under `criterion` (lower is surer; None: no
+    score), the readout's entropy if wanted, and its log-probabilities for the KL criterion, which
+    compares them with prev_log_p (the previous loop's; None in the first loop: no token halts).
+    logits (..., V), the readout of h_new, are needed by the readout criteria and the entropy only.
+    One softmax pass: the backend's softmax_entropy, or one log-softmax for KL."""
+    entropy = None
+    if criterion == "kl":
+        log_p = torch.log_softmax(logits.float(), dim=-1)
+        score = torch.full(log_p.shape[:-1], math.inf, device=log_p.device) if prev_log_p is None else \
+            (log_p.exp() * (log_p - prev_log_p.view_as(log_p))).sum(-1)
+        if want_entropy:
+            p = log_p.exp()
+            entropy = -torch.special.xlogy(p, p).sum(-1)
+        return score, entropy, log_p
+    if criterion in ("entropy", "confidence") or want_entropy:
+        entropy, max_prob = model.backend.op("softmax_entropy")(logits)
+    if criterion == "entropy":
+        score = entropy
+    elif criterion == "confidence":
+        score = -max_prob
+    elif criterion == "delta":
+        score = relative_change(h, h_new)
+    elif criterion == "gate":
+        score = -torch.sigmoid(model.halt_gate(h_new).squeeze(-1).float())
+    else:
+        score = None
+    return score, entropy, None
+
+
+def blocks_with_cache(model: "LoopGPT", blocks, x: Tensor, kv: KVStore) -> Tensor:
+    """Untied blocks (prelude, coda) on the block of new tokens x (B, T, C), every token running,
+    attending to the earlier tokens' keys and values in `kv` (one entry each, loop 1) and storing theirs."""
+    B, T, C = x.shape
+    rows, layers, x = _Rows(B, T), _Layers(list(blocks)), x.reshape(B * T, C)
+    for layer, blk in enumerate(blocks):
+        x = block_on_rows(model, blk, layer, x, rows, layers, None, kv, 1)
+    return x.view(B, T, C)
