@@ -21,10 +21,15 @@ class KernelTuning:
     # args for `run`, on `device`, freshly allocated.
     make_args: Callable[[tuple, Any, Any], tuple]  # (shape, dtype, device) -> args
     run: Callable[..., Any]  # run(*args, config=config): one launch with an explicit config
-    # Ahead-of-time compile for `arch` (e.g. "sm_90") without a GPU; returns resource use such as
-    # {"shared_mem": bytes, "registers": n} and raises if the config cannot compile. Optional "threads"
-    # (per block; else 32 * config["num_warps"] when known) lets the tuner check registers per block.
+    # Ahead-of-time compile for `arch` (e.g. "sm_90") without a GPU, specialised as a launch at `shape`
+    # would be; returns resource use such as {"shared_mem": bytes, "registers": n, "stack": bytes,
+    # "local_mem": bytes, "spill_stores": bytes} and raises if the config cannot compile. Optional
+    # "threads" (per block; else 32 * config["num_warps"] when known) lets the tuner check registers
+    # per block and compute occupancy (tuning.gpus).
     compile: Callable[[tuple, Any, Config, str], dict]  # (shape, dtype, config, arch) -> resources
     # (*op args) -> shape tuple, to look a launch up. The tuner calls it with the op's arguments as meta
     # tensors (shapes only, no data), all positional, to learn the shapes the shipped models launch.
     shape_key: Callable[..., tuple] = None
+    # expected(*args): the "reference" backend's output for `run`'s arguments, what every candidate's
+    # output is checked against before it is timed. A kernel without one cannot be tuned.
+    expected: Callable[..., Any] = None
