@@ -9,7 +9,8 @@ Key blocks wholly in the past of every query of the program run unmasked; only t
 (and a ragged last block) pays for the compare and select, and blocks wholly in the future are
 never loaded. A row that sees no key keeps a zero denominator and returns zeros, not 0/0.
 
-The head size is a compile-time constant (padded to a power of two, at least 16, the dot minimum;
+fp32 inputs multiply as three TF32 products (tf32x3: fp32 accuracy on the tensor cores; exact
+fp32 dots on CUDA cores spill at any useful tile). The head size is a compile-time constant (padded to a power of two, at least 16, the dot minimum;
 no mask along it when it is one). On a GPU exp2 is one `ex2.approx.ftz` instruction.
 Programs run on one grid axis, (query block, batch x head) flattened, heaviest query blocks first:
 CUDA caps grid axes 1 and 2 at 65535, which B x H may exceed.
@@ -37,7 +38,7 @@ MAX_HEAD_SIZE = 256
 @triton.jit
 def _key_block(acc, row_max, row_sum, q, k_ptr, v_ptr, start_n, offs_n, offs_d, key_pos, stride_kt, stride_vt, Tk,
                qk_scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+               BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
     cols = start_n + offs_n
     k_ptrs = k_ptr + cols[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = v_ptr + cols[:, None] * stride_vt + offs_d[None, :]
@@ -51,7 +52,7 @@ def _key_block(acc, row_max, row_sum, q, k_ptr, v_ptr, start_n, offs_n, offs_d, 
     if DOT_IN_FP32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASKED:
         visible = (cols < Tk)[None, :]
         if CAUSAL:
@@ -66,7 +67,7 @@ def _key_block(acc, row_max, row_sum, q, k_ptr, v_ptr, start_n, offs_n, offs_d, 
     p = fast_exp2(scores * qk_scale_log2 - shift[:, None], not DOT_IN_FP32)
     rescale = fast_exp2(row_max - shift, not DOT_IN_FP32)
     row_sum = row_sum * rescale + tl.sum(p, axis=1)
-    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, new_max, row_sum
 
 
@@ -75,8 +76,8 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
                       stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                       stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                       n_heads, Tq, Tk, qk_scale_log2,
-                      CAUSAL: tl.constexpr, DOT_IN_FP32: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      CAUSAL: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One grid axis: pid -> (query block, batch x head); heaviest (latest) query blocks first.
     pid = tl.program_id(0)
     m_blocks = tl.cdiv(Tq, BLOCK_M)
@@ -112,21 +113,24 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
     for start_n in range(0, unmasked_end, BLOCK_N):
         acc, row_max, row_sum = _key_block(acc, row_max, row_sum, q, k_ptr, v_ptr, start_n, offs_n, offs_d, key_pos,
                                            stride_kt, stride_vt, Tk, qk_scale_log2, False, CAUSAL, HEAD_DIM,
-                                           BLOCK_D, DOT_IN_FP32)
+                                           BLOCK_D, DOT_IN_FP32, PRECISION)
     for start_n in range(unmasked_end, end, BLOCK_N):
         acc, row_max, row_sum = _key_block(acc, row_max, row_sum, q, k_ptr, v_ptr, start_n, offs_n, offs_d, key_pos,
                                            stride_kt, stride_vt, Tk, qk_scale_log2, True, CAUSAL, HEAD_DIM,
-                                           BLOCK_D, DOT_IN_FP32)
+                                           BLOCK_D, DOT_IN_FP32, PRECISION)
 
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     tl.store(o_ptr + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=q_mask)
 
 
 DEFAULT: Config = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+# fp32 (tf32x3: three products per dot) needs smaller tiles to stay out of local memory.
+FP32_DEFAULT: Config = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
 INTERPRETER_CONFIG: Config = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 SPACE: list[Config] = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
                        for bm in (32, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)
                        if bn <= bm and not (bm == 32 and w == 8)]
+SPACE += [FP32_DEFAULT] if FP32_DEFAULT not in SPACE else []
 
 
 def attention_grid(batch: int, heads: int, Tq: int, block_m: int) -> tuple[int]:
@@ -147,13 +151,16 @@ def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, s
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if config is None:
-        config = launch_config("attention", q.dtype, (B, H, Tq, Tk, D), DEFAULT, INTERPRETER_CONFIG)
+        default = FP32_DEFAULT if q.dtype == torch.float32 else DEFAULT
+        config = launch_config("attention", q.dtype, (B, H, Tq, Tk, D), default, INTERPRETER_CONFIG)
     if B * H * Tq == 0:
         return out
     block_sizes, options = split_config(config)
     launch(_attention_kernel, attention_grid(B, H, Tq, block_sizes["BLOCK_M"]),
            q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-           H, Tq, Tk, scale * LOG2E, CAUSAL=causal, DOT_IN_FP32=dot_in_fp32(), HEAD_DIM=D, BLOCK_D=head_block(D),
+           H, Tq, Tk, scale * LOG2E, CAUSAL=causal, DOT_IN_FP32=dot_in_fp32(),
+           PRECISION="tf32x3" if q.dtype == torch.float32 and not dot_in_fp32() else "ieee", HEAD_DIM=D,
+           BLOCK_D=head_block(D),
            **block_sizes, **options)
     return out
 
@@ -198,4 +205,5 @@ def _compile(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -> dic
 
 
 TUNING = KernelTuning(backend="triton", kernel="attention", default=DEFAULT, space=SPACE, make_args=_make_args,
-                      run=_run, compile=_compile, shape_key=_shape_key, expected=_expected)
+                      run=_run, compile=_compile, shape_key=_shape_key, expected=_expected,
+                      dtype_defaults={"float32": FP32_DEFAULT})

@@ -6,7 +6,7 @@ the tuner (`tuning.autotune`) and the tier-0 compile tests read them from there 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 Config = dict[str, Any]  # knob name -> value, e.g. {"BLOCK_N": 1024, "num_warps": 4}
 
@@ -33,3 +33,37 @@ class KernelTuning:
     # expected(*args): the "reference" backend's output for `run`'s arguments, what every candidate's
     # output is checked against before it is timed. A kernel without one cannot be tuned.
     expected: Callable[..., Any] = None
+    # Defaults of their own for some dtypes, by name ("float32": {...}); the rest take `default`.
+    dtype_defaults: Mapping[str, Config] = None
+
+    def default_for(self, dtype: Any) -> Config:
+        """The built-in configuration of launches in `dtype` (a torch dtype or its name)."""
+        name = str(dtype).removeprefix("torch.")
+        return (self.dtype_defaults or {}).get(name, self.default)
+
+    def defaults(self) -> list[Config]:
+        """Every built-in default, the general one first."""
+        out = [self.default]
+        for config in (self.dtype_defaults or {}).values():
+            if config not in out:
+                out.append(config)
+        return out
+
+
+def candidate_errors() -> tuple[type[BaseException], ...]:
+    """What compiling or running one candidate config may legitimately raise, so that the tuner
+    records it as that candidate's failure: the toolchains' own errors (Triton's TritonError,
+    cuTile's TileError), RuntimeError (CUDA errors, out of memory, the compile worker) and
+    ValueError (a shape the config cannot take). Anything else is a bug and is raised."""
+    errors: list[type[BaseException]] = [RuntimeError, ValueError, MemoryError]
+    try:
+        from triton.errors import TritonError
+        errors.append(TritonError)
+    except ImportError:
+        pass
+    try:
+        from cuda.tile import TileError
+        errors.append(TileError)
+    except ImportError:
+        pass
+    return tuple(errors)
