@@ -73,7 +73,8 @@ def halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: 
     h, h_new = h.contiguous(), h_new.contiguous()
     h_out, active_out, steps_out = torch.empty_like(h), torch.empty_like(active), torch.empty_like(steps)
     if n_tokens:
-        config = tuning.lookup_config("tile", "halt_update", h.dtype, tuple(h.shape), TUNING.default)
+        config = tuning.lookup_config("tile", "halt_update", h.dtype, tuple(h.shape),
+                                      runtime.default_config(TUNING, h))
         _launch(h, h_new, active.contiguous(), steps.contiguous(), score.contiguous(), threshold.contiguous(), h_out,
                 active_out, steps_out, step, min_loops, max_loops, config)
     return h_out, active_out, steps_out

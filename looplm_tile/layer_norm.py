@@ -57,7 +57,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
     rows = x.reshape(-1, n_cols).contiguous()
     y = torch.empty_like(rows)
     if rows.numel():
-        config = tuning.lookup_config("tile", "layer_norm", x.dtype, rows.shape, TUNING.default)
+        config = tuning.lookup_config("tile", "layer_norm", x.dtype, rows.shape,
+                                      runtime.default_config(TUNING, rows))
         _launch(rows, weight.contiguous(), None if bias is None else bias.contiguous(), y, eps, config)
     return y.view(x.shape)
 

@@ -106,7 +106,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
     rows = x.reshape(-1, k).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
     if rows.numel() and n:
-        config = tuning.lookup_config("tile", "linear", x.dtype, (rows.shape[0], n, k), TUNING.default)
+        config = tuning.lookup_config("tile", "linear", x.dtype, (rows.shape[0], n, k),
+                                      runtime.default_config(TUNING, rows))
         _launch(rows, weight.to(x.dtype).contiguous(), None if bias is None else bias.contiguous(),
                 None if residual is None else residual.reshape(-1, n).contiguous(), y, activation == "gelu", config)
     return y.view(out_shape)
@@ -149,11 +150,14 @@ def _expected(x, weight, bias, residual, y, gelu) -> Tensor:
     return get_backend("reference").ops["linear"](x, weight, bias, "gelu" if gelu else "none", residual)
 
 
-# Large MMA tiles (TileGym's >= 128x128 on sm_90) in groups of 8 row tiles; the space keeps small
-# tiles for small shapes (the last-position lm_head, the CPU model).
+# Large MMA tiles in groups of 8 row tiles: 128x128 on Hopper and Blackwell datacenter parts (TileGym's
+# >= 128x128 on sm_90), 128x64 where cuTile's code for 128x128 spills (sm_80's 4 warps, sm_120's GELU
+# epilogue). The space keeps small tiles for small shapes (the last-position lm_head, the CPU model).
+HOPPER: dict = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "occupancy": 1, "LATENCY": 3}
 TUNING = KernelTuning(
     backend="tile", kernel="linear",
-    default={"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "occupancy": 1, "LATENCY": 3},
+    default={"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "occupancy": 1, "LATENCY": 3},
+    arch_defaults={"sm_90": HOPPER, "sm_100": HOPPER},
     space=[{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "occupancy": occ, "LATENCY": 3}
            for bm in (32, 64, 128, 256) for bn in (32, 64, 128, 256) for bk in (32, 64) for occ in (1, 2, 4)
            if bm * bn <= 128 * 256],

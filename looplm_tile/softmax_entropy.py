@@ -79,7 +79,8 @@ def softmax_entropy(logits: Tensor) -> tuple[Tensor, Tensor]:
     entropy = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
     max_prob = torch.empty_like(entropy)
     if rows.shape[0]:
-        config = tuning.lookup_config("tile", "softmax_entropy", logits.dtype, rows.shape, TUNING.default)
+        config = tuning.lookup_config("tile", "softmax_entropy", logits.dtype, rows.shape,
+                                      runtime.default_config(TUNING, rows))
         _launch(rows, entropy, max_prob, config)
     return entropy.view(logits.shape[:-1]), max_prob.view(logits.shape[:-1])
 

@@ -111,16 +111,17 @@ class Task:
     shape: Shape  # the launch measured, representing its bucket
     candidates: list[Config]
     pruned: list[dict] = field(default_factory=list)  # {"config", "reason"}
+    arch: Optional[str] = None  # the compile target it is tuned for
 
     @property
     def bucket(self) -> Shape:
         return bucket(self.shape)
 
 
-def candidates_of(tuning: KernelTuning, dtype: Optional[str] = None) -> list[Config]:
-    """The search space without repeats, with the default of `dtype` always in (it is the yardstick)."""
+def candidates_of(tuning: KernelTuning, dtype: Optional[str] = None, arch: Optional[str] = None) -> list[Config]:
+    """The search space without repeats, with the default of `dtype` on `arch` always in (the yardstick)."""
     out: list[Config] = []
-    for config in [*tuning.space, tuning.default if dtype is None else tuning.default_for(dtype)]:
+    for config in [*tuning.space, tuning.default if dtype is None else tuning.default_for(dtype, arch)]:
         if config not in out:
             out.append(dict(config))
     return out
@@ -184,8 +185,9 @@ def plan(kernels: Sequence[Kernel], dtypes: Sequence[str], limits: ArchLimits, m
     name); candidates keep their order either way.
     """
     notes: list[str] = []
-    tasks = [Task(k, d, s, []) for k in kernels for d in dtypes for s in task_shapes(k, d, models, shapes, notes)]
-    jobs = [(task, config) for task in tasks for config in candidates_of(task.kernel.tuning, task.dtype)]
+    tasks = [Task(k, d, s, [], arch=limits.arch) for k in kernels for d in dtypes
+             for s in task_shapes(k, d, models, shapes, notes)]
+    jobs = [(task, config) for task in tasks for config in candidates_of(task.kernel.tuning, task.dtype, task.arch)]
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(jobs) > 1:
             pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
@@ -368,7 +370,7 @@ def select(task: Task, outcomes: Sequence[tuple[Config, Outcome]]) -> dict:
     """The table entry of `task`: the fastest success (ties: the earlier candidate) is best."""
     timed = sorted((o.median_ms, i, c) for i, (c, o) in enumerate(outcomes) if o.reason is None)
     ranked = [{"config": c, "median_ms": round(ms, 6)} for ms, _, c in timed]
-    default = task.kernel.tuning.default_for(task.dtype)
+    default = task.kernel.tuning.default_for(task.dtype, task.arch)
     default_ms = next((r["median_ms"] for r in ranked if r["config"] == default), None)
     return {"backend": task.kernel.backend, "kernel": task.kernel.name, "dtype": task.dtype,
             "bucket": list(task.bucket), "shape": list(task.shape),

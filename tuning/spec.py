@@ -6,7 +6,7 @@ the tuner (`tuning.autotune`) and the tier-0 compile tests read them from there 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 Config = dict[str, Any]  # knob name -> value, e.g. {"BLOCK_N": 1024, "num_warps": 4}
 
@@ -33,18 +33,22 @@ class KernelTuning:
     # expected(*args): the "reference" backend's output for `run`'s arguments, what every candidate's
     # output is checked against before it is timed. A kernel without one cannot be tuned.
     expected: Callable[..., Any] = None
-    # Defaults of their own for some dtypes, by name ("float32": {...}); the rest take `default`.
+    # Defaults of their own for some dtypes, by name ("float32": {...}), and for some architectures, by
+    # compile target ("sm_90": {...}; these win); the rest take `default`.
     dtype_defaults: Mapping[str, Config] = None
+    arch_defaults: Mapping[str, Config] = None
 
-    def default_for(self, dtype: Any) -> Config:
-        """The built-in configuration of launches in `dtype` (a torch dtype or its name)."""
+    def default_for(self, dtype: Any, arch: Optional[str] = None) -> Config:
+        """The built-in configuration of launches in `dtype` (a torch dtype or its name) on `arch`."""
+        if arch is not None and arch in (self.arch_defaults or {}):
+            return self.arch_defaults[arch]
         name = str(dtype).removeprefix("torch.")
         return (self.dtype_defaults or {}).get(name, self.default)
 
     def defaults(self) -> list[Config]:
         """Every built-in default, the general one first."""
         out = [self.default]
-        for config in (self.dtype_defaults or {}).values():
+        for config in [*(self.dtype_defaults or {}).values(), *(self.arch_defaults or {}).values()]:
             if config not in out:
                 out.append(config)
         return out
