@@ -10,9 +10,10 @@ configuration's tiling gives what the kernel does on the device:
   - blocks, and blocks per SM from the compiled resources of the same default
     (bench/results/kernel_resources.json, written by `python -m tuning.resources`).
 The time estimate is the largest of: DRAM bytes over the bandwidth the resident blocks can keep in
-flight (Little's law: bytes in flight per SM against bandwidth x latency / SMs), FLOPs over the
-bf16 peak scaled by the useful share of the padded tiles, exponentials over the SFU rate; divided
-by the wave utilisation (blocks over the slots of the last wave). Its percent of the roofline
+flight (Little's law: bytes in flight per SM against bandwidth x latency / SMs), the global loads
+over an assumed L2 bandwidth (what bounds a matmul whose tiles are too small), FLOPs over the bf16
+peak scaled by the useful share of the padded tiles, exponentials over the SFU rate; divided by
+the wave utilisation (blocks over the slots of the last wave). Its percent of the roofline
 (bench.report's: compulsory bytes and FLOPs over the peaks) is what `gpu_session.sh` puts beside
 the measured one.
 """
@@ -93,7 +94,8 @@ def design(backend: str, op: str, shape: dict, config: dict) -> Optional[Design]
         dram = (m * k + n * k + n + m * n * (2 if residual else 1)) * s
         loads = (tiles_n * m * k + tiles_m * n * k) * s
         stages = config.get("num_stages", 2)
-        return Design(tiles_m * tiles_n, dram, loads, flops=2 * m * n * k,
+        epilogue = m * n * (1 + residual + 8 * ("gelu" in shape["epilogue"]))  # as bench/workloads.py counts
+        return Design(tiles_m * tiles_n, dram, loads, flops=2 * m * n * k + epilogue,
                       in_flight_per_block=stages * (bm + bn) * bk * s, tile_use=m * n / (tiles_m * bm * tiles_n * bn))
     if op == "attention":
         b, h, t, d = shape["B"], shape["H"], shape["T"], shape["D"]
@@ -131,8 +133,9 @@ def estimate(d: Design, peak: DevicePeak, blocks_per_sm: Optional[int], roofline
     memory_s = d.dram_bytes / (peak.memory_gbps * 1e9 * bandwidth_share)
     compute_s = d.flops / (peak.bf16_tflops * 1e12 * d.tile_use) if d.flops else 0.0
     special_s = d.special / (peak.sms * peak.special_per_sm_per_clock * peak.clock_ghz * 1e9)
-    seconds = max(memory_s, compute_s, special_s) / wave_use
-    bound = max((memory_s, "memory"), (compute_s, "tensor cores"), (special_s, "exp (SFU)"))[1]
+    l2_s = d.load_bytes / (peak.l2_gbps * 1e9) if peak.l2_gbps else 0.0
+    seconds = max(memory_s, compute_s, special_s, l2_s) / wave_use
+    bound = max((memory_s, "memory"), (compute_s, "tensor cores"), (special_s, "exp (SFU)"), (l2_s, "L2"))[1]
     return {"seconds": seconds, "percent": 100.0 * roofline_s / seconds, "bound": bound,
             "bandwidth_share": bandwidth_share, "wave_use": wave_use}
 
@@ -197,11 +200,14 @@ def markdown(rows: Sequence[dict], measured: Optional[dict] = None) -> str:
         "# Roofline estimate per kernel, from the design (an estimate, not a measurement)", "",
         "- what it is: each kernel's default bf16 tiling at the benchmark shapes (bench/workloads.py), with the "
         "occupancy its compiled resources allow (bench/results/kernel_resources.md); time = max(DRAM bytes / "
-        "bandwidth the resident blocks keep in flight, FLOPs / bf16 peak x useful tile share, exp / SFU rate) / "
-        "wave utilisation; % roofline = the report's roofline time (compulsory bytes and FLOPs over the peaks) / "
-        "that time",
-        "- assumed, not vendor figures: DRAM latency (H100 650 ns, RTX 5070 600 ns) for the bytes in flight, "
-        "16 exp2 per SM per clock, L2 serving every re-read (W panels under grouped ordering, a head's K and V)",
+        "bandwidth the resident blocks keep in flight, global loads / L2 bandwidth, FLOPs / bf16 peak x useful "
+        "tile share, exp / SFU rate) / wave utilisation; % roofline = the report's roofline time (compulsory "
+        "bytes and FLOPs over the peaks, bench/workloads.py) / that time",
+        "- assumed, not vendor figures: DRAM latency (H100 650 ns, RTX 5070 600 ns) for the bytes in flight, L2 "
+        "bandwidth (H100 5.5 TB/s, RTX 5070 2.5 TB/s), 16 exp2 per SM per clock, L2 serving every re-read (W "
+        "panels under grouped ordering, a head's K and V)",
+        "- not modelled: instruction issue, pipeline bubbles, TMA; above 100% means the kernel moves fewer bytes "
+        "than bench/workloads.py counts (halt_update reads only the row it keeps: 2NC, the count says 3NC)",
         "- a measured column appears only where `bench/gpu_session.sh` ran the benchmarks on that GPU", "",
         tabulate(table, headers, tablefmt="github"), ""])
 
