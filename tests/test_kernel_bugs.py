@@ -102,3 +102,26 @@ def test_tile_launches_past_int32_take_64_bit_indices():
     assert runtime.array_of(small).index_dtype == ct.int32
     assert runtime.array_of(small).stride_divisible_by == (8, 1)  # 384 bf16 = 768 bytes, a multiple of 16
     assert runtime.array_of(small).shape_divisible_by == (16, 16)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("triton", "tile") if b in RUNNABLE])
+def test_hierarchical_parity_tier1_kernel_block_applies_dropout_itself(backend, monkeypatch):
+    """No fallback of the block's own: with dropout_p > 0 the kernel block runs its kernels and drops
+    out the two residual branches, as the reference does (same seed, same masks)."""
+    import reference
+    from looplm.ops import BlockWeights
+
+    g = torch.Generator().manual_seed(3)
+    width, heads = 32, 2
+    shapes = [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,), (width,), (width,),
+              (4 * width, width), (4 * width,), (width, 4 * width), (width,)]
+    weights = BlockWeights(*(torch.randn(s, generator=g).to(DEVICE) * 0.2 for s in shapes))
+    x = torch.randn(2, 9, width, generator=g).to(DEVICE)
+    torch.manual_seed(7)
+    expected = reference.block(x, weights, heads, 0.5)
+    monkeypatch.setattr(reference, "block", lambda *a, **k: pytest.fail("the kernel block fell back to the reference"))
+    torch.manual_seed(7)
+    got = get_backend(backend).ops["block"](x, weights, heads, 0.5)
+    assert_close(got, expected, torch.float32, composed=True)
+    torch.manual_seed(7)
+    assert not torch.allclose(get_backend(backend).ops["block"](x, weights, heads, 0.0), got)  # dropout acted
