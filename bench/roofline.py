@@ -179,6 +179,9 @@ def case_name(op: str, shape: dict) -> str:
     return case_label(op, shape)
 
 
+COMMAND = "python -m bench.report --static --out bench/results/roofline_estimate"
+
+
 def markdown(rows: Sequence[dict], measured: Optional[dict] = None) -> str:
     """The estimate table; with `measured` ({(device, case, backend): percent}) a measured column."""
     from tabulate import tabulate
@@ -198,6 +201,7 @@ def markdown(rows: Sequence[dict], measured: Optional[dict] = None) -> str:
         table.append(line)
     return "\n".join([
         "# Roofline estimate per kernel, from the design (an estimate, not a measurement)", "",
+        f"- command: `{COMMAND}` (add a pytest-benchmark JSON for the measured column)",
         "- what it is: each kernel's default bf16 tiling at the benchmark shapes (bench/workloads.py), with the "
         "occupancy its compiled resources allow (bench/results/kernel_resources.md); time = max(DRAM bytes / "
         "bandwidth the resident blocks keep in flight, global loads / L2 bandwidth, FLOPs / bf16 peak x useful "

@@ -1,5 +1,5 @@
 """What every Triton kernel module shares: how a launch gets its configuration, how it is launched
-(or recorded for an ahead-of-time compile), and the dtype names Triton uses.
+(or recorded for an ahead-of-time compile), and device code used by several kernels.
 
 Under Triton's interpreter (TRITON_INTERPRET=1, no GPU) a launch uses the module's one interpreter
 configuration: big blocks, because each program instance costs milliseconds there, and `tl.dot`
@@ -26,15 +26,6 @@ BACKEND = "triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # CUDA's grid limits: x up to 2^31 - 1 blocks, y and z up to 65535.
 MAX_GRID = (2 ** 31 - 1, 65535, 65535)
-
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-                 torch.uint8: "u8", torch.int64: "i64"}
-
-
-def pointer(dtype: torch.dtype) -> str:
-    """Triton's signature type of a pointer to `dtype` elements, e.g. '*bf16'."""
-    return "*" + _TRITON_TYPES[dtype]
-
 
 def launch_config(kernel: str, dtype: torch.dtype, shape: tuple, default: Config, interpreted: Config) -> Config:
     """The configuration of one launch: the tuning table's (or `default`) on a GPU, `interpreted`
@@ -124,10 +115,6 @@ def compile_run(run: Callable[..., Any], arch: str, *args: Any, **kwargs: Any) -
                                         r["registers"], r.get("shared_mem", 0)))
     return {**worst, "launches": len(results)}
 
-
-def meta_args(make_args: Callable[[tuple, torch.dtype, Any], tuple], shape: tuple, dtype: torch.dtype) -> tuple:
-    """A kernel's tuning arguments at `shape` as meta tensors: shapes and strides, no data."""
-    return make_args(shape, dtype, "meta")
 
 
 # ---- shared device code
