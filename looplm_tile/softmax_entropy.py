@@ -9,11 +9,14 @@ At the end, with p = e^(x - m) / Z:
     max prob = e^(m - m) / Z = 1 / Z
 
 Keeping x - m (never x itself) in A avoids the cancellation of log Z + m - E[x] for large
-logits. The exponentials are exp2 with flush-to-zero (e^x = 2^(x log2 e)), one instruction each. Padding past the vocabulary loads as -inf: its e^(x - m) is 0, and the where() keeps its
-0 * -inf out of A (as 0 log 0 = 0). Any vocabulary size works, 65 or 50,304 alike.
+logits. The exponentials are exp2 with flush-to-zero (e^x = 2^(x log2 e)), one instruction each.
+Padding past the vocabulary loads as -inf: its e^(x - m) is 0, and the where() keeps its
+0 * -inf out of A (as 0 log 0 = 0). Any vocabulary size works, 65 or 50,304 alike. The shift is
+the true running max, 0 only while a row has seen nothing but -inf (a first chunk of -inf logits
+must not pin the max at 0).
 
-Tuning knobs: BLOCK_M (rows per block, one by default), BLOCK_V (vocabulary chunk: larger chunks mean fewer
-rescales and loop trips, more registers), occupancy.
+Tuning knobs: BLOCK_M (rows per block, one by default), BLOCK_V (vocabulary chunk: larger chunks
+mean fewer rescales and loop trips, more registers), occupancy.
 """
 import math
 

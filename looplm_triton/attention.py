@@ -10,9 +10,9 @@ Key blocks wholly in the past of every query of the program run unmasked; only t
 never loaded. A row that sees no key keeps a zero denominator and returns zeros, not 0/0.
 
 fp32 inputs multiply as three TF32 products (tf32x3: fp32 accuracy on the tensor cores; exact
-fp32 dots on CUDA cores spill at any useful tile). The head size is a compile-time constant (padded to a power of two, at least 16, the dot minimum;
-no mask along it when it is one). On a GPU exp2 is one `ex2.approx.ftz` instruction.
-Programs run on one grid axis, (query block, batch x head) flattened, heaviest query blocks first:
+fp32 dots on CUDA cores spill at any useful tile). The head size is a compile-time constant
+(padded to a power of two, at least 16, the dot minimum; no mask along it when it is one). On a
+GPU exp2 is one `ex2.approx.ftz` instruction. Programs run on one grid axis, (query block, batch x head) flattened, heaviest query blocks first:
 CUDA caps grid axes 1 and 2 at 65535, which B x H may exceed.
 
 q, k, v and the output are addressed through their strides, so the block reads heads straight out
