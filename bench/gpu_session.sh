@@ -34,6 +34,10 @@ step parity python3 -m pytest -q -k hierarchical_parity --junitxml="$out/parity.
 step tests python3 -m pytest -q tests
 step bench python3 -m pytest bench --benchmark-only --benchmark-json="$out/bench.json"
 step bench-report python3 -m bench.report "$out/bench.json"
+# the design's roofline estimate (bench/results/roofline_estimate.md) with this GPU's measured percent beside it
+step roofline python3 -m bench.report --static "$out/bench.json" --out "$out/roofline"
+# what the default configs compile to with this machine's toolchain (the committed table is from the CPU machine)
+step resources python3 -m tuning.resources --out "$out/kernel_resources"
 step autotune python3 -m tuning.autotune --gpu "$gpu" --out "$out/$gpu.json"
 step shakespeare python3 -m looplm.train configs/shakespeare_loop1x12.py --out_dir="$out/shakespeare_loop1x12" \
   --progress=False

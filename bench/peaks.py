@@ -20,6 +20,13 @@ class DevicePeak:
     source: str
     match: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    # For the design estimates of bench.roofline (None where not filled in):
+    sms: Optional[int] = None  # streaming multiprocessors
+    clock_ghz: Optional[float] = None  # boost clock
+    arch: Optional[str] = None  # compile target, a key of tuning.gpus.ARCHS
+    memory_latency_ns: Optional[float] = None  # an assumed typical DRAM load latency (not a vendor figure)
+    l2_gbps: Optional[float] = None  # an assumed L2-to-SM bandwidth (microbenchmark scale, not a vendor figure)
+    special_per_sm_per_clock: int = 16  # ex2 / rcp results per SM per clock (4 SFUs per SM partition)
 
     def matches(self, device_name: str) -> bool:
         name = device_name.lower()
@@ -31,8 +38,10 @@ _HOPPER = "NVIDIA H100/H200 datasheets (dense = half the quoted sparse bf16 figu
 PEAKS: tuple[DevicePeak, ...] = (
     DevicePeak("RTX 5070", 672.0, 61.7,
                "NVIDIA RTX 5070 spec page: 12 GB GDDR7, 192-bit, 28 Gbps = 672 GB/s; bf16 derived from its "
-               "988 AI TOPS (FP4, sparse): /2 dense, /4 from FP4 to FP16, /2 for fp32 accumulation on GeForce",
-               match=("RTX 5070",), exclude=("Ti",)),
+               "988 AI TOPS (FP4, sparse): /2 dense, /4 from FP4 to FP16, /2 for fp32 accumulation on GeForce; "
+               "48 SMs at 2.51 GHz boost",
+               match=("RTX 5070",), exclude=("Ti",), sms=48, clock_ghz=2.51, arch="sm_120", memory_latency_ns=600.0,
+               l2_gbps=2500.0),
     DevicePeak("RTX 4090", 1008.0, 165.2,
                "NVIDIA Ada Lovelace architecture whitepaper, appendix: peak BF16 tensor TFLOPS with FP32 "
                "accumulate 165.2 dense; 24 GB GDDR6X at 1008 GB/s",
@@ -47,8 +56,9 @@ PEAKS: tuple[DevicePeak, ...] = (
                match=("H100", "PCIe")),
     DevicePeak("H100 NVL", 3900.0, 835.0, f"{_HOPPER}: 3.9 TB/s, BF16 1671 TFLOPS sparse",
                match=("H100", "NVL")),
-    DevicePeak("H100 SXM", 3350.0, 989.0, f"{_HOPPER}: 3.35 TB/s, BF16 1979 TFLOPS sparse",
-               match=("H100",)),
+    DevicePeak("H100 SXM", 3350.0, 989.0, f"{_HOPPER}: 3.35 TB/s, BF16 1979 TFLOPS sparse; 132 SMs at 1.98 GHz",
+               match=("H100",), sms=132, clock_ghz=1.98, arch="sm_90", memory_latency_ns=650.0,
+               l2_gbps=5500.0),
     DevicePeak("H200 NVL", 4800.0, 835.0, f"{_HOPPER}: 4.8 TB/s, BF16 1671 TFLOPS sparse",
                match=("H200", "NVL")),
     DevicePeak("H200 SXM", 4800.0, 989.0, f"{_HOPPER}: 4.8 TB/s, BF16 1979 TFLOPS sparse",

@@ -3,6 +3,8 @@ against the torch baseline and against what the device allows.
 
     pytest bench --benchmark-only --benchmark-json=bench/results/run.json
     python -m bench.report bench/results/run.json        # writes run.md and run.png beside it
+    python -m bench.report --static                      # the roofline estimate from the design (no GPU)
+    python -m bench.report --static run.json             # ... with the measured percent beside it
 
 Per case and backend: the time (median by default), the speed-up over the baseline backend
 (baseline time / time, so 2.00x is twice as fast), and the percent of the roofline: the time a
@@ -21,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from tabulate import tabulate
 
+from looplm.cli import CLIError, run_cli
 from looplm.fileio import atomic_path, atomic_write_text
 
 from bench.peaks import DevicePeak, find_peak
@@ -327,27 +330,37 @@ def latest_json(directory: Path = RESULTS_DIR) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Bad input raises (OSError, ValueError, CLIError); `run_cli` turns it into one line and exit 2."""
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="?", type=Path, help="pytest-benchmark JSON (default: newest in bench/results)")
-    parser.add_argument("--out", type=Path, help="output prefix for .md and .png (default: the JSON's path)")
+    parser.add_argument("--out", type=Path, help="output prefix for .md and .png (default: the JSON's path); with "
+                                                 "--static, the .md to write")
     parser.add_argument("--baseline", default="torch", help="backend the speed-ups are against (default: torch)")
     parser.add_argument("--stat", default="median", choices=STATS, help="time statistic (default: median)")
     parser.add_argument("--peak-gbps", type=float, help="memory bandwidth peak, for a device not in bench/peaks.py")
     parser.add_argument("--peak-tflops", type=float, help="bf16 TFLOP/s peak, for a device not in bench/peaks.py")
     parser.add_argument("--note", action="append", default=[], help="a line to add to the report (repeatable)")
+    parser.add_argument("--static", action="store_true",
+                        help="print the roofline estimate of every kernel from its design (bench.roofline) for the "
+                             "H100 and the RTX 5070, no GPU needed; with a JSON, its measured percent beside it")
+    parser.add_argument("--resources", type=Path, default=None,
+                        help="the resource table --static reads (default: bench/results/kernel_resources.json)")
     args = parser.parse_args(argv)
+    if args.peak_gbps is not None or args.peak_tflops is not None:
+        if args.peak_gbps is None or args.peak_tflops is None or args.peak_gbps <= 0 or args.peak_tflops <= 0:
+            raise CLIError(f"--peak-gbps and --peak-tflops go together and must be > 0, got {args.peak_gbps} "
+                           f"and {args.peak_tflops}")
+    if args.static:
+        return _static(args)
 
     path = args.json or latest_json()
-    data = json.loads(path.read_text())
+    data = _read_json(path)
     measurements = load_measurements(data, args.stat)
     if not measurements:
-        parser.error(f"{path} holds no bench/ measurements (was it written with --benchmark-only?)")
+        raise CLIError(f"{path} holds no bench/ measurements (was it written with --benchmark-only?)")
     device = device_of(data, measurements)
     peak = find_peak(device)
-    if args.peak_gbps or args.peak_tflops:
-        if not (args.peak_gbps and args.peak_tflops) or args.peak_gbps <= 0 or args.peak_tflops <= 0:
-            parser.error(f"--peak-gbps and --peak-tflops go together and must be > 0, got {args.peak_gbps} "
-                         f"and {args.peak_tflops}")
+    if args.peak_gbps:
         peak = DevicePeak(device, args.peak_gbps, args.peak_tflops, "given on the command line")
     prefix = args.out or path.with_suffix("")
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -359,5 +372,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise CLIError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise CLIError(f"{path} is not valid JSON ({e}); pass the file pytest --benchmark-json=PATH wrote") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"{path} holds JSON but not a pytest-benchmark object")
+    return data
+
+
+def _static(args: argparse.Namespace) -> int:
+    from bench import roofline
+    resources = roofline.load_resources(args.resources or roofline.RESOURCE_TABLE)
+    measured = roofline.measured_percent(_read_json(args.json)) if args.json else None
+    text = roofline.markdown(roofline.estimates(resources), measured)
+    if args.out:
+        atomic_write_text(args.out.with_suffix(".md"), text)
+    sys.stdout.write(text)
+    return 0
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main, prog="python -m bench.report")

@@ -1,19 +1,23 @@
 """Causal flash attention, forward: softmax(q k^T * scale) v without materialising the scores.
 
-Algorithm: block (m, b*H + h) owns BLOCK_M query rows of one head. It streams BLOCK_N keys at a
-time: scores = q @ k^T on the tensor cores (k read transposed through the load's `order`), an
-online softmax in base 2 (running row max m_i and row sum l_i in fp32; the accumulator is
-rescaled by 2^(m_old - m_new) whenever the max grows), and acc += p @ v. Causal masking is
-aligned bottom-right as `looplm.ops.attention` documents: query i sits at key position
-Tk - Tq + i, so only key tiles up to the block's last visible key are visited. Every visited
-tile is masked (a compare and a select per score); peeling the unmasked tiles into a loop of
-their own doubled the compiled code and its compile time. A row that has seen no key
-keeps m_i = -inf; the max is then replaced by 0 in the exponents, so its weights are exact zeros
-(never -inf - -inf = NaN), and its output divides by 1 instead of l_i = 0: zeros, not NaN.
+Algorithm: each block owns BLOCK_M query rows of one head. It streams BLOCK_N keys at a time:
+scores = q @ k^T on the tensor cores (k read transposed through the load's `order`), an online
+softmax in base 2 (running row max m_i and row sum l_i in fp32; the scale is applied to the row
+max and fused into the exponent; the accumulator is rescaled by 2^(m_old - m_new) whenever the max
+grows), and acc += p @ v. Causal masking is aligned bottom-right as `looplm.ops.attention`
+documents: query i sits at key position Tk - Tq + i. Key tiles wholly in the past of every query
+of the block run unmasked; only the diagonal band (and a ragged last tile) pays for the compare
+and select; tiles wholly in the future are never visited. A row that has seen no key keeps
+m_i = -inf; the shift is then 0, so its weights are exact zeros (never -inf - -inf = NaN), and its
+output divides by 1 instead of l_i = 0: zeros, not NaN. exp2 flushes denormals to zero and the
+final divide is approximate: one instruction each.
+
+Blocks run on one grid axis, (query block, batch x head) flattened, latest query blocks first (the
+heaviest under causal masking): CUDA caps grid axes 1 and 2 at 65535, which B x H may exceed.
 
 q, k, v may be strided views (the tied block passes head views of its fused qkv projection, no
-copies); only the head dim must be contiguous. The head size D is padded to the next power of
-two with zeros, which change neither q k^T nor the stored columns.
+copies); only the head dim must be contiguous. The head size is a compile-time constant, padded
+to the next power of two with zeros, which change neither q k^T nor the stored columns.
 
 Tuning knobs: BLOCK_M (query rows per block), BLOCK_N (keys per step), occupancy, KV_LATENCY
 (DRAM latency hint of the streamed k and v loads).
@@ -34,13 +38,42 @@ from tuning.spec import KernelTuning
 LOG2_E = 1.0 / math.log(2.0)
 
 
+def _key_tile(q, K, V, batch, head, j, row_pos, key_in_tile, n_keys, scale_log2, m_i, l_i, acc, masked, causal,
+              BLOCK_D, BLOCK_M, BLOCK_N, KV_LATENCY):
+    """One step of the online softmax over key tile j; masked: compare and select per score."""
+    k_t = ct.load(K, index=(batch, head, 0, j), shape=(1, 1, BLOCK_D, BLOCK_N), order=(0, 1, 3, 2),
+                  padding_mode=ct.PaddingMode.ZERO, latency=KV_LATENCY).reshape((BLOCK_D, BLOCK_N))
+    scores = ct.mma(q, k_t, ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32))
+    if masked:
+        key_pos = j * BLOCK_N + key_in_tile
+        visible = key_pos < n_keys
+        if causal:
+            visible = visible & (key_pos <= row_pos)
+        scores = ct.where(visible, scores, -math.inf)
+        m_new = ct.maximum(m_i, ct.max(scores, axis=1, keepdims=True) * scale_log2)
+        shift = ct.where(m_new == -math.inf, 0.0, m_new)  # rows with no visible key yet
+    else:
+        m_new = ct.maximum(m_i, ct.max(scores, axis=1, keepdims=True) * scale_log2)
+        shift = m_new
+    p = ct.exp2(scores * scale_log2 - shift, flush_to_zero=True)
+    alpha = ct.exp2(m_i - shift, flush_to_zero=True)
+    l_i = l_i * alpha + ct.sum(p, axis=1, keepdims=True)
+    v = ct.load(V, index=(batch, head, j, 0), shape=(1, 1, BLOCK_N, BLOCK_D), padding_mode=ct.PaddingMode.ZERO,
+                latency=KV_LATENCY).reshape((BLOCK_N, BLOCK_D))
+    acc = ct.mma(p.astype(V.dtype), v, acc * alpha)
+    return m_new, l_i, acc
+
+
 @ct.kernel
 def attention_kernel(Q, K, V, Out, qk_scale, causal_offset, N_HEAD: ct.Constant[int], CAUSAL: ct.Constant[bool],
                      BLOCK_D: ct.Constant[int], BLOCK_M: ct.Constant[int], BLOCK_N: ct.Constant[int],
                      KV_LATENCY: ct.Constant[int]):
-    m_block = ct.bid(0)
-    batch = ct.bid(1) // N_HEAD
-    head = ct.bid(1) % N_HEAD
+    # One grid axis: block -> (query block, batch x head), latest query blocks first.
+    m_blocks = ct.cdiv(Q.shape[2], BLOCK_M)
+    block = ct.bid(0)
+    m_block = m_blocks - 1 - block % m_blocks
+    batch = (block // m_blocks) // N_HEAD
+    head = (block // m_blocks) % N_HEAD
     n_keys = K.shape[2]
     scale_log2 = qk_scale * LOG2_E
 
@@ -55,26 +88,20 @@ def attention_kernel(Q, K, V, Out, qk_scale, causal_offset, N_HEAD: ct.Constant[
     l_i = ct.zeros((BLOCK_M, 1), dtype=ct.float32)
     acc = ct.zeros((BLOCK_M, BLOCK_D), dtype=ct.float32)
 
-    keys_visible = min(max(first_row_pos + BLOCK_M, 0), n_keys) if CAUSAL else n_keys
-    for j in range(ct.cdiv(keys_visible, BLOCK_N)):
-        k_t = ct.load(K, index=(batch, head, 0, j), shape=(1, 1, BLOCK_D, BLOCK_N), order=(0, 1, 3, 2),
-                      padding_mode=ct.PaddingMode.ZERO, latency=KV_LATENCY).reshape((BLOCK_D, BLOCK_N))
-        scores = ct.mma(q, k_t, ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)) * scale_log2
-        key_pos = j * BLOCK_N + key_in_tile
-        visible = key_pos < n_keys
-        if CAUSAL:
-            visible = visible & (key_pos <= row_pos)
-        scores = ct.where(visible, scores, -math.inf)
-        m_new = ct.maximum(m_i, ct.max(scores, axis=1, keepdims=True))
-        m_safe = ct.where(m_new == -math.inf, 0.0, m_new)  # rows with no visible key yet
-        p = ct.exp2(scores - m_safe)
-        alpha = ct.exp2(m_i - m_safe)
-        l_i = l_i * alpha + ct.sum(p, axis=1, keepdims=True)
-        v = ct.load(V, index=(batch, head, j, 0), shape=(1, 1, BLOCK_N, BLOCK_D), padding_mode=ct.PaddingMode.ZERO,
-                    latency=KV_LATENCY).reshape((BLOCK_N, BLOCK_D))
-        acc = ct.mma(p.astype(V.dtype), v, acc * alpha)
-        m_i = m_new
-    out = acc / ct.where(l_i > 0.0, l_i, 1.0)
+    if CAUSAL:
+        # keys 0 .. first_row_pos are visible to every row of the block
+        unmasked_tiles = max(min(first_row_pos + 1, n_keys), 0) // BLOCK_N
+        visited_tiles = ct.cdiv(min(max(first_row_pos + BLOCK_M, 0), n_keys), BLOCK_N)
+    else:
+        unmasked_tiles = n_keys // BLOCK_N
+        visited_tiles = ct.cdiv(n_keys, BLOCK_N)
+    for j in range(unmasked_tiles):
+        m_i, l_i, acc = _key_tile(q, K, V, batch, head, j, row_pos, key_in_tile, n_keys, scale_log2, m_i, l_i, acc,
+                                  False, CAUSAL, BLOCK_D, BLOCK_M, BLOCK_N, KV_LATENCY)
+    for j in range(unmasked_tiles, visited_tiles):
+        m_i, l_i, acc = _key_tile(q, K, V, batch, head, j, row_pos, key_in_tile, n_keys, scale_log2, m_i, l_i, acc,
+                                  True, CAUSAL, BLOCK_D, BLOCK_M, BLOCK_N, KV_LATENCY)
+    out = ct.truediv(acc, ct.where(l_i > 0.0, l_i, 1.0), rounding_mode=ct.RoundingMode.APPROX, flush_to_zero=True)
     ct.store(Out, index=(batch, head, m_block, 0), tile=out.reshape((1, 1, BLOCK_M, BLOCK_D)).astype(Out.dtype))
 
 
@@ -83,13 +110,20 @@ def _blocks(config: dict, t_q: int, t_k: int) -> tuple[int, int]:
     return min(config["BLOCK_M"], p2(t_q)), min(config["BLOCK_N"], p2(t_k))
 
 
-def _launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float, config: dict) -> None:
+def attention_grid(batch: int, n_head: int, t_q: int, block_m: int) -> tuple[int]:
+    """Blocks of one launch, all on grid axis 0 (up to 2^31 - 1): B x H may exceed the 65535 of
+    axes 1 and 2."""
+    return (runtime.cdiv(t_q, block_m) * batch * n_head,)
+
+
+def _launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float, config: dict) -> Tensor:
     batch, n_head, t_q, head_dim = q.shape
     t_k = k.shape[2]
     block_m, block_n = _blocks(config, t_q, t_k)
     args = (q, k, v, out, float(scale), t_k - t_q, n_head, bool(causal), runtime.next_power_of_2(head_dim), block_m,
             block_n, config["KV_LATENCY"])
-    runtime.launch((runtime.cdiv(t_q, block_m), batch * n_head), attention_kernel, args, config)
+    runtime.launch(attention_grid(batch, n_head, t_q, block_m), attention_kernel, args, config)
+    return out
 
 
 def _head_dim_contiguous(t: Tensor) -> Tensor:
@@ -116,7 +150,7 @@ def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, s
     """attention writing into `out` (B, H, Tq, D), which may be a strided view (e.g. of (B, T, C))."""
     batch, n_head, t_q, head_dim = q.shape
     config = tuning.lookup_config("tile", "attention", q.dtype, (batch, n_head, t_q, k.shape[2], head_dim),
-                                  TUNING.default)
+                                  runtime.default_config(TUNING, q))
     q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
     _launch(q, k, v, out, causal, scale, config)
     return out
@@ -132,26 +166,30 @@ def _make_args(shape: tuple, dtype: torch.dtype, device) -> tuple:
 
 
 def compile_signature(shape: tuple, dtype: torch.dtype, config: dict) -> list:
-    batch, n_head, t_q, t_k, head_dim = shape
-    block_m, block_n = _blocks(config, t_q, t_k)
-    a = runtime.array
-    return [a(dtype, 4), a(dtype, 4), a(dtype, 4), a(dtype, 4), runtime.scalar(ct.float32),
-              runtime.scalar(ct.int32), runtime.constant(n_head), runtime.constant(True),
-              runtime.constant(runtime.next_power_of_2(head_dim)), runtime.constant(block_m),
-              runtime.constant(block_n), runtime.constant(config["KV_LATENCY"])]
+    """The parameter constraints of the launch at shape (B, H, Tq, Tk, D), as the JIT derives them."""
+    ((_, kernel, args, _),) = runtime.capture(_launch, *_make_args(shape, dtype, "meta"), config)
+    return runtime.signature_of(kernel, args)
 
 
 def _compile(shape: tuple, dtype: torch.dtype, config: dict, arch: str) -> dict:
-    return runtime.compile_cubin(attention_kernel, compile_signature(shape, dtype, config), arch, config)
+    return runtime.compile_run(_launch, arch, *_make_args(shape, dtype, "meta"), config)
 
 
+def _expected(q, k, v, out, causal, scale) -> Tensor:
+    from looplm import get_backend
+    return get_backend("reference").ops["attention"](q, k, v, causal, scale)
+
+
+# 64 x 64 everywhere but sm_80, whose 4-warp code for it spills.
 TUNING = KernelTuning(
     backend="tile", kernel="attention",
-    default={"BLOCK_M": 64, "BLOCK_N": 64, "occupancy": 2, "KV_LATENCY": 2},
+    default={"BLOCK_M": 64, "BLOCK_N": 64, "occupancy": 1, "KV_LATENCY": 2},
+    arch_defaults={"sm_80": {"BLOCK_M": 64, "BLOCK_N": 32, "occupancy": 1, "KV_LATENCY": 2}},
     space=[{"BLOCK_M": bm, "BLOCK_N": bn, "occupancy": occ, "KV_LATENCY": 2}
            for bm in (32, 64, 128) for bn in (32, 64, 128) for occ in (1, 2, 4)],
     make_args=_make_args,
     run=lambda q, k, v, out, causal, scale, config: _launch(q, k, v, out, causal, scale, config),
     compile=_compile,
     shape_key=lambda q, k, v, causal=True, scale=None: (*q.shape[:3], k.shape[2], q.shape[3]),
+    expected=_expected,
 )

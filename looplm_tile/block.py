@@ -11,9 +11,11 @@ What is fused:
 
 Seven launches per block: ln1, qkv, attention, proj(+residual), ln2, fc(+GELU), fc2(+residual).
 There is no kernel of this file's own (hence no TUNING): each launch is tuned as its op.
-Dropout is not a kernel feature; with dropout_p > 0 the block defers to the reference, which
-honours it (the model only asks for it while training, where the reference runs anyway).
+With dropout_p > 0 (training without gradients) the residual adds move out of the epilogues so
+that dropout acts on the branches, as in the Triton block; which backend runs is decided by the
+model and the backend registry, never here.
 """
+import torch.nn.functional as F
 from torch import Tensor
 
 from looplm.ops import BlockWeights
@@ -22,10 +24,15 @@ from looplm_tile.layer_norm import layer_norm
 from looplm_tile.linear import linear
 
 
-def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0) -> Tensor:
+def _residual_branch(x: Tensor, weight: Tensor, bias, residual: Tensor, dropout_p: float) -> Tensor:
     if dropout_p > 0:
-        from reference import block as reference_block
-        return reference_block(x, weights, n_head, dropout_p)
+        return residual + F.dropout(linear(x, weight, bias), p=dropout_p)
+    return linear(x, weight, bias, residual=residual)
+
+
+def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0) -> Tensor:
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"block: dropout_p must be in [0, 1], got {dropout_p}")
     w = weights
     batch, seq, channels = x.shape
     if channels % n_head:
@@ -35,6 +42,6 @@ def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views, no copies
     y = x.new_empty(batch, seq, n_head, head_dim)
     attention_into(q, k, v, y.transpose(1, 2), causal=True, scale=head_dim ** -0.5)
-    x = linear(y.view(batch, seq, channels), w.proj_w, w.proj_b, residual=x)
+    x = _residual_branch(y.view(batch, seq, channels), w.proj_w, w.proj_b, x, dropout_p)
     hidden = linear(layer_norm(x, w.ln2_w, w.ln2_b), w.fc_w, w.fc_b, activation="gelu")
-    return linear(hidden, w.fc2_w, w.fc2_b, residual=x)
+    return _residual_branch(hidden, w.fc2_w, w.fc2_b, x, dropout_p)

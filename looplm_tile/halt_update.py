@@ -1,11 +1,12 @@
 """One halting step, out of place, in one pass over memory (semantics: reference/halt_update.py).
 
 Algorithm: block m owns BLOCK_M tokens. It reads their active flags, step counts, scores and
-thresholds once, then streams the state in BLOCK_C-wide column tiles, writing h_new where the
-token was active and h where it had halted; then it writes the new counts (+1 for active tokens)
-and the new active flags. A token halts when step >= max_loops, or when step >= min_loops and
-score < threshold (thresholds are per token: "wait to think" after chosen tokens). Each element
-of h and h_new is read once and the output written once: the bandwidth floor of the op.
+thresholds once, then streams the state in BLOCK_C-wide column tiles, gathering for each token
+only the row it keeps (h_new where the token is active, h where it has halted: the other load is
+masked off and never touches memory) and writing it out; then it writes the new counts (+1 for
+active tokens) and the new active flags. A token halts when step >= max_loops, or when step >=
+min_loops and score < threshold (thresholds are per token: "wait to think" after chosen tokens).
+One state row read and one written per token: the bandwidth floor of the op.
 
 Tuning knobs: BLOCK_M (tokens per block), BLOCK_C (column tile; with C <= BLOCK_C a row is one
 tile), occupancy.
@@ -28,10 +29,12 @@ def halt_update_kernel(H, HNew, Active, Steps, Score, Threshold, HOut, ActiveOut
     pad = ct.PaddingMode.ZERO
     active = ct.load(Active, index=(m_block,), shape=(BLOCK_M,), padding_mode=pad)
     keep_new = active.reshape((BLOCK_M, 1))
+    rows = (m_block * BLOCK_M + ct.arange(BLOCK_M, dtype=ct.int32)).reshape((BLOCK_M, 1))
     for j in range(ct.num_tiles(H, axis=1, shape=(BLOCK_M, BLOCK_C))):
-        h = ct.load(H, index=(m_block, j), shape=(BLOCK_M, BLOCK_C), padding_mode=pad)
-        h_new = ct.load(HNew, index=(m_block, j), shape=(BLOCK_M, BLOCK_C), padding_mode=pad)
-        ct.store(HOut, index=(m_block, j), tile=ct.where(keep_new, h_new, h))
+        cols = (j * BLOCK_C + ct.arange(BLOCK_C, dtype=ct.int32)).reshape((1, BLOCK_C))
+        fresh = ct.gather(HNew, (rows, cols), mask=keep_new)
+        kept = ct.gather(H, (rows, cols), mask=~keep_new)
+        ct.store(HOut, index=(m_block, j), tile=ct.where(keep_new, fresh, kept))
     steps = ct.load(Steps, index=(m_block,), shape=(BLOCK_M,), padding_mode=pad)
     ct.store(StepsOut, index=(m_block,), tile=ct.where(active, steps + 1, steps))
     score = ct.load(Score, index=(m_block,), shape=(BLOCK_M,), padding_mode=pad)
@@ -47,11 +50,12 @@ def _blocks(config: dict, n_tokens: int, n_channels: int) -> tuple[int, int]:
 
 
 def _launch(h, h_new, active, steps, score, threshold, h_out, active_out, steps_out, step, min_loops, max_loops,
-            config: dict) -> None:
+            config: dict) -> tuple[Tensor, Tensor, Tensor]:
     block_m, block_c = _blocks(config, *h.shape)
     args = (h, h_new, active, steps, score, threshold, h_out, active_out, steps_out, int(step), int(min_loops),
             int(max_loops), block_m, block_c)
     runtime.launch((runtime.cdiv(h.shape[0], block_m),), halt_update_kernel, args, config)
+    return h_out, active_out, steps_out
 
 
 def halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tensor, threshold: Tensor,
@@ -69,7 +73,8 @@ def halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: 
     h, h_new = h.contiguous(), h_new.contiguous()
     h_out, active_out, steps_out = torch.empty_like(h), torch.empty_like(active), torch.empty_like(steps)
     if n_tokens:
-        config = tuning.lookup_config("tile", "halt_update", h.dtype, tuple(h.shape), TUNING.default)
+        config = tuning.lookup_config("tile", "halt_update", h.dtype, tuple(h.shape),
+                                      runtime.default_config(TUNING, h))
         _launch(h, h_new, active.contiguous(), steps.contiguous(), score.contiguous(), threshold.contiguous(), h_out,
                 active_out, steps_out, step, min_loops, max_loops, config)
     return h_out, active_out, steps_out
@@ -88,24 +93,29 @@ def _make_args(shape: tuple, dtype: torch.dtype, device) -> tuple:
 
 
 def compile_signature(shape: tuple, dtype: torch.dtype, config: dict) -> list:
-    block_m, block_c = _blocks(config, *shape)
-    a, i32 = runtime.array, runtime.scalar(ct.int32)
-    return [a(dtype, 2), a(dtype, 2), a(torch.bool, 1), a(torch.int32, 1), a(torch.float32, 1),
-              a(torch.float32, 1), a(dtype, 2), a(torch.bool, 1), a(torch.int32, 1), i32, i32, i32,
-              runtime.constant(block_m), runtime.constant(block_c)]
+    """The parameter constraints of the launch at shape (N, C), as the JIT derives them."""
+    ((_, kernel, args, _),) = runtime.capture(_launch, *_make_args(shape, dtype, "meta"), config=config)
+    return runtime.signature_of(kernel, args)
 
 
 def _compile(shape: tuple, dtype: torch.dtype, config: dict, arch: str) -> dict:
-    return runtime.compile_cubin(halt_update_kernel, compile_signature(shape, dtype, config), arch, config)
+    return runtime.compile_run(_launch, arch, *_make_args(shape, dtype, "meta"), config=config)
+
+
+def _expected(h, h_new, active, steps, score, threshold, h_out, active_out, steps_out, step, min_loops, max_loops):
+    from looplm import get_backend
+    return get_backend("reference").ops["halt_update"](h, h_new, active, steps, score, threshold, step, min_loops,
+                                                       max_loops)
 
 
 TUNING = KernelTuning(
     backend="tile", kernel="halt_update",
-    default={"BLOCK_M": 16, "BLOCK_C": 512, "occupancy": 4},
+    default={"BLOCK_M": 1, "BLOCK_C": 1024, "occupancy": 4},
     space=[{"BLOCK_M": bm, "BLOCK_C": bc, "occupancy": occ}
-           for bm in (4, 8, 16, 32) for bc in (128, 256, 512, 1024) for occ in (1, 2, 4, 8)],
+           for bm in (1, 2, 4, 8, 16, 32) for bc in (128, 256, 512, 1024) for occ in (1, 2, 4, 8)],
     make_args=_make_args,
     run=lambda *args, config: _launch(*args, config=config),
     compile=_compile,
     shape_key=lambda h, h_new, active, steps, score, threshold, step, min_loops, max_loops: tuple(h.shape),
+    expected=_expected,
 )

@@ -5,8 +5,8 @@ of two of C, as cuTile tiles are powers of two), takes the mean, masks the paddi
 centred values, takes the biased variance, and writes (x - mean) * rsqrt(var + eps) * w + b in
 x's dtype. Statistics are fp32 whatever the input dtype; x is read once and y written once.
 
-Tuning knobs: BLOCK_M (rows per block: more rows amortise the weight loads, fewer rows give more
-blocks for small batches), occupancy (blocks resident per SM, a compiler hint).
+Tuning knobs: BLOCK_M (rows per block, one by default: more rows amortise the weight loads but
+hold more in registers; wide rows spill at 4), occupancy (blocks resident per SM, a compiler hint).
 """
 from typing import Optional
 
@@ -39,12 +39,13 @@ def layer_norm_kernel(X, W, B, Y, eps, HAS_BIAS: ct.Constant[bool], BLOCK_M: ct.
     ct.store(Y, index=(row_block, 0), tile=y.astype(Y.dtype))
 
 
-def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, eps: float, config: dict) -> None:
+def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, eps: float, config: dict) -> Tensor:
     n_rows, n_cols = x.shape
     block_m = min(config["BLOCK_M"], runtime.next_power_of_2(n_rows))
     args = (x, weight, weight if bias is None else bias, y, float(eps), bias is not None, block_m,
             runtime.next_power_of_2(n_cols))
     runtime.launch((runtime.cdiv(n_rows, block_m),), layer_norm_kernel, args, config)
+    return y
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
@@ -56,7 +57,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
     rows = x.reshape(-1, n_cols).contiguous()
     y = torch.empty_like(rows)
     if rows.numel():
-        config = tuning.lookup_config("tile", "layer_norm", x.dtype, rows.shape, TUNING.default)
+        config = tuning.lookup_config("tile", "layer_norm", x.dtype, rows.shape,
+                                      runtime.default_config(TUNING, rows))
         _launch(rows, weight.contiguous(), None if bias is None else bias.contiguous(), y, eps, config)
     return y.view(x.shape)
 
@@ -71,23 +73,28 @@ def _make_args(shape: tuple, dtype: torch.dtype, device) -> tuple:
 
 
 def compile_signature(shape: tuple, dtype: torch.dtype, config: dict) -> list:
-    n_rows, n_cols = shape
-    block_m = min(config["BLOCK_M"], runtime.next_power_of_2(n_rows))
-    a = runtime.array
-    return [a(dtype, 2), a(dtype, 1), a(dtype, 1), a(dtype, 2), runtime.scalar(ct.float32), runtime.constant(True),
-            runtime.constant(block_m), runtime.constant(runtime.next_power_of_2(n_cols))]
+    """The parameter constraints of the launch at shape (rows, C), as the JIT derives them."""
+    ((_, kernel, args, _),) = runtime.capture(_launch, *_make_args(shape, dtype, "meta"), config)
+    return runtime.signature_of(kernel, args)
 
 
 def _compile(shape: tuple, dtype: torch.dtype, config: dict, arch: str) -> dict:
-    return runtime.compile_cubin(layer_norm_kernel, compile_signature(shape, dtype, config), arch, config)
+    return runtime.compile_run(_launch, arch, *_make_args(shape, dtype, "meta"), config)
 
 
+def _expected(x, weight, bias, y, eps) -> Tensor:
+    from looplm import get_backend
+    return get_backend("reference").ops["layer_norm"](x, weight, bias, eps)
+
+
+# One row per block (Liger-Kernel, the Triton tutorial): a whole row in registers without spilling.
 TUNING = KernelTuning(
     backend="tile", kernel="layer_norm",
-    default={"BLOCK_M": 4, "occupancy": 4},
+    default={"BLOCK_M": 1, "occupancy": 4},
     space=[{"BLOCK_M": m, "occupancy": o} for m in (1, 2, 4, 8, 16) for o in (1, 2, 4, 8)],
     make_args=_make_args,
     run=lambda x, w, b, y, eps, config: _launch(x, w, b, y, eps, config),
     compile=_compile,
     shape_key=lambda x, weight, bias=None, eps=1e-5: (x.numel() // x.shape[-1], x.shape[-1]),
+    expected=_expected,
 )

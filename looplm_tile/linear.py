@@ -1,6 +1,9 @@
 """y = act(x @ W^T + b) + residual: a tiled matmul with the epilogue fused.
 
-Algorithm: block (m, n) owns a BLOCK_M x BLOCK_N tile of y. It walks K in BLOCK_K steps, loading
+Algorithm: each block owns a BLOCK_M x BLOCK_N tile of y. Blocks run on one grid axis in groups of
+GROUP_M row tiles (Triton tutorial 03, TileGym's matmul): consecutive blocks share a column of W
+tiles and a few rows of x while they are hot in L2, instead of re-streaming x from memory for
+every pair of column tiles. It walks K in BLOCK_K steps, loading
 an x tile and a W tile read transposed through the load's `order=(1, 0)` (W stays in nn.Linear's
 (N, K) layout, no copy), and accumulates with `ct.mma` in fp32. The epilogue runs on the fp32
 accumulator before the single store: bias, exact GELU, residual. Ragged edges are zero-padded on
@@ -12,8 +15,8 @@ tolerance here), on |z| with the sign restored.
 fp32 inputs multiply in full fp32 (not tf32), so they match the reference at fp32 tolerance.
 
 Tuning knobs: BLOCK_M, BLOCK_N, BLOCK_K (tile shape: larger tiles reuse each load more but need
-more registers and shared memory), occupancy (resident blocks per SM), LATENCY (the DRAM latency
-hint, 1-10, of the streaming x and W loads).
+more registers and shared memory), GROUP_M (row tiles per group), occupancy (resident blocks per
+SM), LATENCY (the DRAM latency hint, 1-10, of the streaming x and W loads).
 """
 import math
 from typing import Optional
@@ -47,9 +50,16 @@ def gelu(x):
 @ct.kernel
 def linear_kernel(X, W, Bias, Residual, Y, HAS_BIAS: ct.Constant[bool], GELU: ct.Constant[bool],
                   HAS_RESIDUAL: ct.Constant[bool], BLOCK_M: ct.Constant[int], BLOCK_N: ct.Constant[int],
-                  BLOCK_K: ct.Constant[int], LATENCY: ct.Constant[int]):
-    m = ct.bid(0)
-    n = ct.bid(1)
+                  BLOCK_K: ct.Constant[int], GROUP_M: ct.Constant[int], LATENCY: ct.Constant[int]):
+    # Grouped ordering: GROUP_M row tiles walk each column of W tiles together.
+    block = ct.bid(0)
+    tiles_m = ct.cdiv(X.shape[0], BLOCK_M)
+    tiles_n = ct.cdiv(W.shape[0], BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (block // per_group) * GROUP_M
+    group_size = min(tiles_m - first_m, GROUP_M)
+    m = first_m + (block % per_group) % group_size
+    n = (block % per_group) // group_size
     acc = ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)
     for k in range(ct.num_tiles(X, axis=1, shape=(BLOCK_M, BLOCK_K))):
         x = ct.load(X, index=(m, k), shape=(BLOCK_M, BLOCK_K), padding_mode=ct.PaddingMode.ZERO, latency=LATENCY)
@@ -73,12 +83,13 @@ def _tiles(config: dict, m: int, n: int, k: int) -> tuple[int, int, int]:
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], y: Tensor, gelu: bool,
-            config: dict) -> None:
+            config: dict) -> Tensor:
     (m, k), n = x.shape, weight.shape[0]
     block_m, block_n, block_k = _tiles(config, m, n, k)
     args = (x, weight, weight if bias is None else bias, y if residual is None else residual, y, bias is not None,
-            gelu, residual is not None, block_m, block_n, block_k, config["LATENCY"])
-    runtime.launch((runtime.cdiv(m, block_m), runtime.cdiv(n, block_n)), linear_kernel, args, config)
+            gelu, residual is not None, block_m, block_n, block_k, config["GROUP_M"], config["LATENCY"])
+    runtime.launch((runtime.cdiv(m, block_m) * runtime.cdiv(n, block_n),), linear_kernel, args, config)
+    return y
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none",
@@ -95,7 +106,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
     rows = x.reshape(-1, k).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
     if rows.numel() and n:
-        config = tuning.lookup_config("tile", "linear", x.dtype, (rows.shape[0], n, k), TUNING.default)
+        config = tuning.lookup_config("tile", "linear", x.dtype, (rows.shape[0], n, k),
+                                      runtime.default_config(TUNING, rows))
         _launch(rows, weight.to(x.dtype).contiguous(), None if bias is None else bias.contiguous(),
                 None if residual is None else residual.reshape(-1, n).contiguous(), y, activation == "gelu", config)
     return y.view(out_shape)
@@ -120,25 +132,39 @@ def _make_args(shape: tuple, dtype: torch.dtype, device) -> tuple:
 
 def compile_signature(shape: tuple, dtype: torch.dtype, config: dict, has_bias: bool = True, gelu: bool = False,
                       has_residual: bool = False) -> list:
-    block_m, block_n, block_k = _tiles(config, *shape)
-    a = runtime.array
-    return [a(dtype, 2), a(dtype, 2), a(dtype, 1), a(dtype, 2), a(dtype, 2), runtime.constant(has_bias),
-            runtime.constant(gelu), runtime.constant(has_residual), runtime.constant(block_m),
-            runtime.constant(block_n), runtime.constant(block_k), runtime.constant(config["LATENCY"])]
+    """The parameter constraints of the launch at shape (M, N, K), as the JIT derives them."""
+    m, n, k = shape
+    x, weight, bias, _, y, _ = _make_args(shape, dtype, "meta")
+    residual = torch.empty(m, n, dtype=dtype, device="meta") if has_residual else None
+    ((_, kernel, args, _),) = runtime.capture(_launch, x, weight, bias if has_bias else None, residual, y, gelu,
+                                              config)
+    return runtime.signature_of(kernel, args)
 
 
 def _compile(shape: tuple, dtype: torch.dtype, config: dict, arch: str) -> dict:
-    return runtime.compile_cubin(linear_kernel, compile_signature(shape, dtype, config), arch, config)
+    return runtime.compile_run(_launch, arch, *_make_args(shape, dtype, "meta"), config)
 
 
+def _expected(x, weight, bias, residual, y, gelu) -> Tensor:
+    from looplm import get_backend
+    return get_backend("reference").ops["linear"](x, weight, bias, "gelu" if gelu else "none", residual)
+
+
+# Large MMA tiles in groups of 8 row tiles: 128x128 on Hopper and Blackwell datacenter parts (TileGym's
+# >= 128x128 on sm_90), 128x64 where cuTile's code for 128x128 spills (sm_80's 4 warps, sm_120's GELU
+# epilogue). The space keeps small tiles for small shapes (the last-position lm_head, the CPU model).
+HOPPER: dict = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "occupancy": 1, "LATENCY": 3}
 TUNING = KernelTuning(
     backend="tile", kernel="linear",
-    default={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "occupancy": 2, "LATENCY": 3},
-    space=[{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "occupancy": occ, "LATENCY": 3}
-           for bm in (32, 64, 128) for bn in (32, 64, 128) for bk in (32, 64) for occ in (1, 2, 4)],
+    default={"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "occupancy": 1, "LATENCY": 3},
+    arch_defaults={"sm_90": HOPPER, "sm_100": HOPPER},
+    space=[{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "occupancy": occ, "LATENCY": 3}
+           for bm in (32, 64, 128, 256) for bn in (32, 64, 128, 256) for bk in (32, 64) for occ in (1, 2, 4)
+           if bm * bn <= 128 * 256],
     make_args=_make_args,
     run=lambda x, w, b, r, y, gelu, config: _launch(x, w, b, r, y, gelu, config),
     compile=_compile,
     shape_key=lambda x, weight, bias=None, activation="none", residual=None: (
         x.numel() // x.shape[-1], weight.shape[0], weight.shape[1]),
+    expected=_expected,
 )

@@ -1,16 +1,26 @@
 """What every cuTile kernel module shares: launching (GPU or emulator), compiler hints, and
-ahead-of-time compilation to cubin for the tier-0 tests and the tuner."""
+ahead-of-time compilation to cubin for the tier-0 tests and the tuner.
+
+What is compiled is what runs: a module's own launcher is called on meta tensors inside
+`captured_launches()`, which records each launch (grid, kernel, arguments) instead of running it;
+`signature_of` turns the recorded arguments into the parameter constraints cuTile's JIT derives
+at a launch (as `cuda.tile`'s own JAX binding spells them out): 16-byte aligned bases, unit strides
+and unit dims as constants, strides and dims divisible by 16 bytes / 16 elements where they are,
+64-bit indices where a dim or stride exceeds int32.
+"""
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import threading
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -24,6 +34,8 @@ from tuning.gpus import COMPILE_TARGETS
 
 ARCHES = COMPILE_TARGETS
 HINTS = ("occupancy", "num_ctas")  # config knobs that are compiler hints rather than kernel arguments
+MAX_GRID = (2 ** 31 - 1, 65535, 65535)  # CUDA's grid limits per axis
+INT32_MAX = 2 ** 31 - 1
 
 
 def next_power_of_2(n: int) -> int:
@@ -32,6 +44,19 @@ def next_power_of_2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_of_device(index: int) -> str:
+    from tuning.gpus import arch_for_capability
+    return arch_for_capability(torch.cuda.get_device_capability(index)).arch
+
+
+def default_config(tuning, t: torch.Tensor) -> dict:
+    """The kernel's built-in default for a launch on `t`'s device: its architecture's own where it
+    has one (tile shapes that fit an sm_80 or sm_120 without spilling differ from Hopper's)."""
+    arch = _arch_of_device(t.device.index or 0) if t.is_cuda else None
+    return tuning.default_for(t.dtype, arch)
 
 
 def hints_of(config: dict) -> dict:
@@ -49,10 +74,36 @@ def with_hints(kernel: ct.kernel, config: dict) -> ct.kernel:
 
 
 _warned_emulated = False
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def captured_launches() -> Iterator[list[tuple]]:
+    """Within: launches are recorded as (grid, kernel, args, config) in the yielded list, not run
+    (call the launchers with meta tensors)."""
+    previous = getattr(_recording, "launches", None)
+    _recording.launches = launches = []
+    try:
+        yield launches
+    finally:
+        _recording.launches = previous
+
+
+def check_grid(grid: Sequence[int]) -> tuple[int, ...]:
+    """`grid` if CUDA can launch it, else a clear error (axes 1 and 2 stop at 65535 blocks)."""
+    for axis, (blocks, limit) in enumerate(zip(grid, MAX_GRID)):
+        if not 0 <= blocks <= limit:
+            raise ValueError(f"grid {tuple(grid)}: axis {axis} has {blocks} blocks; CUDA allows at most {limit}")
+    return tuple(grid)
 
 
 def launch(grid: Sequence[int], kernel: ct.kernel, args: Sequence[Any], config: dict) -> None:
-    """Launch on the current CUDA stream when the tensors live on a GPU, else in the CPU emulator."""
+    """Launch on the current CUDA stream when the tensors live on a GPU, else in the CPU emulator
+    (or record it, inside `captured_launches()`)."""
+    check_grid(grid)
+    if getattr(_recording, "launches", None) is not None:
+        _recording.launches.append((tuple(grid), kernel, tuple(args), dict(config)))
+        return
     on_gpu = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
     if on_gpu:
         ct.launch(torch.cuda.current_stream(), tuple(grid), with_hints(kernel, config), tuple(args))
@@ -66,6 +117,64 @@ def launch(grid: Sequence[int], kernel: ct.kernel, args: Sequence[Any], config: 
 
 
 # ---- ahead-of-time compilation (no GPU needed)
+
+def array_of(t: torch.Tensor) -> ArrayConstraint:
+    """The constraint cuTile's JIT derives for a launch with tensor `t` (a meta tensor will do)."""
+    bits = torch.finfo(t.dtype).bits if t.dtype.is_floating_point else (8 if t.dtype == torch.bool
+                                                                            else torch.iinfo(t.dtype).bits)
+    stride_unit = 128 // bits if 128 % bits == 0 else 1  # 16 bytes, in elements
+    shape, strides = tuple(t.shape), tuple(t.stride())
+    wide = any(d > INT32_MAX for d in shape) or any(s > INT32_MAX for s in strides)
+    return ArrayConstraint(
+        tile_dtype(t.dtype), t.dim(), index_dtype=ct.int64 if wide else ct.int32, stride_lower_bound_incl=0,
+        alias_groups=(), may_alias_internally=False,
+        stride_constant=tuple(1 if s == 1 else None for s in strides),
+        shape_constant=tuple(1 if d == 1 else None for d in shape),
+        stride_divisible_by=tuple(stride_unit if s % stride_unit == 0 else 1 for s in strides),
+        shape_divisible_by=tuple(16 if d % 16 == 0 else 1 for d in shape),
+        base_addr_divisible_by=16 if (t.storage_offset() * t.element_size()) % 16 == 0 else t.element_size())
+
+
+def signature_of(kernel: ct.kernel, args: Sequence[Any]) -> list:
+    """The parameter constraints of a launch of `kernel` with `args`: tensors by `array_of`,
+    ct.Constant parameters as constants, Python ints as int32 (int64 when they need it) and floats
+    as float32 scalars."""
+    _, constant, scalar_dtype = emulator.emulated(kernel)
+    params = []
+    for value, is_constant, wide in zip(args, constant, scalar_dtype):
+        if isinstance(value, torch.Tensor):
+            params.append(array_of(value))
+        elif is_constant:
+            params.append(ConstantConstraint(value))
+        elif isinstance(value, bool):
+            params.append(ScalarConstraint(ct.bool_))
+        elif isinstance(value, int):
+            params.append(ScalarConstraint(wide or (ct.int64 if abs(value) > INT32_MAX else ct.int32)))
+        elif isinstance(value, float):
+            params.append(ScalarConstraint(ct.float32))
+        else:
+            raise TypeError(f"no constraint for a kernel argument of type {type(value).__name__}")
+    return params
+
+
+def capture(run: Callable[..., Any], *args: Any, **kwargs: Any) -> list[tuple]:
+    """The launches `run(*args, **kwargs)` makes, recorded, not run (pass meta tensors)."""
+    with captured_launches() as launches:
+        run(*args, **kwargs)
+    if not launches:
+        raise RuntimeError(f"{getattr(run, '__name__', run)} launched no kernel")
+    return launches
+
+
+def compile_run(run: Callable[..., Any], arch: str, *args: Any, **kwargs: Any) -> dict:
+    """Compile for `arch` every launch `run` makes (specialised as the JIT would) and return the
+    resources of the most demanding, with "launches": how many kernels it compiled."""
+    results = [compile_cubin(kernel, signature_of(kernel, launch_args), arch, config)
+               for _, kernel, launch_args, config in capture(run, *args, **kwargs)]
+    worst = max(results, key=lambda r: (r.get("stack", 0) + r.get("local_mem", 0), r.get("registers", 0),
+                                        r.get("shared_mem", 0)))
+    return {**worst, "launches": len(results)}
+
 
 def array(dtype: torch.dtype | ct.DType, ndim: int, contiguous_last: bool = True) -> ArrayConstraint:
     """The constraint a launch with an ordinary torch tensor satisfies: non-negative strides, no
@@ -89,10 +198,16 @@ def compile_cubin(kernel: ct.kernel, parameters: Sequence[Any], arch: str, confi
     cubin reports (registers, shared/local memory, stack) when cuobjdump is at hand, else {}."""
     if arch not in ARCHES:
         raise ValueError(f"arch must be one of {ARCHES}, got {arch!r}")
-    signature = KernelSignature(list(parameters), calling_convention=CallingConvention.cutile_python_v2())
-    buffer = io.BytesIO()
-    export_kernel(with_hints(kernel, config), [signature], buffer, output_format="cubin", gpu_code=arch)
-    return resource_usage(buffer.getvalue())
+    key = (id(kernel), repr(list(parameters)), arch, tuple(sorted(hints_of(config).items())))
+    if key not in _compiled:  # tier 0 and the resource table ask for the same launches
+        signature = KernelSignature(list(parameters), calling_convention=CallingConvention.cutile_python_v2())
+        buffer = io.BytesIO()
+        export_kernel(with_hints(kernel, config), [signature], buffer, output_format="cubin", gpu_code=arch)
+        _compiled[key] = resource_usage(buffer.getvalue())
+    return dict(_compiled[key])
+
+
+_compiled: dict[tuple, dict] = {}
 
 
 def _cuobjdump() -> str | None:
@@ -108,7 +223,8 @@ def _cuobjdump() -> str | None:
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """{"registers", "shared_mem", "local_mem", "stack", "cubin_bytes"} as far as known."""
+    """{"registers", "shared_mem", "local_mem", "stack", "threads", "cubin_bytes"} as far as known:
+    cuobjdump's resource usage, and the block size cuTile chose (the cubin's REQNTID attribute)."""
     usage = {"cubin_bytes": len(cubin)}
     tool = _cuobjdump()
     if tool is None:
@@ -117,8 +233,11 @@ def resource_usage(cubin: bytes) -> dict:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        elf = subprocess.run([tool, "-elf", f.name], capture_output=True, text=True).stdout
     fields = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", out))
     names = {"REG": "registers", "SHARED": "shared_mem", "LOCAL": "local_mem", "STACK": "stack"}
     usage.update({names[k]: int(v) for k, v in fields.items()})
+    block = re.search(r"EIATTR_REQNTID\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)", elf)
+    if block:
+        usage["threads"] = int(block.group(1), 16) * int(block.group(2), 16) * int(block.group(3), 16)
     return usage
-

@@ -1,7 +1,12 @@
 """Ahead-of-time compilation of the kernels for a GPU that is not here (tier 0, the tuner).
 
-`compile_for` turns one kernel, its argument types and a launch configuration into a cubin for
-an architecture such as sm_90 and reports the shared memory and registers it needs.
+What is compiled is what runs: a kernel module's own launcher is called on meta tensors of the
+launch's shape inside `common.captured_launches()`, which records each launch (kernel, grid, every
+argument) instead of running it, and `compile_launch` then specialises every argument the way
+Triton's JIT does at a real launch (`native_specialize_impl`: integers equal to 1 become constants,
+integers and pointers divisible by 16 carry `tt.divisibility=16`, so loads vectorise as they will
+on the GPU) and compiles that for an architecture such as sm_90. It reports the resources of the
+cubin: registers, spill stores and loads, stack frame, local and shared memory.
 
 With Triton's interpreter on, compiles run in a worker process started without it
 (`python -m looplm_triton.aot`, one per calling thread, requests and answers as JSON lines): under
@@ -10,7 +15,9 @@ tl.max) leave `triton.language` patched in that process.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import os
 import re
@@ -18,10 +25,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Any, Mapping
+from typing import Any
+
+import torch
 
 from tuning.gpus import COMPILE_TARGETS
-from tuning.spec import Config
 
 ARCHS = COMPILE_TARGETS
 LAUNCH_KNOBS = ("num_warps", "num_stages")  # configuration keys that are launch options, not constexprs
@@ -36,16 +44,23 @@ def capability(arch: str) -> int:
     return int(match.group(1))
 
 
-def compile_for(kernel, arch: str, types: Mapping[str, str], constexprs: Mapping[str, Any],
-                config: Config) -> dict[str, int]:
-    """Compile `kernel` to a cubin for `arch`; returns {"shared_mem": bytes, "registers": per thread}.
+def describe_argument(value: Any) -> Any:
+    """A launch argument as JSON: a tensor by its dtype and the byte offset of its first element from
+    its (aligned) allocation, which decides the pointer's divisibility; a scalar as itself."""
+    if isinstance(value, torch.Tensor):
+        return {"tensor": str(value.dtype).removeprefix("torch."),
+                "offset": value.storage_offset() * value.element_size()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot describe a launch argument of type {type(value).__name__}")
 
-    types: each runtime argument's Triton type ('*bf16', 'i32', 'fp32'); constexprs: the kernel's
-    compile-time arguments other than the configuration's block sizes.
-    """
-    fn = getattr(kernel, "fn", kernel)  # the Python function behind a JITFunction or InterpretedFunction
-    request = dict(module=fn.__module__, name=fn.__name__, arch=arch, types=dict(types),
-                   constexprs=dict(constexprs), config=dict(config))
+
+def compile_launch(launch, arch: str) -> dict[str, int]:
+    """Compile one recorded launch (`common.Launch`) for `arch`, specialised as the JIT would;
+    returns its resources (see `cubin_resources`) plus "threads" per block."""
+    fn = getattr(launch.kernel, "fn", launch.kernel)  # the Python function behind a JITFunction/InterpretedFunction
+    request = dict(module=fn.__module__, name=fn.__name__, arch=arch,
+                   args={name: describe_argument(v) for name, v in launch.args.items()}, options=dict(launch.options))
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _ask_worker(request)
     return _compile_by_name(**request)
@@ -62,10 +77,10 @@ def _ask_worker(request: dict) -> dict[str, int]:
     worker.stdin.flush()
     line = worker.stdout.readline()
     if not line:
-        raise RuntimeError(f"the compile worker exited (status {worker.wait()}) on {request}")
+        raise RuntimeError(f"the compile worker exited (status {worker.wait()}) on {request['name']}")
     answer = json.loads(line)
     if "error" in answer:
-        raise RuntimeError(f"compiling {request['name']} for {request['arch']} with {request['config']} "
+        raise RuntimeError(f"compiling {request['name']} for {request['arch']} with {request['options']} "
                            f"failed:\n{answer['error']}")
     return answer["resources"]
 
@@ -80,25 +95,75 @@ def _serve() -> None:
         print(json.dumps(answer), flush=True)
 
 
-def _compile_by_name(module: str, name: str, arch: str, types: dict, constexprs: dict, config: Config) -> dict:
+class _Pointer:
+    """What Triton's specialiser reads of a tensor argument: its dtype and its address."""
+
+    def __init__(self, dtype: str, offset: int):
+        self.dtype = getattr(torch, dtype)
+        self._address = offset  # allocations are 256-byte aligned; only the offset decides divisibility
+
+    def data_ptr(self) -> int:
+        return self._address
+
+
+def specialise(kernel, args: dict, backend) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ASTSource, exactly as the JIT derives them at a launch."""
+    from triton.runtime.jit import native_specialize_impl
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(kernel.params):
+        name = param.name
+        if name not in args:
+            raise ValueError(f"{kernel.fn.__name__}: the launch gave no value for argument {name!r}")
+        value = args[name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        stand_in = _Pointer(value["tensor"], value["offset"]) if isinstance(value, dict) else value
+        kind, attr = native_specialize_impl(type(backend), stand_in, param.is_const, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)[:2]
+        if kind == "constexpr":  # an integer 1, which the JIT folds into the code
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        signature[name] = kind
+        if isinstance(attr, str) and attr:
+            attrs[(i,)] = backend.parse_attr(attr)
+    return signature, constexprs, attrs
+
+
+def _compile_by_name(module: str, name: str, arch: str, args: dict, options: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
     kernel = getattr(importlib.import_module(module), name)
-    options = {k: v for k, v in config.items() if k in LAUNCH_KNOBS}
-    constants = {**constexprs, **{k: v for k, v in config.items() if k not in LAUNCH_KNOBS}}
-    missing = [arg for arg in kernel.arg_names if arg not in types and arg not in constants]
-    if missing:
-        raise ValueError(f"{name}: no type or value given for arguments {missing}")
-    signature = {arg: types.get(arg, "constexpr") for arg in kernel.arg_names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
-                              target=GPUTarget("cuda", capability(arch), 32), options=options)
-    return {"shared_mem": int(compiled.metadata.shared), "registers": cubin_registers(compiled.asm["cubin"])}
+    target = GPUTarget("cuda", capability(arch), 32)
+    signature, constexprs, attrs = specialise(kernel, args, make_backend(target))
+    log = io.StringIO()
+    dump = triton.knobs.nvidia.dump_ptxas_log
+    triton.knobs.nvidia.dump_ptxas_log = True  # Triton runs ptxas -v; its report goes to stdout
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                                      target=target, options=options)
+    finally:
+        triton.knobs.nvidia.dump_ptxas_log = dump
+    resources = cubin_resources(compiled.asm["cubin"])
+    resources.update(ptxas_report(log.getvalue()))
+    resources["shared_mem"] = max(resources.get("shared_mem", 0), int(compiled.metadata.shared))
+    resources["threads"] = 32 * int(compiled.metadata.num_warps)
+    return resources
 
 
-def cubin_registers(cubin: bytes) -> int:
-    """Registers per thread of the one kernel in `cubin`, as the cuobjdump shipped with Triton reports."""
+def ptxas_report(log: str) -> dict[str, int]:
+    """Spill stores and loads (bytes per thread) from `ptxas -v`'s report, where present."""
+    found = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {} if found is None else {"spill_stores": int(found.group(1)), "spill_loads": int(found.group(2))}
+
+
+def cubin_resources(cubin: bytes) -> dict[str, int]:
+    """{"registers", "stack", "shared_mem", "local_mem"} of the one kernel in `cubin`, as the
+    cuobjdump shipped with Triton reports them (registers per thread, the rest in bytes)."""
     import triton
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -106,10 +171,18 @@ def cubin_registers(cubin: bytes) -> int:
         f.flush()
         report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], check=True,
                                 capture_output=True, text=True).stdout
-    match = re.search(r"REG:(\d+)", report)
-    if match is None:
+    return parse_resource_usage(report)
+
+
+RESOURCE_FIELDS = {"REG": "registers", "STACK": "stack", "SHARED": "shared_mem", "LOCAL": "local_mem"}
+
+
+def parse_resource_usage(report: str) -> dict[str, int]:
+    """The fields of `cuobjdump -res-usage` for one kernel; raises if it names no register count."""
+    fields = {RESOURCE_FIELDS[k]: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", report)}
+    if "registers" not in fields:
         raise RuntimeError(f"cuobjdump reported no register count:\n{report}")
-    return int(match.group(1))
+    return fields
 
 
 if __name__ == "__main__":

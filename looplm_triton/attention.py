@@ -2,14 +2,22 @@
 
 Each program owns BLOCK_M queries of one (batch, head) and streams the keys and values past them in
 BLOCK_N blocks, keeping the running row max, the running softmax denominator and the unnormalised
-output in fp32 (online softmax, exp2 with the scale folded into log2 units), so the Tq x Tk score
-matrix never exists. Causal masking is aligned bottom-right: query i sits at key position
-Tk - Tq + i, and key blocks wholly in a query block's future are never loaded. A row that sees no
-key keeps a zero denominator and returns zeros, not 0/0.
+output in fp32 (online softmax in base 2: the scale, folded into log2 units, is applied once to the
+block's row max and fused into the exponent), so the Tq x Tk score matrix never exists (Triton
+tutorial 06). Causal masking is aligned bottom-right: query i sits at key position Tk - Tq + i.
+Key blocks wholly in the past of every query of the program run unmasked; only the diagonal band
+(and a ragged last block) pays for the compare and select, and blocks wholly in the future are
+never loaded. A row that sees no key keeps a zero denominator and returns zeros, not 0/0.
+
+fp32 inputs multiply as three TF32 products (tf32x3: fp32 accuracy on the tensor cores; exact
+fp32 dots on CUDA cores spill at any useful tile). The head size is a compile-time constant
+(padded to a power of two, at least 16, the dot minimum; no mask along it when it is one). On a
+GPU exp2 is one `ex2.approx.ftz` instruction. Programs run on one grid axis, (query block, batch x head) flattened, heaviest query blocks first:
+CUDA caps grid axes 1 and 2 at 65535, which B x H may exceed.
 
 q, k, v and the output are addressed through their strides, so the block reads heads straight out
 of the fused QKV projection and writes (B, T, C) without transposes. Knobs: BLOCK_M, BLOCK_N,
-num_warps, num_stages. The head size is padded to a power of two (at least 16, the dot minimum).
+num_warps, num_stages.
 """
 from __future__ import annotations
 
@@ -21,34 +29,71 @@ import triton.language as tl
 from torch import Tensor
 
 from looplm.ops import check_kernel_dtype, check_tensors
-from looplm_triton.aot import compile_for
-from looplm_triton.common import INTERPRETED, launch_config, pointer, split_config
+from looplm_triton.common import LOG2E, compile_run, dot_in_fp32, fast_exp2, launch, launch_config, split_config
 from tuning.spec import Config, KernelTuning
 
-LOG2E = 1.4426950408889634
 MAX_HEAD_SIZE = 256
+
+
+@triton.jit
+def _key_block(acc, row_max, row_sum, q, k_ptr, v_ptr, start_n, offs_n, offs_d, key_pos, stride_kt, stride_vt, Tk,
+               qk_scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    cols = start_n + offs_n
+    k_ptrs = k_ptr + cols[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_ptr + cols[:, None] * stride_vt + offs_d[None, :]
+    if MASKED or HEAD_DIM != BLOCK_D:
+        kv_mask = (cols < Tk)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if DOT_IN_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if MASKED:
+        visible = (cols < Tk)[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= key_pos[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1) * qk_scale_log2)
+        # A row that has seen no key yet has max -inf; shift by 0 there so exp2 gives 0, not NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    else:
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1) * qk_scale_log2)
+        shift = new_max
+    p = fast_exp2(scores * qk_scale_log2 - shift[:, None], not DOT_IN_FP32)
+    rescale = fast_exp2(row_max - shift, not DOT_IN_FP32)
+    row_sum = row_sum * rescale + tl.sum(p, axis=1)
+    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, new_max, row_sum
 
 
 @triton.jit
 def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
                       stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                       stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-                      n_heads, Tq, Tk, head_size, qk_scale_log2,
-                      CAUSAL: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    batch = tl.program_id(1) // n_heads
-    head = tl.program_id(1) % n_heads
-    q_ptr += batch.to(tl.int64) * stride_qb + head * stride_qh
-    k_ptr += batch.to(tl.int64) * stride_kb + head * stride_kh
-    v_ptr += batch.to(tl.int64) * stride_vb + head * stride_vh
-    o_ptr += batch.to(tl.int64) * stride_ob + head * stride_oh
+                      n_heads, Tq, Tk, qk_scale_log2,
+                      CAUSAL: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One grid axis: pid -> (query block, batch x head); heaviest (latest) query blocks first.
+    pid = tl.program_id(0)
+    m_blocks = tl.cdiv(Tq, BLOCK_M)
+    batch_head = pid // m_blocks
+    start_m = (m_blocks - 1 - pid % m_blocks) * BLOCK_M
+    batch = batch_head // n_heads
+    head = batch_head % n_heads
+    q_ptr += batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_ptr += batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    v_ptr += batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    o_ptr += batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_size
-    q_mask = (offs_m < Tq)[:, None] & d_mask[None, :]
+    q_mask = (offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
     if DOT_IN_FP32:
         q = q.to(tl.float32)
@@ -57,39 +102,46 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    end = tl.minimum(Tk, start_m + BLOCK_M + Tk - Tq) if CAUSAL else Tk
-    for start_n in range(0, end, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols < Tk)[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        if DOT_IN_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
-        visible = (cols < Tk)[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= key_pos[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        # A row that has seen no key yet has max -inf; shift by 0 there so exp2 gives 0, not NaN.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.math.exp2(scores - shift[:, None])
-        rescale = tl.math.exp2(row_max - shift)
-        row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        row_max = new_max
+    if CAUSAL:
+        # Keys 0 .. start_m + Tk - Tq are visible to every query of this block: whole blocks of them
+        # run unmasked; the band up to the last query's last key is masked.
+        unmasked_end = tl.maximum(tl.minimum(start_m + Tk - Tq + 1, Tk), 0) // BLOCK_N * BLOCK_N
+        end = tl.maximum(tl.minimum(Tk, start_m + BLOCK_M + Tk - Tq), 0)
+    else:
+        unmasked_end = Tk // BLOCK_N * BLOCK_N
+        end = Tk
+    for start_n in range(0, unmasked_end, BLOCK_N):
+        acc, row_max, row_sum = _key_block(acc, row_max, row_sum, q, k_ptr, v_ptr, start_n, offs_n, offs_d, key_pos,
+                                           stride_kt, stride_vt, Tk, qk_scale_log2, False, CAUSAL, HEAD_DIM,
+                                           BLOCK_D, DOT_IN_FP32, PRECISION)
+    for start_n in range(unmasked_end, end, BLOCK_N):
+        acc, row_max, row_sum = _key_block(acc, row_max, row_sum, q, k_ptr, v_ptr, start_n, offs_n, offs_d, key_pos,
+                                           stride_kt, stride_vt, Tk, qk_scale_log2, True, CAUSAL, HEAD_DIM,
+                                           BLOCK_D, DOT_IN_FP32, PRECISION)
 
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     tl.store(o_ptr + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=q_mask)
 
 
-DEFAULT: Config = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+DEFAULT: Config = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+# fp32 (tf32x3: three products per dot) needs smaller tiles to stay out of local memory.
+FP32_DEFAULT: Config = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
 INTERPRETER_CONFIG: Config = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 SPACE: list[Config] = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
                        for bm in (32, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)
                        if bn <= bm and not (bm == 32 and w == 8)]
+SPACE += [FP32_DEFAULT] if FP32_DEFAULT not in SPACE else []
+
+
+def attention_grid(batch: int, heads: int, Tq: int, block_m: int) -> tuple[int]:
+    """Programs of one launch, all on grid axis 0 (up to 2^31 - 1 blocks): B x H may exceed the
+    65535 of axes 1 and 2."""
+    return (triton.cdiv(Tq, block_m) * batch * heads,)
+
+
+def head_block(D: int) -> int:
+    """The head size padded to a power of two, at least 16 (the dot minimum)."""
+    return max(16, triton.next_power_of_2(D))
 
 
 def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float,
@@ -99,12 +151,17 @@ def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, s
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if config is None:
-        config = launch_config("attention", q.dtype, (B, H, Tq, Tk, D), DEFAULT, INTERPRETER_CONFIG)
+        default = FP32_DEFAULT if q.dtype == torch.float32 else DEFAULT
+        config = launch_config("attention", q.dtype, (B, H, Tq, Tk, D), default, INTERPRETER_CONFIG)
+    if B * H * Tq == 0:
+        return out
     block_sizes, options = split_config(config)
-    grid = (triton.cdiv(Tq, block_sizes["BLOCK_M"]), B * H)
-    _attention_kernel[grid](q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                            H, Tq, Tk, D, scale * LOG2E, CAUSAL=causal, DOT_IN_FP32=INTERPRETED,
-                            BLOCK_D=max(16, triton.next_power_of_2(D)), **block_sizes, **options)
+    launch(_attention_kernel, attention_grid(B, H, Tq, block_sizes["BLOCK_M"]),
+           q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+           H, Tq, Tk, scale * LOG2E, CAUSAL=causal, DOT_IN_FP32=dot_in_fp32(),
+           PRECISION="tf32x3" if q.dtype == torch.float32 and not dot_in_fp32() else "ieee", HEAD_DIM=D,
+           BLOCK_D=head_block(D),
+           **block_sizes, **options)
     return out
 
 
@@ -138,15 +195,15 @@ def _run(q: Tensor, k: Tensor, v: Tensor, *, config: Config) -> Tensor:
     return attention_into(q, k, v, torch.empty_like(q), True, q.shape[3] ** -0.5, config)
 
 
+def _expected(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    from looplm import get_backend
+    return get_backend("reference").ops["attention"](q, k, v, True, q.shape[3] ** -0.5)
+
+
 def _compile(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -> dict:
-    D = shape[4]
-    ptr = pointer(dtype)
-    strides = [f"stride_{t}{d}" for t in "qkvo" for d in "bht"]
-    types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, o_ptr=ptr, n_heads="i32", Tq="i32", Tk="i32", head_size="i32",
-                 qk_scale_log2="fp32", **{s: "i32" for s in strides})
-    constexprs = dict(CAUSAL=True, DOT_IN_FP32=False, BLOCK_D=max(16, triton.next_power_of_2(D)))
-    return compile_for(_attention_kernel, arch, types, constexprs, config)
+    return compile_run(_run, arch, *_make_args(shape, dtype, "meta"), config=config)
 
 
 TUNING = KernelTuning(backend="triton", kernel="attention", default=DEFAULT, space=SPACE, make_args=_make_args,
-                      run=_run, compile=_compile, shape_key=_shape_key)
+                      run=_run, compile=_compile, shape_key=_shape_key, expected=_expected,
+                      dtype_defaults={"float32": FP32_DEFAULT})

@@ -1,16 +1,18 @@
-"""The tied pre-norm transformer block, forward, in five launches:
+"""The tied pre-norm transformer block, forward, in seven launches:
 
-    qkv = ln_1 + c_attn             layer_norm_linear: LayerNorm fused into the QKV matmul, + bias
+    qkv = ln_1 + c_attn             layer_norm_linear: per-row statistics, then the QKV matmul
+                                    normalising x as it loads it, + bias
     y   = attention(q, k, v)        flash attention reading heads straight from qkv by strides and
                                     writing (B, T, C) directly (no split, transpose or copy)
     x   = x + c_proj(y)             linear: bias and residual add in the epilogue
-    hid = gelu(ln_2 + c_fc)         layer_norm_linear: LayerNorm fused into the matmul, bias + GELU
+    hid = gelu(ln_2 + c_fc)         layer_norm_linear: statistics, then the matmul, bias + GELU
     out = x + mlp.c_proj(hid)       linear: bias and residual add in the epilogue
 
 Neither normalised activation ever goes to memory. With dropout_p > 0 (training without
 gradients) the residual adds move out of the epilogues so dropout can act on the branches.
-Tuning: this module's entry is the fused LayerNorm + linear kernel (`layer_norm_linear`, tuned
-separately from the plain linear); attention and linear are tuned under their own ops.
+Tuning: this module's entry is the LayerNorm + linear matmul (`layer_norm_linear`, tuned separately
+from the plain linear); the statistics pass is the layer_norm kernel's, attention and linear are
+tuned under their own ops.
 """
 from __future__ import annotations
 

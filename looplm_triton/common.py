@@ -1,5 +1,5 @@
-"""What every Triton kernel module shares: how a launch gets its configuration, and the dtype
-names Triton uses.
+"""What every Triton kernel module shares: how a launch gets its configuration, how it is launched
+(or recorded for an ahead-of-time compile), and device code used by several kernels.
 
 Under Triton's interpreter (TRITON_INTERPRET=1, no GPU) a launch uses the module's one interpreter
 configuration: big blocks, because each program instance costs milliseconds there, and `tl.dot`
@@ -7,31 +7,31 @@ operands are upcast to fp32 (the interpreter's bf16 dot is wrong, triton issue 1
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
-from typing import Any
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
+import triton
+import triton.language as tl
 
 import tuning
-from looplm_triton.aot import LAUNCH_KNOBS
+from looplm_triton.aot import LAUNCH_KNOBS, compile_launch
 from tuning.spec import Config
 
 BACKEND = "triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-                 torch.uint8: "u8", torch.int64: "i64"}
-
-
-def pointer(dtype: torch.dtype) -> str:
-    """Triton's signature type of a pointer to `dtype` elements, e.g. '*bf16'."""
-    return "*" + _TRITON_TYPES[dtype]
-
+# CUDA's grid limits: x up to 2^31 - 1 blocks, y and z up to 65535.
+MAX_GRID = (2 ** 31 - 1, 65535, 65535)
 
 def launch_config(kernel: str, dtype: torch.dtype, shape: tuple, default: Config, interpreted: Config) -> Config:
     """The configuration of one launch: the tuning table's (or `default`) on a GPU, `interpreted`
-    in the interpreter, where timings of a GPU do not apply."""
-    if INTERPRETED:
+    in the interpreter, where timings of a GPU do not apply (but the GPU's while launches are
+    recorded for an ahead-of-time compile)."""
+    if INTERPRETED and not recording():
         return interpreted
     return tuning.lookup_config(BACKEND, kernel, dtype, shape, default)
 
@@ -41,3 +41,94 @@ def split_config(config: Config) -> tuple[dict[str, Any], dict[str, Any]]:
     constexprs = {k: v for k, v in config.items() if k not in LAUNCH_KNOBS}
     options = {k: v for k, v in config.items() if k in LAUNCH_KNOBS}
     return constexprs, options
+
+
+# ---- launching, and recording launches for an ahead-of-time compile
+
+@dataclass
+class Launch:
+    """One kernel launch as the launcher made it: the kernel, its grid, every argument by name."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)  # num_warps, num_stages
+
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def captured_launches() -> Iterator[list[Launch]]:
+    """Within: kernel launches are recorded in the yielded list instead of run (call the launchers
+    with meta tensors), and `dot_in_fp32()` answers as on a GPU."""
+    previous = getattr(_recording, "launches", None)
+    _recording.launches = launches = []
+    try:
+        yield launches
+    finally:
+        _recording.launches = previous
+
+
+def recording() -> bool:
+    return getattr(_recording, "launches", None) is not None
+
+
+def dot_in_fp32() -> bool:
+    """Whether tl.dot operands go up to fp32: only when the interpreter really runs the kernel."""
+    return INTERPRETED and not recording()
+
+
+def check_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
+    """`grid` if CUDA can launch it, else a clear error (axis 1 and 2 stop at 65535 blocks)."""
+    for axis, (blocks, limit) in enumerate(zip(grid, MAX_GRID)):
+        if not 0 <= blocks <= limit:
+            raise ValueError(f"grid {grid}: axis {axis} has {blocks} blocks; CUDA allows at most {limit}")
+    return grid
+
+
+def launch(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """kernel[grid](*args, **kwargs), or its record inside `captured_launches()`."""
+    check_grid(grid)
+    if not recording():
+        kernel[grid](*args, **kwargs)
+        return
+    names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+    options = {k: kwargs.pop(k) for k in LAUNCH_KNOBS if k in kwargs}
+    _recording.launches.append(Launch(kernel, tuple(grid), {**dict(zip(names, args)), **kwargs}, options))
+
+
+def capture(run: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Launch]:
+    """The launches `run(*args, **kwargs)` makes, recorded, not run (pass meta tensors)."""
+    with captured_launches() as launches:
+        run(*args, **kwargs)
+    if not launches:
+        raise RuntimeError(f"{getattr(run, '__name__', run)} launched no kernel")
+    return launches
+
+
+def compile_run(run: Callable[..., Any], arch: str, *args: Any, **kwargs: Any) -> dict:
+    """Compile for `arch` every launch `run` makes and return the resources of the most demanding
+    (most registers, then most shared memory), with "launches": how many kernels it compiled."""
+    results = [compile_launch(launch_, arch) for launch_ in capture(run, *args, **kwargs)]
+    worst = max(results, key=lambda r: (r.get("spill_stores", 0) + r.get("stack", 0) + r.get("local_mem", 0),
+                                        r["registers"], r.get("shared_mem", 0)))
+    return {**worst, "launches": len(results)}
+
+
+
+# ---- shared device code
+
+LOG2E = 1.4426950408889634  # for the host
+LOG2E_CONST = tl.constexpr(LOG2E)  # for kernels, which read only constexpr globals
+
+
+@triton.jit
+def fast_exp2(x, FTZ: tl.constexpr):
+    """2^x for fp32 x; FTZ: one `ex2.approx.ftz.f32` instruction, denormal results flushed to zero
+    (what a GPU launch uses; -inf gives 0). The interpreter, which cannot run PTX, takes exp2."""
+    if FTZ:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.math.exp2(x)

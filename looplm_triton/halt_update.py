@@ -14,8 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from looplm.ops import check_kernel_dtype, check_tensors
-from looplm_triton.aot import compile_for
-from looplm_triton.common import launch_config, pointer, split_config
+from looplm_triton.common import compile_run, launch, launch_config, split_config
 from tuning.spec import Config, KernelTuning
 
 
@@ -62,12 +61,11 @@ def _launch(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tens
     steps_out = torch.empty_like(steps)
     block_sizes, options = split_config(config)
     block_sizes["BLOCK_C"] = min(block_sizes["BLOCK_C"], triton.next_power_of_2(C))
-    grid = (triton.cdiv(N, block_sizes["BLOCK_N"]),)
     # bool tensors travel as bytes: one element type on every Triton version and in the interpreter
-    _halt_update_kernel[grid](h, h_new, active.contiguous().view(torch.uint8), steps.contiguous(),
-                              score.contiguous(), threshold.contiguous(), h_out, active_out.view(torch.uint8),
-                              steps_out, N, C, h.stride(0), h_new.stride(0), h_out.stride(0), step, min_loops,
-                              max_loops, **block_sizes, **options)
+    launch(_halt_update_kernel, (triton.cdiv(N, block_sizes["BLOCK_N"]),), h, h_new,
+           active.contiguous().view(torch.uint8), steps.contiguous(), score.contiguous(), threshold.contiguous(), h_out,
+           active_out.view(torch.uint8), steps_out, N, C, h.stride(0), h_new.stride(0), h_out.stride(0), step,
+           min_loops, max_loops, **block_sizes, **options)
     return h_out, active_out, steps_out
 
 
@@ -107,16 +105,14 @@ def _run(h, h_new, active, steps, score, threshold, *, config: Config) -> tuple[
     return _launch(h, h_new, active, steps, score, threshold, 3, 1, 12, config)
 
 
+def _expected(h, h_new, active, steps, score, threshold) -> tuple[Tensor, Tensor, Tensor]:
+    from looplm import get_backend
+    return get_backend("reference").ops["halt_update"](h, h_new, active, steps, score, threshold, 3, 1, 12)
+
+
 def _compile(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -> dict:
-    _, C = shape
-    config = {**config, "BLOCK_C": min(config["BLOCK_C"], triton.next_power_of_2(C))}
-    ptr = pointer(dtype)
-    types = dict(h_ptr=ptr, h_new_ptr=ptr, active_ptr="*u8", steps_ptr="*i32", score_ptr="*fp32",
-                 threshold_ptr="*fp32", h_out_ptr=ptr, active_out_ptr="*u8", steps_out_ptr="*i32", n_tokens="i32",
-                 n_channels="i32", stride_h="i32", stride_h_new="i32", stride_h_out="i32", step="i32",
-                 min_loops="i32", max_loops="i32")
-    return compile_for(_halt_update_kernel, arch, types, {}, config)
+    return compile_run(_run, arch, *_make_args(shape, dtype, "meta"), config=config)
 
 
 TUNING = KernelTuning(backend="triton", kernel="halt_update", default=DEFAULT, space=SPACE, make_args=_make_args,
-                      run=_run, compile=_compile, shape_key=_shape_key)
+                      run=_run, compile=_compile, shape_key=_shape_key, expected=_expected)

@@ -1,16 +1,18 @@
-"""Linear layer with a fused epilogue, and optionally a fused LayerNorm prologue, forward.
+"""Linear layer with a fused epilogue, and optionally a LayerNorm applied as x is loaded, forward.
 
 out = act(norm(x) @ W^T + bias) + residual for x (M, K), W (N, K): a tiled matmul in which each
 program owns a BLOCK_M x BLOCK_N tile of the output, walks K in BLOCK_K steps accumulating in fp32,
 and applies bias, exact-erf GELU and the residual add before its one store. Programs are grouped
-GROUP_M tiles down the M axis so neighbouring programs reuse the same W tiles from L2.
+GROUP_M tiles down the M axis (Triton tutorial 03) so that neighbouring programs reuse the same W
+tiles, and the same x rows, while they are hot in L2.
 
-norm (used by the block, `layer_norm_linear`): LayerNorm of x's rows computed inside the matmul.
-Each program first takes its rows' mean and variance (two passes over its BLOCK_M rows of x, fp32),
-then normalises every x tile as it is loaded, so the normalised activations never go to memory.
-That pays when K is small next to N (the block's QKV and MLP-up projections: K=C, N=3C or 4C).
+norm (`layer_norm_linear`, the block's QKV and MLP-up projections): a first, bandwidth-bound pass
+(`layer_norm.row_statistics`) writes each row's mean and 1/std, 8 bytes a row; the matmul loads
+them once per tile and normalises each x tile on its way to the tensor cores, so the normalised
+activations never go to memory and no tile recomputes a statistic.
 
 fp32 operands are multiplied exactly (no TF32), so fp32 results match the reference closely.
+Offsets of rows are 64-bit (M x K may exceed 2^31 elements).
 Knobs: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages.
 """
 from __future__ import annotations
@@ -23,14 +25,14 @@ import triton.language as tl
 from torch import Tensor
 
 from looplm.ops import ACTIVATIONS, check_kernel_dtype, check_tensors
-from looplm_triton.aot import compile_for
-from looplm_triton.common import INTERPRETED, launch_config, pointer, split_config
+from looplm_triton.common import compile_run, dot_in_fp32, launch, launch_config, split_config
+from looplm_triton.layer_norm import row_statistics
 from tuning.spec import Config, KernelTuning
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, norm_w_ptr, norm_b_ptr,
-                   M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps,
+def _linear_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, norm_w_ptr, norm_b_ptr, mean_ptr, rstd_ptr,
+                   M, N, K, stride_xm, stride_wn, stride_rm, stride_om,
                    HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                    NORM: tl.constexpr, NORM_HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -51,21 +53,9 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, norm_w_ptr, no
     n_mask = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
-
     if NORM:
-        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + offs_k) < K
-            x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            total += tl.sum(x.to(tl.float32), axis=1)
-        mean = total / K
-        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + offs_k) < K
-            x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            centred = tl.where(k_mask[None, :], x.to(tl.float32) - mean[:, None], 0.0)
-            squares += tl.sum(centred * centred, axis=1)
-        rstd = tl.rsqrt(squares / K + eps)
+        mean = tl.load(mean_ptr + offs_m, mask=m_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + offs_m, mask=m_mask, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -96,7 +86,9 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, norm_w_ptr, no
              mask=mask)
 
 
-DEFAULT: Config = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+# Large MMA tiles, grouped ordering (Triton tutorial 03); BLOCK_K 32 keeps three stages of bf16 or
+# fp32 operands within sm_120's 99 KiB of shared memory.
+DEFAULT: Config = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 INTERPRETER_CONFIG: Config = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
                               "num_stages": 1}
 SPACE: list[Config] = [
@@ -105,8 +97,14 @@ SPACE: list[Config] = [
         (32, 32, 32, 2, 3), (32, 64, 32, 4, 3), (64, 32, 32, 4, 3), (64, 64, 32, 4, 3), (64, 64, 64, 4, 3),
         (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 4),
         (128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 3),
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
     ]
 ]
+
+
+def grid(M: int, N: int, config: Config) -> tuple[int]:
+    """One program per output tile, on one axis (the kernel orders them in groups)."""
+    return (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, residual: Optional[Tensor],
@@ -126,15 +124,17 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, 
         res2 = residual.reshape(M, N)
         if res2.stride(-1) != 1:
             res2 = res2.contiguous()
+    mean = rstd = out  # read only with a norm
+    if norm_weight is not None:
+        mean, rstd = row_statistics(x2, eps)
     block_sizes, options = split_config(config)
-    grid = (triton.cdiv(M, block_sizes["BLOCK_M"]) * triton.cdiv(N, block_sizes["BLOCK_N"]),)
-    _linear_kernel[grid](
-        x2, weight, bias if bias is not None else weight, res2 if res2 is not None else out, out,
-        norm_weight if norm_weight is not None else weight, norm_bias if norm_bias is not None else weight,
-        M, N, K, x2.stride(0), weight.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0), eps,
-        HAS_BIAS=bias is not None, APPLY_GELU=activation == "gelu", HAS_RESIDUAL=res2 is not None,
-        NORM=norm_weight is not None, NORM_HAS_BIAS=norm_bias is not None, DOT_IN_FP32=INTERPRETED,
-        **block_sizes, **options)
+    launch(_linear_kernel, grid(M, N, config),
+           x2, weight, bias if bias is not None else weight, res2 if res2 is not None else out, out,
+           norm_weight if norm_weight is not None else weight, norm_bias if norm_bias is not None else weight,
+           mean, rstd, M, N, K, x2.stride(0), weight.stride(0), res2.stride(0) if res2 is not None else 0,
+           out.stride(0), HAS_BIAS=bias is not None, APPLY_GELU=activation == "gelu", HAS_RESIDUAL=res2 is not None,
+           NORM=norm_weight is not None, NORM_HAS_BIAS=norm_bias is not None, DOT_IN_FP32=dot_in_fp32(),
+           **block_sizes, **options)
     return out.view(*x.shape[:-1], N)
 
 
@@ -162,7 +162,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
 
 def layer_norm_linear(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], weight: Tensor,
                       bias: Optional[Tensor] = None, activation: str = "none", eps: float = 1e-5) -> Tensor:
-    """act(layer_norm(x) @ weight.T + bias) in one kernel: the normalised x never goes to memory."""
+    """act(layer_norm(x) @ weight.T + bias): per-row statistics first, then the matmul normalises x
+    as it loads it; the normalised x never goes to memory."""
     _check("layer_norm_linear", x, weight, bias, activation, None)
     check_tensors("layer_norm_linear", x=x, norm_weight=norm_weight, norm_bias=norm_bias)
     K = x.shape[-1]
@@ -189,16 +190,21 @@ def _run(x: Tensor, weight: Tensor, bias: Tensor, *, config: Config) -> Tensor:
     return _launch(x, weight, bias, "none", None, config)
 
 
+def _expected(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    from looplm import get_backend
+    return get_backend("reference").ops["linear"](x, weight, bias)
+
+
 def compile_variant(shape: tuple, dtype: torch.dtype, config: Config, arch: str, *, activation: str = "none",
                     residual: bool = False, norm: bool = False) -> dict:
-    """Compile one specialisation of the kernel for `arch` (see `looplm_triton.aot.compile_for`)."""
-    ptr = pointer(dtype)
-    types = dict(x_ptr=ptr, w_ptr=ptr, bias_ptr=ptr, residual_ptr=ptr, out_ptr=ptr, norm_w_ptr=ptr, norm_b_ptr=ptr,
-                 M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_rm="i32", stride_om="i32",
-                 eps="fp32")
-    constexprs = dict(HAS_BIAS=True, APPLY_GELU=activation == "gelu", HAS_RESIDUAL=residual, NORM=norm,
-                      NORM_HAS_BIAS=norm, DOT_IN_FP32=False)
-    return compile_for(_linear_kernel, arch, types, constexprs, config)
+    """Compile, for `arch`, the launches of one variant at shape (M, N, K) as its launcher makes them."""
+    M, N, K = shape
+    x, weight, bias = _make_args(shape, dtype, "meta")
+    if norm:
+        norm_w, norm_b = torch.empty(K, dtype=dtype, device="meta"), torch.empty(K, dtype=dtype, device="meta")
+        return compile_run(_launch, arch, x, weight, bias, activation, None, config, norm_w, norm_b)
+    res = torch.empty(M, N, dtype=dtype, device="meta") if residual else None
+    return compile_run(_launch, arch, x, weight, bias, activation, res, config)
 
 
 def _compile(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -> dict:
@@ -206,12 +212,12 @@ def _compile(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -> dic
 
 
 TUNING = KernelTuning(backend="triton", kernel="linear", default=DEFAULT, space=SPACE, make_args=_make_args,
-                      run=_run, compile=_compile, shape_key=_shape_key)
+                      run=_run, compile=_compile, shape_key=_shape_key, expected=_expected)
 
 
-# ---- tuning of the fused LayerNorm + linear (block.py's entry). Shape (M rows, K channels): one
-# configuration serves both of the block's fused launches (N = 3K for QKV, 4K for the MLP); it is
-# timed on the larger, the MLP's, with GELU. The key reads x only, so it takes the block's arguments too.
+# ---- tuning of LayerNorm + linear (block.py's entry). Shape (M rows, K channels): one configuration
+# serves both of the block's launches (N = 3K for QKV, 4K for the MLP); it is timed on the larger, the
+# MLP's, with GELU. The key reads x only, so it takes the block's arguments too.
 
 def _norm_shape_key(x: Tensor, *args, **kwargs) -> tuple:
     return (x.numel() // x.shape[-1], x.shape[-1])
@@ -220,12 +226,18 @@ def _norm_shape_key(x: Tensor, *args, **kwargs) -> tuple:
 def _make_norm_args(shape: tuple, dtype: torch.dtype, device) -> tuple:
     M, K = shape
     x, weight, bias = _make_args((M, 4 * K, K), dtype, device)
-    return x, torch.ones(K, dtype=dtype, device=device), torch.zeros(K, dtype=dtype, device=device), weight, bias
+    return (x, torch.randn(K, dtype=dtype, device=device), torch.randn(K, dtype=dtype, device=device), weight,
+            bias)
 
 
 def _run_norm(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Tensor, *,
               config: Config) -> Tensor:
     return _launch(x, weight, bias, "gelu", None, config, norm_weight, norm_bias)
+
+
+def _expected_norm(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    from looplm import get_backend
+    return get_backend("reference").ops["layer_norm_linear"](x, norm_weight, norm_bias, weight, bias, "gelu")
 
 
 def _compile_norm(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -> dict:
@@ -235,4 +247,4 @@ def _compile_norm(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -
 
 LAYER_NORM_LINEAR_TUNING = KernelTuning(backend="triton", kernel="layer_norm_linear", default=DEFAULT, space=SPACE,
                                         make_args=_make_norm_args, run=_run_norm, compile=_compile_norm,
-                                        shape_key=_norm_shape_key)
+                                        shape_key=_norm_shape_key, expected=_expected_norm)

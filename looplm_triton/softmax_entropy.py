@@ -8,8 +8,11 @@ exp(m - m') (W also shifts by S (m - m')). At the end, with p = exp(x - m) / S:
     entropy = -sum p log p = log S - W / S,      max probability = 1 / S.
 
 All in fp32 whatever the logits' dtype; exp(x - m) <= 1 keeps any magnitude finite, and zero
-probabilities (including -inf logits) contribute 0, never 0 * inf. Knobs: BLOCK_M, BLOCK_V,
-num_warps (BLOCK_V is capped at the vocabulary rounded up to a power of two).
+probabilities (including -inf logits) contribute 0, never 0 * inf. The shift is the running max
+itself (0 only while a row has seen nothing but -inf), so a first chunk of -inf logits changes
+nothing. On a GPU each exponential is one `ex2.approx.ftz` (e^x = 2^(x log2 e)). Knobs: BLOCK_M
+(one row per program by default), BLOCK_V, num_warps (BLOCK_V is capped at the vocabulary rounded
+up to a power of two).
 """
 from __future__ import annotations
 
@@ -19,14 +22,13 @@ import triton.language as tl
 from torch import Tensor
 
 from looplm.ops import check_kernel_dtype
-from looplm_triton.aot import compile_for
-from looplm_triton.common import launch_config, pointer, split_config
+from looplm_triton.common import LOG2E_CONST, compile_run, dot_in_fp32, fast_exp2, launch, launch_config, split_config
 from tuning.spec import Config, KernelTuning
 
 
 @triton.jit
 def _softmax_entropy_kernel(logits_ptr, entropy_ptr, max_prob_ptr, n_rows, n_cols, stride_row,
-                            BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+                            FTZ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     row_ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row
@@ -40,12 +42,12 @@ def _softmax_entropy_kernel(logits_ptr, entropy_ptr, max_prob_ptr, n_rows, n_col
         x = tl.load(row_ptrs + start + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(x, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows of only -inf so far (or padding)
-        rescale = tl.exp(running_max - shift)
+        rescale = fast_exp2((running_max - shift) * LOG2E_CONST, FTZ)
         max_change = tl.where(total > 0.0, running_max - shift, 0.0)
         weighted = rescale * (weighted + total * max_change)
         total = rescale * total
         centred = x - shift[:, None]
-        e = tl.exp(centred)
+        e = fast_exp2(centred * LOG2E_CONST, FTZ)
         total += tl.sum(e, axis=1)
         weighted += tl.sum(e * tl.where(e > 0.0, centred, 0.0), axis=1)
         running_max = new_max
@@ -55,11 +57,13 @@ def _softmax_entropy_kernel(logits_ptr, entropy_ptr, max_prob_ptr, n_rows, n_col
     tl.store(max_prob_ptr + rows, 1.0 / safe_total, mask=row_mask)
 
 
-DEFAULT: Config = {"BLOCK_M": 4, "BLOCK_V": 1024, "num_warps": 4}
+# One row per program, its chunks spread over all the program's warps (Liger-Kernel's layout).
+DEFAULT: Config = {"BLOCK_M": 1, "BLOCK_V": 4096, "num_warps": 8}
 INTERPRETER_CONFIG: Config = {"BLOCK_M": 16, "BLOCK_V": 8192, "num_warps": 4}
+# Small vocabularies (65 characters) want many rows per program: those configs stay in the space.
 SPACE: list[Config] = [{"BLOCK_M": m, "BLOCK_V": v, "num_warps": w}
-                       for m in (1, 2, 4, 8, 16) for v in (128, 256, 512, 1024, 2048, 4096) for w in (2, 4, 8)
-                       if 512 <= m * v <= 16384]
+                       for m in (1, 2, 4, 8, 16) for v in (128, 256, 512, 1024, 2048, 4096, 8192) for w in (2, 4, 8, 16)
+                       if 512 <= m * v <= 16384 and not (m > 1 and w == 16)]
 
 
 def _launch(logits: Tensor, config: Config) -> tuple[Tensor, Tensor]:
@@ -72,8 +76,8 @@ def _launch(logits: Tensor, config: Config) -> tuple[Tensor, Tensor]:
     max_prob = torch.empty(N, dtype=torch.float32, device=logits.device)
     block_sizes, options = split_config(config)
     block_sizes["BLOCK_V"] = min(block_sizes["BLOCK_V"], triton.next_power_of_2(V))
-    grid = (triton.cdiv(N, block_sizes["BLOCK_M"]),)
-    _softmax_entropy_kernel[grid](rows, entropy, max_prob, N, V, rows.stride(0), **block_sizes, **options)
+    launch(_softmax_entropy_kernel, (triton.cdiv(N, block_sizes["BLOCK_M"]),), rows, entropy, max_prob, N, V,
+           rows.stride(0), FTZ=not dot_in_fp32(), **block_sizes, **options)
     return entropy.view(logits.shape[:-1]), max_prob.view(logits.shape[:-1])
 
 
@@ -100,13 +104,14 @@ def _run(logits: Tensor, *, config: Config) -> tuple[Tensor, Tensor]:
     return _launch(logits, config)
 
 
+def _expected(logits: Tensor) -> tuple[Tensor, Tensor]:
+    from looplm import get_backend
+    return get_backend("reference").ops["softmax_entropy"](logits)
+
+
 def _compile(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -> dict:
-    _, V = shape
-    config = {**config, "BLOCK_V": min(config["BLOCK_V"], triton.next_power_of_2(V))}
-    types = dict(logits_ptr=pointer(dtype), entropy_ptr="*fp32", max_prob_ptr="*fp32", n_rows="i32", n_cols="i32",
-                 stride_row="i32")
-    return compile_for(_softmax_entropy_kernel, arch, types, {}, config)
+    return compile_run(_run, arch, *_make_args(shape, dtype, "meta"), config=config)
 
 
 TUNING = KernelTuning(backend="triton", kernel="softmax_entropy", default=DEFAULT, space=SPACE,
-                      make_args=_make_args, run=_run, compile=_compile, shape_key=_shape_key)
+                      make_args=_make_args, run=_run, compile=_compile, shape_key=_shape_key, expected=_expected)

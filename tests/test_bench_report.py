@@ -128,11 +128,70 @@ def test_cli_writes_markdown_and_png(tmp_path, capsys):
     assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_refuses_half_a_custom_peak(tmp_path):
+def _run_cli(capsys, *argv) -> tuple[int, str]:
+    """(exit status, stderr) of `python -m bench.report ARGV...` run in this process."""
+    from looplm.cli import run_cli
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(report.main, list(argv), prog="bench.report")
+    return exit_.value.code, capsys.readouterr().err
+
+
+def _one_clear_line(result, *words):
+    code, err = result
+    assert code == 2 and "Traceback" not in err, (code, err)
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert all(word in line for word in words), err
+
+
+def test_cli_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys):
+    good = tmp_path / "run.json"
+    good.write_text(json.dumps(synthetic_json()))
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"benchmarks": [')
+    _one_clear_line(_run_cli(capsys, str(tmp_path / "missing.json")), "cannot read", "missing.json")  # missing file
+    _one_clear_line(_run_cli(capsys, str(corrupt)), "not valid JSON")  # corrupt JSON
+    _one_clear_line(_run_cli(capsys, str(good), "--peak-gbps", "fast"), "--peak-gbps", "invalid float")  # wrong type
+    _one_clear_line(_run_cli(capsys, str(good), "--peak-gbps", "-5", "--peak-tflops", "100"), "must be > 0")  # range
+    _one_clear_line(_run_cli(capsys, str(good), "--peak-gbps", "500"), "go together")  # half a custom peak
+    _one_clear_line(_run_cli(capsys, "--static", "--resources", str(corrupt)), "not valid JSON")
+    _one_clear_line(_run_cli(capsys, "--static", "--resources", str(tmp_path / "none.json")), "cannot read")
+
+
+def test_static_prints_a_labelled_estimate_for_the_h100_and_the_rtx5070(capsys):
+    assert report.main(["--static"]) == 0
+    out = capsys.readouterr().out
+    assert "an estimate, not a measurement" in out
+    for device in ("H100 SXM", "RTX 5070"):
+        for case in ("softmax_entropy N=8192 V=50304", "layer_norm N=8192 C=4096", "linear M=8192 K=4096 N=4096",
+                     "attention B=16 H=32 T=1024 D=64", "halt_update N=16384 C=384"):
+            assert any(line.startswith(f"| {device}") and case in line for line in out.splitlines()), (device, case)
+    assert "measured % roofline" not in out
+
+
+def test_static_puts_the_measured_percent_beside_the_estimate(tmp_path, capsys):
     path = tmp_path / "run.json"
     path.write_text(json.dumps(synthetic_json()))
-    with pytest.raises(SystemExit):
-        report.main([str(path), "--peak-gbps", "500"])
+    assert report.main(["--static", str(path), "--out", str(tmp_path / "roofline")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "roofline.md").read_text() == out
+    (row,) = [line for line in out.splitlines() if line.startswith("| H100 SXM") and "softmax_entropy N=8192" in line
+              and "| triton" in line]
+    assert row.rstrip(" |").endswith("80%")  # the synthetic triton case runs at 80% of the bandwidth peak
+
+
+def test_roofline_estimate_follows_the_design():
+    from bench import roofline
+    from bench.peaks import PEAKS
+    h100 = next(p for p in PEAKS if p.name == "H100 SXM")
+    linear = roofline.design("triton", "linear", dict(M=8192, K=4096, N=4096, epilogue="bias"),
+                             {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_stages": 3})
+    assert linear.blocks == 64 * 32 and linear.flops == 2 * 8192 * 4096 * 4096 + 8192 * 4096
+    assert linear.load_bytes == (32 * 8192 * 4096 + 64 * 4096 * 4096) * 2  # x once per column of tiles, W per row
+    est = roofline.estimate(linear, h100, 2, roofline_s=linear.flops / (h100.bf16_tflops * 1e12))
+    assert est["bound"] == "L2" and 0 < est["percent"] < 50  # 128 x 128 tiles: 64 FLOP per byte loaded
+    small = roofline.design("triton", "layer_norm", dict(N=132, C=4096), {"BLOCK_M": 1})
+    starved = roofline.estimate(small, h100, 16, roofline_s=small.dram_bytes / (h100.memory_gbps * 1e9))
+    assert starved["bandwidth_share"] < 1  # one 8 KB row per SM cannot cover the latency
 
 
 @pytest.mark.parametrize("device,expected", [

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.test_tuning_search import _fake_package, fake
+from looplm import cli
 from tuning import autotune, buckets, gpus, show, table
 
 
@@ -59,9 +60,11 @@ def test_model_shapes_give_each_op_its_launches(tmp_path):
 
 
 def run_cli(capsys, *argv):
-    code = autotune.main(list(argv))
+    """autotune's entry point as `python -m tuning.autotune` runs it: (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_cli(autotune.main, list(argv), prog="autotune")
     out, err = capsys.readouterr()
-    return code, out, err
+    return exit_.value.code, out, err
 
 
 def test_dry_run_prints_the_plan_with_what_was_pruned_and_why(capsys, monkeypatch):
@@ -86,7 +89,7 @@ def test_dry_run_prints_the_plan_with_what_was_pruned_and_why(capsys, monkeypatc
 def test_without_a_gpu_it_fails_clearly(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, _, err = run_cli(capsys, "--gpu", "rtx5070")
-    assert code == 1 and "no CUDA GPU here" in err and "--dry-run" in err
+    assert code == 2 and "no CUDA GPU here" in err and "--dry-run" in err
 
 
 def test_another_gpu_is_refused_unless_forced(capsys, monkeypatch):
@@ -94,7 +97,7 @@ def test_another_gpu_is_refused_unless_forced(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GeForce RTX 4090")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
     code, _, err = run_cli(capsys, "--gpu", "rtx5070", "--backend", "triton")
-    assert code == 1
+    assert code == 2
     assert "'NVIDIA GeForce RTX 4090', not a rtx5070" in err and "--gpu rtx4090" in err and "--force" in err
     assert autotune.check_device(gpus.gpu("rtx5070"), force=True) == ("NVIDIA GeForce RTX 4090", (8, 9))
     assert "measuring 'NVIDIA GeForce RTX 4090', not a rtx5070" in capsys.readouterr().err
@@ -103,7 +106,7 @@ def test_another_gpu_is_refused_unless_forced(capsys, monkeypatch):
 
 def test_unknown_gpu_name_is_an_error(capsys):
     code, _, err = run_cli(capsys, "--gpu", "voodoo5", "--dry-run")
-    assert code == 1 and "unknown GPU name 'voodoo5'" in err
+    assert code == 2 and "unknown GPU name 'voodoo5'" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
@@ -126,4 +129,46 @@ def test_show_lists_and_prints_tables(capsys, monkeypatch, tmp_path):
     assert show.main(["h100"]) == 0
     out = capsys.readouterr().out
     assert "compute capability 9.0" in out and "4096x512x512" in out and "2.50x" in out and "580.1" in out
-    assert show.main(["rtx5070"]) == 1 and "no tuning table 'rtx5070'" in capsys.readouterr().err
+    with pytest.raises(cli.CLIError, match="no tuning table 'rtx5070'"):
+        show.main(["rtx5070"])
+
+
+MAINS = {"tuning.autotune": autotune.main, "tuning.show": show.main}
+
+
+def _cli(capsys, module: str, *argv: str) -> tuple[int, str]:
+    """(exit status, stderr) of `python -m MODULE ARGV...`, run in this process through run_cli."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_cli(MAINS[module], list(argv), prog=module)
+    return exit_.value.code, capsys.readouterr().err
+
+
+def assert_one_clear_line(result: tuple[int, str], *words: str) -> None:
+    code, err = result
+    assert code == 2, (code, err)
+    assert "Traceback" not in err, err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, err
+    for word in words:
+        assert word in error_lines[0], err
+
+
+def test_autotune_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys):
+    corrupt = tmp_path / "model.json"
+    corrupt.write_text("{not json")
+    run = lambda *argv: _cli(capsys, "tuning.autotune", "--gpu", "h100", "--dry-run", *argv)  # noqa: E731
+    assert_one_clear_line(run("--config", str(tmp_path / "no.json")), "neither a shipped model shape")  # missing
+    assert_one_clear_line(run("--config", str(corrupt)), "cannot read model config")  # corrupt
+    assert_one_clear_line(run("--jobs", "many"), "--jobs", "invalid int")  # wrong-typed
+    assert_one_clear_line(run("--jobs", "0"), "--jobs must be >= 1")  # out of range
+    assert_one_clear_line(run("--time-limit", "-1"), "--time-limit must be > 0")
+
+
+def test_show_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys):
+    corrupt = tmp_path / "h100.json"
+    corrupt.write_text('{"schema": 1, "entries": [')
+    run = lambda *argv: _cli(capsys, "tuning.show", *argv)  # noqa: E731
+    assert_one_clear_line(run(str(tmp_path / "missing.json")), "no tuning table")  # a missing file
+    assert_one_clear_line(run(str(corrupt)), "not valid JSON")  # a corrupt table
+    assert_one_clear_line(run("--limit", "3"), "unrecognized arguments")  # an option it does not take
+    assert_one_clear_line(run("h100", "h200"), "unrecognized arguments")  # one name at most

@@ -128,3 +128,12 @@ def test_on_cpu_the_default_comes_back_without_reading_tables(monkeypatch):
     monkeypatch.setattr(lookup, "_cuda_available", lambda: False)
     monkeypatch.setattr(table, "table_paths", lambda: pytest.fail("tables read on a CPU machine"))
     assert tuning.lookup_config("tile", "linear", torch.float32, (4, 4, 4), DEFAULT) is DEFAULT
+
+
+def test_a_bug_in_the_lookup_is_raised_not_swallowed(on_gpu, monkeypatch):
+    """Only an unreadable table or device falls back to the defaults; a bug in the lookup surfaces."""
+    def buggy(self, *args):
+        raise AttributeError("'dict' object has no attribute 'bucket'")
+    monkeypatch.setattr(ConfigLookup, "find", buggy)
+    with pytest.raises(AttributeError, match="no attribute 'bucket'"):
+        tuning.lookup_config("triton", "layer_norm", torch.float32, (8, 8), DEFAULT)

@@ -34,6 +34,8 @@ def _run(x, *, config):
     mode = config.get("mode", "ok")
     if mode == "raise":
         raise RuntimeError("out of resources: shared memory\nsecond line")
+    if mode == "bug":
+        raise AttributeError("'NoneType' object has no attribute 'shape'")
     if mode == "hang":
         time.sleep(600)
     if mode == "crash":
@@ -48,10 +50,16 @@ def _compile(shape, dtype, config, arch):
     return {"shared_mem": config.get("smem", 1024), "registers": config.get("regs", 32)}
 
 
-def fake(space, default=None, kernel="fake_double") -> KernelTuning:
+def _expected(x):
+    """What the reference computes for the fake kernel: x * 2."""
+    return x * 2
+
+
+def fake(space, default=None, kernel="fake_double", expected=_expected) -> KernelTuning:
     return KernelTuning(backend="triton", kernel=kernel, default=default or space[0], space=space,
                         make_args=_make_args, run=_run, compile=_compile,
-                        shape_key=lambda x, weight, bias=None, eps=1e-5: (x.numel() // x.shape[-1], x.shape[-1]))
+                        shape_key=lambda x, weight, bias=None, eps=1e-5: (x.numel() // x.shape[-1], x.shape[-1]),
+                        expected=expected)
 
 
 FAKE = fake([{"cost": 3.0}, {"cost": 1.0}, {"cost": 2.0}])
@@ -82,8 +90,45 @@ def test_failures_and_wrong_outputs_are_recorded_never_fatal(monkeypatch):
     entry = run_one(tuning, monkeypatch)
     assert entry["best"]["config"] == {"cost": 1.0, "mode": "ok"}  # the faster ones were wrong or failed
     reasons = {c["mode"]: r for c, r in ((f["config"], f["reason"]) for f in entry["failed"])}
-    assert reasons["wrong"].startswith("wrong output: output 0 differs from the default config's")
+    assert reasons["wrong"].startswith("wrong output: output 0 differs from the reference backend's")
     assert reasons["raise"] == "RuntimeError: out of resources: shared memory"
+
+
+def test_when_the_default_fails_the_others_are_still_checked(monkeypatch):
+    """The yardstick is the reference backend's output, not the default's: a wrong candidate is never
+    crowned, even when the default config itself cannot run."""
+    tuning = fake([{"cost": 0.1, "mode": "wrong"}, {"cost": 1.0, "mode": "ok"}], default={"cost": 0.5, "mode": "raise"})
+    entry = run_one(tuning, monkeypatch)
+    assert entry["best"]["config"] == {"cost": 1.0, "mode": "ok"}
+    assert {f["config"]["mode"] for f in entry["failed"]} == {"wrong", "raise"}
+
+
+def test_a_kernel_without_a_reference_check_is_never_timed(monkeypatch):
+    entry = run_one(fake([{"cost": 1.0}], expected=None), monkeypatch)
+    assert entry["best"] is None and "cannot be checked" in entry["failed"][0]["reason"]
+
+
+def test_a_bug_in_a_candidate_is_raised_not_recorded(monkeypatch):
+    with pytest.raises(AttributeError, match="no attribute 'shape'"):
+        run_one(fake([{"cost": 1.0, "mode": "bug"}]), monkeypatch)
+
+
+def test_a_compile_bug_is_raised_while_toolchain_failures_prune():
+    def broken(shape, dtype, config, arch):
+        raise KeyError("BLOCK_M")
+    kernel = Kernel("layer_norm", __name__, dataclasses.replace(FAKE, compile=broken))
+    with pytest.raises(KeyError):
+        search.prune(kernel, "float32", (8, 16), [{"cost": 1.0}], ARCHS["sm_90"])
+
+
+def test_a_module_that_fails_to_import_for_a_reason_other_than_a_package_is_raised(monkeypatch):
+    _fake_package(monkeypatch)
+
+    def broken_import(name, *args, **kwargs):
+        raise ZeroDivisionError("a bug at import time")
+    monkeypatch.setattr(search.importlib, "import_module", broken_import)
+    with pytest.raises(ZeroDivisionError):
+        search.discover(["triton"])
 
 
 def test_ties_go_to_the_earlier_candidate_and_the_default_is_always_timed(monkeypatch):
@@ -150,12 +195,14 @@ def test_discover_skips_missing_modules_and_tunings_with_a_note(monkeypatch):
 def test_isolated_runner_abandons_hangs_and_survives_crashes():
     def job(**config):
         return Job(__name__, "FAKE", (4, 4), "float32", {"cost": 1.0, **config}, "cpu")
-    with IsolatedRunner(fake_timer, time_limit_s=3.0) as runner:
-        assert runner(job(cost=2.5)).median_ms == 2.5
+    with IsolatedRunner(fake_timer, time_limit_s=120.0) as runner:
+        assert runner(job(cost=2.5)).median_ms == 2.5  # the first job imports torch in the worker: slow when busy
+        runner.time_limit_s = 3.0
         started = time.monotonic()
         hung = runner(job(mode="hang"))
         assert "no result within the 3 s time limit" in hung.reason
         assert time.monotonic() - started < 30
+        runner.time_limit_s = 120.0  # a fresh worker imports again
         crashed = runner(job(mode="crash"))
         assert crashed.reason == "the measuring process died (exit code 3)"
         assert runner(job(cost=0.25)).median_ms == 0.25  # a fresh worker took over

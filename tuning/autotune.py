@@ -23,14 +23,15 @@ from typing import Optional, Sequence
 import torch
 from tabulate import tabulate
 
+from looplm.cli import CLIError, run_cli
 from tuning import gpus, lookup, table
 from tuning.buckets import DTYPES, MODEL_SHAPES, TUNED_DTYPES, format_shape, model_shape, parse_shape
 from tuning.search import BACKEND_PACKAGES, IsolatedRunner, Task, discover, plan, run_tasks
 from tuning.timing import TIMERS
 
 
-class AutotuneError(RuntimeError):
-    pass
+class AutotuneError(CLIError):
+    """This machine cannot tune what was asked (no GPU, another GPU, nothing to tune)."""
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -52,7 +53,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
                    help="processes compiling candidates ahead of time (default: one per CPU core)")
     p.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="seconds per candidate (default 60)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        raise CLIError(f"--jobs must be >= 1, got {args.jobs}")
+    if not args.time_limit > 0:
+        raise CLIError(f"--time-limit must be > 0 seconds, got {args.time_limit:g}")
+    return args
 
 
 def check_device(target: gpus.Gpu, force: bool) -> tuple[str, tuple[int, int]]:
@@ -130,50 +136,49 @@ def print_summary(entries: Sequence[dict]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Bad input raises (CLIError, ValueError, ...); `run_cli` turns it into one line and exit 2."""
     args = parse_args(argv)
-    try:
-        target = gpus.gpu(args.gpu)
-        models = [] if args.shapes else [model_shape(spec) for spec in args.config]
-        backends = list(BACKEND_PACKAGES) if args.backend == "all" else [args.backend]
-        if args.dry_run:
-            limits = target.limits
-        else:
-            device_name, capability = check_device(target, args.force)
-            limits = target.limits if target.matches(device_name) else gpus.arch_for_capability(capability)
-        kernels, notes = discover(backends, args.kernels)
-        tasks, plan_notes = plan(kernels, args.dtypes, limits, models, args.shapes or (), progress=True,
-                                 workers=args.jobs)
-        notes += plan_notes
-        if args.dry_run:
-            print(f"plan for {target.name} ({limits.arch}, {limits.shared_mem_per_block} bytes of shared memory "
-                  f"per block, {limits.registers_per_block} registers per block):\n")
-            print_plan(tasks, notes, limits.arch)
-            return 0
-        if not tasks:
-            print_notes(notes)
-            raise AutotuneError("nothing to tune: no kernel with a TUNING was found for these options")
-        out = args.out or table.default_path(target.name)
-        run = {"date": table.now(), "driver": driver_version(), "versions": versions(),
-               "forced": not target.matches(device_name)}
-        entries: list[dict] = []  # filled as each entry is measured, so an interrupted run still keeps them
-        try:
-            for backend in backends:
-                backend_tasks = [t for t in tasks if t.kernel.backend == backend]
-                if backend_tasks:
-                    with IsolatedRunner(TIMERS[backend], args.time_limit) as runner:
-                        run_tasks(backend_tasks, runner, progress=True, on_entry=entries.append)
-        finally:
-            if entries:
-                table.record(out, target.name, device_name, capability, run, entries)
-                lookup.reset()
-                print(f"wrote {len(entries)} entries to {out}")
-        print_summary(entries)
-        print_notes(notes)
+    target = gpus.gpu(args.gpu)
+    models = [] if args.shapes else [model_shape(spec) for spec in args.config]
+    backends = list(BACKEND_PACKAGES) if args.backend == "all" else [args.backend]
+    if args.dry_run:
+        limits = target.limits
+    else:
+        device_name, capability = check_device(target, args.force)
+        limits = target.limits if target.matches(device_name) else gpus.arch_for_capability(capability)
+    kernels, notes = discover(backends, args.kernels)
+    tasks, plan_notes = plan(kernels, args.dtypes, limits, models, args.shapes or (), progress=True,
+                             workers=args.jobs)
+    notes += plan_notes
+    if args.dry_run:
+        print(f"plan for {target.name} ({limits.arch}, {limits.shared_mem_per_block} bytes of shared memory "
+              f"per block, {limits.registers_per_block} registers per block):\n")
+        print_plan(tasks, notes, limits.arch)
         return 0
-    except (AutotuneError, gpus.UnknownGpu, ValueError, table.TableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if not tasks:
+        print_notes(notes)
+        raise AutotuneError("nothing to tune: no kernel with a TUNING was found for these options")
+    out = args.out or table.default_path(target.name)
+    if out.exists():
+        table.load(out)  # a corrupt table to add to is refused before hours of measuring, not after
+    run = {"date": table.now(), "driver": driver_version(), "versions": versions(),
+           "forced": not target.matches(device_name)}
+    entries: list[dict] = []  # filled as each entry is measured, so an interrupted run still keeps them
+    try:
+        for backend in backends:
+            backend_tasks = [t for t in tasks if t.kernel.backend == backend]
+            if backend_tasks:
+                with IsolatedRunner(TIMERS[backend], args.time_limit) as runner:
+                    run_tasks(backend_tasks, runner, progress=True, on_entry=entries.append)
+    finally:
+        if entries:
+            table.record(out, target.name, device_name, capability, run, entries)
+            lookup.reset()
+            print(f"wrote {len(entries)} entries to {out}")
+    print_summary(entries)
+    print_notes(notes)
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, prog="python -m tuning.autotune")

@@ -145,6 +145,10 @@ def op_calls(model: ModelShape, dtype: torch.dtype, device: Any = "meta") -> dic
             ((x, t(V, C)), {}),  # lm_head, every position
             ((t(B, 1, C), t(V, C)), {}),  # lm_head, last position (evaluation, generation)
         ],
+        "layer_norm_linear": [
+            ((x, t(C), t(C), t(3 * C, C), t(3 * C)), {}),  # ln_1 + attention in-projection
+            ((x, t(C), t(C), t(4 * C, C), t(4 * C)), {"activation": "gelu"}),  # ln_2 + MLP up
+        ],
         "attention": [((head, head, head), {})],
         "softmax_entropy": [((t(B, T, V),), {})],
         "halt_update": [((t(N, C), t(N, C), t(N, dt=torch.bool), t(N, dt=torch.int32), t(N, dt=torch.float32),

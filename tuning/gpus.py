@@ -16,22 +16,29 @@ class ArchLimits:
     arch: str  # the compile target, e.g. "sm_90"
     capability: tuple[int, int]
     shared_mem_per_block: int  # bytes, the opt-in maximum of one thread block
+    shared_mem_per_sm: int  # bytes of shared memory one SM holds for all its resident blocks
+    max_warps_per_sm: int = 64
+    max_blocks_per_sm: int = 32
     registers_per_block: int = 65536
     registers_per_thread: int = 255
+    registers_per_sm: int = 65536
 
 
 # The architectures every kernel is compiled for ahead of time (tier 0): A100, H100/H200, B200, RTX 50xx.
 COMPILE_TARGETS = ("sm_80", "sm_90", "sm_100", "sm_120")
 
-# CUDA C Programming Guide, "Technical Specifications per Compute Capability".
+# CUDA C Programming Guide, "Technical Specifications per Compute Capability" (shared memory per SM
+# is the configurable maximum; each resident block also reserves 1 KiB of it for the system).
 ARCHS: dict[str, ArchLimits] = {a.arch: a for a in (
-    ArchLimits("sm_80", (8, 0), 163 * 1024),
-    ArchLimits("sm_86", (8, 6), 99 * 1024),
-    ArchLimits("sm_89", (8, 9), 99 * 1024),
-    ArchLimits("sm_90", (9, 0), 227 * 1024),
-    ArchLimits("sm_100", (10, 0), 227 * 1024),
-    ArchLimits("sm_120", (12, 0), 99 * 1024),
+    ArchLimits("sm_80", (8, 0), 163 * 1024, 164 * 1024),
+    ArchLimits("sm_86", (8, 6), 99 * 1024, 100 * 1024, max_warps_per_sm=48, max_blocks_per_sm=16),
+    ArchLimits("sm_89", (8, 9), 99 * 1024, 100 * 1024, max_warps_per_sm=48, max_blocks_per_sm=24),
+    ArchLimits("sm_90", (9, 0), 227 * 1024, 228 * 1024),
+    ArchLimits("sm_100", (10, 0), 227 * 1024, 228 * 1024),
+    ArchLimits("sm_120", (12, 0), 99 * 1024, 100 * 1024, max_warps_per_sm=48),
 )}
+RESERVED_SHARED_PER_BLOCK = 1024
+REGISTER_ALLOCATION_UNIT = 256  # registers are granted to a warp in units of 256 (8 per thread)
 
 
 @dataclass(frozen=True)
@@ -96,23 +103,61 @@ def arch_for_capability(capability: tuple[int, int]) -> ArchLimits:
     return max(same_major, key=lambda a: a.capability)
 
 
+def threads_of(resources: Mapping[str, Any], config: Mapping[str, Any]) -> Optional[int]:
+    """Threads per block: the compiled kernel's own count, else 32 * config["num_warps"] when known."""
+    return resources.get("threads") or (32 * config["num_warps"] if "num_warps" in config else None)
+
+
+def spilled_bytes(resources: Mapping[str, Any]) -> int:
+    """Bytes a thread keeps in local memory: register spills and any stack frame or local array."""
+    return max(int(resources.get("spill_stores", 0) or 0), int(resources.get("stack", 0) or 0),
+               int(resources.get("local_mem", 0) or 0))
+
+
 def resource_problem(resources: Mapping[str, Any], config: Mapping[str, Any], limits: ArchLimits) -> Optional[str]:
-    """Why a compiled candidate cannot launch within `limits`, or None if it fits.
+    """Why a compiled candidate cannot launch within `limits`, or should not (it spills), or None.
 
     `resources` is what `KernelTuning.compile` returned: "shared_mem" (bytes per block), "registers"
-    (per thread) and optionally "threads" (per block; else 32 * config["num_warps"] when known).
+    (per thread), optionally "threads" (per block; else 32 * config["num_warps"] when known) and the
+    local memory a thread uses: "spill_stores", "stack" and "local_mem" (bytes). A kernel that spills
+    runs, but slowly; the tier-0 tests and the tuner treat it as not fitting.
     """
     shared_mem = resources.get("shared_mem")
     if shared_mem is not None and shared_mem > limits.shared_mem_per_block:
         return (f"needs {shared_mem} bytes of shared memory per block; {limits.arch} allows "
                 f"{limits.shared_mem_per_block}")
+    spilled = spilled_bytes(resources)
+    if spilled:
+        return (f"spills: {spilled} bytes of local memory per thread (spill stores "
+                f"{resources.get('spill_stores', '?')}, stack {resources.get('stack', '?')}, local "
+                f"{resources.get('local_mem', '?')}) on {limits.arch}")
     registers = resources.get("registers")
     if registers is None:
         return None
     if registers > limits.registers_per_thread:
         return f"needs {registers} registers per thread; {limits.arch} allows {limits.registers_per_thread}"
-    threads = resources.get("threads") or (32 * config["num_warps"] if "num_warps" in config else None)
+    threads = threads_of(resources, config)
     if threads is not None and registers * threads > limits.registers_per_block:
         return (f"needs {registers} registers x {threads} threads = {registers * threads} per block; "
                 f"{limits.arch} allows {limits.registers_per_block}")
     return None
+
+
+def occupancy(resources: Mapping[str, Any], config: Mapping[str, Any], limits: ArchLimits) -> Optional[int]:
+    """Blocks of this kernel one SM holds at once, from its compiled registers, shared memory and
+    threads (the CUDA occupancy calculator's rules); None when the thread count is unknown."""
+    threads = threads_of(resources, config)
+    if not threads:
+        return None
+    warps = -(-threads // 32)
+    by_warps = limits.max_warps_per_sm // warps
+    registers = int(resources.get("registers") or 0)
+    if registers:
+        unit = REGISTER_ALLOCATION_UNIT
+        per_warp = -(-registers * 32 // unit) * unit
+        by_registers = (limits.registers_per_sm // per_warp) // warps
+    else:
+        by_registers = limits.max_blocks_per_sm
+    shared = int(resources.get("shared_mem") or 0) + RESERVED_SHARED_PER_BLOCK
+    by_shared = limits.shared_mem_per_sm // shared
+    return max(0, min(limits.max_blocks_per_sm, by_warps, by_registers, by_shared))

@@ -6,7 +6,8 @@ Precedence, for (backend, kernel, dtype, bucket of the shape):
   3. the same, from a table of another device with the same compute capability (logged as a warning);
   4. the kernel's built-in default.
 Each fallback is logged once. A table that is corrupt, of a newer schema, or whose config does not
-have the kernel's knobs is skipped with a warning: a launch never fails because of a table. Tables are
+have the kernel's knobs is skipped with a warning: a launch never fails because of a table (a bug
+in the lookup itself is raised, not hidden). Tables are
 read once per process and every answer is cached, since kernels ask on every launch.
 """
 from __future__ import annotations
@@ -148,7 +149,7 @@ def lookup_config(backend: str, kernel: str, dtype: Any, shape: tuple, default: 
             if lookup is None:
                 lookup = _lookups[index] = ConfigLookup(_device_info(index), tables.table_paths())
             config = lookup.find(backend, kernel, dtype_name(dtype), tuple(shape), default)
-        except Exception as e:  # a table must never stop a launch
+        except (tables.TableError, OSError, RuntimeError) as e:  # an unreadable table or device: never stop a launch
             _log_once(logging.WARNING, f"tuning lookup failed ({type(e).__name__}: {e}); using built-in defaults")
             config = None
         _answers[key] = config

@@ -3,8 +3,10 @@
     discover  ->  Kernel per backend and op, from the modules' TUNING (a missing one is a note)
     plan      ->  Task per (kernel, dtype, shape bucket): the candidates, minus those an ahead-of-time
                   compile for the target shows cannot fit its shared memory or registers
-    run_tasks ->  each candidate measured by a runner: correct output (against the default config's),
-                  then its median time; a failure or a hang is recorded with its reason, never fatal
+    run_tasks ->  each candidate measured by a runner: its output checked against the "reference"
+                  backend's op on the same inputs (`KernelTuning.expected`), then its median time; a
+                  failure or a hang is recorded with its reason, never fatal; an unchecked candidate is
+                  never timed, so never crowned
     select    ->  the table entry: the best, the runners-up, the failed and the pruned
 
 `IsolatedRunner` measures in a worker process, so a candidate that hangs is abandoned at its time
@@ -25,7 +27,7 @@ from looplm.ops import OP_NAMES
 from looplm.testing import tolerance
 from tuning.buckets import ModelShape, Shape, bucket, shape_keys
 from tuning.gpus import ArchLimits, resource_problem
-from tuning.spec import Config, KernelTuning
+from tuning.spec import Config, KernelTuning, candidate_errors
 from tuning.timing import Timer
 
 BACKEND_PACKAGES = {"triton": "looplm_triton", "tile": "looplm_tile"}
@@ -82,7 +84,7 @@ def discover(backends: Sequence[str], names: Optional[Sequence[str]] = None,
             except LookupError:
                 notes.append(f"{module}: skipped, it defines no TUNING = KernelTuning(...)")
                 continue
-            except Exception as e:
+            except ImportError as e:  # a package the backend needs is missing or broken
                 notes.append(f"{module}: skipped, import failed: {describe(e)}")
                 continue
             if tuning.backend != backend:
@@ -109,16 +111,17 @@ class Task:
     shape: Shape  # the launch measured, representing its bucket
     candidates: list[Config]
     pruned: list[dict] = field(default_factory=list)  # {"config", "reason"}
+    arch: Optional[str] = None  # the compile target it is tuned for
 
     @property
     def bucket(self) -> Shape:
         return bucket(self.shape)
 
 
-def candidates_of(tuning: KernelTuning) -> list[Config]:
-    """The search space without repeats, with the default always in (it is the yardstick)."""
+def candidates_of(tuning: KernelTuning, dtype: Optional[str] = None, arch: Optional[str] = None) -> list[Config]:
+    """The search space without repeats, with the default of `dtype` on `arch` always in (the yardstick)."""
     out: list[Config] = []
-    for config in [*tuning.space, tuning.default]:
+    for config in [*tuning.space, tuning.default if dtype is None else tuning.default_for(dtype, arch)]:
         if config not in out:
             out.append(dict(config))
     return out
@@ -135,7 +138,7 @@ def task_shapes(kernel: Kernel, dtype: str, models: Sequence[ModelShape], shapes
         for model in models:
             try:
                 found += shape_keys(kernel.op, kernel.tuning.shape_key, model, getattr(torch, dtype))
-            except Exception as e:
+            except (TypeError, ValueError) as e:  # a shape_key that does not take the op's arguments
                 notes.append(f"{kernel.module}: shape_key failed on model shape {model.name!r}: {describe(e)}")
         shapes = found
     by_bucket: dict[Shape, Shape] = {}
@@ -148,9 +151,9 @@ def why_pruned(tuning: KernelTuning, shape: Shape, dtype: str, config: Config, l
     """Why `config` cannot run on `limits.arch` (it does not compile, or does not fit), or None."""
     try:
         resources = tuning.compile(shape, getattr(torch, dtype), config, limits.arch)
-        return resource_problem(resources or {}, config, limits)
-    except Exception as e:
+    except candidate_errors() as e:
         return f"does not compile for {limits.arch}: {describe(e)}"
+    return resource_problem(resources or {}, config, limits)
 
 
 def _why_pruned_by_ref(module: str, attr: str, shape: Shape, dtype: str, config: Config,
@@ -182,8 +185,9 @@ def plan(kernels: Sequence[Kernel], dtypes: Sequence[str], limits: ArchLimits, m
     name); candidates keep their order either way.
     """
     notes: list[str] = []
-    tasks = [Task(k, d, s, []) for k in kernels for d in dtypes for s in task_shapes(k, d, models, shapes, notes)]
-    jobs = [(task, config) for task in tasks for config in candidates_of(task.kernel.tuning)]
+    tasks = [Task(k, d, s, [], arch=limits.arch) for k in kernels for d in dtypes
+             for s in task_shapes(k, d, models, shapes, notes)]
+    jobs = [(task, config) for task in tasks for config in candidates_of(task.kernel.tuning, task.dtype, task.arch)]
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(jobs) > 1:
             pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
@@ -231,7 +235,7 @@ def output_mismatch(actual: Any, expected: Any, dtype: torch.dtype) -> Optional[
         try:
             torch.testing.assert_close(a.float(), e.float(), equal_nan=False, **tolerance(dtype, composed=True))
         except AssertionError as error:
-            return f"output {i} differs from the default config's: {describe(error)}"
+            return f"output {i} differs from the reference backend's: {describe(error)}"
     return None
 
 
@@ -241,29 +245,28 @@ def _device_healthy(device: str) -> bool:
     try:
         torch.cuda.synchronize()
         return True
-    except Exception:  # a sticky CUDA error: this context is done
+    except RuntimeError:  # a sticky CUDA error: this context is done
         return False
 
 
 def measure(job: Job, timer: Timer) -> Outcome:
-    """Check one candidate's output against the default config's on the same inputs, then time it."""
+    """Check one candidate's output against the reference backend's on the same inputs, then time
+    it. A kernel without `expected` is refused: nothing unchecked is ever timed."""
+    tuning = load_tuning(job.module, job.attr)
+    if tuning.expected is None:
+        return Outcome(reason=f"{job.module}.{job.attr} has no `expected`: its output cannot be checked, so it "
+                              "is not timed")
+    dtype = getattr(torch, job.dtype)
     try:
-        tuning = load_tuning(job.module, job.attr)
-        dtype = getattr(torch, job.dtype)
         torch.manual_seed(0)
         args = tuning.make_args(job.shape, dtype, job.device)
         actual = tuning.run(*args, config=job.config)
-        if job.config != tuning.default:
-            try:
-                expected = tuning.run(*args, config=tuning.default)
-            except Exception:
-                expected = None  # the default's own failure is recorded when it is measured
-            problem = None if expected is None else output_mismatch(actual, expected, dtype)
-            if problem is not None:
-                return Outcome(reason=f"wrong output: {problem}")
+        problem = output_mismatch(actual, tuning.expected(*args), dtype)
+        if problem is not None:
+            return Outcome(reason=f"wrong output: {problem}")
         del actual
         return Outcome(median_ms=float(timer(lambda: tuning.run(*args, config=job.config))))
-    except Exception as e:
+    except candidate_errors() as e:
         return Outcome(reason=describe(e), healthy=_device_healthy(job.device))
 
 
@@ -367,7 +370,8 @@ def select(task: Task, outcomes: Sequence[tuple[Config, Outcome]]) -> dict:
     """The table entry of `task`: the fastest success (ties: the earlier candidate) is best."""
     timed = sorted((o.median_ms, i, c) for i, (c, o) in enumerate(outcomes) if o.reason is None)
     ranked = [{"config": c, "median_ms": round(ms, 6)} for ms, _, c in timed]
-    default_ms = next((r["median_ms"] for r in ranked if r["config"] == task.kernel.tuning.default), None)
+    default = task.kernel.tuning.default_for(task.dtype, task.arch)
+    default_ms = next((r["median_ms"] for r in ranked if r["config"] == default), None)
     return {"backend": task.kernel.backend, "kernel": task.kernel.name, "dtype": task.dtype,
             "bucket": list(task.bucket), "shape": list(task.shape),
             "best": ranked[0] if ranked else None, "default_ms": default_ms, "runners_up": ranked[1:],

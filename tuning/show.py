@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional, Sequence
 
 from tabulate import tabulate
 
+from looplm.cli import CLIError, run_cli
 from tuning import table
 from tuning.buckets import format_shape
 
@@ -52,6 +52,7 @@ def describe_table(t: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Bad input raises (CLIError, TableError); `run_cli` turns it into one line and exit 2."""
     p = argparse.ArgumentParser(prog="python -m tuning.show", description=__doc__.split("\n\n")[0])
     p.add_argument("name", nargs="?", help="short GPU name or path of a table")
     args = p.parse_args(argv)
@@ -60,15 +61,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     path = table.find(args.name)
     if path is None:
-        print(f"error: no tuning table {args.name!r} in {', '.join(map(str, table.table_dirs()))}", file=sys.stderr)
-        return 1
-    try:
-        print(f"{path}\n{describe_table(table.load(path))}")
-    except table.TableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise CLIError(f"no tuning table {args.name!r} in {', '.join(map(str, table.table_dirs()))} (give a short "
+                       "GPU name or the path of a table)")
+    print(f"{path}\n{describe_table(table.load(path))}")  # a corrupt table raises TableError: one line, exit 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, prog="python -m tuning.show")

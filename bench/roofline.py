@@ -1,0 +1,229 @@
+"""A roofline estimate per kernel from its design, for GPUs that are not here: an estimate, never
+a measurement.
+
+For each kernel benchmark shape (bench.workloads.KERNEL_SHAPES) and kernel backend, the default
+configuration's tiling gives what the kernel does on the device:
+  - DRAM bytes it moves (every byte the tiling reads or writes that L2 cannot be expected to serve:
+    the design's grouped orderings keep a W panel and x rows, or one head's K and V, resident), and
+    the global loads it issues (L2 traffic, shown for scale),
+  - FLOPs on the tensor cores, and the exponentials on the special-function units (attention),
+  - blocks, and blocks per SM from the compiled resources of the same default
+    (bench/results/kernel_resources.json, written by `python -m tuning.resources`).
+The time estimate is the largest of: DRAM bytes over the bandwidth the resident blocks can keep in
+flight (Little's law: bytes in flight per SM against bandwidth x latency / SMs), the global loads
+over an assumed L2 bandwidth (what bounds a matmul whose tiles are too small), FLOPs over the bf16
+peak scaled by the useful share of the padded tiles, exponentials over the SFU rate; divided by
+the wave utilisation (blocks over the slots of the last wave). Its percent of the roofline
+(bench.report's: compulsory bytes and FLOPs over the peaks) is what `gpu_session.sh` puts beside
+the measured one.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from bench.peaks import DevicePeak, PEAKS
+from bench.workloads import KERNEL_SHAPES, op_cost
+
+RESULTS_DIR = Path(__file__).parent / "results"
+RESOURCE_TABLE = RESULTS_DIR / "kernel_resources.json"
+ESTIMATE_DEVICES = ("H100 SXM", "RTX 5070")
+BACKENDS = ("triton", "tile")
+DESIGNED = ("layer_norm", "softmax_entropy", "halt_update", "linear", "attention")
+ITEMSIZE = 2  # the kernel benchmarks run bf16
+
+
+@dataclass(frozen=True)
+class Design:
+    """What one launch of a kernel's default tiling does."""
+
+    blocks: int
+    dram_bytes: float
+    load_bytes: float  # global loads issued (L2 traffic)
+    flops: float = 0.0  # tensor-core FLOPs
+    special: float = 0.0  # exp2 / reciprocal results
+    in_flight_per_block: float = 0.0  # bytes one block has outstanding at a time
+    tile_use: float = 1.0  # useful share of the MMA tiles (ragged edges)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _p2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def default_config(backend: str, op: str, arch: str) -> dict:
+    """The default bf16 configuration of a kernel on `arch`, read from its module."""
+    import importlib
+    package = {"triton": "looplm_triton", "tile": "looplm_tile"}[backend]
+    module = importlib.import_module(f"{package}.{op}")
+    return dict(module.TUNING.default_for("bfloat16", arch))
+
+
+def design(backend: str, op: str, shape: dict, config: dict) -> Optional[Design]:
+    """The default tiling of `op` at a KERNEL_SHAPES `shape`, or None for ops without one kernel."""
+    s = ITEMSIZE
+    if op == "layer_norm":
+        n, c = shape["N"], shape["C"]
+        rows = config["BLOCK_M"]
+        blocks = _cdiv(n, rows)
+        return Design(blocks, 2 * n * c * s + 2 * c * s, n * c * s + blocks * 2 * c * s,
+                      in_flight_per_block=rows * c * s)
+    if op == "softmax_entropy":
+        n, v = shape["N"], shape["V"]
+        rows, chunk = config["BLOCK_M"], min(config["BLOCK_V"], _p2(v))
+        return Design(_cdiv(n, rows), n * v * s + 8 * n, n * v * s, special=n * v,
+                      in_flight_per_block=rows * chunk * s)
+    if op == "halt_update":
+        n, c = shape["N"], shape["C"]
+        rows = config.get("BLOCK_N", config.get("BLOCK_M"))
+        width = min(config["BLOCK_C"], _p2(c))
+        per_token = 18  # flags, counts, score, threshold in and out
+        return Design(_cdiv(n, rows), 2 * n * c * s + n * per_token, n * c * s + n * per_token,
+                      in_flight_per_block=rows * width * s)
+    if op == "linear":
+        m, k, n = shape["M"], shape["K"], shape["N"]
+        bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+        tiles_m, tiles_n = _cdiv(m, bm), _cdiv(n, bn)
+        residual = "residual" in shape["epilogue"]
+        dram = (m * k + n * k + n + m * n * (2 if residual else 1)) * s
+        loads = (tiles_n * m * k + tiles_m * n * k) * s
+        stages = config.get("num_stages", 2)
+        epilogue = m * n * (1 + residual + 8 * ("gelu" in shape["epilogue"]))  # as bench/workloads.py counts
+        return Design(tiles_m * tiles_n, dram, loads, flops=2 * m * n * k + epilogue,
+                      in_flight_per_block=stages * (bm + bn) * bk * s, tile_use=m * n / (tiles_m * bm * tiles_n * bn))
+    if op == "attention":
+        b, h, t, d = shape["B"], shape["H"], shape["T"], shape["D"]
+        bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+        q_blocks = _cdiv(t, bm)
+        keys_visited = sum(min(t, _cdiv((i + 1) * bm, bn) * bn) for i in range(q_blocks))
+        dram = 4 * b * h * t * d * s
+        loads = b * h * (2 * t * d + 2 * keys_visited * d) * s
+        scores = b * h * keys_visited * bm  # computed, masked or not
+        return Design(q_blocks * b * h, dram, loads, flops=4 * scores * d, special=scores,
+                      in_flight_per_block=2 * bn * _p2(d) * s, tile_use=(t * (t + 1) / 2) / (keys_visited * bm))
+    return None
+
+
+def occupancy_from_table(rows: Sequence[dict], backend: str, op: str, arch: str, shape: dict) -> Optional[dict]:
+    """The resource table's row of this kernel's default on `arch` closest to the benchmark case."""
+    wanted = {"linear": "fc +gelu" if "gelu" in shape.get("epilogue", "") else "proj +residual",
+              "softmax_entropy": "V=50304"}.get(op)
+    found = [r for r in rows if r["backend"] == backend and r["kernel"] == op and r["arch"] == arch]
+    for r in found:
+        if wanted is None or r["variant"] == wanted:
+            return r
+    return found[0] if found else None
+
+
+def estimate(d: Design, peak: DevicePeak, blocks_per_sm: Optional[int], roofline_s: float) -> dict:
+    """Seconds and percent of the roofline the design allows on `peak`'s device."""
+    slots = peak.sms * (blocks_per_sm or 1)
+    waves = _cdiv(d.blocks, slots)
+    wave_use = d.blocks / (waves * slots)
+    needed = peak.memory_gbps * 1e9 * peak.memory_latency_ns * 1e-9 / peak.sms  # bytes in flight per SM
+    resident = min(blocks_per_sm or 1, _cdiv(d.blocks, peak.sms))
+    in_flight = resident * d.in_flight_per_block
+    bandwidth_share = min(1.0, in_flight / needed) if needed else 1.0
+    memory_s = d.dram_bytes / (peak.memory_gbps * 1e9 * bandwidth_share)
+    compute_s = d.flops / (peak.bf16_tflops * 1e12 * d.tile_use) if d.flops else 0.0
+    special_s = d.special / (peak.sms * peak.special_per_sm_per_clock * peak.clock_ghz * 1e9)
+    l2_s = d.load_bytes / (peak.l2_gbps * 1e9) if peak.l2_gbps else 0.0
+    seconds = max(memory_s, compute_s, special_s, l2_s) / wave_use
+    bound = max((memory_s, "memory"), (compute_s, "tensor cores"), (special_s, "exp (SFU)"), (l2_s, "L2"))[1]
+    return {"seconds": seconds, "percent": 100.0 * roofline_s / seconds, "bound": bound,
+            "bandwidth_share": bandwidth_share, "wave_use": wave_use}
+
+
+def estimates(resource_rows: Sequence[dict], devices: Sequence[str] = ESTIMATE_DEVICES) -> list[dict]:
+    out = []
+    peaks = {p.name: p for p in PEAKS}
+    for device in devices:
+        peak = peaks[device]
+        for op, shapes in KERNEL_SHAPES.items():
+            if op not in DESIGNED:  # the block is five launches of the kernels below
+                continue
+            for shape in shapes:
+                nbytes, flops = op_cost(op, shape, ITEMSIZE)
+                # bench.report's roofline of a bf16 case: compulsory bytes and FLOPs over the peaks
+                roofline_s = max(nbytes / (peak.memory_gbps * 1e9), flops / (peak.bf16_tflops * 1e12))
+                for backend in BACKENDS:
+                    try:
+                        config = default_config(backend, op, peak.arch)
+                    except ImportError:
+                        continue
+                    d = design(backend, op, shape, config)
+                    if d is None:
+                        continue
+                    row = occupancy_from_table(resource_rows, backend, op, peak.arch, shape)
+                    blocks_per_sm = row["blocks_per_sm"] if row else None
+                    est = estimate(d, peak, blocks_per_sm, roofline_s)
+                    out.append({"device": device, "op": op, "shape": shape, "backend": backend,
+                                "blocks": d.blocks, "blocks_per_sm": blocks_per_sm, "dram_mb": d.dram_bytes / 1e6,
+                                "loads_mb": d.load_bytes / 1e6, "gflop": d.flops / 1e9, **est})
+    return out
+
+
+def load_resources(path: Path = RESOURCE_TABLE) -> list[dict]:
+    from tuning.resources import load_table
+    return load_table(path)
+
+
+def case_name(op: str, shape: dict) -> str:
+    from bench.schema import case_label
+    return case_label(op, shape)
+
+
+COMMAND = "python -m bench.report --static --out bench/results/roofline_estimate"
+
+
+def markdown(rows: Sequence[dict], measured: Optional[dict] = None) -> str:
+    """The estimate table; with `measured` ({(device, case, backend): percent}) a measured column."""
+    from tabulate import tabulate
+    headers = ["device", "case", "backend", "blocks", "blocks/SM", "DRAM MB", "loads MB", "GFLOP", "bound",
+               "est. time", "est. % roofline"]
+    if measured is not None:
+        headers.append("measured % roofline")
+    table = []
+    for r in rows:
+        line = [r["device"], case_name(r["op"], r["shape"]), r["backend"], r["blocks"],
+                "-" if r["blocks_per_sm"] is None else r["blocks_per_sm"], f"{r['dram_mb']:.1f}",
+                f"{r['loads_mb']:.1f}", f"{r['gflop']:.1f}", r["bound"], f"{r['seconds'] * 1e6:.0f} us",
+                f"{r['percent']:.0f}%"]
+        if measured is not None:
+            value = measured.get((r["device"], case_name(r["op"], r["shape"]), r["backend"]))
+            line.append("-" if value is None else f"{value:.0f}%")
+        table.append(line)
+    return "\n".join([
+        "# Roofline estimate per kernel, from the design (an estimate, not a measurement)", "",
+        f"- command: `{COMMAND}` (add a pytest-benchmark JSON for the measured column)",
+        "- what it is: each kernel's default bf16 tiling at the benchmark shapes (bench/workloads.py), with the "
+        "occupancy its compiled resources allow (bench/results/kernel_resources.md); time = max(DRAM bytes / "
+        "bandwidth the resident blocks keep in flight, global loads / L2 bandwidth, FLOPs / bf16 peak x useful "
+        "tile share, exp / SFU rate) / wave utilisation; % roofline = the report's roofline time (compulsory "
+        "bytes and FLOPs over the peaks, bench/workloads.py) / that time",
+        "- assumed, not vendor figures: DRAM latency (H100 650 ns, RTX 5070 600 ns) for the bytes in flight, L2 "
+        "bandwidth (H100 5.5 TB/s, RTX 5070 2.5 TB/s), 16 exp2 per SM per clock, L2 serving every re-read (W "
+        "panels under grouped ordering, a head's K and V)",
+        "- not modelled: instruction issue, pipeline bubbles, TMA; above 100% means the kernel moves fewer bytes "
+        "than bench/workloads.py counts (halt_update reads only the row it keeps: 2NC, the count says 3NC)",
+        "- a measured column appears only where `bench/gpu_session.sh` ran the benchmarks on that GPU", "",
+        tabulate(table, headers, tablefmt="github"), ""])
+
+
+def measured_percent(data: dict) -> dict:
+    """{(device name in PEAKS, case, backend): measured % of roofline} from a pytest-benchmark JSON."""
+    from bench.peaks import find_peak
+    from bench.report import load_measurements, peak_use
+    out = {}
+    for m in load_measurements(data):
+        peak = find_peak(m.info.device)
+        use = peak_use(m, peak).roofline if peak else None
+        if use is not None and m.info.suite == "kernel":
+            out[(peak.name, m.info.case, m.info.backend)] = use
+    return out

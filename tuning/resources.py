@@ -1,0 +1,185 @@
+"""What each kernel's default configuration needs of the GPU, compiled ahead of time, no GPU needed.
+
+For every launch the shipped GPU model makes (tuning.buckets: batch 16, context 256, 384 wide, 6
+heads, vocabularies 65 and 50304), in bf16, each kernel of both backends is compiled with its
+default configuration for sm_80, sm_90, sm_100 and sm_120, specialised as a real launch would be
+(see looplm_triton.aot and looplm_tile.runtime), and the cubin's resources are read: registers per
+thread, spill stores / stack / local memory per thread, shared memory per block, threads per block,
+and the occupancy they imply (tuning.gpus.occupancy). Tier 0 fails on any spill or exceeded limit
+(tests/test_triton_compile.py, tests/test_kernel_resources.py); this module writes the table:
+
+    python -m tuning.resources --out bench/results/kernel_resources     # .json and .md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from tabulate import tabulate
+
+from looplm.cli import CLIError, run_cli
+from looplm.fileio import atomic_write_text
+from tuning.buckets import MODEL_SHAPES
+from tuning.gpus import ARCHS, COMPILE_TARGETS, occupancy, resource_problem, spilled_bytes
+
+GPU_MODEL = MODEL_SHAPES["shakespeare-gpt2"]  # the shakespeare model's dims with both vocabularies below
+VOCABS = (65, 50304)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One default launch to compile: a kernel of one backend at one shape, in one variant."""
+
+    backend: str
+    kernel: str
+    variant: str  # what sets it apart, e.g. "qkv +bias"
+    shape: tuple
+    tuning: Any  # the kernel's KernelTuning, whose default (per dtype and arch) is compiled
+    compile: Callable[[torch.dtype, str, dict], dict]  # (dtype, arch, config) -> resources
+
+    def config(self, dtype: torch.dtype, arch: str) -> dict:
+        return self.tuning.default_for(dtype, arch)
+
+
+def triton_launches() -> list[Launch]:
+    from looplm_triton import attention, halt_update, layer_norm, linear, softmax_entropy
+
+    m = GPU_MODEL
+    rows, C, H = m.batch * m.context, m.n_embd, m.n_head
+    out: list[Launch] = []
+
+    def add(tuning, variant, shape, compile_fn=None):
+        fn = compile_fn or (lambda dt, arch, config, s=shape, t=tuning: t.compile(s, dt, config, arch))
+        out.append(Launch("triton", tuning.kernel, variant, shape, tuning, fn))
+
+    add(layer_norm.TUNING, "", (rows, C))
+    for name, shape, flags in (("qkv", (rows, 3 * C, C), {}), ("proj +residual", (rows, C, C), {"residual": True}),
+                               ("fc +gelu", (rows, 4 * C, C), {"activation": "gelu"}),
+                               ("fc2 +residual", (rows, C, 4 * C), {"residual": True}),
+                               *((f"lm_head V={v}", (rows, v, C), {}) for v in VOCABS)):
+        add(linear.TUNING, name, shape,
+            lambda dt, arch, config, s=shape, f=flags: linear.compile_variant(s, dt, config, arch, **f))
+    add(linear.LAYER_NORM_LINEAR_TUNING, "ln_2 + fc +gelu", (rows, C))
+    add(attention.TUNING, "causal", (m.batch, H, m.context, m.context, C // H))
+    for v in VOCABS:
+        add(softmax_entropy.TUNING, f"V={v}", (rows, v))
+    add(halt_update.TUNING, "", (rows, C))
+    return out
+
+
+def tile_launches() -> list[Launch]:
+    from looplm_tile import attention, halt_update, layer_norm, linear, runtime, softmax_entropy
+
+    m = GPU_MODEL
+    rows, C, H = m.batch * m.context, m.n_embd, m.n_head
+    kernels = {"layer_norm": layer_norm.layer_norm_kernel, "linear": linear.linear_kernel,
+               "attention": attention.attention_kernel, "softmax_entropy": softmax_entropy.softmax_entropy_kernel,
+               "halt_update": halt_update.halt_update_kernel}
+    out: list[Launch] = []
+
+    def add(module, variant, shape, **flags):
+        kernel = kernels[module.TUNING.kernel]
+
+        def compile_(dt, arch, config):  # the same signature tier 0 compiles (and caches)
+            return runtime.compile_cubin(kernel, module.compile_signature(shape, dt, config, **flags), arch, config)
+        out.append(Launch("tile", module.TUNING.kernel, variant, shape, module.TUNING, compile_))
+
+    add(layer_norm, "", (rows, C))
+    add(linear, "qkv", (rows, 3 * C, C))
+    add(linear, "proj +residual", (rows, C, C), has_residual=True)
+    add(linear, "fc +gelu", (rows, 4 * C, C), gelu=True)
+    add(linear, "fc2 +residual", (rows, C, 4 * C), has_residual=True)
+    for v in VOCABS:
+        add(linear, f"lm_head V={v}", (rows, v, C), has_bias=False)
+    add(attention, "causal", (m.batch, H, m.context, m.context, C // H))
+    for v in VOCABS:
+        add(softmax_entropy, f"V={v}", (rows, v))
+    add(halt_update, "", (rows, C))
+    return out
+
+
+LAUNCHES = {"triton": triton_launches, "tile": tile_launches}
+
+
+def measure(launches: Sequence[Launch], archs: Sequence[str], dtype: torch.dtype, workers: int = 2) -> list[dict]:
+    """One row per (launch, arch): the compiled resources, what they imply, and any problem."""
+    jobs = [(launch, arch, launch.config(dtype, arch)) for launch in launches for arch in archs]
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # compiles run in worker processes / tools
+        results = list(pool.map(lambda job: job[0].compile(dtype, job[1], job[2]), jobs))
+    rows = []
+    for (launch, arch, config), resources in zip(jobs, results):
+        limits = ARCHS[arch]
+        blocks = occupancy(resources, config, limits)
+        threads = resources.get("threads")
+        rows.append({
+            "backend": launch.backend, "kernel": launch.kernel, "variant": launch.variant,
+            "shape": list(launch.shape), "dtype": str(dtype).removeprefix("torch."), "arch": arch,
+            "config": config, "registers": resources.get("registers"), "spilled": spilled_bytes(resources),
+            "shared_mem": resources.get("shared_mem"), "threads": threads, "blocks_per_sm": blocks,
+            "warps_per_sm": None if blocks is None or not threads else blocks * threads // 32,
+            "problem": resource_problem(resources, config, limits)})
+    return rows
+
+
+def markdown(rows: Sequence[dict], command: str) -> str:
+    headers = ["backend", "kernel", "variant", "arch", "registers", "spilled B", "shared B", "threads", "blocks/SM",
+               "warps/SM", "problem"]
+    table = [[r["backend"], r["kernel"], r["variant"], r["arch"], r["registers"], r["spilled"], r["shared_mem"],
+              r["threads"] or "-", "-" if r["blocks_per_sm"] is None else r["blocks_per_sm"],
+              "-" if r["warps_per_sm"] is None else r["warps_per_sm"], r["problem"] or ""] for r in rows]
+    shape = GPU_MODEL
+    return "\n".join([
+        "# Kernel resources of the default configurations (compiled ahead of time, not measured)", "",
+        f"- command: `{command}`",
+        f"- launches: the shipped GPU model's (batch {shape.batch}, context {shape.context}, {shape.n_embd} wide, "
+        f"{shape.n_head} heads, vocabularies {', '.join(map(str, VOCABS))}), {rows[0]['dtype'] if rows else ''}, "
+        "each specialised as the JIT specialises a real launch (divisibility of pointers, strides and sizes)",
+        "- registers per thread, bytes spilled to local memory per thread (spill stores, stack frame, local), "
+        "shared memory per block (bytes), threads per block; blocks/SM and warps/SM: the occupancy these imply "
+        "(CUDA occupancy rules, tuning.gpus.occupancy)",
+        "- problem: what tier 0 refuses (a spill, or a limit of the architecture exceeded); empty means it fits", "",
+        tabulate(table, headers, tablefmt="github"), ""])
+
+
+def load_table(path: Path) -> list[dict]:
+    """The rows of a table written by this module; CLIError when missing or corrupt."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise CLIError(f"cannot read the resource table {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise CLIError(f"resource table {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise CLIError(f"resource table {path} has no 'rows' list (write it with python -m tuning.resources)")
+    return data["rows"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tuning.resources", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="output prefix: writes PREFIX.json and PREFIX.md")
+    p.add_argument("--backend", choices=[*LAUNCHES, "all"], default="all")
+    p.add_argument("--jobs", type=int, default=2, help="compiles at once (default 2)")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        raise CLIError(f"--jobs must be >= 1, got {args.jobs}")
+    backends = list(LAUNCHES) if args.backend == "all" else [args.backend]
+    rows = []
+    for backend in backends:
+        rows += measure(LAUNCHES[backend](), COMPILE_TARGETS, torch.bfloat16, args.jobs)
+    command = "python -m tuning.resources " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
+    text = markdown(rows, command)
+    atomic_write_text(args.out.with_suffix(".md"), text)
+    print(text)
+    problems = [r for r in rows if r["problem"]]
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    run_cli(main, prog="python -m tuning.resources")
