@@ -56,7 +56,8 @@ def op_cost(op: str, shape: dict, itemsize: int) -> tuple[int, int]:
     if op == "halt_update":
         n, c = s["N"], s["C"]
         per_token = 1 + 4 + 4 + 4 + 1 + 4  # active, steps, score, threshold in; active, steps out
-        return 3 * n * c * itemsize + n * per_token, n * c
+        # each row reads the one state it keeps (h_new if active, else h) and writes it: 2 N C
+        return 2 * n * c * itemsize + n * per_token, n * c
     if op == "block":
         b, t, c = s["B"], s["T"], s["C"]
         return (2 * b * t * c + 12 * c * c) * itemsize, block_flops(b, t, c)
