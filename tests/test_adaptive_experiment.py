@@ -83,8 +83,10 @@ def test_adaptive_experiment_on_tiny_runs(tmp_path, monkeypatch):
         entropy_1 = torch.distributions.Categorical(logits=logits[0].double()).entropy()
         threshold = halving_entropy_threshold(entropy_1)
         halted = entropy_1 < threshold
-        seen.update(threshold=threshold, halted=halted, batch=(x, y), drawn=[],
-                    loss=torch.where(halted, losses[0], losses[1]).mean().item())
+        with torch.no_grad():  # the model's own halting forward at that threshold (its semantics: tests/test_model.py)
+            halting_loss = experiments.with_halting(model, "entropy", threshold)(x, y)[1].item()
+        seen.update(threshold=threshold, halted=halted, batch=(x, y), drawn=[], loss=halting_loss,
+                    mixed=torch.where(halted, losses[0], losses[1]).mean().item())
         monkeypatch.setattr(experiments, "ADAPTIVE_SWEEP", {"entropy": (0.01, threshold), "delta": (2.0,),
                                                             "gate": (0.5,)})
         real_get_batch = task.get_batch
@@ -112,9 +114,11 @@ def test_adaptive_experiment_on_tiny_runs(tmp_path, monkeypatch):
     assert abs(fixed_1["val_loss"] - full["val_loss"]) > 2e-3, "the second loop must change the loss"
     assert delta["loops_per_token"] == 1 and delta["val_loss"] == pytest.approx(fixed_1["val_loss"], abs=1e-4)
     assert never["loops_per_token"] == 2 and never["val_loss"] == pytest.approx(full["val_loss"], abs=1e-4)
-    # Halted tokens keep their loop-1 state; the others' loop 2 sees the same inputs as without halting.
+    # Halted tokens keep their loop-1 state and offer their loop-1 keys and values to the others' loop 2,
+    # so the loss is the model's halting forward, near (not equal to) the per-token mix of 1 and 2 loops.
     assert half["loops_per_token"] == pytest.approx(2 - seen["halted"].float().mean().item(), abs=1e-3)
     assert half["val_loss"] == pytest.approx(seen["loss"], abs=1e-4)
+    assert half["val_loss"] == pytest.approx(seen["mixed"], abs=0.05)
     assert half["loop_reduction"] == pytest.approx(2 / half["loops_per_token"], abs=0.01)
     assert all(r["forward_ms"] > 0 for r in sweep)
     assert summary["adaptive_goal"] == goal_table(sweep)
