@@ -115,15 +115,19 @@ class GenerationStats:
 @torch.no_grad()
 def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, *, fill: str = "latest", ring_size: Optional[int] = None,
-                    halt: Optional[bool] = None, n_loops: Optional[int] = None) -> tuple[Tensor, GenerationStats]:
+                    halt: Optional[bool] = None, n_loops: Optional[int] = None, pos: Optional[Tensor] = None
+                    ) -> tuple[Tensor, GenerationStats]:
     """Append max_new_tokens tokens to idx (B, T) with a per-loop K/V cache; returns (tokens, stats).
 
     temperature/top_k as LoopGPT.generate (0 is greedy). fill: one of FILLS (module docstring);
     ring_size: the slots of fill="ring". halt and n_loops as LoopGPT.forward: by default the model
     halts in eval mode when its config names a criterion, within max_loops; else n_loops loops.
+    pos: position ids (B, T + max_new_tokens) of the prompt and the tokens to come, as LoopGPT.generate.
     """
     check_sampling(max_new_tokens, temperature, top_k)
-    model._check_inputs(idx, None)
+    if pos is not None:
+        model._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
+    model._check_inputs(idx, None, None if pos is None else pos[:, :idx.size(1)])
     cfg = model.config
     if cfg.n_prelude or cfg.n_coda:
         raise ValueError(f"generate_cached needs a model without prelude or coda layers (they would need caches "
@@ -145,12 +149,13 @@ def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatur
         raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) - 1 = {fed} exceeds "
                          f"block_size {cfg.block_size}; LoopGPT.generate crops the context instead")
 
-    x0 = model.embed(idx)
+    x0 = model.embed(idx, pos=None if pos is None else pos[:, :prompt_len])
     cache = LoopKVCache(cfg.n_layer, slots, B, fed, cfg.n_embd, budget, x0.dtype, x0.device)
     all_steps = []
     for i in range(max_new_tokens):
         if i > 0:
-            x0 = model.embed(idx[:, -1:], start=idx.size(1) - 1)
+            last = idx.size(1) - 1
+            x0 = model.embed(idx[:, -1:], start=last, pos=None if pos is None else pos[:, last:last + 1])
         T = x0.size(1)
         threshold = model.halt_bar(idx).view(B, -1)[:, -T:].reshape(-1) if halting else None
         cache.begin(T)

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from looplm.checkpoint import load_checkpoint, read_config, save_checkpoint
 from looplm.config import ConfigError, LoopConfig
-from looplm.data.addition import AdditionTask
+from looplm.data.addition import POSITIONS, AdditionTask
 from looplm.data.shakespeare import ShakespeareTask
 from looplm.fileio import atomic_path, atomic_write_text
 from looplm.model import LoopGPT
@@ -96,6 +96,7 @@ class TrainConfig:
     random_offset: bool = True
     n_train: int = 100_000
     n_test: int = 200
+    positions: str = "absolute"  # absolute | coupled | abacus: position ids the task gives (data/addition.py)
     # optimizer and schedule
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
@@ -117,7 +118,7 @@ class TrainConfig:
     gate_only: bool = False  # train the halting gate alone (a second stage, from init_from=<checkpoint>)
 
     def __post_init__(self) -> None:
-        choices = {"task": TASKS, "loss_weights": LOSS_WEIGHTS, "dtype": ("auto", *DTYPES)}
+        choices = {"task": TASKS, "loss_weights": LOSS_WEIGHTS, "dtype": ("auto", *DTYPES), "positions": POSITIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -211,18 +212,26 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r} ({type(value).__name__})")
 
 
-def make_task(cfg: TrainConfig, block_size: int) -> Union[ShakespeareTask, AdditionTask]:
+def make_task(cfg: TrainConfig, block_size: int, n_positions: Optional[int] = None
+              ) -> Union[ShakespeareTask, AdditionTask]:
     if cfg.task == "shakespeare":
         return ShakespeareTask(cfg.data_dir, block_size)
     return AdditionTask(train_digits=cfg.train_digits, test_digits=cfg.test_digits, reverse=cfg.reverse_digits,
                         zero_pad=cfg.zero_pad, swap_augment=cfg.swap_augment, random_offset=cfg.random_offset,
-                        n_train=cfg.n_train, n_test=cfg.n_test, block_size=block_size, seed=cfg.seed)
+                        n_train=cfg.n_train, n_test=cfg.n_test, block_size=block_size, seed=cfg.seed,
+                        positions=cfg.positions, n_positions=n_positions)
+
+
+def task_positions(task: Union[ShakespeareTask, AdditionTask], x: Tensor, split: str,
+                   generator: torch.Generator) -> Optional[Tensor]:
+    """The position ids a task gives the batch x, or None: the model's own 0..T-1."""
+    return task.get_positions(x, split, generator) if isinstance(task, AdditionTask) else None
 
 
 def task_metadata(cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint records of its task, so evaluation rebuilds the same data."""
     keys = ("task",) + (("train_digits", "test_digits", "reverse_digits", "zero_pad", "swap_augment", "random_offset",
-                         "n_train", "n_test", "seed") if cfg.task == "addition" else ("data_dir",))
+                         "n_train", "n_test", "seed", "positions") if cfg.task == "addition" else ("data_dir",))
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -262,12 +271,12 @@ class LoopObjective(nn.Module):
         self.gate_loss_weight = cfg.gate_loss_weight
         self.gate_entropy_weight = cfg.gate_entropy_weight
 
-    def forward(self, idx: Tensor, targets: Tensor, n_loops: int, grad_loops: Optional[int] = None
-                ) -> tuple[Tensor, Tensor]:
+    def forward(self, idx: Tensor, targets: Tensor, n_loops: int, grad_loops: Optional[int] = None,
+                pos: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """-> (loss to minimise, the last loop's language-model loss for logging)."""
         model = self.model
         states: list[Tensor] = []
-        model.loop(model.embed(idx), idx, n_loops, halting=False, states=states, grad_loops=grad_loops)
+        model.loop(model.embed(idx, pos=pos), idx, n_loops, halting=False, states=states, grad_loops=grad_loops)
         weights = loop_weights(self.loss_weights, n_loops)
         valid = targets.reshape(-1) != -1
         per_loop = []  # per-token losses (N,) of the loops the loss needs
@@ -460,9 +469,11 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
         raise FileNotFoundError(f"init_from='resume' needs {state_file}; it is missing (no complete checkpoint)")
     if cfg.init_from == "scratch":
         block_size = model_keys.get("block_size", LoopConfig.block_size)
+        n_positions = model_keys.get("n_positions") or block_size
     else:
-        block_size = read_config(last_dir if cfg.init_from == "resume" else cfg.init_from).block_size
-    task = make_task(cfg, block_size)
+        source_config = read_config(last_dir if cfg.init_from == "resume" else cfg.init_from)
+        block_size, n_positions = source_config.block_size, source_config.n_positions
+    task = make_task(cfg, block_size, n_positions)
 
     state = None
     if cfg.init_from == "resume":
@@ -518,8 +529,9 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
             losses = []
             for _ in range(cfg.eval_iters):
                 x, y = task.get_batch(split, cfg.batch_size, eval_rng, device)
+                pos = task_positions(task, x, split, eval_rng)
                 with autocast:
-                    losses.append(model(x, y, halt=False)[1].item())
+                    losses.append(model(x, y, halt=False, pos=pos)[1].item())
             out[f"{split}_loss"] = sum(losses) / len(losses)
         model.train()
         return out
@@ -544,6 +556,7 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
     # draws the very batch this run would have trained on next.
     batch_rng_state = batch_rng.get_state()
     x, y = task.get_batch("train", cfg.batch_size, batch_rng, device)
+    pos = task_positions(task, x, "train", batch_rng)
     while True:
         elapsed = elapsed_before + time.perf_counter() - start
         progress = progress_at(iter_num, elapsed)
@@ -582,10 +595,11 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
             last_micro = micro_step == cfg.gradient_accumulation_steps - 1
             sync = objective.no_sync() if ddp.enabled and not last_micro else contextlib.nullcontext()
             with sync, autocast:
-                loss, lm_loss = objective(x, y, loops, grad_loops)
+                loss, lm_loss = objective(x, y, loops, grad_loops, pos)
                 loss = loss / cfg.gradient_accumulation_steps
             batch_rng_state = batch_rng.get_state()
             x, y = task.get_batch("train", cfg.batch_size, batch_rng, device)  # while the GPU works
+            pos = task_positions(task, x, "train", batch_rng)
             scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)

@@ -15,9 +15,22 @@ is its distance from the start of its number, the same in every problem of that 
 absolute positions then finds the digits to add at fixed offsets. Without it the operand lengths
 vary and the digits to add must be found by content, which a small model learns far more slowly.
 
+Positions the task gives (`positions`). "absolute": none, the model uses 0..T-1. "coupled"
+(position coupling, Cho et al. 2024): digits of one place value share one id across both operands
+and the answer, shifted so that the token that predicts an answer digit carries that digit's id:
+operand digit of significance j -> 2 + j; the token predicting answer digit j (the '=' or the
+answer digit before it) -> 2 + j; the last answer digit, which predicts ';' -> 2 + (n + 1) reversed,
+1 plain; '+', ';' and padding -> 0. "abacus" (McLeish et al. 2024): every digit's id is 1 + its
+significance, answer digits too (unshifted); '+', '=', ';' and padding -> 0. With either, operands
+are zero-padded to the longer one's width (at least the longest training operand with zero_pad)
+and the answer to one digit more, so the ids of the answer are known from the prompt.
+`random_offset` then adds one random shift per training row to every nonzero id, up to the
+position table (`n_positions`), so every id the test range needs is trained; evaluation uses none.
+The tokens themselves are never shifted in the row.
+
 Each problem is one row of `block_size` tokens, padded with `_`; a batch is cut to its longest row.
 The loss is on the answer only: targets are -1 except where the next token is an answer digit or
-the closing `;`. With `random_offset`, training rows start at a random position, so every position
+the closing `;`. With `random_offset` and absolute positions, training rows start at a random position, so every position
 embedding up to `block_size` is trained, not only the first few; with learned absolute positions
 this makes the task translation invariant, which is much slower to learn.
 """
@@ -26,14 +39,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 VOCAB = "0123456789+=;_"
-END, PAD = VOCAB.index(";"), VOCAB.index("_")
+PLUS, EQUALS, END, PAD = (VOCAB.index(c) for c in "+=;_")
+POSITIONS = ("absolute", "coupled", "abacus")
 IGNORE = -1  # the model's cross entropy ignores this target
 SPLITS = ("train", "val")
 Problem = tuple[int, int]
@@ -42,6 +56,11 @@ Problem = tuple[int, int]
 def sequence_length(n_digits: int) -> int:
     """Tokens of an n+n digit problem: n, '+', n, '=', up to n+1 answer digits, ';'."""
     return 3 * n_digits + 4
+
+
+def max_position_id(n_digits: int) -> int:
+    """The largest position id an n-digit problem takes with task-given positions, without offset."""
+    return n_digits + 3
 
 
 def encode(text: str) -> list[int]:
@@ -74,6 +93,12 @@ class AdditionTask:
     n_test: int = 200  # per digit count (fewer where the digit count has few problems)
     block_size: int = 64
     seed: int = 0
+    positions: str = "absolute"  # one of POSITIONS: who gives the model its position ids
+    n_positions: Optional[int] = None  # the model's position table (None: block_size); ids < this
+
+    @property
+    def gives_positions(self) -> bool:
+        return self.positions != "absolute"
 
     def __post_init__(self) -> None:
         train = _digit_range("train_digits", self.train_digits)
@@ -89,6 +114,15 @@ class AdditionTask:
         if self.block_size < longest:
             raise ValueError(f"block_size {self.block_size} is too short: {max(train[1], max(test))}-digit "
                              f"problems take {longest} tokens")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.n_positions is None:
+            object.__setattr__(self, "n_positions", self.block_size)
+        if not isinstance(self.n_positions, int) or self.n_positions < 1:
+            raise ValueError(f"n_positions must be an integer >= 1, got {self.n_positions!r}")
+        if self.gives_positions and max_position_id(max(train[1], max(test))) >= self.n_positions:
+            raise ValueError(f"n_positions {self.n_positions} is too small: {max(train[1], max(test))}-digit "
+                             f"problems take position ids up to {max_position_id(max(train[1], max(test)))}")
 
     @property
     def vocab_size(self) -> int:
@@ -99,8 +133,11 @@ class AdditionTask:
     def format(self, a: int, b: int) -> tuple[str, str]:
         """(prompt 'a+b=', answer 'c;') in this task's digit order; with zero_pad, both operands are
         written `width` digits wide and the answer width + 1 (`width`: the longest training operand,
-        or more for longer operands)."""
-        width = max(self.train_digits[1], len(str(a)), len(str(b))) if self.zero_pad else 0
+        or more for longer operands). With task-given positions, `width` is at least the longer
+        operand's, whether zero_pad or not."""
+        width = max(len(str(a)), len(str(b))) if self.gives_positions else 0
+        if self.zero_pad:
+            width = max(width, self.train_digits[1], len(str(a)), len(str(b)))
 
         def digits(n: int, pad: int) -> str:
             text = str(n).zfill(pad)
@@ -190,7 +227,7 @@ class AdditionTask:
         x, y = self._rows[split]
         rows = torch.randint(len(x), (batch_size,), generator=generator)
         x, y = x[rows], y[rows]
-        if self.random_offset and split == "train":
+        if self.random_offset and split == "train" and not self.gives_positions:
             # Roll each row right into its trailing padding: the problem starts at a random position.
             used = (x != PAD).sum(dim=1)
             offset = (torch.rand(batch_size, generator=generator) * (self.block_size - used + 1)).long()
@@ -200,6 +237,56 @@ class AdditionTask:
         # so cutting them changes nothing but the cost: rows of short problems in a 64-wide block.
         width = int((x != PAD).any(dim=0).nonzero().max()) + 1
         return x[:, :width].to(device), y[:, :width].to(device)
+
+    def get_positions(self, x: Tensor, split: str = "val", generator: Optional[torch.Generator] = None
+                      ) -> Optional[Tensor]:
+        """The position ids (B, T) this task gives the rows x (as get_batch and format write them), or
+        None with absolute positions. Training rows ('train' with random_offset and a generator) get
+        one random shift each, as large as the position table allows."""
+        if not self.gives_positions:
+            return None
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        pos = problem_positions(x, self.positions, self.reverse)
+        if self.random_offset and split == "train" and generator is not None:
+            room = self.n_positions - pos.max(dim=1).values  # shifts 0 .. room - 1 keep ids < n_positions
+            if bool((room < 1).any()):
+                raise ValueError(f"a row needs position ids up to {int(pos.max())}; n_positions is {self.n_positions}")
+            shift = (torch.rand(x.size(0), generator=generator) * room.cpu()).long().to(x.device)
+            pos = torch.where(pos > 0, pos + shift[:, None], pos)
+        if int(pos.max()) >= self.n_positions:
+            raise ValueError(f"these rows need position ids up to {int(pos.max())}; n_positions is {self.n_positions}")
+        return pos
+
+
+def problem_positions(x: Tensor, scheme: str, reverse: bool) -> Tensor:
+    """Position ids (B, T) without offset of rows 'a+b=c;__' whose operands have one width n (see the
+    module docstring): scheme "coupled" or "abacus", digits reversed or plain."""
+    col = torch.arange(x.size(1), device=x.device).expand_as(x)
+    plus = (x == PLUS).int().argmax(dim=1, keepdim=True)
+    equals = (x == EQUALS).int().argmax(dim=1, keepdim=True)
+    if not bool(((x == PLUS).sum(1) == 1).all() and ((x == EQUALS).sum(1) == 1).all()) or \
+            bool((equals - plus - 1 != plus).any()):
+        raise ValueError("task-given positions need rows 'a+b=...' with one '+', one '=' and operands of one width")
+    digit = x < 10
+    n = plus  # the operands' width
+    # significance of each operand digit and, for the answer, of the digit the token predicts
+    if reverse:
+        sig_a, sig_b, sig_c = col, col - plus - 1, col - equals - 1  # answer digit c_i sits at equals + 1 + i
+    else:  # operands n digits, the answer n + 1
+        sig_a, sig_b, sig_c = n - 1 - col, n - 1 - (col - plus - 1), n - (col - equals - 1)
+    in_a, in_b = digit & (col < plus), digit & (col > plus) & (col < equals)
+    in_c = digit & (col > equals)
+    if scheme == "coupled":  # the token predicting answer digit j carries j's id; '=' predicts the first
+        predicts = sig_c + 1 if reverse else sig_c - 1
+        pos = torch.where(in_a, sig_a + 2, torch.where(in_b, sig_b + 2, torch.where(in_c, predicts + 2, 0)))
+        first = 2 if reverse else n + 2
+        pos = torch.where(col == equals, first, pos)
+    elif scheme == "abacus":
+        pos = torch.where(in_a, sig_a + 1, torch.where(in_b, sig_b + 1, torch.where(in_c, sig_c + 1, 0)))
+    else:
+        raise ValueError(f"scheme must be 'coupled' or 'abacus', got {scheme!r}")
+    return pos
 
 
 def _draw(rng: random.Random, n_digits: int) -> int:
