@@ -95,6 +95,7 @@ class AdditionTask:
     seed: int = 0
     positions: str = "absolute"  # one of POSITIONS: who gives the model its position ids
     n_positions: Optional[int] = None  # the model's position table (None: block_size); ids < this
+    pack: int = 1  # training problems per row (task-given positions only): distractors at every distance
 
     @property
     def gives_positions(self) -> bool:
@@ -120,6 +121,14 @@ class AdditionTask:
             object.__setattr__(self, "n_positions", self.block_size)
         if not isinstance(self.n_positions, int) or self.n_positions < 1:
             raise ValueError(f"n_positions must be an integer >= 1, got {self.n_positions!r}")
+        if not isinstance(self.pack, int) or self.pack < 1 or (self.pack > 1 and not self.gives_positions):
+            raise ValueError(f"pack must be an integer >= 1, and 1 with absolute positions, got {self.pack!r}")
+        if self.pack * sequence_length(train[1]) > self.block_size:
+            raise ValueError(f"block_size {self.block_size} is too short for {self.pack} packed {train[1]}-digit "
+                             f"problems ({self.pack * sequence_length(train[1])} tokens)")
+        if self.gives_positions and self.pack * max_position_id(train[1]) >= self.n_positions:
+            raise ValueError(f"n_positions {self.n_positions} is too small for {self.pack} packed {train[1]}-digit "
+                             f"problems (disjoint position ids up to {self.pack * max_position_id(train[1])})")
         if self.gives_positions and max_position_id(max(train[1], max(test))) >= self.n_positions:
             raise ValueError(f"n_positions {self.n_positions} is too small: {max(train[1], max(test))}-digit "
                              f"problems take position ids up to {max_position_id(max(train[1], max(test)))}")
@@ -225,8 +234,11 @@ class AdditionTask:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         x, y = self._rows[split]
-        rows = torch.randint(len(x), (batch_size,), generator=generator)
-        x, y = x[rows], y[rows]
+        if split == "train" and self.pack > 1:
+            x, y = self._packed(x, y, torch.randint(len(x), (batch_size, self.pack), generator=generator))
+        else:
+            rows = torch.randint(len(x), (batch_size,), generator=generator)
+            x, y = x[rows], y[rows]
         if self.random_offset and split == "train" and not self.gives_positions:
             # Roll each row right into its trailing padding: the problem starts at a random position.
             used = (x != PAD).sum(dim=1)
@@ -242,51 +254,90 @@ class AdditionTask:
                       ) -> Optional[Tensor]:
         """The position ids (B, T) this task gives the rows x (as get_batch and format write them), or
         None with absolute positions. Training rows ('train' with random_offset and a generator) get
-        one random shift each, as large as the position table allows."""
+        random shifts, one per problem, as large as the position table allows; the problems of a
+        packed row get disjoint id ranges, so a problem never shares an id with another."""
         if not self.gives_positions:
             return None
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        pos = problem_positions(x, self.positions, self.reverse)
-        if self.random_offset and split == "train" and generator is not None:
-            room = self.n_positions - pos.max(dim=1).values  # shifts 0 .. room - 1 keep ids < n_positions
-            if bool((room < 1).any()):
-                raise ValueError(f"a row needs position ids up to {int(pos.max())}; n_positions is {self.n_positions}")
-            shift = (torch.rand(x.size(0), generator=generator) * room.cpu()).long().to(x.device)
-            pos = torch.where(pos > 0, pos + shift[:, None], pos)
-        if int(pos.max()) >= self.n_positions:
-            raise ValueError(f"these rows need position ids up to {int(pos.max())}; n_positions is {self.n_positions}")
-        return pos
+        shuffle = random.Random(int(torch.randint(2 ** 62, (1,), generator=generator))) \
+            if self.random_offset and split == "train" and generator is not None else None
+        rows = []
+        for tokens in x.tolist():
+            pieces = row_positions(tokens, self.positions, self.reverse)  # [(first column, ids)] per problem
+            widths = [max(ids) for _, ids in pieces]
+            free = self.n_positions - 1 - sum(widths)
+            if free < 0:
+                raise ValueError(f"a row of {len(pieces)} problem(s) needs position ids up to {sum(widths)}; "
+                                 f"n_positions is {self.n_positions}")
+            shifts = [0] * len(pieces)
+            if shuffle is not None:  # disjoint ranges in random order, random gaps between them
+                cuts = sorted(shuffle.randint(0, free) for _ in pieces)
+                order = list(range(len(pieces)))
+                shuffle.shuffle(order)
+                start = 0
+                for gap_end, (k, piece) in zip(cuts, enumerate(order)):
+                    shifts[piece] = start + gap_end
+                    start += widths[piece]
+            row = [0] * len(tokens)
+            for (first, ids), shift in zip(pieces, shifts):
+                row[first:first + len(ids)] = [i + shift if i else 0 for i in ids]
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.long, device=x.device)
+
+    def _packed(self, x: Tensor, y: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows holding the problems rows[i] (B, pack) one after another, padded to block_size."""
+        lengths = (x != PAD).sum(dim=1)
+        px = torch.full((rows.size(0), self.block_size), PAD, dtype=x.dtype)
+        py = torch.full_like(px, IGNORE)
+        for i, problems in enumerate(rows.tolist()):
+            rx = torch.cat([x[r, :lengths[r]] for r in problems])
+            ry = torch.cat([y[r, :lengths[r]] for r in problems])
+            px[i, :len(rx)], py[i, :len(ry)] = rx, ry
+        return px, py
 
 
-def problem_positions(x: Tensor, scheme: str, reverse: bool) -> Tensor:
-    """Position ids (B, T) without offset of rows 'a+b=c;__' whose operands have one width n (see the
-    module docstring): scheme "coupled" or "abacus", digits reversed or plain."""
-    col = torch.arange(x.size(1), device=x.device).expand_as(x)
-    plus = (x == PLUS).int().argmax(dim=1, keepdim=True)
-    equals = (x == EQUALS).int().argmax(dim=1, keepdim=True)
-    if not bool(((x == PLUS).sum(1) == 1).all() and ((x == EQUALS).sum(1) == 1).all()) or \
-            bool((equals - plus - 1 != plus).any()):
-        raise ValueError("task-given positions need rows 'a+b=...' with one '+', one '=' and operands of one width")
-    digit = x < 10
-    n = plus  # the operands' width
-    # significance of each operand digit and, for the answer, of the digit the token predicts
-    if reverse:
-        sig_a, sig_b, sig_c = col, col - plus - 1, col - equals - 1  # answer digit c_i sits at equals + 1 + i
-    else:  # operands n digits, the answer n + 1
-        sig_a, sig_b, sig_c = n - 1 - col, n - 1 - (col - plus - 1), n - (col - equals - 1)
-    in_a, in_b = digit & (col < plus), digit & (col > plus) & (col < equals)
-    in_c = digit & (col > equals)
-    if scheme == "coupled":  # the token predicting answer digit j carries j's id; '=' predicts the first
-        predicts = sig_c + 1 if reverse else sig_c - 1
-        pos = torch.where(in_a, sig_a + 2, torch.where(in_b, sig_b + 2, torch.where(in_c, predicts + 2, 0)))
-        first = 2 if reverse else n + 2
-        pos = torch.where(col == equals, first, pos)
-    elif scheme == "abacus":
-        pos = torch.where(in_a, sig_a + 1, torch.where(in_b, sig_b + 1, torch.where(in_c, sig_c + 1, 0)))
-    else:
-        raise ValueError(f"scheme must be 'coupled' or 'abacus', got {scheme!r}")
-    return pos
+def row_positions(tokens: list[int], scheme: str, reverse: bool) -> list[tuple[int, list[int]]]:
+    """Split a row into its problems 'a+b=c;' (padding ends it) -> [(first column, ids without offset)]."""
+    pieces, first = [], 0
+    while first < len(tokens) and tokens[first] != PAD:
+        end = tokens.index(END, first) + 1 if END in tokens[first:] else len(tokens)
+        while end < len(tokens) and tokens[end - 1] != END and tokens[end] != PAD:
+            end += 1
+        pieces.append((first, problem_positions(tokens[first:end], scheme, reverse)))
+        first = end
+    return pieces
+
+
+def problem_positions(tokens: list[int], scheme: str, reverse: bool) -> list[int]:
+    """Position ids without offset of one problem 'a+b=c;' (the answer may be partial) whose operands
+    have one width n (see the module docstring): scheme "coupled" or "abacus", reversed or plain."""
+    if tokens.count(PLUS) != 1 or tokens.count(EQUALS) != 1 or tokens.index(PLUS) > tokens.index(EQUALS):
+        raise ValueError(f"task-given positions need problems 'a+b=c;', got {decode(tokens)!r}")
+    plus, equals = tokens.index(PLUS), tokens.index(EQUALS)
+    n = plus
+    if equals - plus - 1 != n:
+        raise ValueError(f"task-given positions need operands of one width, got {decode(tokens)!r}")
+    ids = []
+    for col, token in enumerate(tokens):
+        if token >= 10 and token != EQUALS:  # '+', ';', '_'
+            ids.append(0)
+            continue
+        if col < plus:  # significance of the digit, or for the answer of the digit the token holds
+            sig = col if reverse else n - 1 - col
+        elif col < equals:
+            sig = col - plus - 1 if reverse else n - 1 - (col - plus - 1)
+        else:  # '=' is the answer digit "-1" (reversed) or "n + 1" (plain), before the first
+            sig = col - equals - 1 if reverse else n - (col - equals - 1)
+        if col < equals and scheme in ("coupled", "abacus"):
+            ids.append(sig + (2 if scheme == "coupled" else 1))
+        elif scheme == "coupled":  # the token predicting answer digit j carries j's id
+            ids.append((sig + 1 if reverse else sig - 1) + 2)
+        elif scheme == "abacus":
+            ids.append(0 if col == equals else sig + 1)
+        else:
+            raise ValueError(f"scheme must be 'coupled' or 'abacus', got {scheme!r}")
+    return ids
 
 
 def _draw(rng: random.Random, n_digits: int) -> int:
