@@ -97,6 +97,7 @@ class TrainConfig:
     n_train: int = 100_000
     n_test: int = 200
     positions: str = "absolute"  # absolute | coupled | abacus: position ids the task gives (data/addition.py)
+    pack: int = 1  # training problems per row, with task-given positions
     # optimizer and schedule
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
@@ -219,7 +220,7 @@ def make_task(cfg: TrainConfig, block_size: int, n_positions: Optional[int] = No
     return AdditionTask(train_digits=cfg.train_digits, test_digits=cfg.test_digits, reverse=cfg.reverse_digits,
                         zero_pad=cfg.zero_pad, swap_augment=cfg.swap_augment, random_offset=cfg.random_offset,
                         n_train=cfg.n_train, n_test=cfg.n_test, block_size=block_size, seed=cfg.seed,
-                        positions=cfg.positions, n_positions=n_positions)
+                        positions=cfg.positions, n_positions=n_positions, pack=cfg.pack)
 
 
 def task_positions(task: Union[ShakespeareTask, AdditionTask], x: Tensor, split: str,
@@ -231,7 +232,7 @@ def task_positions(task: Union[ShakespeareTask, AdditionTask], x: Tensor, split:
 def task_metadata(cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint records of its task, so evaluation rebuilds the same data."""
     keys = ("task",) + (("train_digits", "test_digits", "reverse_digits", "zero_pad", "swap_augment", "random_offset",
-                         "n_train", "n_test", "seed", "positions") if cfg.task == "addition" else ("data_dir",))
+                         "n_train", "n_test", "seed", "positions", "pack") if cfg.task == "addition" else ("data_dir",))
     return {k: getattr(cfg, k) for k in keys}
 
 

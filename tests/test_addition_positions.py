@@ -8,7 +8,7 @@ import torch
 from looplm import LoopConfig, LoopGPT
 from looplm.checkpoint import save_checkpoint
 from looplm.cli import run_cli
-from looplm.data.addition import PAD, AdditionTask, encode, max_position_id
+from looplm.data.addition import PAD, AdditionTask, encode, max_position_id, problem_positions
 from looplm.eval_addition import answer_problems, main, parse_problems, summarize
 from looplm.generation import generate_cached
 from tests.test_adaptive import sharpened_model
@@ -20,8 +20,9 @@ def task(**overrides) -> AdditionTask:
 
 
 def ids(t: AdditionTask, a: int, b: int) -> tuple[str, list[int]]:
+    """The problem's text and its ids before any shift."""
     text = "".join(t.format(a, b))
-    return text, t.get_positions(torch.tensor([encode(text)])).tolist()[0]
+    return text, problem_positions(encode(text), t.positions, t.reverse)
 
 
 # ---- the ids
@@ -41,6 +42,12 @@ def test_abacus_ids_are_each_digits_significance():
     assert ids(task(positions="abacus", reverse=False), 123, 45)[1] == [3, 2, 1, 0, 3, 2, 1, 0, 4, 3, 2, 1, 0]
 
 
+def test_evaluation_centres_each_problem_in_the_table():
+    t = task()  # 24 ids: a 3-digit problem takes 2..6, so 24 - 1 - 6 = 17 spare ids, 8 below it
+    text, base = ids(t, 123, 45)
+    assert t.get_positions(torch.tensor([encode(text + "__")])).tolist()[0] == [i + 8 if i else 0 for i in base] + [0, 0]
+
+
 def test_absolute_positions_give_none_and_keep_the_old_format():
     t = task(positions="absolute")
     assert t.format(123, 45) == ("321+54=", "861;") and t.get_positions(torch.zeros(1, 4, dtype=torch.long)) is None
@@ -55,8 +62,8 @@ def test_training_offsets_shift_each_problem_and_cover_the_table(reverse):
         x, _ = t.get_batch("train", 32, generator)
         base, shifted = t.get_positions(x), t.get_positions(x, "train", generator)
         assert (x.eq(PAD) <= base.eq(0)).all() and ((shifted == 0) == (base == 0)).all()
-        shift = torch.where(base > 0, shifted - base, -1).max(dim=1).values
-        assert ((shifted - base)[base > 0] == shift[:, None].expand_as(base)[base > 0]).all()  # one per row
+        for row_base, row_shifted in zip(base, shifted):
+            assert len((row_shifted - row_base)[row_base > 0].unique()) == 1  # one shift per row
         seen |= set(shifted.unique().tolist())
     assert seen >= set(range(2, t.n_positions)), "every id of the table is trained (1 is for plain order only)"
     assert torch.equal(t.get_positions(x, "val", generator), t.get_positions(x))  # no offsets outside training
@@ -134,7 +141,7 @@ def test_generation_takes_the_new_tokens_positions_from_the_task(halting):
     t = task()
     prompts = [t.format(a, b) for a, b in [(123, 45), (6, 789), (500, 500)]]
     full = torch.tensor([encode(p + a) for p, a in prompts])
-    pos = t.get_positions(full)
+    pos = torch.tensor([problem_positions(row, "coupled", True) for row in full.tolist()])
     prompt = full[:, :len(prompts[0][0])]
     new = full.size(1) - prompt.size(1)
     uncached = model.generate(prompt, new, temperature=0, pos=pos)

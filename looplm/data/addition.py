@@ -24,9 +24,12 @@ answer digit before it) -> 2 + j; the last answer digit, which predicts ';' -> 2
 significance, answer digits too (unshifted); '+', '=', ';' and padding -> 0. With either, operands
 are zero-padded to the longer one's width (at least the longest training operand with zero_pad)
 and the answer to one digit more, so the ids of the answer are known from the prompt.
-`random_offset` then adds one random shift per training row to every nonzero id, up to the
-position table (`n_positions`), so every id the test range needs is trained; evaluation uses none.
-The tokens themselves are never shifted in the row.
+`random_offset` then adds one random shift per training problem to every nonzero id, up to the
+position table (`n_positions`), so every id the test range needs is trained; evaluation centres
+each problem in the table instead (the ids at its ends are trained least). The tokens themselves
+are never shifted in the row. With `pack`, each training row holds that many problems with
+disjoint id ranges in random order: a problem's queries then meet digits at every id distance
+and in numbers like a long problem's, which a row of one short problem never shows them.
 
 Each problem is one row of `block_size` tokens, padded with `_`; a batch is cut to its longest row.
 The loss is on the answer only: targets are -1 except where the next token is an answer digit or
@@ -255,7 +258,8 @@ class AdditionTask:
         """The position ids (B, T) this task gives the rows x (as get_batch and format write them), or
         None with absolute positions. Training rows ('train' with random_offset and a generator) get
         random shifts, one per problem, as large as the position table allows; the problems of a
-        packed row get disjoint id ranges, so a problem never shares an id with another."""
+        packed row get disjoint id ranges, so a problem never shares an id with another. Other rows
+        are centred in the table: the ids at its ends are the least trained."""
         if not self.gives_positions:
             return None
         if split not in SPLITS:
@@ -270,13 +274,15 @@ class AdditionTask:
             if free < 0:
                 raise ValueError(f"a row of {len(pieces)} problem(s) needs position ids up to {sum(widths)}; "
                                  f"n_positions is {self.n_positions}")
-            shifts = [0] * len(pieces)
-            if shuffle is not None:  # disjoint ranges in random order, random gaps between them
+            if shuffle is None:  # evaluation: the rows' problems one after another, centred in the table
+                shifts = [free // 2 + sum(widths[:k]) for k in range(len(pieces))]
+            else:  # disjoint ranges in random order, random gaps between them
+                shifts = [0] * len(pieces)
                 cuts = sorted(shuffle.randint(0, free) for _ in pieces)
                 order = list(range(len(pieces)))
                 shuffle.shuffle(order)
                 start = 0
-                for gap_end, (k, piece) in zip(cuts, enumerate(order)):
+                for gap_end, piece in zip(cuts, order):
                     shifts[piece] = start + gap_end
                     start += widths[piece]
             row = [0] * len(tokens)
@@ -287,14 +293,17 @@ class AdditionTask:
 
     def _packed(self, x: Tensor, y: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Rows holding the problems rows[i] (B, pack) one after another, padded to block_size."""
-        lengths = (x != PAD).sum(dim=1)
-        px = torch.full((rows.size(0), self.block_size), PAD, dtype=x.dtype)
-        py = torch.full_like(px, IGNORE)
-        for i, problems in enumerate(rows.tolist()):
-            rx = torch.cat([x[r, :lengths[r]] for r in problems])
-            ry = torch.cat([y[r, :lengths[r]] for r in problems])
-            px[i, :len(rx)], py[i, :len(ry)] = rx, ry
-        return px, py
+        B, width = rows.size(0), x.size(1)
+        lengths = (x[rows] != PAD).sum(dim=2)  # (B, pack)
+        start = lengths.cumsum(dim=1) - lengths
+        col = torch.arange(width)
+        dest = torch.where(col < lengths[..., None], start[..., None] + col, self.block_size)  # spare column
+        packed = []
+        for source, fill in ((x, PAD), (y, IGNORE)):
+            out = torch.full((B, self.block_size + 1), fill, dtype=source.dtype)
+            out.scatter_(1, dest.view(B, -1), source[rows].view(B, -1))
+            packed.append(out[:, :-1])
+        return packed[0], packed[1]
 
 
 def row_positions(tokens: list[int], scheme: str, reverse: bool) -> list[tuple[int, list[int]]]:
