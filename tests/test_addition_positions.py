@@ -218,3 +218,23 @@ def test_summary_groups_by_the_longer_operand(checkpoint):
     assert [a.digits for a in answers] == [3, 3, 2] and all(len(a.steps) == 5 or len(a.steps) == 4 for a in answers)
     assert [(r.digits, r.problems) for r in summarize(answers)] == [(2, 1), (3, 2)]
     assert max_position_id(6) == 9
+
+
+# ---- the committed result
+
+
+COMMITTED = "experiments/addition/coupled_gpt1l"
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir(COMMITTED), reason=f"{COMMITTED} is not in this checkout")
+def test_the_committed_coupled_model_adds_numbers_longer_than_any_it_saw():
+    """GPT-1L with coupled positions, trained on operands of 1-4 digits only (configs/addition_coupled_gpt1l.py):
+    most 10- and 12-digit problems are right. The same data with learned absolute positions gets none
+    (experiments/addition/results.md)."""
+    from looplm.checkpoint import load_checkpoint
+    from looplm.eval_addition import task_from_checkpoint
+    model, t = load_checkpoint(COMMITTED), task_from_checkpoint(COMMITTED)
+    assert t.train_digits == (1, 4) and t.positions == "coupled"
+    for digits in (10, 12):
+        answers = answer_problems(model, t, t.test_set(digits)[:40])
+        assert sum(a.correct for a in answers) / len(answers) >= 0.6
