@@ -19,8 +19,6 @@ the measured one.
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence

@@ -32,6 +32,9 @@ class ConfigError(ValueError):
 class LoopConfig:
     vocab_size: int = 65
     block_size: int = 256
+    # Rows of the position table. None: block_size (positions 0..T-1). A task that gives its own
+    # position ids (model(idx, pos=...)) may need more, or fewer, than block_size.
+    n_positions: Optional[int] = None
     n_embd: int = 384
     n_head: int = 6
     n_layer: int = 1  # layers in the tied core
@@ -58,10 +61,12 @@ class LoopConfig:
         self.halt_thresholds_after = {int(k): float(v) for k, v in dict(self.halt_thresholds_after).items()}
         if self.max_loops is None:
             self.max_loops = self.n_loops
+        if self.n_positions is None:
+            self.n_positions = self.block_size
         self.validate()
 
     def validate(self) -> None:
-        for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer", "n_loops", "min_loops",
+        for name in ("vocab_size", "block_size", "n_positions", "n_embd", "n_head", "n_layer", "n_loops", "min_loops",
                      "max_loops"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -1,5 +1,11 @@
 """Length generalization on addition: `python -m looplm.eval_addition CKPT [--max-loops N] [--digits 1-20]`.
 
+    python -m looplm.eval_addition CKPT --problems FILE [--json] [--answers OUT]
+
+answers anyone's problems instead: one `a+b` per line (any lengths; blank lines skipped), grouped by
+the longer operand's digit count. A malformed line, or a problem longer than the model's block, is
+an error naming its line number, raised before anything is answered or written.
+
 For each digit count, the model answers every test problem greedily (`a+b=` -> `c;`), with halting
 on when its config names a criterion, and the table gives exact-match accuracy and the mean and
 largest number of loops run per answer token. `--max-loops` is the loop budget, which may exceed
@@ -8,6 +14,8 @@ the loops the model was trained with.
 from __future__ import annotations
 
 import argparse
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -17,7 +25,8 @@ from tabulate import tabulate
 
 from looplm.checkpoint import load_checkpoint, read_checkpoint_doc
 from looplm.cli import ArgumentParser, run_cli
-from looplm.data.addition import AdditionTask, encode, sequence_length
+from looplm.data.addition import AdditionTask, Problem, encode, max_position_id
+from looplm.fileio import atomic_write_text
 from looplm.model import LoopGPT
 from looplm.train import resolve_device
 
@@ -33,48 +42,140 @@ class DigitResult:
     def row(self) -> list:
         return [self.digits, self.problems, f"{100 * self.accuracy:.1f}", f"{self.mean_steps:.2f}", self.max_steps]
 
+    def to_json(self) -> dict:
+        return dict(digits=self.digits, problems=self.problems, accuracy=self.accuracy, mean_loops=self.mean_steps,
+                    max_loops=self.max_steps)
+
 
 HEADERS = ["digits", "problems", "exact match %", "mean loops", "max loops"]
 
 
+@dataclass
+class Answer:
+    """The model's answer to a+b: its text (up to and with ';' when it wrote one), whether it is
+    exactly right, and the loops it ran on each answer token."""
+    a: int
+    b: int
+    text: str
+    correct: bool
+    steps: list[int]
+
+    @property
+    def digits(self) -> int:
+        return max(len(str(self.a)), len(str(self.b)))
+
+
+def problem_tokens(task: AdditionTask, a: int, b: int) -> int:
+    prompt, answer = task.format(a, b)
+    return len(prompt) + len(answer)
+
+
+def check_fits(model: LoopGPT, task: AdditionTask, a: int, b: int) -> None:
+    """Raise ValueError if a+b does not fit the model's block (and position table, with task-given positions)."""
+    cfg, digits = model.config, max(len(str(a)), len(str(b)))
+    if problem_tokens(task, a, b) > cfg.block_size:
+        raise ValueError(f"{digits}-digit problems take {problem_tokens(task, a, b)} tokens; the model's "
+                         f"block_size is {cfg.block_size}")
+    if task.gives_positions and max_position_id(digits) >= cfg.n_positions:
+        raise ValueError(f"{digits}-digit problems take position ids up to {max_position_id(digits)}; the model's "
+                         f"n_positions is {cfg.n_positions}")
+
+
 @torch.no_grad()
+def answer_problems(model: LoopGPT, task: AdditionTask, problems: Sequence[Problem], max_loops: Optional[int] = None,
+                    batch_size: int = 256) -> list[Answer]:
+    """Greedy answers (`a+b=` -> `c;`) in the order of `problems`, with halting on when the model's
+    config names a criterion. Problems are batched by prompt length; each gets as many new tokens
+    as its reference answer has (a longer answer is wrong anyway)."""
+    model.eval()
+    device = model.lm_head.weight.device
+    for a, b in problems:
+        check_fits(model, task, a, b)
+    texts = [task.format(a, b) for a, b in problems]
+    groups: dict[int, list[int]] = {}
+    for i, (prompt, _) in enumerate(texts):
+        groups.setdefault(len(prompt), []).append(i)
+    answers: list[Optional[Answer]] = [None] * len(problems)
+    for members in groups.values():
+        for first in range(0, len(members), batch_size):
+            chunk = members[first:first + batch_size]
+            prompt_len = len(texts[chunk[0]][0])
+            answer_len = torch.tensor([len(texts[i][1]) for i in chunk], device=device)
+            n_new = int(answer_len.max())
+            prompts = torch.tensor([encode(texts[i][0]) for i in chunk], device=device)
+            pos = None
+            if task.gives_positions:  # the layout, hence the ids, follows from the prompt: read them off the reference
+                reference = torch.tensor([encode(texts[i][0] + texts[i][1]) for i in chunk], device=device)
+                pos = task.get_positions(reference)
+            seq = model.generate(prompts, n_new, temperature=0.0, n_loops=max_loops, pos=pos)
+            # Loops run where the model predicts each answer token of the reference answer. The model is
+            # causal, so one pass over the finished sequence decides halting exactly as decoding did.
+            _, _, trace = model(seq[:, :-1], n_loops=max_loops, return_trace=True,
+                                pos=None if pos is None else pos[:, :-1])
+            for row, i in enumerate(chunk):
+                a, b = problems[i]
+                text = task.decode(seq[row, prompt_len:].tolist())
+                text = text[:text.index(";") + 1] if ";" in text else text
+                steps = trace.steps[row, prompt_len - 1:prompt_len - 1 + int(answer_len[row])].tolist()
+                answers[i] = Answer(a, b, text, task.parse_answer(text) == a + b, steps)
+    return answers
+
+
+def summarize(answers: Sequence[Answer]) -> list[DigitResult]:
+    """Per digit count (the longer operand's): problems, exact match, mean and largest loops per answer token."""
+    by_digits: dict[int, list[Answer]] = {}
+    for answer in answers:
+        by_digits.setdefault(answer.digits, []).append(answer)
+    results = []
+    for digits in sorted(by_digits):
+        group = by_digits[digits]
+        steps = [s for answer in group for s in answer.steps]
+        results.append(DigitResult(digits, len(group), sum(a.correct for a in group) / len(group),
+                                   sum(steps) / len(steps), max(steps)))
+    return results
+
+
 def evaluate_digits(model: LoopGPT, task: AdditionTask, n_digits: int, max_loops: Optional[int] = None,
                     limit: Optional[int] = None, batch_size: int = 256) -> DigitResult:
     """Greedy answers to the n-digit test set (first `limit` problems)."""
-    if sequence_length(n_digits) > model.config.block_size:
-        raise ValueError(f"{n_digits}-digit problems take {sequence_length(n_digits)} tokens; the model's "
-                         f"block_size is {model.config.block_size}")
-    model.eval()
-    device = model.lm_head.weight.device
     problems = task.test_set(n_digits)[:limit]
-    correct, step_total, step_count, step_max = 0, 0, 0, 0
-    for first in range(0, len(problems), batch_size):
-        chunk = problems[first:first + batch_size]
-        texts = [task.format(a, b) for a, b in chunk]
-        prompts = torch.tensor([encode(prompt) for prompt, _ in texts], device=device)  # one length per digit count
-        seq = prompts
-        for _ in range(max(len(answer) for _, answer in texts)):
-            logits, _ = model(seq, n_loops=max_loops)
-            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        answers = [task.decode(row) for row in seq[:, prompts.size(1):].tolist()]
-        correct += sum(task.parse_answer(text) == a + b for text, (a, b) in zip(answers, chunk))
-        # Loops run where the model predicts each answer token of the reference answer. The model is
-        # causal, so one pass over the finished sequence decides halting exactly as decoding did.
-        _, _, trace = model(seq[:, :-1], n_loops=max_loops, return_trace=True)
-        positions = torch.arange(seq.size(1) - 1, device=device)
-        answer_len = torch.tensor([len(answer) for _, answer in texts], device=device)
-        start = prompts.size(1) - 1
-        on_answer = (positions >= start) & (positions < start + answer_len[:, None])
-        steps = trace.steps[on_answer]
-        step_total += int(steps.sum())
-        step_count += steps.numel()
-        step_max = max(step_max, int(steps.max()))
-    return DigitResult(n_digits, len(problems), correct / len(problems), step_total / step_count, step_max)
+    return summarize(answer_problems(model, task, problems, max_loops, batch_size))[0]
 
 
 def evaluate(model: LoopGPT, task: AdditionTask, digits: Optional[Sequence[int]] = None,
              max_loops: Optional[int] = None, limit: Optional[int] = None) -> list[DigitResult]:
     return [evaluate_digits(model, task, n, max_loops, limit) for n in (digits or task.test_digits)]
+
+
+PROBLEM_LINE = re.compile(r"\s*(\d+)\s*\+\s*(\d+)\s*")
+
+
+def parse_problems(text: str, source: str = "problems") -> list[tuple[int, Problem]]:
+    """One 'a+b' per line (a, b: digits 0-9; spaces around them allowed; blank lines skipped) ->
+    [(line number, (a, b))]. A malformed line is a ValueError naming its line number."""
+    problems = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        match = PROBLEM_LINE.fullmatch(line)
+        if match is None:
+            raise ValueError(f"{source}, line {number}: expected 'a+b' with a and b written in digits 0-9, "
+                             f"got {line.strip()[:60]!r}")
+        problems.append((number, (int(match.group(1)), int(match.group(2)))))
+    if not problems:
+        raise ValueError(f"{source} holds no problems: write one 'a+b' per line")
+    return problems
+
+
+def read_problems(path: Union[str, Path], model: LoopGPT, task: AdditionTask) -> list[Problem]:
+    """The problems of a file, each checked against the model's block before any is answered."""
+    numbered = parse_problems(Path(path).read_text(), str(path))
+    for number, (a, b) in numbered:
+        try:
+            check_fits(model, task, a, b)
+        except ValueError as e:
+            raise ValueError(f"{path}, line {number}: {e}") from None
+    return [problem for _, problem in numbered]
 
 
 def format_table(results: Sequence[DigitResult]) -> str:
@@ -88,11 +189,14 @@ def task_from_checkpoint(path: Union[str, Path], test_digits: Optional[Sequence[
     if meta.get("task") != "addition":
         raise ValueError(f"{path} was not trained on addition (its task: {meta.get('task', 'not recorded')!r})")
     block_size = doc["looplm_config"]["block_size"]
+    n_positions = doc["looplm_config"].get("n_positions") or block_size
     return AdditionTask(train_digits=tuple(meta["train_digits"]),
                         test_digits=tuple(test_digits or meta["test_digits"]), reverse=meta["reverse_digits"],
                         zero_pad=meta.get("zero_pad", False),  # checkpoints older than the option
                         swap_augment=meta["swap_augment"], random_offset=meta["random_offset"],
-                        n_train=meta["n_train"], n_test=meta["n_test"], block_size=block_size, seed=meta["seed"])
+                        n_train=meta["n_train"], n_test=meta["n_test"], block_size=block_size, seed=meta["seed"],
+                        positions=meta.get("positions", "absolute"), n_positions=n_positions,
+                        pack=meta.get("pack", 1))
 
 
 def parse_digits(text: str) -> list[int]:
@@ -112,6 +216,11 @@ def parse_digits(text: str) -> list[int]:
 def main(argv: Optional[Sequence[str]] = None) -> list[DigitResult]:
     parser = ArgumentParser(prog="python -m looplm.eval_addition", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint directory written by looplm.train on the addition task")
+    parser.add_argument("--problems", default=None, help="a file of problems, one 'a+b' per line, answered instead "
+                        "of the test sets")
+    parser.add_argument("--answers", default=None, help="write each answer to this file, one 'a+b=c' per line "
+                        "('?' where the model wrote no number)")
+    parser.add_argument("--json", action="store_true", help="print the results per digit count as JSON")
     parser.add_argument("--max-loops", type=int, default=None, help="loop budget (default: the config's)")
     parser.add_argument("--digits", type=parse_digits, default=None, help="digit counts, e.g. 1-20 (default: "
                         "the training run's test digits)")
@@ -123,17 +232,37 @@ def main(argv: Optional[Sequence[str]] = None) -> list[DigitResult]:
         parser.error(f"--max-loops must be >= 1, got {args.max_loops}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
+    if args.problems is not None and (args.digits is not None or args.limit is not None):
+        parser.error("--problems answers the file's problems; --digits and --limit are for the test sets")
     device = resolve_device(args.device)
     task = task_from_checkpoint(args.checkpoint, args.digits)
-    task.check_disjoint()
     model = load_checkpoint(args.checkpoint, backend=args.backend, device=device)
+    if args.problems is not None:
+        problems = read_problems(args.problems, model, task)
+    else:
+        task.check_disjoint()
+        for n in task.test_digits:
+            check_fits(model, task, *task.test_set(n)[0])
+        problems = [p for n in task.test_digits for p in task.test_set(n)[:args.limit]]
+    answers = answer_problems(model, task, problems, args.max_loops)
+    results = summarize(answers)
+    if args.answers is not None:
+        atomic_write_text(args.answers, "".join(f"{a.a}+{a.b}={_stated(task, a.text)}\n" for a in answers))
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=1))
+        return results
     cfg = model.config
     halting = f"halt={cfg.halt} (threshold {cfg.halt_threshold})" if cfg.halt != "none" else "no halting"
     print(f"{args.checkpoint}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, {halting}, "
-          f"loop budget {args.max_loops or cfg.max_loops}; trained on {task.train_digits[0]}-{task.train_digits[1]} digits")
-    results = evaluate(model, task, args.digits, args.max_loops, args.limit)
+          f"loop budget {args.max_loops or cfg.max_loops}; positions {task.positions}; trained on "
+          f"{task.train_digits[0]}-{task.train_digits[1]} digits")
     print(format_table(results))
     return results
+
+
+def _stated(task: AdditionTask, text: str) -> str:
+    value = task.parse_answer(text)
+    return "?" if value is None else str(value)
 
 
 if __name__ == "__main__":

@@ -145,15 +145,19 @@ class _Caches:
 @torch.no_grad()
 def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, *, fill: str = "latest", ring_size: Optional[int] = None,
-                    halt: Optional[bool] = None, n_loops: Optional[int] = None) -> tuple[Tensor, GenerationStats]:
+                    halt: Optional[bool] = None, n_loops: Optional[int] = None, pos: Optional[Tensor] = None
+                    ) -> tuple[Tensor, GenerationStats]:
     """Append max_new_tokens tokens to idx (B, T) with a per-loop K/V cache; returns (tokens, stats).
 
     temperature/top_k as LoopGPT.generate (0 is greedy). fill: one of FILLS (module docstring);
     ring_size: the slots of fill="ring". halt and n_loops as LoopGPT.forward: by default the model
     halts in eval mode when its config names a criterion, within max_loops; else n_loops loops.
+    pos: position ids (B, T + max_new_tokens) of the prompt and the tokens to come, as LoopGPT.generate.
     """
     check_sampling(max_new_tokens, temperature, top_k)
-    model._check_inputs(idx, None)
+    if pos is not None:
+        model._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
+    model._check_inputs(idx, None, None if pos is None else pos[:, :idx.size(1)])
     cfg = model.config
     halting = (cfg.halt != "none" and not model.training) if halt is None else bool(halt)
     if halting and cfg.halt == "none":
@@ -179,7 +183,8 @@ def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatur
         for cache in (caches.loop, caches.prelude, caches.coda):
             if cache is not None:
                 cache.begin(T)
-        x0 = model.embed(feed, start, kv=caches.prelude)
+        feed_pos = None if pos is None else pos[:, idx.size(1) - T:idx.size(1)]  # the task's ids of the fed tokens
+        x0 = model.embed(feed, start, feed_pos, kv=caches.prelude)
         # per-token thresholds from the context seen so far, for the fed positions
         threshold = model.halt_bar(idx[:, -cfg.block_size:]).view(B, -1)[:, -T:].reshape(-1) if halting else None
         h, steps = run_loop(model, x0, budget, threshold, kv=caches.loop)

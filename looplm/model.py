@@ -137,7 +137,7 @@ class LoopGPT(nn.Module):
         C, bias = config.n_embd, config.bias
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, C),
-            wpe=nn.Embedding(config.block_size, C),
+            wpe=nn.Embedding(config.n_positions, C),
             drop=nn.Dropout(config.dropout),
             prelude=nn.ModuleList([Block(config) for _ in range(config.n_prelude)]),
             core=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
@@ -186,10 +186,13 @@ class LoopGPT(nn.Module):
 
     # ---- the pieces of the forward pass
 
-    def embed(self, idx: Tensor, start: int = 0, *, kv: Optional[KVStore] = None) -> Tensor:
-        """(B, T) token ids at positions start.. -> x0 (B, T, C), through the prelude. With `kv` (cached
-        generation) the prelude also attends to the earlier tokens' keys and values kept there."""
-        pos = torch.arange(start, start + idx.size(1), device=idx.device)
+    def embed(self, idx: Tensor, start: int = 0, pos: Optional[Tensor] = None, *,
+              kv: Optional[KVStore] = None) -> Tensor:
+        """(B, T) token ids at positions start.. (or at the position ids `pos` (B, T) a task gives)
+        -> x0 (B, T, C), through the prelude. With `kv` (cached generation) the prelude also attends
+        to the earlier tokens' keys and values kept there."""
+        if pos is None:
+            pos = torch.arange(start, start + idx.size(1), device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         if kv is not None:
             return blocks_with_cache(self, self.transformer.prelude, x, kv)
@@ -286,15 +289,19 @@ class LoopGPT(nn.Module):
         return h
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, n_loops: Optional[int] = None,
-                halt: Optional[bool] = None, thresholds: Optional[Tensor] = None, return_trace: bool = False):
+                halt: Optional[bool] = None, thresholds: Optional[Tensor] = None, return_trace: bool = False,
+                pos: Optional[Tensor] = None):
         """nanoGPT's call: (logits, loss); logits for the last position only when targets is None.
+
+        pos: position ids (B, T) in [0, n_positions) that a task gives its tokens (e.g. place values
+        in addition), used instead of 0..T-1. Attention stays causal in the order of idx.
 
         halt: None halts in eval mode when the config names a criterion, never in training; True or
         False forces it. n_loops: the loop budget (default n_loops, or max_loops when halting).
         return_trace: also return a LoopTrace, as (logits, loss, trace).
         """
         cfg = self.config
-        self._check_inputs(idx, targets)
+        self._check_inputs(idx, targets, pos)
         halting = (cfg.halt != "none" and not self.training) if halt is None else bool(halt)
         if halting and cfg.halt == "none":
             raise ValueError("halt=True but the config has halt='none'; set a halting criterion")
@@ -307,7 +314,7 @@ class LoopGPT(nn.Module):
         if not self.training:
             hybrid_ops(self.backend, "the model is in eval mode")
 
-        x0 = self.embed(idx)
+        x0 = self.embed(idx, pos=pos)
         h = self.loop(x0, idx, budget, halting, thresholds, trace)
         if targets is not None:
             logits = self.head(h)
@@ -317,7 +324,7 @@ class LoopGPT(nn.Module):
             loss = None
         return (logits, loss, trace) if return_trace else (logits, loss)
 
-    def _check_inputs(self, idx: Tensor, targets: Optional[Tensor]) -> None:
+    def _check_inputs(self, idx: Tensor, targets: Optional[Tensor], pos: Optional[Tensor] = None) -> None:
         cfg = self.config
         if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
             raise ValueError(f"idx must be a (B, T) tensor of int64 token ids, got "
@@ -339,21 +346,44 @@ class LoopGPT(nn.Module):
                 raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
             if targets.device != device:
                 raise ValueError(f"targets are on {targets.device} but the model is on {device}")
+        if pos is not None:
+            self._check_positions(pos, tuple(idx.shape))
+        elif idx.size(1) > cfg.n_positions:
+            raise ValueError(f"sequence length {idx.size(1)} exceeds the {cfg.n_positions} rows of the position "
+                             "table (n_positions); pass position ids pos=... in [0, n_positions)")
+
+    def _check_positions(self, pos: Tensor, shape: tuple[int, ...]) -> None:
+        n = self.config.n_positions
+        if not isinstance(pos, Tensor) or pos.dtype not in (torch.long, torch.int32) or tuple(pos.shape) != shape:
+            raise ValueError(f"pos must be a {shape} tensor of int64 position ids, got {type(pos).__name__} "
+                             f"{getattr(pos, 'dtype', '')} {tuple(getattr(pos, 'shape', ()))}")
+        if pos.device != self.lm_head.weight.device:
+            raise ValueError(f"pos is on {pos.device} but the model is on {self.lm_head.weight.device}")
+        lo, hi = (int(v) for v in torch.aminmax(pos))
+        if lo < 0 or hi >= n:
+            raise ValueError(f"position ids must be in [0, {n}) (n_positions), got values in [{lo}, {hi}]")
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 *, use_cache: bool = True, halt: Optional[bool] = None, n_loops: Optional[int] = None) -> Tensor:
+                 *, use_cache: bool = True, halt: Optional[bool] = None, n_loops: Optional[int] = None,
+                 pos: Optional[Tensor] = None) -> Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T), nanoGPT's way. temperature=0 is greedy;
         halt and n_loops as in forward. By default every token runs once, keys and values kept per
         loop (`looplm.generation`, fill "latest": the same tokens as without the cache); rows whose
-        token has halted stop computing. use_cache=False reruns the whole (cropped) context per token."""
+        token has halted stop computing. use_cache=False reruns the whole (cropped) context per token.
+        pos: position ids (B, T + max_new_tokens) of the prompt and of the tokens to come, as the
+        task gives them (the last column is never fed; see LoopGPT.forward)."""
         if use_cache:
             from looplm.generation import generate_cached  # generation builds on this module
-            return generate_cached(self, idx, max_new_tokens, temperature, top_k, halt=halt, n_loops=n_loops)[0]
+            return generate_cached(self, idx, max_new_tokens, temperature, top_k, halt=halt, n_loops=n_loops,
+                                   pos=pos)[0]
         check_sampling(max_new_tokens, temperature, top_k)
+        if pos is not None:
+            self._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
         for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond, halt=halt, n_loops=n_loops)
+            end, start = idx.size(1), max(0, idx.size(1) - self.config.block_size)
+            idx_cond = idx[:, start:]
+            logits, _ = self(idx_cond, halt=halt, n_loops=n_loops, pos=None if pos is None else pos[:, start:end])
             idx = torch.cat((idx, sample_next_token(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
 

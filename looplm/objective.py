@@ -52,15 +52,15 @@ class LoopObjective(nn.Module):
         self.gate_loss_weight = cfg.gate_loss_weight
         self.gate_entropy_weight = cfg.gate_entropy_weight
 
-    def forward(self, idx: Tensor, targets: Tensor, n_loops: int, grad_loops: Optional[int] = None
-                ) -> tuple[Tensor, Tensor]:
+    def forward(self, idx: Tensor, targets: Tensor, n_loops: int, grad_loops: Optional[int] = None,
+                pos: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """-> (loss to minimise, the last loop's language-model loss for logging). Targets of -1
         carry no loss; losses are means over the tokens that have a target, as nanoGPT's."""
         model = self.model
         weights = loop_weights(self.loss_weights, n_loops)
         every_loop = self.gate or any(w > 0 for w in weights[:-1])
         states: list[Tensor] = []
-        final = model.loop(model.embed(idx), idx, n_loops, halting=False, states=states if every_loop else None,
+        final = model.loop(model.embed(idx, pos=pos), idx, n_loops, halting=False, states=states if every_loop else None,
                            grad_loops=grad_loops)
         targets = targets.reshape(-1)
         if not self.gate:  # the head runs only for the loops whose loss counts

@@ -6,7 +6,7 @@ running at each loop, the mean and largest loops per token, and the loss against
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from tabulate import tabulate
@@ -32,17 +32,17 @@ def loss_curve_table(history: list[dict]) -> str:
 
 
 @torch.no_grad()
-def loop_table(model, x: torch.Tensor, y: torch.Tensor) -> tuple[str, dict]:
+def loop_table(model, x: torch.Tensor, y: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[str, dict]:
     """Per-loop entropy and state change (every loop run), with the halting run beside them. Means
     are over the tokens that have a target (all of them in language modelling, the answer in addition)."""
     model.eval()
     counted = y != -1
-    _, loss_all, trace = model(x, y, halt=False, return_trace=True)
+    _, loss_all, trace = model(x, y, halt=False, return_trace=True, pos=pos)
     stats = dict(val_loss_all_loops=loss_all.item())
     rows = [[t + 1, f"{entropy[counted].mean().item():.3f}", f"{delta[counted].mean().item():.3f}", "-"]
             for t, (entropy, delta) in enumerate(zip(trace.entropy, trace.delta))]
     if model.config.halt != "none":
-        _, loss_halt, halted = model(x, y, halt=True, return_trace=True)
+        _, loss_halt, halted = model(x, y, halt=True, return_trace=True, pos=pos)
         steps = halted.steps[counted].float()
         stats.update(val_loss_halting=loss_halt.item(), mean_steps=steps.mean().item(), max_steps=int(steps.max()),
                      loop_budget=model.config.max_loops)
@@ -64,7 +64,8 @@ def training_report(result: "TrainResult", sample_tokens: int = 300, seed: int =
              "== loss curve", loss_curve_table(result.history), ""]
 
     x, y = task.get_batch("val", REPORT_BATCH, torch.Generator().manual_seed(seed), device)
-    table, stats = loop_table(model, x, y)
+    pos = task.get_positions(x) if isinstance(task, AdditionTask) else None  # the ids the task gives, if any
+    table, stats = loop_table(model, x, y, pos)
     lines += [f"== per loop, on {REPORT_BATCH} validation rows", table, ""]
     if cfg.halt != "none":
         sign = ">" if cfg.halt in HIGHER_IS_SURER else "<"

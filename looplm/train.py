@@ -33,6 +33,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from looplm.checkpoint import load_checkpoint, load_train_state, read_config, save_checkpoint
@@ -53,18 +54,27 @@ METRICS_FIELDS = ("iter", "n_loops", "train_loss", "val_loss", "lr", "tokens_per
 # ---- the task
 
 
-def make_task(cfg: TrainConfig, block_size: int) -> Union[ShakespeareTask, AdditionTask]:
+def make_task(cfg: TrainConfig, block_size: int, n_positions: Optional[int] = None
+              ) -> Union[ShakespeareTask, AdditionTask]:
     if cfg.task == "shakespeare":
         return ShakespeareTask(cfg.data_dir, block_size)
     return AdditionTask(train_digits=cfg.train_digits, test_digits=cfg.test_digits, reverse=cfg.reverse_digits,
                         zero_pad=cfg.zero_pad, swap_augment=cfg.swap_augment, random_offset=cfg.random_offset,
-                        n_train=cfg.n_train, n_test=cfg.n_test, block_size=block_size, seed=cfg.seed)
+                        n_train=cfg.n_train, n_test=cfg.n_test, block_size=block_size, seed=cfg.seed,
+                        positions=cfg.positions, n_positions=n_positions, pack=cfg.pack)
+
+
+def task_positions(task: Union[ShakespeareTask, AdditionTask], x: Tensor, split: str,
+                   generator: torch.Generator) -> Optional[Tensor]:
+    """The position ids a task gives the batch x, or None: the model's own 0..T-1."""
+    return task.get_positions(x, split, generator) if isinstance(task, AdditionTask) else None
 
 
 def task_metadata(cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint records of its task, so evaluation rebuilds the same data."""
     keys = ("task",) + (("train_digits", "test_digits", "reverse_digits", "zero_pad", "swap_augment", "random_offset",
-                         "n_train", "n_test", "seed") if cfg.task == "addition" else ("data_dir",))
+                         "n_train", "n_test", "seed", "positions", "pack") if cfg.task == "addition"
+                        else ("data_dir",))
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -230,9 +240,11 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
     state = load_train_state(last_dir) if cfg.init_from == "resume" else None
     if cfg.init_from == "scratch":
         block_size = model_keys.get("block_size", LoopConfig.block_size)
+        n_positions = model_keys.get("n_positions") or block_size
     else:
-        block_size = read_config(last_dir if cfg.init_from == "resume" else cfg.init_from).block_size
-    task = make_task(cfg, block_size)
+        source_config = read_config(last_dir if cfg.init_from == "resume" else cfg.init_from)
+        block_size, n_positions = source_config.block_size, source_config.n_positions
+    task = make_task(cfg, block_size, n_positions)
 
     if cfg.init_from == "resume":
         model = load_checkpoint(last_dir)
@@ -289,8 +301,9 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
             losses = []
             for _ in range(cfg.eval_iters):
                 x, y = task.get_batch(split, cfg.batch_size, eval_rng, device)
+                pos = task_positions(task, x, split, eval_rng)
                 with autocast:
-                    losses.append(evaluator(x, y, n_loops)[1].item())
+                    losses.append(evaluator(x, y, n_loops, None, pos)[1].item())
             out[f"{split}_loss"] = sum(losses) / len(losses)
         model.train()
         return out
@@ -317,6 +330,7 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
     # draws the very batch this run would have trained on next.
     batch_rng_state = batch_rng.get_state()
     x, y = task.get_batch("train", cfg.batch_size, batch_rng, device)
+    pos = task_positions(task, x, "train", batch_rng)
     while True:
         elapsed = elapsed_before + time.perf_counter() - start
         progress = progress_at(iter_num, elapsed)
@@ -355,11 +369,12 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
             last_micro = micro_step == cfg.gradient_accumulation_steps - 1
             sync = objective.no_sync() if ddp.enabled and not last_micro else contextlib.nullcontext()
             with sync, autocast:
-                loss, lm_loss = objective(x, y, loops, grad_loops)
+                loss, lm_loss = objective(x, y, loops, grad_loops, pos)
                 loss = loss / cfg.gradient_accumulation_steps
             window_tokens += x.numel() * ddp.world_size
             batch_rng_state = batch_rng.get_state()
             x, y = task.get_batch("train", cfg.batch_size, batch_rng, device)  # while the GPU works
+            pos = task_positions(task, x, "train", batch_rng)
             scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)

@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import torch
 
 from looplm.config import ConfigError, LoopConfig
+from looplm.data.addition import POSITIONS
 
 TASKS = ("shakespeare", "addition")
 LOSS_WEIGHTS = ("last", "all", "ramp")
@@ -60,6 +61,8 @@ class TrainConfig:
     random_offset: bool = True
     n_train: int = 100_000
     n_test: int = 200
+    positions: str = "absolute"  # absolute | coupled | abacus: position ids the task gives (data/addition.py)
+    pack: int = 1  # training problems per row, with task-given positions
     # optimizer and schedule
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
@@ -81,7 +84,7 @@ class TrainConfig:
     gate_only: bool = False  # train the halting gate alone (a second stage, from init_from=<checkpoint>)
 
     def __post_init__(self) -> None:
-        choices = {"task": TASKS, "loss_weights": LOSS_WEIGHTS, "dtype": ("auto", *DTYPES)}
+        choices = {"task": TASKS, "loss_weights": LOSS_WEIGHTS, "dtype": ("auto", *DTYPES), "positions": POSITIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

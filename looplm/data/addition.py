@@ -15,9 +15,25 @@ is its distance from the start of its number, the same in every problem of that 
 absolute positions then finds the digits to add at fixed offsets. Without it the operand lengths
 vary and the digits to add must be found by content, which a small model learns far more slowly.
 
+Positions the task gives (`positions`). "absolute": none, the model uses 0..T-1. "coupled"
+(position coupling, Cho et al. 2024): digits of one place value share one id across both operands
+and the answer, shifted so that the token that predicts an answer digit carries that digit's id:
+operand digit of significance j -> 2 + j; the token predicting answer digit j (the '=' or the
+answer digit before it) -> 2 + j; the last answer digit, which predicts ';' -> 2 + (n + 1) reversed,
+1 plain; '+', ';' and padding -> 0. "abacus" (McLeish et al. 2024): every digit's id is 1 + its
+significance, answer digits too (unshifted); '+', '=', ';' and padding -> 0. With either, operands
+are zero-padded to the longer one's width (at least the longest training operand with zero_pad)
+and the answer to one digit more, so the ids of the answer are known from the prompt.
+`random_offset` then adds one random shift per training problem to every nonzero id, up to the
+position table (`n_positions`), so every id the test range needs is trained; evaluation centres
+each problem in the table instead (the ids at its ends are trained least). The tokens themselves
+are never shifted in the row. With `pack`, each training row holds that many problems with
+disjoint id ranges in random order: a problem's queries then meet digits at every id distance
+and in numbers like a long problem's, which a row of one short problem never shows them.
+
 Each problem is one row of `block_size` tokens, padded with `_`; a batch is cut to its longest row.
 The loss is on the answer only: targets are -1 except where the next token is an answer digit or
-the closing `;`. With `random_offset`, training rows start at a random position, so every position
+the closing `;`. With `random_offset` and absolute positions, training rows start at a random position, so every position
 embedding up to `block_size` is trained, not only the first few; with learned absolute positions
 this makes the task translation invariant, which is much slower to learn.
 """
@@ -26,14 +42,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 VOCAB = "0123456789+=;_"
-END, PAD = VOCAB.index(";"), VOCAB.index("_")
+PLUS, EQUALS, END, PAD = (VOCAB.index(c) for c in "+=;_")
+POSITIONS = ("absolute", "coupled", "abacus")
 IGNORE = -1  # the model's cross entropy ignores this target
 SPLITS = ("train", "val")
 Problem = tuple[int, int]
@@ -42,6 +59,11 @@ Problem = tuple[int, int]
 def sequence_length(n_digits: int) -> int:
     """Tokens of an n+n digit problem: n, '+', n, '=', up to n+1 answer digits, ';'."""
     return 3 * n_digits + 4
+
+
+def max_position_id(n_digits: int) -> int:
+    """The largest position id an n-digit problem takes with task-given positions, without offset."""
+    return n_digits + 3
 
 
 def encode(text: str) -> list[int]:
@@ -74,6 +96,13 @@ class AdditionTask:
     n_test: int = 200  # per digit count (fewer where the digit count has few problems)
     block_size: int = 64
     seed: int = 0
+    positions: str = "absolute"  # one of POSITIONS: who gives the model its position ids
+    n_positions: Optional[int] = None  # the model's position table (None: block_size); ids < this
+    pack: int = 1  # training problems per row (task-given positions only): distractors at every distance
+
+    @property
+    def gives_positions(self) -> bool:
+        return self.positions != "absolute"
 
     def __post_init__(self) -> None:
         train = _digit_range("train_digits", self.train_digits)
@@ -89,6 +118,23 @@ class AdditionTask:
         if self.block_size < longest:
             raise ValueError(f"block_size {self.block_size} is too short: {max(train[1], max(test))}-digit "
                              f"problems take {longest} tokens")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.n_positions is None:
+            object.__setattr__(self, "n_positions", self.block_size)
+        if not isinstance(self.n_positions, int) or self.n_positions < 1:
+            raise ValueError(f"n_positions must be an integer >= 1, got {self.n_positions!r}")
+        if not isinstance(self.pack, int) or self.pack < 1 or (self.pack > 1 and not self.gives_positions):
+            raise ValueError(f"pack must be an integer >= 1, and 1 with absolute positions, got {self.pack!r}")
+        if self.pack * sequence_length(train[1]) > self.block_size:
+            raise ValueError(f"block_size {self.block_size} is too short for {self.pack} packed {train[1]}-digit "
+                             f"problems ({self.pack * sequence_length(train[1])} tokens)")
+        if self.gives_positions and self.pack * max_position_id(train[1]) >= self.n_positions:
+            raise ValueError(f"n_positions {self.n_positions} is too small for {self.pack} packed {train[1]}-digit "
+                             f"problems (disjoint position ids up to {self.pack * max_position_id(train[1])})")
+        if self.gives_positions and max_position_id(max(train[1], max(test))) >= self.n_positions:
+            raise ValueError(f"n_positions {self.n_positions} is too small: {max(train[1], max(test))}-digit "
+                             f"problems take position ids up to {max_position_id(max(train[1], max(test)))}")
 
     @property
     def vocab_size(self) -> int:
@@ -99,8 +145,11 @@ class AdditionTask:
     def format(self, a: int, b: int) -> tuple[str, str]:
         """(prompt 'a+b=', answer 'c;') in this task's digit order; with zero_pad, both operands are
         written `width` digits wide and the answer width + 1 (`width`: the longest training operand,
-        or more for longer operands)."""
-        width = max(self.train_digits[1], len(str(a)), len(str(b))) if self.zero_pad else 0
+        or more for longer operands). With task-given positions, `width` is at least the longer
+        operand's, whether zero_pad or not."""
+        width = max(len(str(a)), len(str(b))) if self.gives_positions else 0
+        if self.zero_pad:
+            width = max(width, self.train_digits[1], len(str(a)), len(str(b)))
 
         def digits(n: int, pad: int) -> str:
             text = str(n).zfill(pad)
@@ -188,9 +237,12 @@ class AdditionTask:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         x, y = self._rows[split]
-        rows = torch.randint(len(x), (batch_size,), generator=generator)
-        x, y = x[rows], y[rows]
-        if self.random_offset and split == "train":
+        if split == "train" and self.pack > 1:
+            x, y = self._packed(x, y, torch.randint(len(x), (batch_size, self.pack), generator=generator))
+        else:
+            rows = torch.randint(len(x), (batch_size,), generator=generator)
+            x, y = x[rows], y[rows]
+        if self.random_offset and split == "train" and not self.gives_positions:
             # Roll each row right into its trailing padding: the problem starts at a random position.
             used = (x != PAD).sum(dim=1)
             offset = (torch.rand(batch_size, generator=generator) * (self.block_size - used + 1)).long()
@@ -200,6 +252,101 @@ class AdditionTask:
         # so cutting them changes nothing but the cost: rows of short problems in a 64-wide block.
         width = int((x != PAD).any(dim=0).nonzero().max()) + 1
         return x[:, :width].to(device), y[:, :width].to(device)
+
+    def get_positions(self, x: Tensor, split: str = "val", generator: Optional[torch.Generator] = None
+                      ) -> Optional[Tensor]:
+        """The position ids (B, T) this task gives the rows x (as get_batch and format write them), or
+        None with absolute positions. Training rows ('train' with random_offset and a generator) get
+        random shifts, one per problem, as large as the position table allows; the problems of a
+        packed row get disjoint id ranges, so a problem never shares an id with another. Other rows
+        are centred in the table: the ids at its ends are the least trained."""
+        if not self.gives_positions:
+            return None
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        shuffle = random.Random(int(torch.randint(2 ** 62, (1,), generator=generator))) \
+            if self.random_offset and split == "train" and generator is not None else None
+        rows = []
+        for tokens in x.tolist():
+            pieces = row_positions(tokens, self.positions, self.reverse)  # [(first column, ids)] per problem
+            widths = [max(ids) for _, ids in pieces]
+            free = self.n_positions - 1 - sum(widths)
+            if free < 0:
+                raise ValueError(f"a row of {len(pieces)} problem(s) needs position ids up to {sum(widths)}; "
+                                 f"n_positions is {self.n_positions}")
+            if shuffle is None:  # evaluation: the rows' problems one after another, centred in the table
+                shifts = [free // 2 + sum(widths[:k]) for k in range(len(pieces))]
+            else:  # disjoint ranges in random order, random gaps between them
+                shifts = [0] * len(pieces)
+                cuts = sorted(shuffle.randint(0, free) for _ in pieces)
+                order = list(range(len(pieces)))
+                shuffle.shuffle(order)
+                start = 0
+                for gap_end, piece in zip(cuts, order):
+                    shifts[piece] = start + gap_end
+                    start += widths[piece]
+            row = [0] * len(tokens)
+            for (first, ids), shift in zip(pieces, shifts):
+                row[first:first + len(ids)] = [i + shift if i else 0 for i in ids]
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.long, device=x.device)
+
+    def _packed(self, x: Tensor, y: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows holding the problems rows[i] (B, pack) one after another, padded to block_size."""
+        B, width = rows.size(0), x.size(1)
+        lengths = (x[rows] != PAD).sum(dim=2)  # (B, pack)
+        start = lengths.cumsum(dim=1) - lengths
+        col = torch.arange(width)
+        dest = torch.where(col < lengths[..., None], start[..., None] + col, self.block_size)  # spare column
+        packed = []
+        for source, fill in ((x, PAD), (y, IGNORE)):
+            out = torch.full((B, self.block_size + 1), fill, dtype=source.dtype)
+            out.scatter_(1, dest.view(B, -1), source[rows].view(B, -1))
+            packed.append(out[:, :-1])
+        return packed[0], packed[1]
+
+
+def row_positions(tokens: list[int], scheme: str, reverse: bool) -> list[tuple[int, list[int]]]:
+    """Split a row into its problems 'a+b=c;' (padding ends it) -> [(first column, ids without offset)]."""
+    pieces, first = [], 0
+    while first < len(tokens) and tokens[first] != PAD:
+        end = tokens.index(END, first) + 1 if END in tokens[first:] else len(tokens)
+        while end < len(tokens) and tokens[end - 1] != END and tokens[end] != PAD:
+            end += 1
+        pieces.append((first, problem_positions(tokens[first:end], scheme, reverse)))
+        first = end
+    return pieces
+
+
+def problem_positions(tokens: list[int], scheme: str, reverse: bool) -> list[int]:
+    """Position ids without offset of one problem 'a+b=c;' (the answer may be partial) whose operands
+    have one width n (see the module docstring): scheme "coupled" or "abacus", reversed or plain."""
+    if tokens.count(PLUS) != 1 or tokens.count(EQUALS) != 1 or tokens.index(PLUS) > tokens.index(EQUALS):
+        raise ValueError(f"task-given positions need problems 'a+b=c;', got {decode(tokens)!r}")
+    plus, equals = tokens.index(PLUS), tokens.index(EQUALS)
+    n = plus
+    if equals - plus - 1 != n:
+        raise ValueError(f"task-given positions need operands of one width, got {decode(tokens)!r}")
+    ids = []
+    for col, token in enumerate(tokens):
+        if token >= 10 and token != EQUALS:  # '+', ';', '_'
+            ids.append(0)
+            continue
+        if col < plus:  # significance of the digit, or for the answer of the digit the token holds
+            sig = col if reverse else n - 1 - col
+        elif col < equals:
+            sig = col - plus - 1 if reverse else n - 1 - (col - plus - 1)
+        else:  # '=' is the answer digit "-1" (reversed) or "n + 1" (plain), before the first
+            sig = col - equals - 1 if reverse else n - (col - equals - 1)
+        if col < equals and scheme in ("coupled", "abacus"):
+            ids.append(sig + (2 if scheme == "coupled" else 1))
+        elif scheme == "coupled":  # the token predicting answer digit j carries j's id
+            ids.append((sig + 1 if reverse else sig - 1) + 2)
+        elif scheme == "abacus":
+            ids.append(0 if col == equals else sig + 1)
+        else:
+            raise ValueError(f"scheme must be 'coupled' or 'abacus', got {scheme!r}")
+    return ids
 
 
 def _draw(rng: random.Random, n_digits: int) -> int:
