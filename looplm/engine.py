@@ -28,10 +28,12 @@ residual in the epilogue), so each backend's kernels run on the active rows only
 
 Cost per loop. Work proportional to the active tokens: states, keys, values and the trace are
 written in place into preallocated buffers (out of place while autograd records, which needs the
-old values), and the host learns which tokens are active from one device-to-host transfer per loop.
-Attention runs on the batch rows holding an active token, for the window of positions p0..p1 they
-span (the op's causal mask is aligned bottom-right, so queries p0..p1 over keys 0..p1 keep their
-positions); the readout computes one log-softmax per loop, and only for the KL criterion keeps the
+old values); each layer's keys and values are its QKV rows, written in one copy. The host learns
+which tokens still run from one device-to-host transfer per loop, of the running rows' flags, and
+plans the next loop's rows from them in numpy. Attention runs on the batch rows holding an active
+token, for the keys of positions 0..p1 (p1 the last active position); on the torch backend the
+active queries only, packed per batch row, with an additive causal mask taken from a per-run
+table; the readout computes one log-softmax per loop, and only for the KL criterion keeps the
 previous distribution.
 """
 from __future__ import annotations
