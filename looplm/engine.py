@@ -28,10 +28,12 @@ residual in the epilogue), so each backend's kernels run on the active rows only
 
 Cost per loop. Work proportional to the active tokens: states, keys, values and the trace are
 written in place into preallocated buffers (out of place while autograd records, which needs the
-old values), and the host learns which tokens are active from one device-to-host transfer per loop.
-Attention runs on the batch rows holding an active token, for the window of positions p0..p1 they
-span (the op's causal mask is aligned bottom-right, so queries p0..p1 over keys 0..p1 keep their
-positions); the readout computes one log-softmax per loop, and only for the KL criterion keeps the
+old values); each layer's keys and values are its QKV rows, written in one copy. The host learns
+which tokens still run from one device-to-host transfer per loop, of the running rows' flags, and
+plans the next loop's rows from them in numpy. Attention runs on the batch rows holding an active
+token, for the keys of positions 0..p1 (p1 the last active position); on the torch backend the
+active queries only, packed per batch row, with an additive causal mask taken from a per-run
+table; the readout computes one log-softmax per loop, and only for the KL criterion keeps the
 previous distribution.
 """
 from __future__ import annotations
@@ -87,58 +89,88 @@ class KVStore(Protocol):
 
 
 class _Rows:
-    """The tokens a loop computes: every one (idx None) or the flat indices idx (R,), from the host
-    array `host`, with what
-    attention needs to run on them, worked out on the host once per loop: the batch rows holding
-    them, the window of positions p0..p1 they span, and each row's place in the padded window
-    (padded_at) and among its batch row's active tokens (packed_at)."""
+    """The tokens a loop computes: every one (idx None) or the flat indices idx (R,) into (B, T),
+    sorted, from the host array `host`. What attention needs to run on them is worked out on the
+    host once per loop, for every layer, when first asked for: the batch rows holding them
+    (`batches`, None when every batch row does) and either the packed layout (`packed`) or the
+    padded window of positions (`window`). `tables` holds the causal masks of the run."""
 
-    def __init__(self, B: int, T: int, host: Optional[np.ndarray] = None, device: Optional[torch.device] = None):
-        self.B, self.T, self.idx = B, T, None
-        self.batches, self.p0, self.p1, self._mask = None, 0, T - 1, None
+    def __init__(self, B: int, T: int, host: Optional[np.ndarray] = None, device: Optional[torch.device] = None,
+                 tables: Optional[dict] = None):
+        self.B, self.T, self.host, self.device = B, T, host, device
+        self.tables = {} if tables is None else tables
+        self.idx = self.batches = self._packed = self._window = None
+        self._masks: dict = {}
+        self.p1 = T - 1
         self.count = B * T if host is None else len(host)
         if host is None or self.count == 0:
             return
+        self.idx = self._to_device(host)
+        self.batch, self.pos = np.divmod(host, T)
+        self.p1 = int(self.pos.max())
+        counts = np.bincount(self.batch, minlength=B)
+        self.present = counts > 0
+        if self.present.all():
+            self.counts, self.n_batches = counts, B
+        else:
+            self.batches = self._to_device(np.flatnonzero(self.present))
+            self.counts, self.n_batches = counts[self.present], len(self.batches)
 
-        def to_device(a: np.ndarray) -> Tensor:
-            return torch.from_numpy(a).to(device, non_blocking=True)
-        self.idx = to_device(host)
-        batch, pos = host // T, host % T
-        self.p0, self.p1 = int(pos.min()), int(pos.max())
-        counts = np.bincount(batch, minlength=B)
-        batches = np.flatnonzero(counts)
-        self.n_batches = len(batches)
-        slot = batch
-        if self.n_batches < B:
-            self.batches = to_device(batches)
-            slot = np.cumsum(counts > 0)[batch] - 1
-        self.padded_at = to_device(slot * (self.p1 - self.p0 + 1) + pos - self.p0)
-        # packed: batch row slot, rank among its active tokens; up to the most any batch row has
-        counts = counts[batches]
-        self.packed_len = int(counts.max())
-        packed_at = slot * self.packed_len + np.arange(self.count) - (np.cumsum(counts) - counts)[slot]
-        self.packed_at = to_device(packed_at)
-        positions = np.zeros(self.n_batches * self.packed_len, dtype=np.int64)
-        positions[packed_at] = pos
-        self.positions = to_device(positions.reshape(self.n_batches, self.packed_len))
+    def _to_device(self, a: np.ndarray) -> Tensor:
+        t = torch.from_numpy(a)
+        return t if self.device is None or self.device.type == "cpu" else t.to(self.device, non_blocking=True)
 
     @property
     def every(self) -> bool:
         return self.idx is None
 
-    def causal_mask(self, past: int) -> Tensor:
-        """(batch rows, 1, packed_len, past + p1 + 1) bool: which keys each packed query sees
-        (made once per loop, for every layer)."""
-        if self._mask is None or self._mask.size(-1) != past + self.p1 + 1:
-            keys = torch.arange(-past, self.p1 + 1, device=self.positions.device)
-            self._mask = (keys <= self.positions[:, :, None])[:, None]
-        return self._mask
+    def subset(self, still: np.ndarray) -> "_Rows":
+        """The rows of those of these tokens that `still` (R,) bool marks."""
+        if self.every and still.all():
+            return self
+        host = np.flatnonzero(still) if self.every else self.host[still]
+        return _Rows(self.B, self.T, host, self.device, self.tables)
 
+    def packed(self) -> tuple[int, Tensor, Tensor, np.ndarray]:
+        """Each batch row's tokens side by side, padded to the most any has: the length L,
+        `gather` (n_batches * L,) the row of q for each packed place (padding takes a row of the
+        first token: its output is dropped), `packed_at` (R,) each row's place, and the place's
+        positions (host)."""
+        if self._packed is None:
+            L = int(self.counts.max())
+            first = np.cumsum(self.counts) - self.counts  # host is sorted: a batch row's tokens are consecutive
+            rank = np.arange(L)
+            real = rank < self.counts[:, None]  # (n_batches, L), row-major in the order of host
+            gather = np.where(real, first[:, None] + rank, 0).reshape(-1)
+            self._packed = L, self._to_device(gather), self._to_device(np.flatnonzero(real)), self.pos[gather]
+        return self._packed
 
-def active_rows(active: Tensor, B: int, T: int) -> _Rows:
-    """The rows of the active tokens, from one device-to-host transfer of the mask."""
-    host = np.flatnonzero(active.cpu().numpy())  # the one sync of the loop
-    return _Rows(B, T) if len(host) == B * T else _Rows(B, T, host, active.device)
+    def causal_mask(self, past: int, dtype: torch.dtype) -> Tensor:
+        """(n_batches, 1, L, past + p1 + 1) additive mask (0 or -inf) of the packed queries: the
+        rows of the run's causal table at their positions (made once per loop, for every layer)."""
+        key = (past, dtype)
+        if key not in self._masks:
+            if key not in self.tables:  # position p sees keys -past .. p
+                self.tables[key] = torch.full((self.T, past + self.T), -math.inf, dtype=dtype,
+                                              device=self.device).triu_(past + 1)
+            L, _, _, positions = self.packed()
+            table = self.tables[key][:, :past + self.p1 + 1]
+            self._masks[key] = table.index_select(0, self._to_device(positions)).view(self.n_batches, 1, L, -1)
+        return self._masks[key]
+
+    def window(self) -> tuple[int, Tensor, Tensor]:
+        """The window of positions p0..p1 the tokens span, per batch row: its width W, `gather`
+        (n_batches * W,) the row of q for each place of the window (the halted tokens' places take
+        row 0: their outputs are dropped) and `padded_at` (R,) each row's place."""
+        if self._window is None:
+            p0 = int(self.pos.min())
+            width = self.p1 - p0 + 1
+            slot = self.batch if self.batches is None else (np.cumsum(self.present) - 1)[self.batch]
+            padded_at = slot * width + self.pos - p0
+            gather = np.zeros(self.n_batches * width, dtype=np.int64)
+            gather[padded_at] = np.arange(self.count)
+            self._window = width, self._to_device(gather), self._to_device(padded_at)
+        return self._window
 
 
 def _write(buffer: Tensor, rows: _Rows, new: Tensor, keep: Optional[Tensor] = None) -> Tensor:
@@ -155,33 +187,29 @@ def _write(buffer: Tensor, rows: _Rows, new: Tensor, keep: Optional[Tensor] = No
 
 class _Layers:
     """Per block (core layers, then coda layers): its weights, read once per run, and every token's
-    latest keys and values, (N, C)."""
+    latest queries, keys and values, (N, 3C) as the QKV projection gives them (one write per loop;
+    the queries are not read)."""
 
     def __init__(self, blocks: list["Block"]):
         self.weights = [blk.weights() for blk in blocks]
-        self.keys: list[Optional[Tensor]] = [None] * len(blocks)
-        self.values: list[Optional[Tensor]] = [None] * len(blocks)
+        self.qkv: list[Optional[Tensor]] = [None] * len(blocks)
 
     def detach(self) -> None:
-        self.keys = [k.detach() if k is not None else None for k in self.keys]
-        self.values = [v.detach() if v is not None else None for v in self.values]
+        self.qkv = [x.detach() if x is not None else None for x in self.qkv]
 
 
 def block_on_rows(model: "LoopGPT", blk: "Block", layer: int, x: Tensor, rows: _Rows, layers: _Layers,
                   keep: Optional[Tensor], kv: Optional[KVStore], loop: int) -> Tensor:
-    """One block for the rows x (R, C): its keys and values go to the layer's buffers (except the
+    """One block for the rows x (R, C): its keys and values go to the layer's buffer (except the
     rows `keep` marks: halted tokens in the masked loop), attention reads every token's."""
     backend, w, C = model.backend, layers.weights[layer], x.size(-1)
-    q, k, v = backend.op("layer_norm_linear")(x, w.ln1_w, w.ln1_b, w.attn_w, w.attn_b).split(C, dim=-1)
-    if layers.keys[layer] is None:  # the first loop computes every token
-        layers.keys[layer], layers.values[layer] = k, v
-    else:
-        layers.keys[layer] = _write(layers.keys[layer], rows, k, keep)
-        layers.values[layer] = _write(layers.values[layer], rows, v, keep)
+    qkv = backend.op("layer_norm_linear")(x, w.ln1_w, w.ln1_b, w.attn_w, w.attn_b)
+    # the first loop computes every token
+    layers.qkv[layer] = qkv if layers.qkv[layer] is None else _write(layers.qkv[layer], rows, qkv, keep)
     if kv is not None:
-        kv.store(layer, loop, rows.idx, k, v)
+        kv.store(layer, loop, rows.idx, qkv[:, C:2 * C], qkv[:, 2 * C:])
     past = kv.past(layer, loop) if kv is not None else None
-    y = _attend(backend, q, rows, layers.keys[layer], layers.values[layer], past, blk.n_head)
+    y = _attend(backend, qkv[:, :C], rows, layers.qkv[layer], past, blk.n_head)
     p = model._dropout_p()
     if p > 0:
         x = x + F.dropout(backend.op("linear")(y, w.proj_w, w.proj_b), p, training=True)
@@ -192,40 +220,45 @@ def block_on_rows(model: "LoopGPT", blk: "Block", layer: int, x: Tensor, rows: _
     return backend.op("linear")(hidden, w.fc2_w, w.fc2_b, residual=x)
 
 
-def _attend(backend, q: Tensor, rows: _Rows, keys: Tensor, values: Tensor, past: Optional[tuple[Tensor, Tensor]],
+def _attend(backend, q: Tensor, rows: _Rows, qkv: Tensor, past: Optional[tuple[Tensor, Tensor]],
             n_head: int) -> Tensor:
-    """Causal attention of the rows' queries q (R, C) over the keys/values (N, C) of every token of
-    the (B, T) block, after the `past` ones (B, P, C). Returns (R, C).
+    """Causal attention of the rows' queries q (R, C) over the keys and values of every token of
+    the (B, T) block, qkv (N, 3C), after the `past` ones (B, P, C). Returns (R, C).
 
-    Some rows: the backend's attention op on the window of positions p0..p1, padded with the
-    halted tokens' positions. On the torch backend, whose attention is PyTorch's SDPA, which takes
-    a mask, only the active queries run, packed per batch row, with their causal mask: the cost
-    falls with the active tokens however they are spread."""
+    Some rows: only the batch rows holding one, and keys up to the last position p1 any row has.
+    On the torch backend, whose attention is PyTorch's SDPA, which takes a mask, only the active
+    queries run, packed per batch row, with their causal mask: the cost falls with the active
+    tokens however they are spread. Other backends run their attention op on the window of
+    positions the rows span (its causal mask is aligned bottom-right, so the queries keep their
+    positions), padded with the halted tokens' places."""
     B, T, C = rows.B, rows.T, q.size(-1)
-    k, v = keys.view(B, T, C)[:, :rows.p1 + 1], values.view(B, T, C)[:, :rows.p1 + 1]
+    kv = qkv.view(B, T, 3 * C)[:, :rows.p1 + 1, C:]  # (B, p1 + 1, 2C): one gather serves both
     if rows.batches is not None:  # only the batch rows holding a running token
-        k, v = k[rows.batches], v[rows.batches]
-        past = (past[0][rows.batches], past[1][rows.batches]) if past is not None else None
+        kv = kv.index_select(0, rows.batches)
+        past = (past[0].index_select(0, rows.batches), past[1].index_select(0, rows.batches)) \
+            if past is not None else None
+    k, v = kv[..., :C], kv[..., C:]
     if past is not None:
         k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
 
     def heads(x: Tensor) -> Tensor:
         return x.view(x.size(0), x.size(1), n_head, C // n_head).transpose(1, 2)
 
+    def rows_of(y: Tensor, at: Tensor) -> Tensor:  # (n, H, L, D) -> the rows `at` of (n * L, C)
+        return y.transpose(1, 2).reshape(-1, C).index_select(0, at)
+
     attention = backend.op("attention")
     if rows.every:
         y = attention(heads(q.view(B, T, C)), heads(k), heads(v), causal=True)
         return y.transpose(1, 2).reshape(-1, C)
     if attention is torch_ops.attention:
-        queries = q.new_zeros(rows.n_batches * rows.packed_len, C).index_copy_(0, rows.packed_at, q)
-        mask = rows.causal_mask(past[0].size(1) if past is not None else 0)
-        y = F.scaled_dot_product_attention(heads(queries.view(rows.n_batches, rows.packed_len, C)), heads(k), heads(v),
-                                           attn_mask=mask)
-        return y.transpose(1, 2).reshape(-1, C).index_select(0, rows.packed_at)
-    width = rows.p1 - rows.p0 + 1
-    queries = q.new_zeros(rows.n_batches * width, C).index_copy_(0, rows.padded_at, q)
-    y = attention(heads(queries.view(rows.n_batches, width, C)), heads(k), heads(v), causal=True)
-    return y.transpose(1, 2).reshape(-1, C).index_select(0, rows.padded_at)
+        L, gather, packed_at, _ = rows.packed()
+        queries = q.index_select(0, gather).view(rows.n_batches, L, C)
+        mask = rows.causal_mask(past[0].size(1) if past is not None else 0, q.dtype)
+        return rows_of(F.scaled_dot_product_attention(heads(queries), heads(k), heads(v), attn_mask=mask), packed_at)
+    width, gather, padded_at = rows.window()
+    queries = q.index_select(0, gather).view(rows.n_batches, width, C)
+    return rows_of(attention(heads(queries), heads(k), heads(v), causal=True), padded_at)
 
 
 def run_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Optional[Tensor] = None, *,
@@ -246,12 +279,13 @@ def run_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Optional[Ten
     x0_rows = x0.reshape(N, C)
     h = model.initial_state(x0)
     h = h.reshape(N, C) if split else h
-    active = torch.ones(N, dtype=torch.bool, device=x0.device)
+    every_active = torch.ones(N, dtype=torch.bool, device=x0.device)  # never written: its head is a compacted loop's
+    active = every_active  # the device mask; a compacted loop keeps it only for the trace
     steps = torch.zeros(N, dtype=torch.int32, device=x0.device)
     layers = _Layers([*model.transformer.core, *model.transformer.coda])
     prev_log_p = None  # the last distribution of every token, for the KL criterion only
     entropy = torch.zeros(N, device=x0.device) if trace is not None else None
-    rows = _Rows(B, T)
+    rows = _Rows(B, T, device=x0.device)
     for t in range(1, n_loops + 1):
         if grad_loops is not None and t == n_loops - grad_loops + 1:
             h = h.detach()  # truncated backprop: the graph of earlier loops, keys and values included, is cut
@@ -275,16 +309,17 @@ def run_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Optional[Ten
         score, row_entropy, log_p = halt_score(model, cfg.halt if halting else None, h_rows, h_new, logits, prev,
                                                trace is not None)
         if halting:
-            row_active = active if rows.every else torch.ones(rows.count, dtype=torch.bool, device=x0.device)
-            row_steps = steps if rows.every else steps.index_select(0, rows.idx)
-            row_threshold = threshold if rows.every else threshold.index_select(0, rows.idx)
+            if rows.every:
+                row_active, row_steps, row_threshold = active, steps, threshold
+            else:  # a compacted loop: every row is active
+                row_active = every_active[:rows.count]
+                row_steps, row_threshold = steps.index_select(0, rows.idx), threshold.index_select(0, rows.idx)
             h_new, still_active, row_steps = backend.op("halt_update")(
                 h_rows, h_new, row_active, row_steps, score.reshape(-1), row_threshold, t, cfg.min_loops, n_loops)
         else:
             still_active, row_steps = None, (steps + 1 if rows.every else None)
-        was_active = active
         if trace is not None:
-            trace.active.append(was_active.view(B, T))
+            trace.active.append(active.view(B, T))
             trace.delta.append(_write(torch.zeros(N, device=x0.device), rows,
                                       relative_change(h_rows, h_new).reshape(-1)).view(B, T))
             entropy = _write(entropy, rows, row_entropy.reshape(-1), None if t == 1 else keep)
@@ -298,14 +333,16 @@ def run_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Optional[Ten
             states.append(h.view(B, T, C) if torch.is_grad_enabled() or not split else h.view(B, T, C).clone())
         if not halting:
             continue
-        # a fresh mask when the trace keeps the old one
-        active = still_active if rows.every else _write(active.clone() if trace is not None else active, rows,
-                                                        still_active)
-        if compact:
-            rows = active_rows(active, B, T)
-            if rows.count == 0:
+        if not compact:
+            active = still_active
+            if not bool(active.any()):  # the one sync of the masked loop
                 break
-        elif not bool(active.any()):  # the one sync of the masked loop
+            continue
+        still = still_active.cpu().numpy()  # the one sync of the compacted loop
+        if trace is not None:  # a fresh mask: the trace keeps the old one
+            active = still_active if rows.every else _write(active.clone(), rows, still_active)
+        rows = rows.subset(still)
+        if rows.count == 0:
             break
     if trace is not None:
         trace.steps = steps.view(B, T)
@@ -358,7 +395,7 @@ def blocks_with_cache(model: "LoopGPT", blocks, x: Tensor, kv: KVStore) -> Tenso
     """Untied blocks (prelude, coda) on the block of new tokens x (B, T, C), every token running,
     attending to the earlier tokens' keys and values in `kv` (one entry each, loop 1) and storing theirs."""
     B, T, C = x.shape
-    rows, layers, x = _Rows(B, T), _Layers(list(blocks)), x.reshape(B * T, C)
+    rows, layers, x = _Rows(B, T, device=x.device), _Layers(list(blocks)), x.reshape(B * T, C)
     for layer, blk in enumerate(blocks):
         x = block_on_rows(model, blk, layer, x, rows, layers, None, kv, 1)
     return x.view(B, T, C)
