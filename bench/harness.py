@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench.schema import CaseInfo
-from looplm import available_backends, get_backend
+from looplm import LoopConfig, available_backends, get_backend
 from looplm.backends import Backend, BackendUnavailable
 
 KERNEL_BACKENDS = ("triton", "tile")
@@ -44,6 +44,13 @@ def backend_or_skip(name: str) -> Backend:
         return get_backend(name)
     except BackendUnavailable as error:  # anything else (a failed build, a CUDA error) fails the case
         pytest.skip(f"backend {name!r} did not load: {error}")
+
+
+def assert_mixed_halting(notes: dict, config: LoopConfig) -> None:
+    """A halt-on case measures a mixed batch: after calibration (bench.workloads.calibrate_halting)
+    some tokens stop at min_loops and the others think to the budget, n_loops."""
+    assert notes["loops_run"] == config.n_loops and config.min_loops < notes["mean_steps"] < config.n_loops, \
+        f"calibrated halting did not mix early and late tokens: {notes}"
 
 
 def compile_or_skip(benchmark, fn: Callable) -> Callable:
