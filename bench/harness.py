@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from bench.schema import CaseInfo
-from looplm import available_backends, get_backend
-from looplm.backends import Backend
+from looplm import LoopConfig, available_backends, get_backend
+from looplm.backends import Backend, BackendUnavailable
 
 KERNEL_BACKENDS = ("triton", "tile")
 GPU_ONLY = "needs a CUDA device: the shapes are sized for a GPU and the kernel backends run natively only there"
@@ -42,8 +42,15 @@ def backend_or_skip(name: str) -> Backend:
                     "only native runs are benchmarked")
     try:
         return get_backend(name)
-    except (NotImplementedError, RuntimeError) as error:
-        pytest.skip(f"backend {name!r} did not load: {type(error).__name__}: {error}")
+    except BackendUnavailable as error:  # anything else (a failed build, a CUDA error) fails the case
+        pytest.skip(f"backend {name!r} did not load: {error}")
+
+
+def assert_mixed_halting(notes: dict, config: LoopConfig) -> None:
+    """A halt-on case measures a mixed batch: after calibration (bench.workloads.calibrate_halting)
+    some tokens stop at min_loops and the others think to the budget, n_loops."""
+    assert notes["loops_run"] == config.n_loops and config.min_loops < notes["mean_steps"] < config.n_loops, \
+        f"calibrated halting did not mix early and late tokens: {notes}"
 
 
 def compile_or_skip(benchmark, fn: Callable) -> Callable:

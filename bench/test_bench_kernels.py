@@ -1,10 +1,11 @@
 """Each op of looplm.ops at the target shapes, on every way of running it.
 
-Variants: "torch" is the registry's reference backend (fp32 inside, the correctness oracle);
-"eager" the same computation in plain torch.nn.functional ops at the input dtype (what a model
-written in PyTorch would run); "compile" torch.compile of the eager form (of the reference where it
-is already plain PyTorch); "sdpa" PyTorch's fused scaled_dot_product_attention; "triton" and "tile"
-the kernel backends. GPU only: see bench.harness.GPU_ONLY.
+Variants: "torch" is the registry's default backend (PyTorch's fast ops; the correctness oracle is
+the "reference" backend, which is not timed); "eager" the same computation in plain
+torch.nn.functional ops at the input dtype (what a model written in PyTorch would run); "compile"
+torch.compile of the eager form (of the torch backend's op where there is no eager form); "sdpa"
+PyTorch's fused scaled_dot_product_attention; "triton" and "tile" the kernel backends. GPU only:
+see bench.harness.GPU_ONLY.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.harness import KERNEL_BACKENDS, backend_or_skip, bench_device, device_name, measure
+from bench.harness import KERNEL_BACKENDS, assert_mixed_halting, backend_or_skip, bench_device, device_name, \
+    measure
 from bench.schema import CaseInfo
 from bench.workloads import ModelWorkload, build_model, calibrate_halting, forward_flops, model_dtype, \
     model_workloads, token_batch
@@ -27,6 +28,8 @@ def test_loop(benchmark, workload: ModelWorkload, backend: str, halting: bool) -
     with torch.inference_mode():
         x0 = model.embed(idx)
         notes = calibrate_halting(model, idx, workload.halted_fraction) if halting else {}
+        if halting:
+            assert_mixed_halting(notes, config)
         shape = dict(model=f"{workload.name}-{config.n_layer}Lx{config.n_loops}", B=workload.batch, T=workload.seq,
                      halt="on" if halting else "off")
         # With halting the work depends on which tokens run which loops: tokens/s is the measure.

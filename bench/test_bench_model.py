@@ -17,7 +17,8 @@ from typing import Callable
 import pytest
 import torch
 
-from bench.harness import KERNEL_BACKENDS, backend_or_skip, bench_device, compile_or_skip, device_name, measure
+from bench.harness import KERNEL_BACKENDS, assert_mixed_halting, backend_or_skip, bench_device, compile_or_skip, \
+    device_name, measure
 from bench.schema import CaseInfo
 from bench.workloads import SHAKESPEARE, ModelWorkload, build_model, calibrate_halting, forward_flops, \
     generation_flops, main_workload, model_dtype, model_workloads, token_batch
@@ -56,6 +57,8 @@ def test_eval_forward(benchmark, workload: ModelWorkload, backend: str, halting:
     targets = token_batch(workload, workload.batch, workload.seq, DEVICE).roll(1, dims=1)
     with torch.inference_mode():
         notes = calibrate_halting(model, idx, workload.halted_fraction) if halting else {}
+        if halting:
+            assert_mixed_halting(notes, model.config)
         forward = compile_or_skip(benchmark, model) if backend == "compile" else model
         shape = dict(model=f"{workload.name}-{_model_name(model)}", B=workload.batch, T=workload.seq,
                      halt="on" if halting else "off")
@@ -78,6 +81,7 @@ def test_generate(benchmark, backend: str, batch: int, halting: bool) -> None:
     flops = None  # with halting the loops run per new token vary; tokens/s is the measure
     if halting:
         notes.update(calibrate_halting(model, prompt, workload.halted_fraction))  # as halting does on the prompt
+        assert_mixed_halting(notes, model.config)
     else:
         flops = generation_flops(model.config, batch, workload.prompt, workload.new_tokens, model.config.n_loops)
     shape = dict(model=f"{workload.name}-{_model_name(model)}", B=batch, prompt=workload.prompt,

@@ -158,6 +158,27 @@ def test_compaction_skips_the_work_of_halted_tokens(shape):
         assert counted["mlp"] == (n_layer + n_coda) * expected, compact  # the coda runs in the readout
 
 
+def test_forward_runs_the_compacted_loop_by_default():
+    """The model's own call, in eval and in training with forced halting, runs the core for the
+    active tokens only, and training still reaches the weights."""
+    model = sharpened_model("entropy")
+    idx = torch.randint(0, 17, (2, 12), generator=torch.Generator().manual_seed(4))
+    thresholds = torch.zeros(idx.shape)
+    thresholds[:, ::2] = 100.0  # these halt after loop 1; the rest never halt
+    active_token_loops = idx.numel() // 2 * (1 + MAX_LOOPS)
+    for training in (False, True):
+        rows = {}
+        model.train(training).set_backend(counting(get_backend("torch"), rows))
+        model.zero_grad()
+        with torch.set_grad_enabled(training):
+            _, loss, trace = model(idx, idx, halt=True, thresholds=thresholds, return_trace=True)
+        assert (trace.steps[:, ::2] == 1).all() and (trace.steps[:, 1::2] == MAX_LOOPS).all()
+        assert rows["halt_update"] == active_token_loops, f"training={training}: the masked loop ran"
+        if training:
+            loss.backward()
+            assert model.transformer.core[0].attn.c_attn.weight.grad.abs().sum() > 0
+
+
 def test_compacted_loop_keeps_gradients():
     """Training with forced halting: the compacted loop gives the masked loop's gradients, also
     with truncated backprop, whose detach must cut the kept keys and values too."""

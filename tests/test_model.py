@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from looplm import LoopConfig, LoopGPT, LoopTrace, get_backend
 from looplm import backends
 from looplm.halting import relative_change
-from looplm.model import Block, LayerNorm
+from looplm.model import Block, LayerNorm, sample_next_token
 from looplm.testing import assert_close
 
 
@@ -311,7 +311,17 @@ def test_generate_appends_tokens_greedy_is_deterministic():
     assert out.shape == (2, 23) and torch.equal(out[:, :3], idx)
     assert torch.equal(out, model.generate(idx, 20, temperature=0))
     sampled = model.generate(idx, 5, temperature=0.8, top_k=3)
-    assert sampled.shape == (2, 8) and sampled.max() < 17
+    assert sampled.shape == (2, 8) and torch.equal(sampled[:, :3], idx)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(idx, 5, temperature=0.8, top_k=1), out[:, :8]), "top-1 sampling is not greedy"
+
+
+def test_top_k_samples_only_among_the_k_likeliest():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9, -1.0, 2.8, 0.5], [5.0, 4.9, 4.8, 0.0, 0.0, 4.7, 0.0]])
+    torch.manual_seed(0)
+    draws = torch.cat([sample_next_token(logits, 1.0, 3) for _ in range(200)], dim=1)
+    assert set(draws[0].tolist()) == {1, 3, 5} and set(draws[1].tolist()) == {0, 1, 2}
+    assert torch.equal(sample_next_token(logits, 0.0, 3), logits.argmax(-1, keepdim=True))
 
 
 @pytest.mark.parametrize("kwargs,message", [

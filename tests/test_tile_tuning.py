@@ -1,9 +1,12 @@
 """Every cuTile kernel module's TUNING: a sound candidate space, and runs with explicit configs."""
+import importlib
+
 import pytest
 import torch
 
-from looplm_tile import KERNEL_MODULES
-import importlib
+import reference
+from looplm.testing import assert_close
+from looplm_tile import KERNEL_MODULES, runtime
 
 pytestmark = pytest.mark.filterwarnings("ignore:backend 'tile' runs its cuTile kernels in the CPU emulator")
 
@@ -21,20 +24,36 @@ def test_tuning_spec_is_sound(module):
     assert all(set(c) == set(tuning.default) for c in tuning.space)
 
 
+# The reference op on the arguments of each kernel's `run` (its make_args), outputs dropped.
+REFERENCE_CALLS = {
+    "layer_norm": lambda x, w, b, y, eps: reference.layer_norm(x, w, b, eps),
+    "linear": lambda x, w, b, r, y, gelu: reference.linear(x, w, b, "gelu" if gelu else "none", r),
+    "attention": lambda q, k, v, out, causal, scale: reference.attention(q, k, v, causal, scale),
+    "softmax_entropy": lambda logits, entropy, max_prob: reference.softmax_entropy(logits),
+    "halt_update": lambda h, h_new, active, steps, score, threshold, h_out, active_out, steps_out, *loops:
+        reference.halt_update(h, h_new, active, steps, score, threshold, *loops),
+}
+
+
 @pytest.mark.parametrize("module", MODULES, ids=KERNEL_MODULES)
-def test_smallest_and_largest_configs_compute_the_same(module):
-    """The smallest and the largest candidate give the default's result (tile sizes must not matter)."""
+def test_smallest_and_largest_configs_compute_the_reference(module):
+    """The default, smallest and largest candidates each reach the launch and give the reference
+    op's result (tile sizes must not matter)."""
     tuning = module.TUNING
     space = sorted(tuning.space, key=lambda c: sum(v for k, v in c.items() if k.startswith("BLOCK")))
-    results = []
+    assert space[0] != space[-1]
     for config in (tuning.default, space[0], space[-1]):
         torch.manual_seed(0)
         args = tuning.make_args(SMALL_SHAPES[tuning.kernel], torch.float32, DEVICE)
-        tuning.run(*args, config=config)
-        results.append([a.clone() for a in args if isinstance(a, torch.Tensor)])
-    for other in results[1:]:
-        for got, want in zip(other, results[0]):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=False)
+        with runtime.captured_launches() as launches:
+            tuning.run(*args, config=config)
+        assert launches and all(launch[3] == config for launch in launches), f"{config} did not reach the launch"
+        expected = REFERENCE_CALLS[tuning.kernel](*args)
+        actual = tuning.run(*args, config=config)
+        expected, actual = (r if isinstance(r, tuple) else (r,) for r in (expected, actual))
+        assert len(actual) == len(expected)
+        for i, (got, want) in enumerate(zip(actual, expected)):
+            assert_close(got, want, dtype=torch.float32, msg=f"{config}: output {i}")
 
 
 @pytest.mark.parametrize("module", MODULES, ids=KERNEL_MODULES)

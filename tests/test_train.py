@@ -149,10 +149,13 @@ def core_grad(model, x, y, **objective_args):
 
 
 def test_truncated_backprop_cuts_the_early_loops():
+    """grad_loops=k keeps exactly the last k of 3 loops: each k gives its own gradient, k=3 the full one."""
     model, x, y = model_and_batch()
     full = core_grad(model, x, y)
-    assert torch.allclose(core_grad(model, x, y, grad_loops=3), full)
-    assert not torch.allclose(core_grad(model, x, y, grad_loops=1), full)
+    grads = [core_grad(model, x, y, grad_loops=k) for k in (1, 2, 3)]
+    assert torch.allclose(grads[2], full)
+    for a, b in ((0, 1), (1, 2), (0, 2)):
+        assert not torch.allclose(grads[a], grads[b]), f"grad_loops={a + 1} and {b + 1} give the same gradient"
 
 
 # ---- training runs

@@ -6,8 +6,6 @@ Kernels run only without gradients (`looplm.backends`), hence torch.no_grad() th
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -175,16 +173,20 @@ def _tiny_config(**overrides) -> LoopConfig:
     return LoopConfig(**{**settings, **overrides})
 
 
-def _model(criterion: str, device=DEVICE, dtype=torch.float32, **overrides) -> LoopGPT:
-    placeholder = dict(entropy=1.0, confidence=0.5, delta=0.5, kl=0.1, gate=0.5)[criterion]
-    model = LoopGPT(_tiny_config(halt=criterion, halt_threshold=placeholder, **overrides), backend="torch")
-    # At GPT's initialisation the blocks barely change the state, every readout is near uniform and
-    # every gate alike, so all tokens' scores would crowd together; weights of about unit gain
-    # spread them, so that thresholds separate tokens cleanly.
+def _sharpened(config: LoopConfig, device=DEVICE, dtype=torch.float32) -> LoopGPT:
+    """The model with weights of about unit gain, in eval mode. At GPT's initialisation the blocks
+    barely change the state and every readout is near uniform, so the logits would hardly depend on
+    the core, and all tokens' halting scores (gates alike) would crowd together."""
+    model = LoopGPT(config, backend="torch")
     for p in model.parameters():
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=p.shape[1] ** -0.5)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _model(criterion: str, device=DEVICE, dtype=torch.float32, **overrides) -> LoopGPT:
+    placeholder = dict(entropy=1.0, confidence=0.5, delta=0.5, kl=0.1, gate=0.5)[criterion]
+    return _sharpened(_tiny_config(halt=criterion, halt_threshold=placeholder, **overrides), device, dtype)
 
 
 
@@ -218,8 +220,8 @@ def _check_loop_parity(model: LoopGPT, idx: torch.Tensor, dtype: torch.dtype, mi
     assert trace_ref.steps.unique().numel() > 1, f"halting with {cfg.halt} did not separate the tokens"
     matching = (trace.steps == trace_ref.steps).float().mean().item()
     assert matching >= min_matching, f"{cfg.halt}: {matching:.1%} of tokens took the reference's steps"
-    if min_matching == 1.0:
-        assert_close(h, h_ref, dtype=dtype, composed=True)
+    same = trace.steps == trace_ref.steps  # a token that stopped a loop apart has another state
+    assert_close(h[same], h_ref[same], dtype=dtype, composed=True, msg="final states of the tokens whose steps match")
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -231,7 +233,7 @@ def test_hierarchical_parity_tier2_loop_halting(criterion):
 # ---- tier 3: the model
 
 def test_hierarchical_parity_tier3_logits_and_loss():
-    model = LoopGPT(_tiny_config(inject="norm_add", step_encoding="sinusoidal", update="euler")).to(DEVICE).eval()
+    model = _sharpened(_tiny_config(inject="norm_add", step_encoding="sinusoidal", update="euler"))
     idx, targets = torch.randint(0, 65, (2, 11), device=DEVICE), torch.randint(0, 65, (2, 11), device=DEVICE)
     logits_ref, loss_ref = model.set_backend("reference")(idx, targets)
     logits, loss = model.set_backend("triton")(idx, targets)
@@ -293,12 +295,12 @@ def test_hierarchical_parity_tier2_gpu_loop_halting(dtype, criterion):
 @pytest.mark.parametrize("vocab", [65, 50304])
 def test_hierarchical_parity_tier3_gpu_model(dtype, vocab):
     cfg = _tiny_config(vocab_size=vocab, block_size=256, n_embd=384, n_head=6, n_loops=4)
-    model = LoopGPT(cfg).to(device="cuda", dtype=dtype).eval()
+    model = _sharpened(cfg, "cuda", dtype)
     idx, targets = (torch.randint(0, vocab, (16, 256), device="cuda") for _ in range(2))
     logits_ref, loss_ref = model.set_backend("reference")(idx, targets)
     logits, loss = model.set_backend("triton")(idx, targets)
     assert_close(logits, logits_ref, dtype=dtype, composed=True)
-    assert math.isclose(loss.item(), loss_ref.item(), rel_tol=1e-3 if dtype == torch.float32 else 2e-2)
+    assert_close(loss, loss_ref, dtype=dtype, composed=True)
     if dtype == torch.float32:  # greedy tokens can flip on bf16 near-ties
         prompt = idx[:2, :32]
         expected = model.set_backend("reference").generate(prompt, 8, temperature=0)
