@@ -296,6 +296,158 @@ def run_experiment(name: str, out: Path, max_iters: Optional[int] = None,
     return summary
 
 
+# ---- space_time_study: which recipe makes LoopLM 1Lx4 pay for its loops
+
+STUDY = "space_time_study"
+STUDY_SEEDS = (1337, 1338, 1339)  # a seed fixes both the initial weights and the order of the batches
+LOOP_1X4 = "shakespeare_cpu_loop1x4.py"
+# The recipe the study starts from, spelled out so that changing the shipped loop config's defaults
+# does not change the study: nanoGPT's CPU schedule and the plain loop (input added each loop).
+STUDY_BASE = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, inject="add", step_encoding="none",
+                  state_init="zeros", update="replace", loss_weights="last", random_depth=False, grad_loops=None,
+                  n_prelude=0, n_coda=0, threads=1)
+
+
+@dataclass
+class Arm:
+    name: str
+    config: str  # a file in configs/
+    change: str  # what differs from its baseline, in words
+    overrides: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = STUDY_SEEDS[:1]
+
+
+# Stage 1, the screen: one change each against the shipped loop recipe, one seed.
+STUDY_SCREEN = [
+    Arm("GPT-1L", "shakespeare_cpu_gpt1l.py", "nanoGPT's CPU recipe", seeds=STUDY_SEEDS),
+    Arm("GPT-4L", "shakespeare_cpu_gpt4l.py", "nanoGPT's CPU recipe", seeds=STUDY_SEEDS),
+    Arm("loop", LOOP_1X4, "the loop recipe shipped before this study"),
+    Arm("loop lr 2e-3", LOOP_1X4, "learning_rate=2e-3", dict(learning_rate=2e-3)),
+    Arm("loop lr 4e-3", LOOP_1X4, "learning_rate=4e-3", dict(learning_rate=4e-3)),
+    Arm("loop warm-up 20", LOOP_1X4, "warmup_iters=20", dict(warmup_iters=20)),
+    Arm("loop norm_add", LOOP_1X4, "inject='norm_add' (the input layer-normed before it is added)",
+        dict(inject="norm_add")),
+    Arm("loop step learned", LOOP_1X4, "step_encoding='learned'", dict(step_encoding="learned")),
+    Arm("loop state noise", LOOP_1X4, "state_init='noise' (Huginn)", dict(state_init="noise")),
+    Arm("loop euler", LOOP_1X4, "update='euler' (h + alpha (core - h), alpha learned per channel)",
+        dict(update="euler")),
+    Arm("loop ramp", LOOP_1X4, "loss_weights='ramp' (every loop supervised, the last most)",
+        dict(loss_weights="ramp")),
+    Arm("loop random depth", LOOP_1X4, "random_depth=True (1-4 loops per batch; draws change the batch order)",
+        dict(random_depth=True)),
+]
+STUDY_ARMS = STUDY_SCREEN
+REFERENCE, TARGET = "GPT-1L", "GPT-4L"  # the goal: below the first by more than the seed spread, at or
+MAX_PARAMS_FRACTION = 0.5  # below the second with at most this fraction of its parameters
+
+
+def study_values(arm: Arm, seed: int, max_iters: Optional[int] = None) -> dict[str, Any]:
+    """The training settings of one run of an arm: its config file, the study's base recipe for a
+    looped arm, the arm's change, the seed and where its checkpoints go."""
+    values = read_config_file(CONFIGS / arm.config)
+    if values.get("n_loops", 1) > 1:
+        values.update(STUDY_BASE)
+    values.update(arm.overrides, seed=seed, threads=1, out_dir=run_dir(STUDY, f"{arm.name} seed {seed}"),
+                  progress=False, report=False)
+    if max_iters is not None:
+        values.update(max_iters=max_iters, lr_decay_iters=max_iters,
+                      warmup_iters=min(values.get("warmup_iters", 100), max_iters),
+                      eval_interval=min(values.get("eval_interval", 250), max_iters))
+    return values
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(values))
+
+
+def study_run(arm: Arm, seed: int, runs: Path, max_iters: Optional[int] = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one arm at one seed, or read its result from runs/ when a run with the same settings is
+    there (so an interrupted or extended study trains only what it lacks)."""
+    values = study_values(arm, seed, max_iters)
+    path = runs / (run_dir(STUDY, f"{arm.name} seed {seed}").rsplit("/", 1)[1] + ".json")
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["settings"] == _jsonable(values):
+            return cached
+    cfg, model_keys = split_config(dict(values))
+    log(f"[{STUDY}] {arm.name}, seed {seed}: {cfg.max_iters} iterations")
+    start = time.perf_counter()
+    result = train(cfg, model_keys)
+    wall_s = time.perf_counter() - start
+    stats = loop_statistics(result.model, result.task, seed)
+    c = result.model.config
+    record = dict(arm=arm.name, seed=seed, settings=_jsonable(values),
+                  row=dict(arm=arm.name, seed=seed, params=result.model.get_num_params(), depth=c.effective_depth,
+                           iters=result.iter_num, val_loss=round(stats["val_loss"], 4),
+                           best_val_loss=round(result.best_val_loss, 4), wall_s=round(wall_s, 1),
+                           tokens_per_s=round(result.tokens_per_s)),
+                  history=result.history, per_loop=stats["per_loop"])
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _spread(values: Sequence[float]) -> float:
+    return max(values) - min(values)
+
+
+def study_tables(arms: Sequence[Arm], rows: dict[tuple[str, int], dict[str, Any]]) -> dict[str, list[dict]]:
+    """Per arm over its seeds: best val loss mean, spread (max - min) and standard deviation, and its
+    difference to GPT-1L at the same seeds; then the goal, for the looped arms run at every seed."""
+    reference = {seed: rows[REFERENCE, seed]["best_val_loss"] for _, seed in rows if (REFERENCE, seed) in rows}
+    table = []
+    for arm in arms:
+        runs = [rows[arm.name, seed] for seed in arm.seeds]
+        best = [r["best_val_loss"] for r in runs]
+        paired = [r["best_val_loss"] - reference[r["seed"]] for r in runs if r["seed"] in reference]
+        table.append(dict(arm=arm.name, change=arm.change, params=runs[0]["params"], depth=runs[0]["depth"],
+                          seeds=len(runs), best_val_loss=round(_mean(best), 4), spread=round(_spread(best), 4) if len(best) > 1 else None,
+                          std=round(statistics.stdev(best), 4) if len(best) > 1 else None,
+                          vs_gpt1l=round(_mean(paired), 4) if paired else None,
+                          val_loss=round(_mean(r["val_loss"] for r in runs), 4),
+                          wall_s=round(_mean(r["wall_s"] for r in runs), 1)))
+    by_name = {r["arm"]: r for r in table}
+    ref, target = by_name[REFERENCE], by_name[TARGET]
+    goal = []
+    for row in table:
+        if row["arm"] in (REFERENCE, TARGET) or row["seeds"] < len(STUDY_SEEDS):
+            continue
+        margin = ref["best_val_loss"] - row["best_val_loss"]
+        spread = max(row["spread"], ref["spread"])
+        params_fraction = row["params"] / target["params"]
+        goal.append(dict(arm=row["arm"], best_val_loss=row["best_val_loss"], below_gpt1l=round(margin, 4),
+                         seed_spread=round(spread, 4), beats_gpt1l=margin > spread,
+                         vs_gpt4l=round(row["best_val_loss"] - target["best_val_loss"], 4),
+                         params_vs_gpt4l=round(params_fraction, 3),
+                         goal_met=margin > spread and row["best_val_loss"] <= target["best_val_loss"]
+                         and params_fraction <= MAX_PARAMS_FRACTION))
+    return dict(runs=table, study_goal=goal)
+
+
+def space_time_study(out: Path, max_iters: Optional[int] = None, log: Callable[[str], None] = print
+                     ) -> dict[str, Any]:
+    """Every arm of STUDY_ARMS at each of its seeds (cached under out/space_time_study/runs); writes
+    results.md and results.json there and returns the summary."""
+    directory = out / STUDY
+    runs = directory / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for seed in STUDY_SEEDS:  # every arm's first seed before any second one: a screen first
+        for arm in STUDY_ARMS:
+            if seed in arm.seeds:
+                rows[arm.name, seed] = study_run(arm, seed, runs, max_iters, log)["row"]
+    rows = {(arm.name, seed): rows[arm.name, seed] for arm in STUDY_ARMS for seed in arm.seeds}
+    summary = dict(**study_tables(STUDY_ARMS, rows), study_runs=list(rows.values()),
+                   machine=dict(platform=platform.platform(), processor=platform.processor(), threads=1,
+                                device="cpu"))
+    atomic_write_text(directory / "results.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(directory / "results.md", markdown({STUDY: summary}))
+    return summary
+
+
+STUDIES = {STUDY: space_time_study}
+
+
 # summary key -> caption of its table, for the experiments that measure more than their runs
 ADAPTIVE_TABLES = {
     "adaptive_sweep": f"Fixed depth and halting on the same weights (compacted loop, {EVAL_BATCHES} val batches "
@@ -310,7 +462,11 @@ ADAPTIVE_TABLES = {
                   "second (median of 3, one thread) and loops per generated token.",
 }
 TABLES = {"halting": ("Halting on the same weights (val loss, mean loops per token):", ".4f"),
-          **{key: (caption, "g") for key, caption in ADAPTIVE_TABLES.items()}}
+          **{key: (caption, "g") for key, caption in ADAPTIVE_TABLES.items()},
+          "study_goal": ("The goal, per looped arm run at every seed: best val loss below GPT-1L's by more than "
+                         "the seed spread (the larger max - min of the two), at or below GPT-4L's, with at most "
+                         f"{MAX_PARAMS_FRACTION:g} of GPT-4L's parameters.", "g"),
+          "study_runs": ("Every run:", "g")}
 
 
 def markdown(summary: dict[str, dict[str, Any]]) -> str:
@@ -329,8 +485,8 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m looplm.experiments", description=__doc__.split("\n")[0])
-    parser.add_argument("names", nargs="+", choices=[*EXPERIMENTS, "all"], metavar="NAME",
-                        help=f"one or more of {', '.join(EXPERIMENTS)}, or all")
+    parser.add_argument("names", nargs="+", choices=[*EXPERIMENTS, *STUDIES, "all"], metavar="NAME",
+                        help=f"one or more of {', '.join([*EXPERIMENTS, *STUDIES])}, or all")
     parser.add_argument("--max-iters", type=int, default=None, help="shorten every run (default: its config's)")
     parser.add_argument("--out", type=Path, default=Path("experiments"), help="where results are written")
     args = parser.parse_args(argv)
@@ -340,7 +496,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     summary_file = args.out / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     for name in names:
-        summary[name] = run_experiment(name, args.out, args.max_iters)
+        if name in STUDIES:
+            summary[name] = STUDIES[name](args.out, args.max_iters)
+        else:
+            summary[name] = run_experiment(name, args.out, args.max_iters)
         atomic_write_text(summary_file, json.dumps(summary, indent=1) + "\n")
         atomic_write_text(args.out / "summary.md", markdown(summary))
         print(tabulate(summary[name]["runs"], headers="keys", tablefmt="github"))
