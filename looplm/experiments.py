@@ -10,8 +10,13 @@
                  against fixed depth, each criterion's val loss, loops per token and forward time
                  (compacted loop), whether it reaches the goal of 2x fewer loops per token at <= 1%
                  higher val loss, and cached generation tokens/s at batch 1 and 16
+    space_time_study
+                 which recipe makes LoopLM 1Lx4 pay for its loops: a screen of learning rates and
+                 loop changes against GPT-1L and GPT-4L, three seeds for the finalists, the goal per
+                 arm; writes experiments/space_time_study/results.{md,json} and runs/ (one file per
+                 run, kept: a finished run is not trained again). `all` leaves it out.
 
-Each writes experiments/<name>/metrics.csv (one row per run) and trace.json (per run: the
+Each experiment writes experiments/<name>/metrics.csv (one row per run) and trace.json (per run: the
 evaluations and, per loop, mean entropy and state delta on validation batches), and updates
 experiments/summary.json and the tables in experiments/summary.md. Checkpoints go under
 out/experiments. Wall times are those of this machine at the time; other work on it skews them.
@@ -56,21 +61,27 @@ def run_dir(experiment: str, run_name: str) -> str:
     return f"out/experiments/{experiment}/{slug}"
 
 
+# The loop recipe these experiments were run with; the shipped loop config now trains at the rate
+# the space-time study found (see space_time_study below).
+COMMITTED_LOOP = dict(learning_rate=1e-3)
 EXPERIMENTS: dict[str, list[Run]] = {
-    "space_time": [Run("GPT-1L", "shakespeare_cpu_gpt1l.py"), Run("LoopLM 1Lx4", "shakespeare_cpu_loop1x4.py"),
+    "space_time": [Run("GPT-1L", "shakespeare_cpu_gpt1l.py"),
+                   Run("LoopLM 1Lx4", "shakespeare_cpu_loop1x4.py", dict(COMMITTED_LOOP)),
                    Run("GPT-4L", "shakespeare_cpu_gpt4l.py")],
-    "injection": [Run("inject add", "shakespeare_cpu_loop1x4.py", dict(inject="add")),
+    "injection": [Run("inject add", "shakespeare_cpu_loop1x4.py", dict(COMMITTED_LOOP, inject="add")),
                   Run("inject none (state starts at the embedding)", "shakespeare_cpu_loop1x4.py",
-                      dict(inject="none", state_init="embed"))],
-    "halting": [Run("LoopLM 1Lx4, ramp supervision", "shakespeare_cpu_loop1x4.py", dict(loss_weights="ramp"))],
-    "curriculum": [Run("fixed 8 loops", "shakespeare_cpu_loop1x4.py", dict(n_loops=8)),
-                   Run("curriculum 2,4,6,8", "shakespeare_cpu_loop1x4.py", dict(n_loops=8, loop_curriculum=(2, 4, 6, 8)))],
+                      dict(COMMITTED_LOOP, inject="none", state_init="embed"))],
+    "halting": [Run("LoopLM 1Lx4, ramp supervision", "shakespeare_cpu_loop1x4.py",
+                    dict(COMMITTED_LOOP, loss_weights="ramp"))],
+    "curriculum": [Run("fixed 8 loops", "shakespeare_cpu_loop1x4.py", dict(COMMITTED_LOOP, n_loops=8)),
+                   Run("curriculum 2,4,6,8", "shakespeare_cpu_loop1x4.py",
+                       dict(COMMITTED_LOOP, n_loops=8, loop_curriculum=(2, 4, 6, 8)))],
     # Every loop supervised (ramp) so that early loops can read out; one thread, as the timings are per core.
     # The second run trains only a halting gate on the first run's final weights: the core stays the same.
     "adaptive": [Run("LoopLM 1Lx8, ramp supervision", "shakespeare_cpu_loop1x4.py",
-                     dict(n_loops=8, loss_weights="ramp", threads=1)),
+                     dict(COMMITTED_LOOP, n_loops=8, loss_weights="ramp", threads=1)),
                  Run("+ halting gate trained alone", "shakespeare_cpu_loop1x4.py",
-                     dict(n_loops=8, threads=1, halt="gate", halt_threshold=0.5, gate_only=True,
+                     dict(COMMITTED_LOOP, n_loops=8, threads=1, halt="gate", halt_threshold=0.5, gate_only=True,
                           init_from=run_dir("adaptive", "LoopLM 1Lx8, ramp supervision") + "/last",
                           max_iters=400, lr_decay_iters=400, warmup_iters=20, eval_interval=200))],
 }
@@ -323,7 +334,7 @@ STUDY_SCREEN = [
     Arm("GPT-4L", "shakespeare_cpu_gpt4l.py", "nanoGPT's CPU recipe", seeds=STUDY_SEEDS),
     Arm("loop", LOOP_1X4, "the loop recipe shipped before this study"),
     Arm("loop lr 2e-3", LOOP_1X4, "learning_rate=2e-3", dict(learning_rate=2e-3)),
-    Arm("loop lr 4e-3", LOOP_1X4, "learning_rate=4e-3", dict(learning_rate=4e-3)),
+    Arm("loop lr 4e-3", LOOP_1X4, "learning_rate=4e-3", dict(learning_rate=4e-3), seeds=STUDY_SEEDS),
     # The changes to the loop, each on top of the best learning rate of the three above.
     Arm("loop lr 4e-3 + step learned", LOOP_1X4, "learning_rate=4e-3, step_encoding='learned'",
         dict(learning_rate=4e-3, step_encoding="learned")),
@@ -338,6 +349,15 @@ STUDY_CONTROLS = [
     Arm("GPT-4L lr 4e-3", "shakespeare_cpu_gpt4l.py", "learning_rate=4e-3", dict(learning_rate=4e-3)),
 ]
 STUDY_ARMS = STUDY_SCREEN + STUDY_CONTROLS
+STUDY_NOTES = (
+    "`python -m looplm.experiments space_time_study` (finished runs are kept in "
+    "experiments/space_time_study/runs/ and not trained again). nanoGPT's CPU size: 128 wide, 4 heads, "
+    "context 64, batch 12, 2000 iterations, one thread; a seed fixes the initial weights and the order "
+    "of the batches, the same for every arm. The looped arms start from the recipe shipped before the "
+    "study (learning_rate 1e-3, warm-up 100, inject add, no step encoding, zero initial state, replace "
+    "update, loss on the last loop) and change what `change` says. best_val_loss: mean over the arm's "
+    "seeds of the best of the trainer's evaluations (every 250 iterations, 20 batches); spread: max - min "
+    "over the seeds; vs_gpt1l: the mean difference to GPT-1L (nanoGPT's recipe) at the same seeds.")
 REFERENCE, TARGET = "GPT-1L", "GPT-4L"  # the goal: below the first by more than the seed spread, at or
 MAX_PARAMS_FRACTION = 0.5  # below the second with at most this fraction of its parameters
 
@@ -438,7 +458,7 @@ def space_time_study(out: Path, max_iters: Optional[int] = None, log: Callable[[
     for arm, seed in order:
         rows[arm.name, seed] = study_run(arm, seed, runs, max_iters, log)["row"]
     rows = {(arm.name, seed): rows[arm.name, seed] for arm in STUDY_ARMS for seed in arm.seeds}
-    summary = dict(**study_tables(STUDY_ARMS, rows), study_runs=list(rows.values()),
+    summary = dict(notes=STUDY_NOTES, **study_tables(STUDY_ARMS, rows), study_runs=list(rows.values()),
                    machine=dict(platform=platform.platform(), processor=platform.processor(), threads=1,
                                 device="cpu"))
     atomic_write_text(directory / "results.json", json.dumps(summary, indent=1) + "\n")
@@ -476,7 +496,8 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
              "best_val_loss: the best of the trainer's evaluations. Wall times come from a CPU machine shared "
              "with other work, so they are noisy; compare them within one table only.", ""]
     for name, result in summary.items():
-        parts += [f"## {name}", "", tabulate(result["runs"], headers="keys", tablefmt="github"), ""]
+        parts += [f"## {name}", ""] + ([result["notes"], ""] if "notes" in result else [])
+        parts += [tabulate(result["runs"], headers="keys", tablefmt="github"), ""]
         for key, (caption, floatfmt) in TABLES.items():
             if key in result:
                 table = tabulate(result[key], headers="keys", tablefmt="github", floatfmt=floatfmt)
