@@ -66,10 +66,27 @@ def _row(arm, seed, best, params=100):
 def test_study_goal(monkeypatch, loop_losses, loop_params, met):
     seeds = (1, 2, 3)
     monkeypatch.setattr(experiments, "STUDY_SEEDS", seeds)
-    arms = [Arm(name, "x.py", "", seeds=seeds) for name in ("GPT-1L", "GPT-4L", "loop")]
+    arms = [Arm(name, f"{name}.py", "", seeds=seeds) for name in ("GPT-1L", "GPT-4L", "loop")]
     rows = {}
     for seed, gpt1l, gpt4l, loop in zip(seeds, (1.89, 1.88, 1.90), (1.83, 1.82, 1.84), loop_losses):
         rows.update({("GPT-1L", seed): _row("GPT-1L", seed, gpt1l), ("GPT-4L", seed): _row("GPT-4L", seed, gpt4l, 400),
                      ("loop", seed): _row("loop", seed, loop, loop_params)})
     goal = experiments.study_tables(arms, rows)["study_goal"]
     assert [(r["arm"], r["goal_met"]) for r in goal] == [("loop", met)]
+
+
+def test_study_goal_holds_a_loop_against_gpt1l_at_its_learning_rate(monkeypatch):
+    seeds = (1, 2)
+    monkeypatch.setattr(experiments, "STUDY_SEEDS", seeds)
+    arms = [Arm("GPT-1L", "gpt1l.py", "", seeds=seeds), Arm("GPT-4L", "gpt4l.py", "", seeds=seeds),
+            Arm("GPT-1L fast", "gpt1l.py", "", dict(learning_rate=4e-3), seeds=seeds),
+            Arm("loop fast", "loop.py", "", dict(learning_rate=4e-3), seeds=seeds),
+            Arm("loop", "loop.py", "", seeds=seeds)]
+    losses = {"GPT-1L": 1.89, "GPT-4L": 1.87, "GPT-1L fast": 1.76, "loop fast": 1.78, "loop": 1.91}
+    rows = {(name, seed): _row(name, seed, loss + 0.001 * seed, 400 if name == "GPT-4L" else 100)
+            for name, loss in losses.items() for seed in seeds}
+    goal = {r["arm"]: r for r in experiments.study_tables(arms, rows)["study_goal"]}
+    assert sorted(goal) == ["loop", "loop fast"]  # the GPTs are references, not candidates
+    assert goal["loop fast"]["goal_met"] and goal["loop fast"]["below_gpt1l_same_lr"] == -0.02
+    assert goal["loop fast"]["beats_gpt1l_same_lr"] is False
+    assert goal["loop"]["beats_gpt1l_same_lr"] is None and not goal["loop"]["goal_met"]
