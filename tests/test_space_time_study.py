@@ -34,7 +34,7 @@ def test_study_writes_its_tables_and_runs(tiny_study):
     assert [(r["arm"], r["seeds"]) for r in summary["runs"]] == [("GPT-1L", 2), ("GPT-4L", 2), ("loop", 2),
                                                                  ("loop lr", 1)]
     assert summary["runs"][0]["vs_gpt1l"] == 0 and summary["runs"][3]["spread"] is None
-    assert [r["arm"] for r in summary["study_goal"]] == ["loop"]  # only arms run at every seed
+    assert [r["arm"] for r in summary["study_goal"]] == ["loop"]  # a spread needs two seeds
     assert len(list((directory / "runs").glob("*.json"))) == 7
     loop_run = json.loads((directory / "runs" / "loop_seed_1.json").read_text())
     assert loop_run["settings"]["inject"] == "add" and loop_run["settings"]["n_loops"] == 2
