@@ -8,7 +8,9 @@ log_interval = 10
 batch_size = 64
 max_iters = 5000
 lr_decay_iters = 5000
-learning_rate = 1e-3
+# 4x nanoGPT's rate, as configs/shakespeare_cpu_loop1x4.py: carried over from the CPU-sized space-time
+# study (experiments/space_time_study); not yet measured at this size.
+learning_rate = 4e-3
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100
