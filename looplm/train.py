@@ -19,6 +19,7 @@ own batches and gradients are averaged (DDP; gloo on CPU, nccl on GPU).
 from __future__ import annotations
 
 import contextlib
+import gc
 import csv
 import io
 import json
@@ -400,6 +401,10 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
     bar.close()
     elapsed = elapsed_before + time.perf_counter() - start
     if ddp.enabled:
+        # The DDP wrapper goes first: a reducer freed after the process group would tear the group
+        # down while holding the GIL that the group's worker thread waits for (a hang at exit).
+        objective = sync = None
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     model.eval()
