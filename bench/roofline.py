@@ -208,8 +208,8 @@ def markdown(rows: Sequence[dict], measured: Optional[dict] = None) -> str:
         "- assumed, not vendor figures: DRAM latency (H100 650 ns, RTX 5070 600 ns) for the bytes in flight, L2 "
         "bandwidth (H100 5.5 TB/s, RTX 5070 2.5 TB/s), 16 exp2 per SM per clock, L2 serving every re-read (W "
         "panels under grouped ordering, a head's K and V)",
-        "- not modelled: instruction issue, pipeline bubbles, TMA; above 100% means the kernel moves fewer bytes "
-        "than bench/workloads.py counts (halt_update reads only the row it keeps: 2NC, the count says 3NC)",
+        "- not modelled: instruction issue, pipeline bubbles, TMA; above 100% would mean the kernel moves fewer "
+        "bytes than bench/workloads.py counts",
         "- a measured column appears only where `bench/gpu_session.sh` ran the benchmarks on that GPU", "",
         tabulate(table, headers, tablefmt="github"), ""])
 
