@@ -359,6 +359,8 @@ class LoopGPT(nn.Module):
                              f"{getattr(pos, 'dtype', '')} {tuple(getattr(pos, 'shape', ()))}")
         if pos.device != self.lm_head.weight.device:
             raise ValueError(f"pos is on {pos.device} but the model is on {self.lm_head.weight.device}")
+        if torch.compiler.is_compiling():  # a data-dependent check would break a compiled graph
+            return
         lo, hi = (int(v) for v in torch.aminmax(pos))
         if lo < 0 or hi >= n:
             raise ValueError(f"position ids must be in [0, {n}) (n_positions), got values in [{lo}, {hi}]")

@@ -304,7 +304,7 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
                 x, y = task.get_batch(split, cfg.batch_size, eval_rng, device)
                 pos = task_positions(task, x, split, eval_rng)
                 with autocast:
-                    losses.append(evaluator(x, y, n_loops, None, pos)[1].item())
+                    losses.append(evaluator(x, y, n_loops, pos=pos)[1].item())
             out[f"{split}_loss"] = sum(losses) / len(losses)
         model.train()
         return out

@@ -9,6 +9,7 @@ from looplm import LoopConfig, LoopGPT, LoopTrace
 from looplm.backends import Backend, BackendUnavailable, get_backend
 from looplm.ops import OP_NAMES
 from looplm.testing import assert_close
+from tests.models import sharpen
 
 pytestmark = pytest.mark.filterwarnings("ignore:backend 'tile' runs its cuTile kernels in the CPU emulator")
 
@@ -39,10 +40,8 @@ def sharpened_model(criterion: str = "entropy", threshold: float | None = None, 
     base = dict(vocab_size=17, block_size=16, n_embd=32, n_head=4, n_layer=1, n_loops=3, max_loops=MAX_LOOPS,
                 step_encoding="learned", halt=criterion, halt_threshold=threshold or CRITERIA[criterion])
     model = LoopGPT(LoopConfig(**{**base, **overrides})).eval()
+    sharpen(model)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
         if criterion == "gate":
             model.halt_gate.weight.normal_(0.0, 0.3)
             model.halt_gate.bias.zero_()

@@ -11,6 +11,7 @@ from looplm.cli import run_cli
 from looplm.data.addition import PAD, AdditionTask, encode, max_position_id, problem_positions
 from looplm.eval_addition import answer_problems, main, parse_problems, summarize
 from looplm.generation import generate_cached
+from tests.models import sharpen
 from tests.test_adaptive import sharpened_model
 
 
@@ -103,10 +104,7 @@ def small_model(**overrides) -> LoopGPT:
     torch.manual_seed(0)
     base = dict(vocab_size=14, block_size=32, n_positions=24, n_embd=32, n_head=4, n_layer=1, n_loops=3)
     model = LoopGPT(LoopConfig(**{**base, **overrides})).eval()
-    with torch.no_grad():  # sharper distributions: greedy choices far from ties
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
+    sharpen(model)  # greedy choices far from ties
     return model
 
 

@@ -8,6 +8,7 @@ import torch
 from looplm import LoopConfig, LoopGPT
 from looplm.backends import get_backend
 from looplm.generation import LoopKVCache, generate_cached
+from tests.models import sharpen
 from tests.test_adaptive import MAX_LOOPS, SHAPES, counting, sharpened_model
 
 
@@ -15,10 +16,7 @@ def fixed_depth_model(**overrides) -> LoopGPT:
     torch.manual_seed(0)
     base = dict(vocab_size=17, block_size=24, n_embd=32, n_head=4, n_layer=1, n_loops=4)
     model = LoopGPT(LoopConfig(**{**base, **overrides})).eval()
-    with torch.no_grad():  # sharper distributions: greedy choices far from ties
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
+    sharpen(model)  # greedy choices far from ties
     return model
 
 
