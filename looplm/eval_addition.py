@@ -86,7 +86,8 @@ def answer_problems(model: LoopGPT, task: AdditionTask, problems: Sequence[Probl
                     batch_size: int = 256) -> list[Answer]:
     """Greedy answers (`a+b=` -> `c;`) in the order of `problems`, with halting on when the model's
     config names a criterion. Problems are batched by prompt length; each gets as many new tokens
-    as its reference answer has (a longer answer is wrong anyway)."""
+    as its reference answer has (a longer answer is wrong anyway); with an aligned task, exactly its
+    digits, and ';' closes them."""
     model.eval()
     device = model.lm_head.weight.device
     for a, b in problems:
@@ -100,13 +101,13 @@ def answer_problems(model: LoopGPT, task: AdditionTask, problems: Sequence[Probl
         for first in range(0, len(members), batch_size):
             chunk = members[first:first + batch_size]
             prompt_len = len(texts[chunk[0]][0])
-            answer_len = torch.tensor([len(texts[i][1]) for i in chunk], device=device)
+            answer_len = torch.tensor([task.written_length(texts[i][1]) for i in chunk], device=device)
             n_new = int(answer_len.max())
             prompts = torch.tensor([encode(texts[i][0]) for i in chunk], device=device)
             pos = None
             if task.gives_positions:  # the layout, hence the ids, follows from the prompt: read them off the reference
                 reference = torch.tensor([encode(texts[i][0] + texts[i][1]) for i in chunk], device=device)
-                pos = task.get_positions(reference)
+                pos = task.get_positions(reference)[:, :prompt_len + n_new]
             seq = model.generate(prompts, n_new, temperature=0.0, n_loops=max_loops, pos=pos)
             # Loops run where the model predicts each answer token of the reference answer. The model is
             # causal, so one pass over the finished sequence decides halting exactly as decoding did.
@@ -114,7 +115,7 @@ def answer_problems(model: LoopGPT, task: AdditionTask, problems: Sequence[Probl
                                 pos=None if pos is None else pos[:, :-1])
             for row, i in enumerate(chunk):
                 a, b = problems[i]
-                text = task.decode(seq[row, prompt_len:].tolist())
+                text = task.decode(seq[row, prompt_len:].tolist()) + (";" if task.aligned else "")
                 text = text[:text.index(";") + 1] if ";" in text else text
                 steps = trace.steps[row, prompt_len - 1:prompt_len - 1 + int(answer_len[row])].tolist()
                 answers[i] = Answer(a, b, text, task.parse_answer(text) == a + b, steps)
@@ -196,7 +197,7 @@ def task_from_checkpoint(path: Union[str, Path], test_digits: Optional[Sequence[
                         swap_augment=meta["swap_augment"], random_offset=meta["random_offset"],
                         n_train=meta["n_train"], n_test=meta["n_test"], block_size=block_size, seed=meta["seed"],
                         positions=meta.get("positions", "absolute"), n_positions=n_positions,
-                        pack=meta.get("pack", 1))
+                        pack=meta.get("pack", 1), aligned=meta.get("aligned", False))
 
 
 def parse_digits(text: str) -> list[int]:

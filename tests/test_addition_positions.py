@@ -43,6 +43,37 @@ def test_abacus_ids_are_each_digits_significance():
     assert ids(task(positions="abacus", reverse=False), 123, 45)[1] == [3, 2, 1, 0, 3, 2, 1, 0, 4, 3, 2, 1, 0]
 
 
+@pytest.mark.parametrize("reverse", [True, False])
+def test_aligned_gives_every_answer_digit_its_operand_digits(reverse):
+    t = task(aligned=True, reverse=reverse)
+    # one more leading zero per operand and an answer exactly as wide: 123 + 45 -> 0123 + 0045 = 0168
+    text, base = ids(t, 123, 45)
+    assert text == ("3210+5400=8610;" if reverse else "0123+0045=0168;")
+    assert max(base) <= max_position_id(3)
+    # every answer digit's target: its query finds exactly the two operand digits of that place value
+    x, y = t.encode_rows([(123, 45), (999, 1), (7, 98765)])
+    pos = t.get_positions(torch.from_numpy(x))
+    for row in range(len(x)):
+        digits_of = {}
+        for col in range(x.shape[1]):
+            if x[row, col] < 10 and pos[row, col] > 0 and col < list(x[row]).index(encode("=")[0]):
+                digits_of.setdefault(int(pos[row, col]), []).append(int(x[row, col]))
+        targets = [(col, int(y[row, col])) for col in range(x.shape[1]) if y[row, col] >= 0]
+        assert targets[-1][1] == encode(";")[0], "the closing ';' is still trained"
+        for col, _ in targets[:-1]:
+            assert len(digits_of[int(pos[row, col])]) == 2
+        assert int(pos[row, targets[-1][0]]) not in digits_of
+
+
+def test_aligned_evaluation_writes_exactly_the_answer_digits():
+    t = task(aligned=True, block_size=40)
+    model = small_model(block_size=40, n_positions=24)
+    answers = answer_problems(model, t, [(123, 45), (6, 7)])
+    assert [len(a.text) for a in answers] == [5, 3] and all(a.text.endswith(";") for a in answers)
+    assert [len(a.steps) for a in answers] == [4, 2]
+    assert t.written_length("0168;") == 4 and task().written_length("0168;") == 5
+
+
 def test_evaluation_centres_each_problem_in_the_table():
     t = task()  # 24 ids: a 3-digit problem takes 2..6, so 24 - 1 - 6 = 17 spare ids, 8 below it
     text, base = ids(t, 123, 45)
@@ -206,6 +237,15 @@ def test_eval_refuses_a_bad_file_before_writing_anything(checkpoint, tmp_path, c
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not answers_file.exists()
+
+
+def test_the_checkpoint_records_the_aligned_layout(tmp_path):
+    from looplm.eval_addition import task_from_checkpoint
+    meta = dict(task="addition", train_digits=[1, 3], test_digits=[1, 2, 3], reverse_digits=True, zero_pad=False,
+                swap_augment=True, random_offset=True, n_train=500, n_test=20, seed=0, positions="coupled")
+    for aligned in (False, True):
+        path = save_checkpoint(small_model(), tmp_path / str(aligned), metadata={"task": {**meta, "aligned": aligned}})
+        assert task_from_checkpoint(path).aligned is aligned
 
 
 def test_summary_groups_by_the_longer_operand(checkpoint):

@@ -24,6 +24,15 @@ answer digit before it) -> 2 + j; the last answer digit, which predicts ';' -> 2
 significance, answer digits too (unshifted); '+', '=', ';' and padding -> 0. With either, operands
 are zero-padded to the longer one's width (at least the longest training operand with zero_pad)
 and the answer to one digit more, so the ids of the answer are known from the prompt.
+With `aligned`, every answer digit has operand digits of its place value: operands get one more
+leading zero than the longer needs (room for the carry), the answer is exactly as wide as they are,
+and its length is given by the task: evaluation writes that many digits. (Training still asks for
+the ';': the token that predicts it holds an id at which no operand has a digit, and learning that
+nothing there matches is what teaches the model, early, to find digits by their ids; without that
+target a 1-layer model at learning rate 1e-2 did not learn in 1000 iterations.) Without `aligned`,
+the token that predicts the top carry digit holds an id at which neither operand has a digit, so
+its attention finds nothing to match and averages whatever the row holds, which differs between
+short training rows and long test problems.
 `random_offset` then adds one random shift per training problem to every nonzero id, up to the
 position table (`n_positions`), so every id the test range needs is trained; evaluation centres
 each problem in the table instead (the ids at its ends are trained least). The tokens themselves
@@ -56,13 +65,15 @@ SPLITS = ("train", "val")
 Problem = tuple[int, int]
 
 
-def sequence_length(n_digits: int) -> int:
-    """Tokens of an n+n digit problem: n, '+', n, '=', up to n+1 answer digits, ';'."""
-    return 3 * n_digits + 4
+def sequence_length(n_digits: int, aligned: bool = False) -> int:
+    """Tokens of an n+n digit problem: n, '+', n, '=', up to n+1 answer digits, ';' (aligned: every
+    part n+1 wide)."""
+    return 3 * n_digits + (6 if aligned else 4)
 
 
 def max_position_id(n_digits: int) -> int:
-    """The largest position id an n-digit problem takes with task-given positions, without offset."""
+    """The largest position id an n-digit problem takes with task-given positions, without offset
+    (aligned or not: the token after the answer's top digit)."""
     return n_digits + 3
 
 
@@ -99,6 +110,7 @@ class AdditionTask:
     positions: str = "absolute"  # one of POSITIONS: who gives the model its position ids
     n_positions: Optional[int] = None  # the model's position table (None: block_size); ids < this
     pack: int = 1  # training problems per row (task-given positions only): distractors at every distance
+    aligned: bool = False  # one more leading zero per operand, answer as wide, its length given
 
     @property
     def gives_positions(self) -> bool:
@@ -114,7 +126,7 @@ class AdditionTask:
         for name in ("n_train", "n_test"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        longest = sequence_length(max(train[1], max(test)))
+        longest = sequence_length(max(train[1], max(test)), self.aligned)
         if self.block_size < longest:
             raise ValueError(f"block_size {self.block_size} is too short: {max(train[1], max(test))}-digit "
                              f"problems take {longest} tokens")
@@ -126,15 +138,16 @@ class AdditionTask:
             raise ValueError(f"n_positions must be an integer >= 1, got {self.n_positions!r}")
         if not isinstance(self.pack, int) or self.pack < 1 or (self.pack > 1 and not self.gives_positions):
             raise ValueError(f"pack must be an integer >= 1, and 1 with absolute positions, got {self.pack!r}")
-        if self.pack * sequence_length(train[1]) > self.block_size:
+        if self.pack * sequence_length(train[1], self.aligned) > self.block_size:
             raise ValueError(f"block_size {self.block_size} is too short for {self.pack} packed {train[1]}-digit "
-                             f"problems ({self.pack * sequence_length(train[1])} tokens)")
+                             f"problems ({self.pack * sequence_length(train[1], self.aligned)} tokens)")
         if self.gives_positions and self.pack * max_position_id(train[1]) >= self.n_positions:
             raise ValueError(f"n_positions {self.n_positions} is too small for {self.pack} packed {train[1]}-digit "
                              f"problems (disjoint position ids up to {self.pack * max_position_id(train[1])})")
-        if self.gives_positions and max_position_id(max(train[1], max(test))) >= self.n_positions:
+        longest_ids = max_position_id(max(train[1], max(test)))
+        if self.gives_positions and longest_ids >= self.n_positions:
             raise ValueError(f"n_positions {self.n_positions} is too small: {max(train[1], max(test))}-digit "
-                             f"problems take position ids up to {max_position_id(max(train[1], max(test)))}")
+                             f"problems take position ids up to {longest_ids}")
 
     @property
     def vocab_size(self) -> int:
@@ -146,15 +159,25 @@ class AdditionTask:
         """(prompt 'a+b=', answer 'c;') in this task's digit order; with zero_pad, both operands are
         written `width` digits wide and the answer width + 1 (`width`: the longest training operand,
         or more for longer operands). With task-given positions, `width` is at least the longer
-        operand's, whether zero_pad or not."""
-        width = max(len(str(a)), len(str(b))) if self.gives_positions else 0
+        operand's, whether zero_pad or not. With `aligned`, operands are one digit wider still and
+        the answer exactly as wide."""
+        longer = max(len(str(a)), len(str(b)))
+        width = longer if self.gives_positions or self.aligned else 0
         if self.zero_pad:
-            width = max(width, self.train_digits[1], len(str(a)), len(str(b)))
+            width = max(width, self.train_digits[1], longer)
+        answer_width = width + 1 if width else 0
+        if self.aligned:
+            width = answer_width
 
         def digits(n: int, pad: int) -> str:
             text = str(n).zfill(pad)
             return text[::-1] if self.reverse else text
-        return f"{digits(a, width)}+{digits(b, width)}=", f"{digits(a + b, width + 1 if width else 0)};"
+        return f"{digits(a, width)}+{digits(b, width)}=", f"{digits(a + b, answer_width)};"
+
+    def written_length(self, answer: str) -> int:
+        """Tokens the model writes of an answer 'c;' at evaluation: all of it, or with `aligned` its
+        digits (the task gives their count, and ';' follows)."""
+        return len(answer) - 1 if self.aligned else len(answer)
 
     def encode(self, text: str) -> list[int]:
         return encode(text)
@@ -268,7 +291,7 @@ class AdditionTask:
             if self.random_offset and split == "train" and generator is not None else None
         rows = []
         for tokens in x.tolist():
-            pieces = row_positions(tokens, self.positions, self.reverse)  # [(first column, ids)] per problem
+            pieces = row_positions(tokens, self.positions, self.reverse, self.aligned)  # [(first column, ids)] per problem
             widths = [max(ids) for _, ids in pieces]
             free = self.n_positions - 1 - sum(widths)
             if free < 0:
@@ -306,25 +329,28 @@ class AdditionTask:
         return packed[0], packed[1]
 
 
-def row_positions(tokens: list[int], scheme: str, reverse: bool) -> list[tuple[int, list[int]]]:
+def row_positions(tokens: list[int], scheme: str, reverse: bool, aligned: bool = False
+                  ) -> list[tuple[int, list[int]]]:
     """Split a row into its problems 'a+b=c;' (padding ends it) -> [(first column, ids without offset)]."""
     pieces, first = [], 0
     while first < len(tokens) and tokens[first] != PAD:
         end = tokens.index(END, first) + 1 if END in tokens[first:] else len(tokens)
         while end < len(tokens) and tokens[end - 1] != END and tokens[end] != PAD:
             end += 1
-        pieces.append((first, problem_positions(tokens[first:end], scheme, reverse)))
+        pieces.append((first, problem_positions(tokens[first:end], scheme, reverse, aligned)))
         first = end
     return pieces
 
 
-def problem_positions(tokens: list[int], scheme: str, reverse: bool) -> list[int]:
+def problem_positions(tokens: list[int], scheme: str, reverse: bool, aligned: bool = False) -> list[int]:
     """Position ids without offset of one problem 'a+b=c;' (the answer may be partial) whose operands
-    have one width n (see the module docstring): scheme "coupled" or "abacus", reversed or plain."""
+    have one width n and whose answer is n + 1 wide, or n with `aligned` (see the module docstring):
+    scheme "coupled" or "abacus", reversed or plain."""
     if tokens.count(PLUS) != 1 or tokens.count(EQUALS) != 1 or tokens.index(PLUS) > tokens.index(EQUALS):
         raise ValueError(f"task-given positions need problems 'a+b=c;', got {decode(tokens)!r}")
     plus, equals = tokens.index(PLUS), tokens.index(EQUALS)
     n = plus
+    top = n - 1 if aligned else n  # significance of the answer's top digit
     if equals - plus - 1 != n:
         raise ValueError(f"task-given positions need operands of one width, got {decode(tokens)!r}")
     ids = []
@@ -336,8 +362,8 @@ def problem_positions(tokens: list[int], scheme: str, reverse: bool) -> list[int
             sig = col if reverse else n - 1 - col
         elif col < equals:
             sig = col - plus - 1 if reverse else n - 1 - (col - plus - 1)
-        else:  # '=' is the answer digit "-1" (reversed) or "n + 1" (plain), before the first
-            sig = col - equals - 1 if reverse else n - (col - equals - 1)
+        else:  # '=' is the answer digit "-1" (reversed) or "top + 1" (plain), before the first
+            sig = col - equals - 1 if reverse else top - (col - equals - 1)
         if col < equals and scheme in ("coupled", "abacus"):
             ids.append(sig + (2 if scheme == "coupled" else 1))
         elif scheme == "coupled":  # the token predicting answer digit j carries j's id
