@@ -152,7 +152,7 @@ class TrainResult:
     iter_num: int
     best_val_loss: float
     elapsed_s: float
-    tokens_per_s: float
+    tokens_per_s: float  # over the whole run (this process's part of a resumed run), evaluations included
     device: str
     report: str = ""
 
@@ -409,8 +409,9 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
         dist.destroy_process_group()
     model.eval()
     run_tokens += window_tokens
+    # The run's average, evaluations included (the log keeps each window's own rate).
     return TrainResult(model, task, history, out_dir, iter_num, best_val_loss, elapsed,
-                       tokens_per_s or run_tokens / max(elapsed - elapsed_before, 1e-9), device)
+                       run_tokens / max(elapsed - elapsed_before, 1e-9), device)
 
 
 def main(argv: Optional[list[str]] = None) -> TrainResult:

@@ -288,6 +288,15 @@ def test_tokens_per_second_counts_the_tokens_run(tmp_path):
     assert len(tokens) == 4 and all(t % 4 == 0 and 0 < t < 4 * 32 for t in tokens), tokens
 
 
+def test_the_summary_rate_is_the_runs_average(tmp_path):
+    cfg, model_keys = tiny_run(tmp_path, random_offset=False, block_size=32, log_interval=3)
+    result = train(cfg, model_keys)  # 4 iterations: one logged window of 3, one unlogged iteration
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    logged = sum(r["tokens"] for r in records if r["kind"] == "train")
+    run_tokens = result.tokens_per_s * result.elapsed_s
+    assert logged < run_tokens <= logged + 4 * 32 + 1e-6, "the unlogged last iteration counts too"
+
+
 def test_progress_off_a_terminal_is_plain_lines(tmp_path, capsys):
     cfg, model_keys = tiny_run(tmp_path, progress=True, log_interval=2)
     train(cfg, model_keys)  # pytest captures stderr: not a terminal
