@@ -288,6 +288,8 @@ def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, s
                   PRECISION="tf32x3" if q.dtype == torch.float32 and not dot_in_fp32() else "ieee",
                   BLOCK_D=head_block(D), **block_sizes, **options)
     if tensor_descriptors:
+        if TensorDescriptor is None:
+            raise RuntimeError(f"attention: tensor descriptors need Triton 3.4 or newer; this is {triton.__version__}")
         block_m, block_n, block_d = block_sizes["BLOCK_M"], block_sizes["BLOCK_N"], head_block(D)
         launch(_attention_tma_kernel, grid, make_descriptor(q, block_m, block_d), make_descriptor(k, block_n, block_d),
                make_descriptor(v, block_n, block_d), make_descriptor(out, block_m, block_d), H, Tq, Tk,

@@ -67,7 +67,7 @@ def triton_launches() -> list[Launch]:
     add(linear.LAYER_NORM_LINEAR_TUNING, "ln_2 + fc +gelu", (rows, C))
     attention_shape = (m.batch, H, m.context, m.context, C // H)
     add(attention.TUNING, "causal", attention_shape)  # TMA on sm_90 and sm_100, pointers elsewhere
-    add(attention.TUNING, "causal, pointers", attention_shape,  # what views TMA cannot take run on
+    add(attention.TUNING, "causal pointers", attention_shape,  # what views TMA cannot take run on
         lambda dt, arch, config, s=attention_shape: attention.compile_variant(s, dt, config, arch, False))
     for v in VOCABS:
         add(softmax_entropy.TUNING, f"V={v}", (rows, v))
@@ -147,7 +147,7 @@ def markdown(rows: Sequence[dict], command: str) -> str:
         "shared memory per block (bytes), threads per block; blocks/SM and warps/SM: the occupancy these imply "
         "(CUDA occupancy rules, tuning.gpus.occupancy)",
         "- [TMA]: the compiled PTX moves its tiles with bulk tensor copies (tensor descriptors); attention "
-        "\"causal\" is the load path the launcher picks on that GPU, \"causal, pointers\" the one for views TMA "
+        "\"causal\" is the load path the launcher picks on that GPU, \"causal pointers\" the one for views TMA "
         "cannot address",
         "- problem: what tier 0 refuses (a spill, or a limit of the architecture exceeded); empty means it fits", "",
         tabulate(table, headers, tablefmt="github"), ""])
