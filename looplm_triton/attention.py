@@ -12,13 +12,14 @@ never loaded. A row that sees no key keeps a zero denominator and returns zeros,
 fp32 inputs multiply as three TF32 products (tf32x3: fp32 accuracy on the tensor cores; exact
 fp32 dots on CUDA cores spill at any useful tile). The head size is a compile-time constant
 (padded to a power of two, at least 16, the dot minimum; no mask along it when it is one). On a
-GPU exp2 is one `ex2.approx.ftz` instruction. Programs run on one grid axis, (query block, batch x head) flattened, heaviest query blocks first:
-CUDA caps grid axes 1 and 2 at 65535, which B x H may exceed.
+GPU exp2 is one `ex2.approx.ftz` instruction. Programs run on one grid axis, (query block, batch x
+head) flattened, heaviest query blocks first: CUDA caps grid axes 1 and 2 at 65535, which B x H may
+exceed.
 
 Two load paths, one algorithm (`_online_softmax_step`), chosen per launch by
 `use_tensor_descriptors(capability, q, k, v, out)`, a plain function of the GPU's compute capability
 and the tensors:
-- Tensor descriptors (TMA), on sm_90 and sm_100, for bf16/fp16 tensors whose first element and
+- Tensor descriptors (TMA), on sm_90, for bf16/fp16 tensors whose first element and
   strides (all but the last, which must be 1) are 16-byte aligned, as tutorial 06 does on Hopper:
   the copy engine moves each Q, K, V tile into shared memory asynchronously (`cp.async.bulk.tensor`,
   pipelined over num_stages with mbarriers, no address arithmetic in the threads) and stores the
@@ -30,8 +31,9 @@ and the tensors:
   128-byte descriptor to global scratch in every program and needs a process-wide allocator
   (`triton.set_allocator`), which a library cannot set without taking it from its user; the host
   encodes four descriptors per launch instead.
-- Pointers everywhere else (sm_80, sm_120, fp32, views TMA cannot address, the interpreter unless
-  asked): q, k, v and the output are addressed through their strides, masked at the edges.
+- Pointers everywhere else (sm_80, sm_100, sm_120, fp32, views TMA cannot address, the interpreter
+  unless asked): q, k, v and the output are addressed through their strides, masked at the edges.
+  sm_100 compiles the descriptor kernel but spills at some head sizes (see TMA_MAJORS).
 
 Knobs: BLOCK_M, BLOCK_N, num_warps, num_stages (both paths take the same configuration).
 """
@@ -221,7 +223,10 @@ def head_block(D: int) -> int:
 
 # ---- the load path: tensor descriptors (TMA) or pointers
 
-TMA_MAJORS = (9, 10)  # sm_90 (H100/H200) and sm_100 (B200); sm_80 has no TMA, sm_120 keeps pointers
+# sm_90 (H100/H200). sm_80 has no TMA. sm_100 compiles the descriptor kernel, but with the default
+# configuration it spills (16 to 36 bytes) at head sizes 32 and 128, where its pointer path does not;
+# sm_120's small shared memory suits the pointer path's default. Both keep pointers.
+TMA_MAJORS = (9,)
 TMA_DTYPES = (torch.bfloat16, torch.float16)
 TMA_ALIGNMENT = 16  # bytes: the copy engine's rule for the base address and every stride but the last
 TMA_MAX_STRIDE = 2 ** 40  # bytes
@@ -255,9 +260,9 @@ def tma_compatible(t: Tensor) -> bool:
 
 def use_tensor_descriptors(capability: Optional[tuple[int, int]], *tensors: Tensor) -> bool:
     """Whether a launch on a GPU of compute `capability` ((major, minor); None where no GPU runs it,
-    as in the interpreter) loads and stores `tensors` through tensor descriptors (TMA): on sm_90 and
-    sm_100, for 16-bit tensors that are all `tma_compatible`; otherwise the pointer path, which takes
-    any strides. fp32 keeps pointers: its tf32x3 dots spill with descriptors at its sm_90 default."""
+    as in the interpreter) loads and stores `tensors` through tensor descriptors (TMA): on sm_90, for
+    16-bit tensors that are all `tma_compatible`; otherwise the pointer path, which takes any strides.
+    fp32 keeps pointers: its tf32x3 dots spill with descriptors at its sm_90 default."""
     return (capability is not None and capability[0] in TMA_MAJORS and TensorDescriptor is not None
             and all(t.dtype in TMA_DTYPES and tma_compatible(t) for t in tensors))
 

@@ -66,7 +66,7 @@ def triton_launches() -> list[Launch]:
             lambda dt, arch, config, s=shape, f=flags: linear.compile_variant(s, dt, config, arch, **f))
     add(linear.LAYER_NORM_LINEAR_TUNING, "ln_2 + fc +gelu", (rows, C))
     attention_shape = (m.batch, H, m.context, m.context, C // H)
-    add(attention.TUNING, "causal", attention_shape)  # TMA on sm_90 and sm_100, pointers elsewhere
+    add(attention.TUNING, "causal", attention_shape)  # TMA on sm_90, pointers elsewhere
     add(attention.TUNING, "causal pointers", attention_shape,  # what views TMA cannot take run on
         lambda dt, arch, config, s=attention_shape: attention.compile_variant(s, dt, config, arch, False))
     for v in VOCABS:
@@ -133,8 +133,9 @@ def measure(launches: Sequence[Launch], archs: Sequence[str], dtype: torch.dtype
 def markdown(rows: Sequence[dict], command: str) -> str:
     headers = ["backend", "kernel", "variant", "arch", "registers", "spilled B", "shared B", "threads", "blocks/SM",
                "warps/SM", "problem"]
-    table = [[r["backend"], r["kernel"], r["variant"] + (" [TMA]" if r.get("tma") else ""), r["arch"], r["registers"], r["spilled"], r["shared_mem"],
-              r["threads"] or "-", "-" if r["blocks_per_sm"] is None else r["blocks_per_sm"],
+    table = [[r["backend"], r["kernel"], r["variant"] + (" [TMA]" if r.get("tma") else ""), r["arch"],
+              r["registers"], r["spilled"], r["shared_mem"], r["threads"] or "-",
+              "-" if r["blocks_per_sm"] is None else r["blocks_per_sm"],
               "-" if r["warps_per_sm"] is None else r["warps_per_sm"], r["problem"] or ""] for r in rows]
     shape = GPU_MODEL
     return "\n".join([
