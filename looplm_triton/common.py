@@ -64,7 +64,8 @@ def captured_launches(arch: Optional[str] = None) -> Iterator[list[Launch]]:
     with meta tensors), `dot_in_fp32()` answers as on a GPU and `target_capability()` as on `arch`
     (e.g. "sm_90"; None: no GPU), so launchers that choose by architecture choose for that one."""
     previous = getattr(_recording, "launches", None), getattr(_recording, "arch", None)
-    _recording.launches, _recording.arch = launches, _ = [], arch
+    launches: list[Launch] = []
+    _recording.launches, _recording.arch = launches, arch
     try:
         yield launches
     finally:
