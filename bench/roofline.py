@@ -111,7 +111,7 @@ def design(backend: str, op: str, shape: dict, config: dict) -> Optional[Design]
 def occupancy_from_table(rows: Sequence[dict], backend: str, op: str, arch: str, shape: dict) -> Optional[dict]:
     """The resource table's row of this kernel's default on `arch` closest to the benchmark case."""
     wanted = {"linear": "fc +gelu" if "gelu" in shape.get("epilogue", "") else "proj +residual",
-              "softmax_entropy": "V=50304"}.get(op)
+              "softmax_entropy": "V=50304", "attention": "causal"}.get(op)  # attention: the path it dispatches
     found = [r for r in rows if r["backend"] == backend and r["kernel"] == op and r["arch"] == arch]
     for r in found:
         if wanted is None or r["variant"] == wanted:

@@ -46,10 +46,14 @@ def capability(arch: str) -> int:
 
 def describe_argument(value: Any) -> Any:
     """A launch argument as JSON: a tensor by its dtype and the byte offset of its first element from
-    its (aligned) allocation, which decides the pointer's divisibility; a scalar as itself."""
+    its (aligned) allocation, which decides the pointer's divisibility; a tensor descriptor (TMA) by
+    its tensor, shape, strides and block shape; a scalar as itself."""
     if isinstance(value, torch.Tensor):
         return {"tensor": str(value.dtype).removeprefix("torch."),
                 "offset": value.storage_offset() * value.element_size()}
+    if type(value).__name__ == "TensorDescriptor":  # triton.tools.tensor_descriptor, built on the host
+        return {"descriptor": describe_argument(value.base), "shape": [int(n) for n in value.shape],
+                "strides": [int(n) for n in value.strides], "block_shape": [int(n) for n in value.block_shape]}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"cannot describe a launch argument of type {type(value).__name__}")
@@ -106,6 +110,16 @@ class _Pointer:
         return self._address
 
 
+def _stand_in(value: Any) -> Any:
+    """What the specialiser reads of a described argument (see `describe_argument`)."""
+    if isinstance(value, dict) and "descriptor" in value:  # its type: tensordesc<dtype[block shape]>
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        return TensorDescriptor(_stand_in(value["descriptor"]), value["shape"], value["strides"], value["block_shape"])
+    if isinstance(value, dict):
+        return _Pointer(value["tensor"], value["offset"])
+    return value
+
+
 def specialise(kernel, args: dict, backend) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for ASTSource, exactly as the JIT derives them at a launch."""
     from triton.runtime.jit import native_specialize_impl
@@ -119,7 +133,7 @@ def specialise(kernel, args: dict, backend) -> tuple[dict, dict, dict]:
         if param.is_constexpr:
             signature[name], constexprs[name] = "constexpr", value
             continue
-        stand_in = _Pointer(value["tensor"], value["offset"]) if isinstance(value, dict) else value
+        stand_in = _stand_in(value)
         kind, attr = native_specialize_impl(type(backend), stand_in, param.is_const, not param.do_not_specialize,
                                             not param.do_not_specialize_on_alignment)[:2]
         if kind == "constexpr":  # an integer 1, which the JIT folds into the code
@@ -152,7 +166,15 @@ def _compile_by_name(module: str, name: str, arch: str, args: dict, options: dic
     resources.update(ptxas_report(log.getvalue()))
     resources["shared_mem"] = max(resources.get("shared_mem", 0), int(compiled.metadata.shared))
     resources["threads"] = 32 * int(compiled.metadata.num_warps)
+    resources.update(tma_copies(compiled.asm["ptx"]))
     return resources
+
+
+def tma_copies(ptx: str) -> dict[str, int]:
+    """How many bulk tensor copies (TMA, sm_90 and later) the PTX issues: "tma_loads" (global to
+    shared) and "tma_stores" (shared to global); both 0 for a kernel that addresses by pointers."""
+    return {"tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared", ptx)),
+            "tma_stores": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global", ptx))}
 
 
 def ptxas_report(log: str) -> dict[str, int]:

@@ -12,12 +12,30 @@ never loaded. A row that sees no key keeps a zero denominator and returns zeros,
 fp32 inputs multiply as three TF32 products (tf32x3: fp32 accuracy on the tensor cores; exact
 fp32 dots on CUDA cores spill at any useful tile). The head size is a compile-time constant
 (padded to a power of two, at least 16, the dot minimum; no mask along it when it is one). On a
-GPU exp2 is one `ex2.approx.ftz` instruction. Programs run on one grid axis, (query block, batch x head) flattened, heaviest query blocks first:
-CUDA caps grid axes 1 and 2 at 65535, which B x H may exceed.
+GPU exp2 is one `ex2.approx.ftz` instruction. Programs run on one grid axis, (query block, batch x
+head) flattened, heaviest query blocks first: CUDA caps grid axes 1 and 2 at 65535, which B x H may
+exceed.
 
-q, k, v and the output are addressed through their strides, so the block reads heads straight out
-of the fused QKV projection and writes (B, T, C) without transposes. Knobs: BLOCK_M, BLOCK_N,
-num_warps, num_stages.
+Two load paths, one algorithm (`_online_softmax_step`), chosen per launch by
+`use_tensor_descriptors(capability, q, k, v, out)`, a plain function of the GPU's compute capability
+and the tensors:
+- Tensor descriptors (TMA), on sm_90, for bf16/fp16 tensors whose first element and
+  strides (all but the last, which must be 1) are 16-byte aligned, as tutorial 06 does on Hopper:
+  the copy engine moves each Q, K, V tile into shared memory asynchronously (`cp.async.bulk.tensor`,
+  pipelined over num_stages with mbarriers, no address arithmetic in the threads) and stores the
+  output tile. The descriptors are 4-D, (B, H, T, D) with the views' own strides and (1, 1, rows,
+  BLOCK_D) blocks, so a head read straight out of the fused QKV projection needs no copy, and the
+  copy engine zero-fills rows past T and columns past D on a load and drops them on a store: no
+  load or store carries a mask. They are host-side `TensorDescriptor`s, passed by value as kernel
+  parameters, rather than built in the kernel with `tl.make_tensor_descriptor`: that one writes a
+  128-byte descriptor to global scratch in every program and needs a process-wide allocator
+  (`triton.set_allocator`), which a library cannot set without taking it from its user; the host
+  encodes four descriptors per launch instead.
+- Pointers everywhere else (sm_80, sm_100, sm_120, fp32, views TMA cannot address, the interpreter
+  unless asked): q, k, v and the output are addressed through their strides, masked at the edges.
+  sm_100 compiles the descriptor kernel but spills at some head sizes (see TMA_MAJORS).
+
+Knobs: BLOCK_M, BLOCK_N, num_warps, num_stages (both paths take the same configuration).
 """
 from __future__ import annotations
 
@@ -28,27 +46,48 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton before 3.4: the pointer path only
+    TensorDescriptor = None
+
 from looplm.ops import check_kernel_dtype, check_tensors
-from looplm_triton.common import LOG2E, compile_run, dot_in_fp32, fast_exp2, launch, launch_config, split_config
+from looplm_triton.common import (LOG2E, compile_run, dot_in_fp32, fast_exp2, launch, launch_config, split_config,
+                                  target_capability)
 from tuning.spec import Config, KernelTuning
 
 MAX_HEAD_SIZE = 256
 
 
 @triton.jit
-def _key_block(acc, row_max, row_sum, q, k_ptr, v_ptr, start_n, offs_n, offs_d, key_pos, stride_kt, stride_vt, Tk,
-               qk_scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    cols = start_n + offs_n
-    k_ptrs = k_ptr + cols[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = v_ptr + cols[:, None] * stride_vt + offs_d[None, :]
-    if MASKED or HEAD_DIM != BLOCK_D:
-        kv_mask = (cols < Tk)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+def _key_range(start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(end of the key blocks every query of the block sees whole, end of the keys it visits)."""
+    if CAUSAL:
+        # Keys 0 .. start_m + Tk - Tq are visible to every query of this block: whole blocks of them
+        # run unmasked; the band up to the last query's last key is masked.
+        unmasked_end = tl.maximum(tl.minimum(start_m + Tk - Tq + 1, Tk), 0) // BLOCK_N * BLOCK_N
+        end = tl.maximum(tl.minimum(Tk, start_m + BLOCK_M + Tk - Tq), 0)
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+        unmasked_end = Tk // BLOCK_N * BLOCK_N
+        end = Tk
+    return unmasked_end, end
+
+
+@triton.jit
+def _block_coordinates(n_heads, Tq, BLOCK_M: tl.constexpr):
+    """(batch, head, first query) of this program. One grid axis: pid -> (query block, batch x head),
+    heaviest (latest) query blocks first."""
+    pid = tl.program_id(0)
+    m_blocks = tl.cdiv(Tq, BLOCK_M)
+    batch_head = pid // m_blocks
+    start_m = (m_blocks - 1 - pid % m_blocks) * BLOCK_M
+    return batch_head // n_heads, batch_head % n_heads, start_m
+
+
+@triton.jit
+def _online_softmax_step(acc, row_max, row_sum, q, k, v, cols, key_pos, Tk, qk_scale_log2, MASKED: tl.constexpr,
+                         CAUSAL: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold one block of keys `k` and values `v` (key positions `cols`) into the running state."""
     if DOT_IN_FP32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -72,19 +111,31 @@ def _key_block(acc, row_max, row_sum, q, k_ptr, v_ptr, start_n, offs_n, offs_d, 
 
 
 @triton.jit
+def _key_block(acc, row_max, row_sum, q, k_ptr, v_ptr, start_n, offs_n, offs_d, key_pos, stride_kt, stride_vt, Tk,
+               qk_scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    cols = start_n + offs_n
+    k_ptrs = k_ptr + cols[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_ptr + cols[:, None] * stride_vt + offs_d[None, :]
+    if MASKED or HEAD_DIM != BLOCK_D:
+        kv_mask = (cols < Tk)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return _online_softmax_step(acc, row_max, row_sum, q, k, v, cols, key_pos, Tk, qk_scale_log2, MASKED, CAUSAL,
+                                DOT_IN_FP32, PRECISION)
+
+
+@triton.jit
 def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
                       stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                       stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                       n_heads, Tq, Tk, qk_scale_log2,
                       CAUSAL: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One grid axis: pid -> (query block, batch x head); heaviest (latest) query blocks first.
-    pid = tl.program_id(0)
-    m_blocks = tl.cdiv(Tq, BLOCK_M)
-    batch_head = pid // m_blocks
-    start_m = (m_blocks - 1 - pid % m_blocks) * BLOCK_M
-    batch = batch_head // n_heads
-    head = batch_head % n_heads
+    batch, head, start_m = _block_coordinates(n_heads, Tq, BLOCK_M)
     q_ptr += batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_ptr += batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     v_ptr += batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
@@ -102,14 +153,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if CAUSAL:
-        # Keys 0 .. start_m + Tk - Tq are visible to every query of this block: whole blocks of them
-        # run unmasked; the band up to the last query's last key is masked.
-        unmasked_end = tl.maximum(tl.minimum(start_m + Tk - Tq + 1, Tk), 0) // BLOCK_N * BLOCK_N
-        end = tl.maximum(tl.minimum(Tk, start_m + BLOCK_M + Tk - Tq), 0)
-    else:
-        unmasked_end = Tk // BLOCK_N * BLOCK_N
-        end = Tk
+    unmasked_end, end = _key_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, unmasked_end, BLOCK_N):
         acc, row_max, row_sum = _key_block(acc, row_max, row_sum, q, k_ptr, v_ptr, start_n, offs_n, offs_d, key_pos,
                                            stride_kt, stride_vt, Tk, qk_scale_log2, False, CAUSAL, HEAD_DIM,
@@ -121,6 +165,39 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
 
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     tl.store(o_ptr + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _attention_tma_kernel(q_desc, k_desc, v_desc, o_desc, n_heads, Tq, Tk, qk_scale_log2,
+                          CAUSAL: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The descriptors are 4-D, (B, H, T, D) with the views' own strides, blocks (1, 1, rows, BLOCK_D):
+    # the copy engine zero-fills rows past T and columns past D on a load and drops them on a store,
+    # so no load or store here needs a mask.
+    batch, head, start_m = _block_coordinates(n_heads, Tq, BLOCK_M)
+    q = q_desc.load([batch, head, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    if DOT_IN_FP32:
+        q = q.to(tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    key_pos = start_m + tl.arange(0, BLOCK_M) + (Tk - Tq)  # the last key each query may see
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    unmasked_end, end = _key_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(0, unmasked_end, BLOCK_N):
+        k = k_desc.load([batch, head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_desc.load([batch, head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, q, k, v, start_n + offs_n, key_pos, Tk,
+                                                     qk_scale_log2, False, CAUSAL, DOT_IN_FP32, PRECISION)
+    for start_n in range(unmasked_end, end, BLOCK_N):
+        k = k_desc.load([batch, head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_desc.load([batch, head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, q, k, v, start_n + offs_n, key_pos, Tk,
+                                                     qk_scale_log2, True, CAUSAL, DOT_IN_FP32, PRECISION)
+
+    out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
+    o_desc.store([batch, head, start_m, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
 
 
 DEFAULT: Config = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
@@ -144,10 +221,63 @@ def head_block(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+# ---- the load path: tensor descriptors (TMA) or pointers
+
+# sm_90 (H100/H200). sm_80 has no TMA. sm_100 compiles the descriptor kernel, but with the default
+# configuration it spills (16 to 36 bytes) at head sizes 32 and 128, where its pointer path does not;
+# sm_120's small shared memory suits the pointer path's default. Both keep pointers.
+TMA_MAJORS = (9,)
+TMA_DTYPES = (torch.bfloat16, torch.float16)
+TMA_ALIGNMENT = 16  # bytes: the copy engine's rule for the base address and every stride but the last
+TMA_MAX_STRIDE = 2 ** 40  # bytes
+
+
+def _byte_address(t: Tensor) -> int:
+    # A meta tensor (an ahead-of-time compile) has no address; its allocation is taken as aligned,
+    # as the compile's specialisation takes it (looplm_triton.aot.describe_argument).
+    return t.storage_offset() * t.element_size() if t.is_meta else t.data_ptr()
+
+
+def descriptor_strides(t: Tensor) -> list[int]:
+    """The strides of a (B, H, T, D) view as its descriptor gets them: a dimension of size 1 is never
+    stepped along, so its stride (which PyTorch leaves arbitrary there) becomes the extent of the
+    dimensions inside it, as in a contiguous tensor."""
+    strides = list(t.stride())
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
+    return strides
+
+
+def tma_compatible(t: Tensor) -> bool:
+    """Whether the copy engine can address `t` through a descriptor: a non-empty tensor with unit
+    stride along its last dimension, its first element and every other stride 16-byte aligned."""
+    size = t.element_size()
+    strides = descriptor_strides(t)
+    return (t.numel() > 0 and strides[-1] == 1 and _byte_address(t) % TMA_ALIGNMENT == 0
+            and all(s * size % TMA_ALIGNMENT == 0 and 0 < s * size < TMA_MAX_STRIDE for s in strides[:-1]))
+
+
+def use_tensor_descriptors(capability: Optional[tuple[int, int]], *tensors: Tensor) -> bool:
+    """Whether a launch on a GPU of compute `capability` ((major, minor); None where no GPU runs it,
+    as in the interpreter) loads and stores `tensors` through tensor descriptors (TMA): on sm_90, for
+    16-bit tensors that are all `tma_compatible`; otherwise the pointer path, which takes any strides.
+    fp32 keeps pointers: its tf32x3 dots spill with descriptors at its sm_90 default."""
+    return (capability is not None and capability[0] in TMA_MAJORS and TensorDescriptor is not None
+            and all(t.dtype in TMA_DTYPES and tma_compatible(t) for t in tensors))
+
+
+def make_descriptor(t: Tensor, rows: int, block_d: int) -> "TensorDescriptor":
+    """A host-side descriptor of a (B, H, T, D) view with its own strides, read and written in
+    (1, 1, rows, block_d) blocks (block_d >= D: the columns past D read as zeros)."""
+    return TensorDescriptor(t, list(t.shape), descriptor_strides(t), [1, 1, rows, block_d])
+
+
 def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float,
-                   config: Optional[Config] = None) -> Tensor:
+                   config: Optional[Config] = None, tensor_descriptors: Optional[bool] = None) -> Tensor:
     """Attention of (B, H, T, D) views of any strides (unit stride along D), written into `out`;
-    `config` defaults to the tuned one for this shape."""
+    `config` defaults to the tuned one for this shape, `tensor_descriptors` (the load path) to
+    `use_tensor_descriptors` for the device."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if config is None:
@@ -155,13 +285,23 @@ def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, s
         config = launch_config("attention", q.dtype, (B, H, Tq, Tk, D), default, INTERPRETER_CONFIG)
     if B * H * Tq == 0:
         return out
+    if tensor_descriptors is None:
+        tensor_descriptors = use_tensor_descriptors(target_capability(q.device), q, k, v, out)
     block_sizes, options = split_config(config)
-    launch(_attention_kernel, attention_grid(B, H, Tq, block_sizes["BLOCK_M"]),
-           q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-           H, Tq, Tk, scale * LOG2E, CAUSAL=causal, DOT_IN_FP32=dot_in_fp32(),
-           PRECISION="tf32x3" if q.dtype == torch.float32 and not dot_in_fp32() else "ieee", HEAD_DIM=D,
-           BLOCK_D=head_block(D),
-           **block_sizes, **options)
+    grid = attention_grid(B, H, Tq, block_sizes["BLOCK_M"])
+    common = dict(CAUSAL=causal, DOT_IN_FP32=dot_in_fp32(),
+                  PRECISION="tf32x3" if q.dtype == torch.float32 and not dot_in_fp32() else "ieee",
+                  BLOCK_D=head_block(D), **block_sizes, **options)
+    if tensor_descriptors:
+        if TensorDescriptor is None:
+            raise RuntimeError(f"attention: tensor descriptors need Triton 3.4 or newer; this is {triton.__version__}")
+        block_m, block_n, block_d = block_sizes["BLOCK_M"], block_sizes["BLOCK_N"], head_block(D)
+        launch(_attention_tma_kernel, grid, make_descriptor(q, block_m, block_d), make_descriptor(k, block_n, block_d),
+               make_descriptor(v, block_n, block_d), make_descriptor(out, block_m, block_d), H, Tq, Tk,
+               scale * LOG2E, **common)
+    else:
+        launch(_attention_kernel, grid, q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+               *out.stride()[:3], H, Tq, Tk, scale * LOG2E, HEAD_DIM=D, **common)
     return out
 
 
@@ -200,8 +340,17 @@ def _expected(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return get_backend("reference").ops["attention"](q, k, v, True, q.shape[3] ** -0.5)
 
 
+def compile_variant(shape: tuple, dtype: torch.dtype, config: Config, arch: str,
+                    tensor_descriptors: Optional[bool] = None) -> dict:
+    """Resources of the launch at `shape` for `arch`, on the load path the launcher picks there
+    (`tensor_descriptors=None`) or the one given (False: the pointer path views TMA cannot take use)."""
+    q, k, v = _make_args(shape, dtype, "meta")
+    return compile_run(attention_into, arch, q, k, v, torch.empty_like(q), True, shape[4] ** -0.5, config,
+                       tensor_descriptors)
+
+
 def _compile(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -> dict:
-    return compile_run(_run, arch, *_make_args(shape, dtype, "meta"), config=config)
+    return compile_variant(shape, dtype, config, arch)
 
 
 TUNING = KernelTuning(backend="triton", kernel="attention", default=DEFAULT, space=SPACE, make_args=_make_args,

@@ -12,14 +12,14 @@ import inspect
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 import tuning
-from looplm_triton.aot import LAUNCH_KNOBS, compile_launch
+from looplm_triton.aot import LAUNCH_KNOBS, capability, compile_launch
 from tuning.spec import Config
 
 BACKEND = "triton"
@@ -59,19 +59,33 @@ _recording = threading.local()
 
 
 @contextlib.contextmanager
-def captured_launches() -> Iterator[list[Launch]]:
+def captured_launches(arch: Optional[str] = None) -> Iterator[list[Launch]]:
     """Within: kernel launches are recorded in the yielded list instead of run (call the launchers
-    with meta tensors), and `dot_in_fp32()` answers as on a GPU."""
-    previous = getattr(_recording, "launches", None)
-    _recording.launches = launches = []
+    with meta tensors), `dot_in_fp32()` answers as on a GPU and `target_capability()` as on `arch`
+    (e.g. "sm_90"; None: no GPU), so launchers that choose by architecture choose for that one."""
+    previous = getattr(_recording, "launches", None), getattr(_recording, "arch", None)
+    launches: list[Launch] = []
+    _recording.launches, _recording.arch = launches, arch
     try:
         yield launches
     finally:
-        _recording.launches = previous
+        _recording.launches, _recording.arch = previous
 
 
 def recording() -> bool:
     return getattr(_recording, "launches", None) is not None
+
+
+def target_capability(device: torch.device) -> Optional[tuple[int, int]]:
+    """(major, minor) compute capability that launches on `device` compile for: the recording's
+    architecture inside `captured_launches(arch)`, the GPU's own on CUDA, None otherwise (the
+    interpreter on CPU tensors)."""
+    if recording():
+        arch = getattr(_recording, "arch", None)
+        return None if arch is None else divmod(capability(arch), 10)
+    if device.type == "cuda" and not INTERPRETED:
+        return torch.cuda.get_device_capability(device)
+    return None
 
 
 def dot_in_fp32() -> bool:
@@ -98,9 +112,10 @@ def launch(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     _recording.launches.append(Launch(kernel, tuple(grid), {**dict(zip(names, args)), **kwargs}, options))
 
 
-def capture(run: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Launch]:
-    """The launches `run(*args, **kwargs)` makes, recorded, not run (pass meta tensors)."""
-    with captured_launches() as launches:
+def capture(run: Callable[..., Any], *args: Any, arch: Optional[str] = None, **kwargs: Any) -> list[Launch]:
+    """The launches `run(*args, **kwargs)` makes for `arch` (None: no GPU), recorded, not run (pass
+    meta tensors)."""
+    with captured_launches(arch) as launches:
         run(*args, **kwargs)
     if not launches:
         raise RuntimeError(f"{getattr(run, '__name__', run)} launched no kernel")
@@ -110,7 +125,7 @@ def capture(run: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Launch]:
 def compile_run(run: Callable[..., Any], arch: str, *args: Any, **kwargs: Any) -> dict:
     """Compile for `arch` every launch `run` makes and return the resources of the most demanding
     (most registers, then most shared memory), with "launches": how many kernels it compiled."""
-    results = [compile_launch(launch_, arch) for launch_ in capture(run, *args, **kwargs)]
+    results = [compile_launch(launch_, arch) for launch_ in capture(run, *args, arch=arch, **kwargs)]
     worst = max(results, key=lambda r: (r.get("spill_stores", 0) + r.get("stack", 0) + r.get("local_mem", 0),
                                         r["registers"], r.get("shared_mem", 0)))
     return {**worst, "launches": len(results)}

@@ -65,7 +65,10 @@ def triton_launches() -> list[Launch]:
         add(linear.TUNING, name, shape,
             lambda dt, arch, config, s=shape, f=flags: linear.compile_variant(s, dt, config, arch, **f))
     add(linear.LAYER_NORM_LINEAR_TUNING, "ln_2 + fc +gelu", (rows, C))
-    add(attention.TUNING, "causal", (m.batch, H, m.context, m.context, C // H))
+    attention_shape = (m.batch, H, m.context, m.context, C // H)
+    add(attention.TUNING, "causal", attention_shape)  # TMA on sm_90, pointers elsewhere
+    add(attention.TUNING, "causal pointers", attention_shape,  # what views TMA cannot take run on
+        lambda dt, arch, config, s=attention_shape: attention.compile_variant(s, dt, config, arch, False))
     for v in VOCABS:
         add(softmax_entropy.TUNING, f"V={v}", (rows, v))
     add(halt_update.TUNING, "", (rows, C))
@@ -122,6 +125,7 @@ def measure(launches: Sequence[Launch], archs: Sequence[str], dtype: torch.dtype
             "config": config, "registers": resources.get("registers"), "spilled": spilled_bytes(resources),
             "shared_mem": resources.get("shared_mem"), "threads": threads, "blocks_per_sm": blocks,
             "warps_per_sm": None if blocks is None or not threads else blocks * threads // 32,
+            "tma": bool(resources.get("tma_loads") or resources.get("tma_stores")),
             "problem": resource_problem(resources, config, limits)})
     return rows
 
@@ -129,8 +133,9 @@ def measure(launches: Sequence[Launch], archs: Sequence[str], dtype: torch.dtype
 def markdown(rows: Sequence[dict], command: str) -> str:
     headers = ["backend", "kernel", "variant", "arch", "registers", "spilled B", "shared B", "threads", "blocks/SM",
                "warps/SM", "problem"]
-    table = [[r["backend"], r["kernel"], r["variant"], r["arch"], r["registers"], r["spilled"], r["shared_mem"],
-              r["threads"] or "-", "-" if r["blocks_per_sm"] is None else r["blocks_per_sm"],
+    table = [[r["backend"], r["kernel"], r["variant"] + (" [TMA]" if r.get("tma") else ""), r["arch"],
+              r["registers"], r["spilled"], r["shared_mem"], r["threads"] or "-",
+              "-" if r["blocks_per_sm"] is None else r["blocks_per_sm"],
               "-" if r["warps_per_sm"] is None else r["warps_per_sm"], r["problem"] or ""] for r in rows]
     shape = GPU_MODEL
     return "\n".join([
@@ -142,6 +147,9 @@ def markdown(rows: Sequence[dict], command: str) -> str:
         "- registers per thread, bytes spilled to local memory per thread (spill stores, stack frame, local), "
         "shared memory per block (bytes), threads per block; blocks/SM and warps/SM: the occupancy these imply "
         "(CUDA occupancy rules, tuning.gpus.occupancy)",
+        "- [TMA]: the compiled PTX moves its tiles with bulk tensor copies (tensor descriptors); attention "
+        "\"causal\" is the load path the launcher picks on that GPU, \"causal pointers\" the one for views TMA "
+        "cannot address",
         "- problem: what tier 0 refuses (a spill, or a limit of the architecture exceeded); empty means it fits", "",
         tabulate(table, headers, tablefmt="github"), ""])
 

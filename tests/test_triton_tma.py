@@ -1,0 +1,211 @@
+"""Triton attention's tensor-descriptor (TMA) load path, on sm_90.
+
+- Which path a launch takes: a function of the compute capability and the tensors (dtype, the
+  16-byte alignment of the first element and the strides), checked on meta and CPU tensors.
+- The descriptors a launch builds (shape, strides, blocks), including heads read out of the fused
+  QKV projection, from launches recorded for sm_90 (no GPU needed).
+- Tier 0: the descriptor kernel compiled ahead of time for sm_90 as the JIT specialises it moves
+  its tiles with bulk tensor copies (`cp.async.bulk.tensor` in the PTX) and fits without spilling
+  at every head size; the pointer path, and what the other targets launch, issue none.
+- Tier 1: the descriptor kernel against the reference in Triton's interpreter, which runs tensor
+  descriptors on CPU tensors (zero-filled loads and clipped stores past the tensor's edges).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import reference  # noqa: E402
+from looplm.testing import assert_close  # noqa: E402
+from looplm_triton import attention  # noqa: E402
+from looplm_triton.common import capture, captured_launches, target_capability  # noqa: E402
+from tuning.gpus import ARCHS as ARCH_LIMITS, resource_problem  # noqa: E402
+
+pytestmark = pytest.mark.skipif(attention.TensorDescriptor is None,
+                                reason="this Triton has no triton.tools.tensor_descriptor (added in 3.4)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HOPPER, BLACKWELL, AMPERE, RTX_50 = (9, 0), (10, 0), (8, 0), (12, 0)
+
+
+def _fused_qkv(B: int, T: int, H: int, D: int, dtype=torch.bfloat16, device="meta") -> tuple:
+    """(B, H, T, D) views of one (B, T, 3, H, D) buffer, as the block reads the QKV projection."""
+    qkv = torch.randn(B, T, 3, H, D, dtype=dtype, device=device).permute(2, 0, 3, 1, 4)
+    return tuple(qkv)
+
+
+def _kernel_name(launch) -> str:
+    return getattr(launch.kernel, "fn", launch.kernel).__name__
+
+
+# ---- which path
+
+@pytest.mark.parametrize("capability,expected", [(HOPPER, True), (BLACKWELL, False), (AMPERE, False), (RTX_50, False),
+                                                 (None, False)])
+def test_the_path_follows_the_architecture(capability, expected):
+    q, k, v = _fused_qkv(2, 16, 6, 64)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    assert attention.use_tensor_descriptors(capability, q, k, v, out) is expected
+
+
+def test_tensors_tma_cannot_address_take_the_pointer_path():
+    q, k, v = _fused_qkv(2, 16, 6, 64)
+    out = torch.empty(2, 6, 16, 64, dtype=torch.bfloat16, device="meta")
+    assert attention.use_tensor_descriptors(HOPPER, q, k, v, out)
+    shifted = torch.empty(2, 6, 16, 65, dtype=torch.bfloat16, device="meta")[..., 1:]  # first element at 2 bytes
+    assert not attention.tma_compatible(shifted)
+    assert not attention.use_tensor_descriptors(HOPPER, q, shifted, v, out)
+    narrow = torch.empty(2, 6, 16, 4, dtype=torch.bfloat16, device="meta")  # rows 8 bytes apart
+    assert not attention.tma_compatible(narrow)
+    odd_row = torch.empty(2, 6, 16, 72, dtype=torch.bfloat16, device="meta")[..., :68]  # 144-byte rows: fine
+    assert attention.tma_compatible(odd_row)
+    assert not attention.tma_compatible(torch.empty(2, 6, 16, 70, dtype=torch.bfloat16, device="meta")[..., :64])
+    transposed = torch.empty(2, 6, 64, 16, dtype=torch.bfloat16, device="meta").transpose(2, 3)  # D not unit stride
+    assert not attention.tma_compatible(transposed)
+    assert not attention.tma_compatible(torch.empty(2, 6, 0, 64, dtype=torch.bfloat16, device="meta"))
+    fp32 = [t.float() for t in (q, k, v, out)]  # tf32x3 spills with descriptors: fp32 keeps pointers
+    assert all(attention.tma_compatible(t) for t in fp32)
+    assert not attention.use_tensor_descriptors(HOPPER, *fp32)
+
+
+def test_alignment_of_real_tensors_is_read_from_their_address():
+    buffer = torch.zeros(1, 2, 8, 72, dtype=torch.bfloat16)
+    assert buffer.data_ptr() % 16 == 0  # PyTorch's CPU allocations are at least 16-byte aligned
+    assert attention.tma_compatible(buffer[..., :64])
+    assert not attention.tma_compatible(buffer[..., 4:68])  # 8 bytes in
+
+
+def test_a_dimension_of_size_one_takes_the_contiguous_stride():
+    # PyTorch leaves the stride of a size-1 dimension arbitrary; it is never stepped along.
+    t = torch.empty(64, dtype=torch.bfloat16, device="meta").as_strided((1, 2, 1, 8), (3, 8, 5, 1))
+    assert attention.descriptor_strides(t) == [16, 8, 8, 1]
+    assert attention.tma_compatible(t)
+
+
+def test_the_recorded_architecture_is_the_target_capability():
+    assert target_capability(torch.device("cpu")) is None
+    for arch, expected in (("sm_80", AMPERE), ("sm_90", HOPPER), ("sm_100", BLACKWELL), ("sm_120", RTX_50)):
+        with captured_launches(arch):
+            assert target_capability(torch.device("meta")) == expected
+    with captured_launches():
+        assert target_capability(torch.device("meta")) is None
+
+
+# ---- the descriptors a launch builds
+
+def test_sm90_launch_reads_fused_qkv_heads_through_4d_descriptors():
+    B, T, H, D = 2, 200, 6, 64
+    q, k, v = _fused_qkv(B, T, H, D)
+    out = torch.empty(B, T, H, D, dtype=torch.bfloat16, device="meta").transpose(1, 2)  # (B, T, C) storage
+    (launch,) = capture(attention.attention_into, q, k, v, out, True, 0.125, arch="sm_90")
+    assert _kernel_name(launch) == "_attention_tma_kernel"
+    block_m, block_n = launch.args["BLOCK_M"], launch.args["BLOCK_N"]
+    assert launch.grid == attention.attention_grid(B, H, T, block_m)
+    for name, view, rows in (("q_desc", q, block_m), ("k_desc", k, block_n), ("v_desc", v, block_n),
+                             ("o_desc", out, block_m)):
+        desc = launch.args[name]
+        assert desc.base is view
+        assert list(desc.shape) == [B, H, T, D]
+        assert list(desc.strides) == list(view.stride())
+        assert list(desc.block_shape) == [1, 1, rows, D]
+    assert list(launch.args["q_desc"].strides) == [T * 3 * H * D, D, 3 * H * D, 1]
+    assert launch.args["k_desc"].base.storage_offset() == H * D  # k starts one C into each token's row
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_100", "sm_120"])
+def test_other_architectures_launch_the_pointer_kernel(arch):
+    q, k, v = _fused_qkv(2, 64, 6, 64)
+    (launch,) = capture(attention.attention_into, q, k, v, torch.empty_like(q), True, 0.125, arch=arch)
+    assert _kernel_name(launch) == "_attention_kernel"
+
+
+def test_a_misaligned_view_on_sm90_launches_the_pointer_kernel():
+    q, k, v = _fused_qkv(2, 64, 6, 64)
+    shifted = torch.empty(2, 6, 64, 65, dtype=torch.bfloat16, device="meta")[..., 1:]
+    (launch,) = capture(attention.attention_into, q, shifted, v, torch.empty_like(q), True, 0.125, arch="sm_90")
+    assert _kernel_name(launch) == "_attention_kernel"
+
+
+def test_a_head_size_below_its_block_reads_zero_columns():
+    q, k, v = _fused_qkv(1, 32, 2, 48)
+    (launch,) = capture(attention.attention_into, q, k, v, torch.empty_like(q), False, 0.125, arch="sm_90")
+    assert list(launch.args["q_desc"].shape) == [1, 2, 32, 48]
+    assert list(launch.args["q_desc"].block_shape)[-1] == 64 == launch.args["BLOCK_D"]
+
+
+# ---- tier 0: the compiled kernel uses the copy engine
+
+def _compiler_or_skip() -> None:
+    import triton
+    try:
+        ptxas = triton.knobs.nvidia.ptxas.path
+    except Exception as e:  # Triton raises when it finds no ptxas
+        pytest.skip(f"no ptxas to compile for a GPU ahead of time: {e}")
+    if not ptxas:
+        pytest.skip("no ptxas to compile for a GPU ahead of time")
+
+
+SHIPPED = (16, 6, 256, 256, 64)  # the shipped GPU model's attention: batch 16, 6 heads, context 256, head 64
+
+
+@pytest.mark.parametrize("head_size", [64, 16, 128, 256])  # the shipped model's first
+def test_hierarchical_parity_tier0_tma_kernel_issues_bulk_tensor_copies(head_size):
+    _compiler_or_skip()
+    arch, shape = "sm_90", SHIPPED[:4] + (head_size,)
+    config = attention.TUNING.default_for(torch.bfloat16, arch)
+    resources = attention.compile_variant(shape, torch.bfloat16, config, arch)
+    assert resources["tma_loads"] >= 3, resources  # Q, and K and V in each key loop
+    assert resources["tma_stores"] >= 1, resources  # the output tile
+    assert resource_problem(resources, config, ARCH_LIMITS[arch]) is None, resources
+    if head_size == SHIPPED[4]:
+        pointers = attention.compile_variant(shape, torch.bfloat16, config, arch, tensor_descriptors=False)
+        assert pointers["tma_loads"] == pointers["tma_stores"] == 0, pointers
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_100", "sm_120"])
+def test_hierarchical_parity_tier0_no_tma_where_the_gpu_has_none(arch):
+    _compiler_or_skip()
+    config = attention.TUNING.default_for(torch.bfloat16, arch)
+    resources = attention.compile_variant(SHIPPED, torch.bfloat16, config, arch)
+    assert resources["tma_loads"] == resources["tma_stores"] == 0, resources
+
+
+# ---- tier 1: numerics of the descriptor path
+
+def _descriptors_run_here() -> None:
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] not in attention.TMA_MAJORS:
+        pytest.skip(f"this GPU (sm_{''.join(map(str, torch.cuda.get_device_capability()))}) has no TMA")
+
+
+@pytest.mark.parametrize("B,H,Tq,Tk,D,causal", [
+    (1, 2, 13, 13, 16, True),
+    (2, 1, 70, 70, 32, True),  # crosses the 64-wide blocks
+    (1, 2, 5, 67, 32, True),  # Tq < Tk: a cached continuation
+    (1, 2, 13, 9, 16, False),
+    (1, 1, 3, 20, 48, False),  # head size below its 64-wide block, Tq < Tk
+    (1, 2, 20, 7, 16, True),  # the first queries see no key: zeros
+])
+@torch.no_grad()
+def test_hierarchical_parity_tier1_attention_through_tensor_descriptors(B, H, Tq, Tk, D, causal):
+    _descriptors_run_here()
+    q, k, v = (torch.randn(B, H, T, D, device=DEVICE) for T in (Tq, Tk, Tk))
+    out = torch.full_like(q, math.nan)
+    attention.attention_into(q, k, v, out, causal, D ** -0.5, tensor_descriptors=True)
+    assert_close(out, reference.attention(q, k, v, causal, D ** -0.5))
+
+
+@torch.no_grad()
+def test_hierarchical_parity_tier1_descriptors_on_fused_qkv_store_only_their_columns():
+    _descriptors_run_here()
+    B, T, H, D = 2, 11, 2, 48
+    q, k, v = _fused_qkv(B, T, H, D, torch.float32, DEVICE)
+    wide = torch.full((B, T, H, 64), math.nan, device=DEVICE)  # each head's row 64 wide, D of it written
+    out = wide[..., :D].transpose(1, 2)
+    assert attention.tma_compatible(out) and all(attention.tma_compatible(t) for t in (q, k, v))
+    attention.attention_into(q, k, v, out, True, 0.3, tensor_descriptors=True)
+    assert_close(out, reference.attention(q, k, v, True, 0.3))
+    assert wide[..., D:].isnan().all()  # the copy engine dropped the block's columns past D
