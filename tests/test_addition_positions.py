@@ -276,3 +276,19 @@ def test_the_committed_coupled_model_adds_numbers_longer_than_any_it_saw():
     for digits in (10, 12):
         answers = answer_problems(model, t, t.test_set(digits)[:40])
         assert sum(a.correct for a in answers) / len(answers) >= 0.6
+
+
+ALIGNED = "experiments/addition/aligned_loop"
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir(ALIGNED), reason=f"{ALIGNED} is not in this checkout")
+def test_the_committed_looped_model_adds_numbers_five_times_longer_than_any_it_saw():
+    """LoopLM 1L x 2 with coupled positions in the aligned layout, trained on operands of 1-4 digits
+    only (configs/addition_aligned_loop.py): nearly every 12-, 20- and 30-digit problem is right."""
+    from looplm.checkpoint import load_checkpoint
+    from looplm.eval_addition import task_from_checkpoint
+    model, t = load_checkpoint(ALIGNED), task_from_checkpoint(ALIGNED)
+    assert t.train_digits == (1, 4) and t.aligned and model.config.n_layer == 1 and model.config.n_loops == 2
+    for digits in (12, 20, 30):
+        answers = answer_problems(model, t, t.test_set(digits)[:40])
+        assert sum(a.correct for a in answers) / len(answers) >= 0.9, digits
