@@ -375,6 +375,24 @@ def problem_positions(tokens: list[int], scheme: str, reverse: bool, aligned: bo
     return ids
 
 
+def carry_chain(a: int, b: int) -> int:
+    """The carry chain of a+b: the longest run of consecutive place values that receive a carry
+    (a carry into place j comes out of place j - 1), counted in place values; 0 without a carry.
+    999+1 -> 3 (places 1, 2 and 3 receive one), 95+5 -> 2, 5+5 -> 1, 123+456 -> 0, 0+0 -> 0; the
+    operands may differ in length (9999+1 -> 4). In plain digit order this is how far down the
+    number an answer digit must look to know its carry: one place, and one more per place whose
+    digits sum to 9."""
+    if a < 0 or b < 0:
+        raise ValueError(f"carry_chain needs operands >= 0, got {a} and {b}")
+    longest = run = carry = 0
+    while a or b or carry:
+        run = run + 1 if carry else 0
+        longest = max(longest, run)
+        carry = (a % 10 + b % 10 + carry) // 10
+        a, b = a // 10, b // 10
+    return longest
+
+
 def _draw(rng: random.Random, n_digits: int) -> int:
     return rng.randint(0 if n_digits == 1 else 10 ** (n_digits - 1), 10 ** n_digits - 1)
 
