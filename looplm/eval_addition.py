@@ -9,7 +9,8 @@ an error naming its line number, raised before anything is answered or written.
 For each digit count, the model answers every test problem greedily (`a+b=` -> `c;`), with halting
 on when its config names a criterion, and the table gives exact-match accuracy and the mean and
 largest number of loops run per answer token. `--max-loops` is the loop budget, which may exceed
-the loops the model was trained with.
+the loops the model was trained with; `--halt CRITERION --threshold X` change the checkpoint's halting
+for this run, as in `looplm.sample`.
 
 Depth against difficulty. Below the table, Spearman's rank correlation between the digit count and
 the mean loops per answer token, over the digit counts evaluated (ties share their mean rank; 0
@@ -35,7 +36,9 @@ from looplm.cli import ArgumentParser, run_cli
 from looplm.data.addition import AdditionTask, Problem, carry_chain, encode, max_position_id
 from looplm.fileio import atomic_write_text
 from looplm.model import LoopGPT
+from looplm.config import HALT_CRITERIA
 from looplm.probes import spearman
+from looplm.sample import halting_config
 from looplm.train import resolve_device
 
 
@@ -294,6 +297,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
     parser.add_argument("--by-carry", action="store_true", help="also per carry-chain length; with --json, print "
                         "an object: by_digits, by_carry_chain, spearman_digits_mean_loops")
     parser.add_argument("--max-loops", type=int, default=None, help="loop budget (default: the config's)")
+    parser.add_argument("--halt", choices=tuple(HALT_CRITERIA), default=None, help="halting criterion (default: "
+                        "the checkpoint's)")
+    parser.add_argument("--threshold", type=float, default=None, help="halting threshold, in the criterion's units "
+                        "(default: the checkpoint's)")
     parser.add_argument("--digits", type=parse_digits, default=None, help="digit counts, e.g. 1-20 (default: "
                         "the training run's test digits)")
     parser.add_argument("--limit", type=int, default=None, help="problems per digit count (default: all)")
@@ -309,6 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
     device = resolve_device(args.device)
     task = task_from_checkpoint(args.checkpoint, args.digits)
     model = load_checkpoint(args.checkpoint, backend=args.backend, device=device)
+    model.config = halting_config(model.config, args.halt, args.threshold, None)
     if args.problems is not None:
         problems = read_problems(args.problems, model, task)
     else:

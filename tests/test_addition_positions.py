@@ -240,6 +240,21 @@ def test_eval_by_carry_chain_prints_one_object(checkpoint, tmp_path, capsys):
     assert "Spearman(digit count, mean loops) = +0.000 over 4 digit counts" in text and "carry chain" in text
 
 
+def test_eval_halting_options_override_the_checkpoint(checkpoint, tmp_path, capsys):
+    problems = tmp_path / "problems.txt"
+    problems.write_text("12+345\n7+8\n")
+    # an entropy threshold above log(vocabulary) halts every token after its first loop
+    report = main([str(checkpoint), "--problems", str(problems), "--halt", "entropy", "--threshold", "10"])
+    assert all(r.mean_steps == 1 and r.max_steps == 1 for r in report.by_digits)
+    capsys.readouterr()
+    for args, message in ((["--halt", "gate", "--threshold", "0.5"], "needs a checkpoint trained with a halting gate"),
+                          (["--halt", "gate"], "halt='gate' needs halt_threshold"),
+                          (["--halt", "confidence", "--threshold", "2"], "must be in (0.0, 1.0]")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main, [str(checkpoint), "--problems", str(problems), *args], prog="eval")
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text, message", [
     ("1+2\n3*4\n", "problems.txt, line 2: expected"),
     ("1+2\n1234567890+1\n", "problems.txt, line 2: 10-digit problems take 34 tokens; the model's block_size is 32"),
