@@ -15,8 +15,8 @@ for this run, as in `looplm.sample`.
 Depth against difficulty. Below the table, Spearman's rank correlation between the digit count and
 the mean loops per answer token, over the digit counts evaluated (ties share their mean rank; 0
 when either is constant, or with one digit count). `--by-carry` adds the same table per carry-chain
-length (`looplm.data.addition.carry_chain`: the longest run of consecutive place values that
-receive a carry), and turns `--json` from the list per digit count into an object:
+length (`looplm.data.addition.carry_chain`: the most place values one carry reaches, the place
+above where it is made and each place above that whose digits sum to 9), and turns `--json` from the list per digit count into an object:
 {"by_digits": [...], "by_carry_chain": [...], "spearman_digits_mean_loops": rho}.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ HEADERS = ["digits", "problems", "exact match %", "mean loops", "max loops"]
 
 @dataclass
 class CarryResult:
-    carry_chain: int  # longest run of place values that receive a carry (data.addition.carry_chain)
+    carry_chain: int  # the most places one carry reaches (data.addition.carry_chain)
     problems: int
     accuracy: float
     mean_steps: float  # loops per answer token

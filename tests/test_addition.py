@@ -164,8 +164,9 @@ def test_parse_digits():
 @pytest.mark.parametrize("a, b, chain", [
     (999, 1, 3), (1, 999, 3), (123, 456, 0), (0, 0, 0), (5, 5, 1), (95, 5, 2), (9999, 1, 4), (1, 99999, 5),
     (19, 1, 1), (45, 54, 0), (555, 445, 3), (909, 91, 3), (1909, 1, 1), (18, 82, 2), (5050, 5050, 1),
+    (555, 555, 1), (99, 99, 1), (4999, 5001, 4), (9899, 1, 2), (9899, 101, 4),
 ])
-def test_carry_chain_is_the_longest_run_of_places_receiving_a_carry(a, b, chain):
+def test_carry_chain_is_the_most_places_one_carry_reaches(a, b, chain):
     assert carry_chain(a, b) == chain == carry_chain(b, a)
 
 
