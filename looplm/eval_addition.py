@@ -333,7 +333,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
         print(json.dumps(report.to_json() if args.by_carry else [r.to_json() for r in results], indent=1))
         return report
     cfg = model.config
-    halting = f"halt={cfg.halt} (threshold {cfg.halt_threshold})" if cfg.halt != "none" else "no halting"
+    after = "".join(f", from {task.decode([token])!r} on {value}" for token, value in cfg.halt_thresholds_after.items())
+    halting = f"halt={cfg.halt} (threshold {cfg.halt_threshold}{after})" if cfg.halt != "none" else "no halting"
     print(f"{args.checkpoint}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, {halting}, "
           f"loop budget {args.max_loops or cfg.max_loops}; positions {task.positions}; trained on "
           f"{task.train_digits[0]}-{task.train_digits[1]} digits")
