@@ -9,7 +9,15 @@ an error naming its line number, raised before anything is answered or written.
 For each digit count, the model answers every test problem greedily (`a+b=` -> `c;`), with halting
 on when its config names a criterion, and the table gives exact-match accuracy and the mean and
 largest number of loops run per answer token. `--max-loops` is the loop budget, which may exceed
-the loops the model was trained with.
+the loops the model was trained with; `--halt CRITERION --threshold X` change the checkpoint's halting
+for this run, as in `looplm.sample`.
+
+Depth against difficulty. Below the table, Spearman's rank correlation between the digit count and
+the mean loops per answer token, over the digit counts evaluated (ties share their mean rank; 0
+when either is constant, or with one digit count). `--by-carry` adds the same table per carry-chain
+length (`looplm.data.addition.carry_chain`: the most place values one carry reaches, the place
+above where it is made and each place above that whose digits sum to 9), and turns `--json` from the list per digit count into an object:
+{"by_digits": [...], "by_carry_chain": [...], "spearman_digits_mean_loops": rho}.
 """
 from __future__ import annotations
 
@@ -25,9 +33,12 @@ from tabulate import tabulate
 
 from looplm.checkpoint import load_checkpoint, read_checkpoint_doc
 from looplm.cli import ArgumentParser, run_cli
-from looplm.data.addition import AdditionTask, Problem, encode, max_position_id
+from looplm.data.addition import AdditionTask, Problem, carry_chain, encode, max_position_id
 from looplm.fileio import atomic_write_text
 from looplm.model import LoopGPT
+from looplm.config import HALT_CRITERIA
+from looplm.probes import spearman
+from looplm.sample import halting_config
 from looplm.train import resolve_device
 
 
@@ -51,6 +62,26 @@ HEADERS = ["digits", "problems", "exact match %", "mean loops", "max loops"]
 
 
 @dataclass
+class CarryResult:
+    carry_chain: int  # the most places one carry reaches (data.addition.carry_chain)
+    problems: int
+    accuracy: float
+    mean_steps: float  # loops per answer token
+    max_steps: int
+
+    def row(self) -> list:
+        return [self.carry_chain, self.problems, f"{100 * self.accuracy:.1f}", f"{self.mean_steps:.2f}",
+                self.max_steps]
+
+    def to_json(self) -> dict:
+        return dict(carry_chain=self.carry_chain, problems=self.problems, accuracy=self.accuracy,
+                    mean_loops=self.mean_steps, max_loops=self.max_steps)
+
+
+CARRY_HEADERS = ["carry chain", "problems", "exact match %", "mean loops", "max loops"]
+
+
+@dataclass
 class Answer:
     """The model's answer to a+b: its text (up to and with ';' when it wrote one), whether it is
     exactly right, and the loops it ran on each answer token."""
@@ -63,6 +94,10 @@ class Answer:
     @property
     def digits(self) -> int:
         return max(len(str(self.a)), len(str(self.b)))
+
+    @property
+    def carry_chain(self) -> int:
+        return carry_chain(self.a, self.b)
 
 
 def problem_tokens(task: AdditionTask, a: int, b: int) -> int:
@@ -122,18 +157,51 @@ def answer_problems(model: LoopGPT, task: AdditionTask, problems: Sequence[Probl
     return answers
 
 
+def _grouped(answers: Sequence[Answer], key) -> list[tuple[int, int, float, float, int]]:
+    """Per value of key(answer), ascending: (value, problems, exact match, mean and largest loops per answer token)."""
+    groups: dict[int, list[Answer]] = {}
+    for answer in answers:
+        groups.setdefault(key(answer), []).append(answer)
+    rows = []
+    for value in sorted(groups):
+        group = groups[value]
+        steps = [s for answer in group for s in answer.steps]
+        rows.append((value, len(group), sum(a.correct for a in group) / len(group), sum(steps) / len(steps),
+                     max(steps)))
+    return rows
+
+
 def summarize(answers: Sequence[Answer]) -> list[DigitResult]:
     """Per digit count (the longer operand's): problems, exact match, mean and largest loops per answer token."""
-    by_digits: dict[int, list[Answer]] = {}
-    for answer in answers:
-        by_digits.setdefault(answer.digits, []).append(answer)
-    results = []
-    for digits in sorted(by_digits):
-        group = by_digits[digits]
-        steps = [s for answer in group for s in answer.steps]
-        results.append(DigitResult(digits, len(group), sum(a.correct for a in group) / len(group),
-                                   sum(steps) / len(steps), max(steps)))
-    return results
+    return [DigitResult(*row) for row in _grouped(answers, lambda answer: answer.digits)]
+
+
+def summarize_by_carry(answers: Sequence[Answer]) -> list[CarryResult]:
+    """Per carry-chain length (data.addition.carry_chain): problems, exact match, mean and largest loops per
+    answer token."""
+    return [CarryResult(*row) for row in _grouped(answers, lambda answer: answer.carry_chain)]
+
+
+def depth_correlation(results: Sequence[DigitResult]) -> float:
+    """Spearman(digit count, mean loops per answer token) over the digit counts of `results`, ties
+    averaged; 0 when either is constant (no halting, or a single digit count)."""
+    if len(results) < 2:
+        return 0.0
+    return spearman(torch.tensor([float(r.digits) for r in results]), torch.tensor([r.mean_steps for r in results]))
+
+
+@dataclass
+class Report:
+    """What main prints: the results per digit count and per carry-chain length, and the correlation
+    of depth with digit count."""
+    by_digits: list[DigitResult]
+    by_carry: list[CarryResult]
+    spearman_digits_loops: float
+
+    def to_json(self) -> dict:
+        return dict(by_digits=[r.to_json() for r in self.by_digits],
+                    by_carry_chain=[r.to_json() for r in self.by_carry],
+                    spearman_digits_mean_loops=self.spearman_digits_loops)
 
 
 def evaluate_digits(model: LoopGPT, task: AdditionTask, n_digits: int, max_loops: Optional[int] = None,
@@ -183,6 +251,10 @@ def format_table(results: Sequence[DigitResult]) -> str:
     return tabulate([r.row() for r in results], headers=HEADERS, tablefmt="github")
 
 
+def format_carry_table(results: Sequence[CarryResult]) -> str:
+    return tabulate([r.row() for r in results], headers=CARRY_HEADERS, tablefmt="github")
+
+
 def task_from_checkpoint(path: Union[str, Path], test_digits: Optional[Sequence[int]] = None) -> AdditionTask:
     """The AdditionTask a checkpoint was trained on (from its metadata), with other test digits if given."""
     doc = read_checkpoint_doc(path)
@@ -214,7 +286,7 @@ def parse_digits(text: str) -> list[int]:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[DigitResult]:
+def main(argv: Optional[Sequence[str]] = None) -> Report:
     parser = ArgumentParser(prog="python -m looplm.eval_addition", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint directory written by looplm.train on the addition task")
     parser.add_argument("--problems", default=None, help="a file of problems, one 'a+b' per line, answered instead "
@@ -222,7 +294,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[DigitResult]:
     parser.add_argument("--answers", default=None, help="write each answer to this file, one 'a+b=c' per line "
                         "('?' where the model wrote no number)")
     parser.add_argument("--json", action="store_true", help="print the results per digit count as JSON")
+    parser.add_argument("--by-carry", action="store_true", help="also per carry-chain length; with --json, print "
+                        "an object: by_digits, by_carry_chain, spearman_digits_mean_loops")
     parser.add_argument("--max-loops", type=int, default=None, help="loop budget (default: the config's)")
+    parser.add_argument("--halt", choices=tuple(HALT_CRITERIA), default=None, help="halting criterion (default: "
+                        "the checkpoint's)")
+    parser.add_argument("--threshold", type=float, default=None, help="halting threshold, in the criterion's units "
+                        "(default: the checkpoint's)")
     parser.add_argument("--digits", type=parse_digits, default=None, help="digit counts, e.g. 1-20 (default: "
                         "the training run's test digits)")
     parser.add_argument("--limit", type=int, default=None, help="problems per digit count (default: all)")
@@ -238,6 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[DigitResult]:
     device = resolve_device(args.device)
     task = task_from_checkpoint(args.checkpoint, args.digits)
     model = load_checkpoint(args.checkpoint, backend=args.backend, device=device)
+    model.config = halting_config(model.config, args.halt, args.threshold, None)
     if args.problems is not None:
         problems = read_problems(args.problems, model, task)
     else:
@@ -247,18 +326,24 @@ def main(argv: Optional[Sequence[str]] = None) -> list[DigitResult]:
         problems = [p for n in task.test_digits for p in task.test_set(n)[:args.limit]]
     answers = answer_problems(model, task, problems, args.max_loops)
     results = summarize(answers)
+    report = Report(results, summarize_by_carry(answers), depth_correlation(results))
     if args.answers is not None:
         atomic_write_text(args.answers, "".join(f"{a.a}+{a.b}={_stated(task, a.text)}\n" for a in answers))
     if args.json:
-        print(json.dumps([r.to_json() for r in results], indent=1))
-        return results
+        print(json.dumps(report.to_json() if args.by_carry else [r.to_json() for r in results], indent=1))
+        return report
     cfg = model.config
-    halting = f"halt={cfg.halt} (threshold {cfg.halt_threshold})" if cfg.halt != "none" else "no halting"
+    after = "".join(f", from {task.decode([token])!r} on {value}" for token, value in cfg.halt_thresholds_after.items())
+    halting = f"halt={cfg.halt} (threshold {cfg.halt_threshold}{after})" if cfg.halt != "none" else "no halting"
     print(f"{args.checkpoint}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, {halting}, "
           f"loop budget {args.max_loops or cfg.max_loops}; positions {task.positions}; trained on "
           f"{task.train_digits[0]}-{task.train_digits[1]} digits")
     print(format_table(results))
-    return results
+    print(f"Spearman(digit count, mean loops) = {report.spearman_digits_loops:+.3f} over {len(results)} digit counts")
+    if args.by_carry:
+        print()
+        print(format_carry_table(report.by_carry))
+    return report
 
 
 def _stated(task: AdditionTask, text: str) -> str:

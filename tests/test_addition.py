@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from looplm import LoopConfig, LoopGPT
-from looplm.data.addition import END, IGNORE, PAD, AdditionTask, decode, sequence_length
-from looplm.eval_addition import evaluate, format_table, parse_digits
+from looplm.data.addition import END, IGNORE, PAD, AdditionTask, carry_chain, decode, sequence_length
+from looplm.eval_addition import Answer, DigitResult, depth_correlation, evaluate, format_table, parse_digits, \
+    summarize_by_carry
 
 
 STEPS = 600
@@ -158,3 +159,38 @@ def test_parse_digits():
     assert parse_digits("5-8") == [5, 6, 7, 8] and parse_digits("1,3-4") == [1, 3, 4]
     with pytest.raises(Exception, match="digits must look like"):
         parse_digits("five")
+
+
+@pytest.mark.parametrize("a, b, chain", [
+    (999, 1, 3), (1, 999, 3), (123, 456, 0), (0, 0, 0), (5, 5, 1), (95, 5, 2), (9999, 1, 4), (1, 99999, 5),
+    (19, 1, 1), (45, 54, 0), (555, 445, 3), (909, 91, 3), (1909, 1, 1), (18, 82, 2), (5050, 5050, 1),
+    (555, 555, 1), (99, 99, 1), (4999, 5001, 4), (9899, 1, 2), (9899, 101, 4),
+])
+def test_carry_chain_is_the_most_places_one_carry_reaches(a, b, chain):
+    assert carry_chain(a, b) == chain == carry_chain(b, a)
+
+
+def test_carry_chain_refuses_negative_operands():
+    with pytest.raises(ValueError, match="operands >= 0"):
+        carry_chain(-1, 5)
+
+
+def _loops(pairs) -> list[DigitResult]:
+    return [DigitResult(digits, 10, 1.0, loops, int(loops) + 1) for digits, loops in pairs]
+
+
+def test_depth_correlation_is_spearman_over_digit_counts():
+    assert depth_correlation(_loops([(1, 1.0), (2, 1.5), (3, 4.0), (4, 4.2)])) == pytest.approx(1.0)
+    assert depth_correlation(_loops([(1, 3.0), (2, 2.5), (3, 1.2), (4, 1.0)])) == pytest.approx(-1.0)
+    # ties share their mean rank: loop ranks 1.5, 1.5, 3, 4 against 1, 2, 3, 4
+    assert depth_correlation(_loops([(1, 1.0), (2, 1.0), (3, 2.0), (4, 3.0)])) == pytest.approx(4.5 / (5 * 4.5) ** 0.5)
+    assert depth_correlation(_loops([(1, 2.0), (3, 1.0), (2, 3.0)])) == pytest.approx(-0.5)  # order given does not matter
+    assert depth_correlation(_loops([(1, 2.0), (2, 2.0), (3, 2.0)])) == 0.0  # constant: no halting
+    assert depth_correlation(_loops([(5, 2.0)])) == 0.0
+
+
+def test_summary_by_carry_chain():
+    answers = [Answer(999, 1, "1000;", True, [1, 3, 3, 3]), Answer(123, 456, "579;", True, [1, 1, 1]),
+               Answer(5, 5, "11;", False, [2, 2]), Answer(95, 5, "100;", False, [1, 2, 6])]
+    rows = [(r.carry_chain, r.problems, r.accuracy, r.mean_steps, r.max_steps) for r in summarize_by_carry(answers)]
+    assert rows == [(0, 1, 1.0, 1.0, 1), (1, 1, 0.0, 2.0, 2), (2, 1, 0.0, 3.0, 6), (3, 1, 1.0, 2.5, 3)]

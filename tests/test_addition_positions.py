@@ -216,13 +216,43 @@ def test_eval_answers_a_problems_file(checkpoint, tmp_path, capsys):
     problems = tmp_path / "problems.txt"
     problems.write_text("12+345\n7+8\n\n1234+5\n99+1\n")
     answers_file = tmp_path / "answers.txt"
-    results = main([str(checkpoint), "--problems", str(problems), "--json", "--answers", str(answers_file)])
+    report = main([str(checkpoint), "--problems", str(problems), "--json", "--answers", str(answers_file)])
     printed = json.loads(capsys.readouterr().out)
     assert [r["digits"] for r in printed] == [1, 2, 3, 4] and [r["problems"] for r in printed] == [1, 1, 1, 1]
-    assert printed == [r.to_json() for r in results]
+    assert printed == [r.to_json() for r in report.by_digits]
     assert all(0 <= r["accuracy"] <= 1 and r["mean_loops"] == 3 for r in printed)
     lines = answers_file.read_text().splitlines()
     assert [line.split("=")[0] for line in lines] == ["12+345", "7+8", "1234+5", "99+1"]
+
+
+def test_eval_by_carry_chain_prints_one_object(checkpoint, tmp_path, capsys):
+    problems = tmp_path / "problems.txt"
+    problems.write_text("12+345\n7+8\n1234+5\n99+1\n")  # carry chains 0, 1, 0, 2
+    report = main([str(checkpoint), "--problems", str(problems), "--json", "--by-carry"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == report.to_json()
+    assert set(printed) == {"by_digits", "by_carry_chain", "spearman_digits_mean_loops"}
+    assert [(r["carry_chain"], r["problems"]) for r in printed["by_carry_chain"]] == [(0, 2), (1, 1), (2, 1)]
+    assert all(r["mean_loops"] == 3 for r in printed["by_carry_chain"])
+    assert printed["spearman_digits_mean_loops"] == 0.0  # every token runs 3 loops: no halting
+    main([str(checkpoint), "--problems", str(problems), "--by-carry"])
+    text = capsys.readouterr().out
+    assert "Spearman(digit count, mean loops) = +0.000 over 4 digit counts" in text and "carry chain" in text
+
+
+def test_eval_halting_options_override_the_checkpoint(checkpoint, tmp_path, capsys):
+    problems = tmp_path / "problems.txt"
+    problems.write_text("12+345\n7+8\n")
+    # an entropy threshold above log(vocabulary) halts every token after its first loop
+    report = main([str(checkpoint), "--problems", str(problems), "--halt", "entropy", "--threshold", "10"])
+    assert all(r.mean_steps == 1 and r.max_steps == 1 for r in report.by_digits)
+    capsys.readouterr()
+    for args, message in ((["--halt", "gate", "--threshold", "0.5"], "needs a checkpoint trained with a halting gate"),
+                          (["--halt", "gate"], "halt='gate' needs halt_threshold"),
+                          (["--halt", "confidence", "--threshold", "2"], "must be in (0.0, 1.0]")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main, [str(checkpoint), "--problems", str(problems), *args], prog="eval")
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, message", [

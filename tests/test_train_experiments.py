@@ -46,10 +46,12 @@ def test_eval_addition_cli_on_a_trained_checkpoint(tmp_path, capsys):
                 "--n_train=200", "--n_test=8", "--batch_size=4", "--max_iters=2", "--eval_interval=2",
                 "--eval_iters=1", "--progress=False", "--report=False", "--device=cpu", "--block_size=32",
                 "--n_embd=16", "--n_head=2", "--n_loops=2", "--halt=entropy", "--halt_threshold=1.0"])
-    results = eval_addition.main([str(run / "best"), "--digits", "1-3", "--max-loops", "4"])
+    report = eval_addition.main([str(run / "best"), "--digits", "1-3", "--max-loops", "4"])
     out = capsys.readouterr().out
+    results = report.by_digits
     assert [r.digits for r in results] == [1, 2, 3] and all(r.max_steps <= 4 for r in results)
-    assert "exact match %" in out and "loop budget 4" in out
+    assert "exact match %" in out and "loop budget 4" in out and "over 3 digit counts" in out
+    assert sum(r.problems for r in report.by_carry) == sum(r.problems for r in results)
     with pytest.raises(ValueError, match="block_size 32 is too short: 12-digit problems take 40 tokens"):
         eval_addition.main([str(run / "best"), "--digits", "12"])
     train_main(["--task=shakespeare", f"--out_dir={tmp_path / 's'}", f"--data_dir={tmp_path / 'data'}",

@@ -375,6 +375,31 @@ def problem_positions(tokens: list[int], scheme: str, reverse: bool, aligned: bo
     return ids
 
 
+def carry_chain(a: int, b: int) -> int:
+    """The longest carry chain of a+b: the most place values one carry reaches, i.e. the place
+    above where it is made (digits summing to 10 or more) plus each place above that whose digits
+    sum to exactly 9, through which it travels on; 0 without a carry. 999+1 -> 3 (made in the ones,
+    reaching the tens, hundreds and thousands), 95+5 -> 2, 5+5 -> 1, 555+555 -> 1 (every carry
+    made afresh, none travels), 123+456 -> 0, 0+0 -> 0; the operands may differ in length (9999+1
+    -> 4). In plain digit order this is how far an answer digit must look down the operands to know
+    its carry: the place below, and one more for each place summing to 9. (The longest run of places
+    that receive a carry, 3 for 555+555, would count carries that a single place below settles.)"""
+    if a < 0 or b < 0:
+        raise ValueError(f"carry_chain needs operands >= 0, got {a} and {b}")
+    longest = run = carry = 0  # run: the places the carry now travelling has reached
+    while a or b or carry:
+        if carry:
+            run += 1
+            longest = max(longest, run)
+        place_sum = a % 10 + b % 10
+        if place_sum >= 10:  # a carry made here, whatever came in: a new chain starts
+            run, carry = 0, 1
+        elif place_sum + carry < 10:  # no carry out: the chain ends here
+            run, carry = 0, 0
+        a, b = a // 10, b // 10
+    return longest
+
+
 def _draw(rng: random.Random, n_digits: int) -> int:
     return rng.randint(0 if n_digits == 1 else 10 ** (n_digits - 1), 10 ** n_digits - 1)
 
