@@ -16,8 +16,9 @@ Depth against difficulty. Below the table, Spearman's rank correlation between t
 the mean loops per answer token, over the digit counts evaluated (ties share their mean rank; 0
 when either is constant, or with one digit count). `--by-carry` adds the same table per carry-chain
 length (`looplm.data.addition.carry_chain`: the most place values one carry reaches, the place
-above where it is made and each place above that whose digits sum to 9), and turns `--json` from the list per digit count into an object:
-{"by_digits": [...], "by_carry_chain": [...], "spearman_digits_mean_loops": rho}.
+above where it is made and each place above that whose digits sum to 9), and turns `--json` from
+the list per digit count into an object: {"by_digits": [...], "by_carry_chain": [...],
+"spearman_digits_mean_loops": rho}.
 """
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ from tabulate import tabulate
 
 from looplm.checkpoint import load_checkpoint, read_checkpoint_doc
 from looplm.cli import ArgumentParser, run_cli
+from looplm.config import HALT_CRITERIA
 from looplm.data.addition import AdditionTask, Problem, carry_chain, encode, max_position_id
 from looplm.fileio import atomic_write_text
 from looplm.model import LoopGPT
-from looplm.config import HALT_CRITERIA
 from looplm.probes import spearman
 from looplm.sample import halting_config
 from looplm.train import resolve_device
