@@ -314,7 +314,8 @@ ALIGNED = "experiments/addition/aligned_loop"
 @pytest.mark.skipif(not __import__("os").path.isdir(ALIGNED), reason=f"{ALIGNED} is not in this checkout")
 def test_the_committed_looped_model_adds_numbers_five_times_longer_than_any_it_saw():
     """LoopLM 1L x 2 with coupled positions in the aligned layout, trained on operands of 1-4 digits
-    only (configs/addition_aligned_loop.py): nearly every 12-, 20- and 30-digit problem is right."""
+    only (configs/addition_aligned_loop.py --seed=2): nearly every 12-, 20- and 30-digit problem is
+    right (100%, 99% and 98% of 200 each, experiments/addition/results.md)."""
     from looplm.checkpoint import load_checkpoint
     from looplm.eval_addition import task_from_checkpoint
     model, t = load_checkpoint(ALIGNED), task_from_checkpoint(ALIGNED)
