@@ -288,14 +288,15 @@ def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, s
     if tensor_descriptors is None:
         tensor_descriptors = use_tensor_descriptors(target_capability(q.device), q, k, v, out)
     block_sizes, options = split_config(config)
+    block_d = head_block(D)
     grid = attention_grid(B, H, Tq, block_sizes["BLOCK_M"])
     common = dict(CAUSAL=causal, DOT_IN_FP32=dot_in_fp32(),
                   PRECISION="tf32x3" if q.dtype == torch.float32 and not dot_in_fp32() else "ieee",
-                  BLOCK_D=head_block(D), **block_sizes, **options)
+                  BLOCK_D=block_d, **block_sizes, **options)
     if tensor_descriptors:
         if TensorDescriptor is None:
             raise RuntimeError(f"attention: tensor descriptors need Triton 3.4 or newer; this is {triton.__version__}")
-        block_m, block_n, block_d = block_sizes["BLOCK_M"], block_sizes["BLOCK_N"], head_block(D)
+        block_m, block_n = block_sizes["BLOCK_M"], block_sizes["BLOCK_N"]
         launch(_attention_tma_kernel, grid, make_descriptor(q, block_m, block_d), make_descriptor(k, block_n, block_d),
                make_descriptor(v, block_n, block_d), make_descriptor(out, block_m, block_d), H, Tq, Tk,
                scale * LOG2E, **common)

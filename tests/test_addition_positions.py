@@ -204,12 +204,16 @@ def test_malformed_problem_lines_name_their_line(text, message):
         parse_problems(text)
 
 
+# what looplm.train records of a small coupled-addition run
+CHECKPOINT_TASK = dict(task="addition", train_digits=[1, 3], test_digits=[1, 2, 3], reverse_digits=True,
+                       zero_pad=False, swap_augment=True, random_offset=True, n_train=500, n_test=20, seed=0,
+                       positions="coupled")
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     model = small_model(block_size=32, n_positions=24)
-    meta = dict(task="addition", train_digits=[1, 3], test_digits=[1, 2, 3], reverse_digits=True, zero_pad=False,
-                swap_augment=True, random_offset=True, n_train=500, n_test=20, seed=0, positions="coupled")
-    return save_checkpoint(model, tmp_path / "ckpt", metadata={"task": meta})
+    return save_checkpoint(model, tmp_path / "ckpt", metadata={"task": CHECKPOINT_TASK})
 
 
 def test_eval_answers_a_problems_file(checkpoint, tmp_path, capsys):
@@ -271,10 +275,9 @@ def test_eval_refuses_a_bad_file_before_writing_anything(checkpoint, tmp_path, c
 
 def test_the_checkpoint_records_the_aligned_layout(tmp_path):
     from looplm.eval_addition import task_from_checkpoint
-    meta = dict(task="addition", train_digits=[1, 3], test_digits=[1, 2, 3], reverse_digits=True, zero_pad=False,
-                swap_augment=True, random_offset=True, n_train=500, n_test=20, seed=0, positions="coupled")
     for aligned in (False, True):
-        path = save_checkpoint(small_model(), tmp_path / str(aligned), metadata={"task": {**meta, "aligned": aligned}})
+        metadata = {"task": {**CHECKPOINT_TASK, "aligned": aligned}}
+        path = save_checkpoint(small_model(), tmp_path / str(aligned), metadata=metadata)
         assert task_from_checkpoint(path).aligned is aligned
 
 
