@@ -34,6 +34,9 @@ from tuning.gpus import COMPILE_TARGETS
 ARCHS = COMPILE_TARGETS
 LAUNCH_KNOBS = ("num_warps", "num_stages")  # configuration keys that are launch options, not constexprs
 _WORKERS = threading.local()
+# ptxas's report reaches Python's stdout, which is one per process, and the knob that asks for it is
+# global too: compiles in threads of one process take turns, or one's report lands in another's log.
+_PTXAS_REPORT = threading.Lock()
 
 
 def capability(arch: str) -> int:
@@ -154,14 +157,15 @@ def _compile_by_name(module: str, name: str, arch: str, args: dict, options: dic
     target = GPUTarget("cuda", capability(arch), 32)
     signature, constexprs, attrs = specialise(kernel, args, make_backend(target))
     log = io.StringIO()
-    dump = triton.knobs.nvidia.dump_ptxas_log
-    triton.knobs.nvidia.dump_ptxas_log = True  # Triton runs ptxas -v; its report goes to stdout
-    try:
-        with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                                      target=target, options=options)
-    finally:
-        triton.knobs.nvidia.dump_ptxas_log = dump
+    with _PTXAS_REPORT:
+        dump = triton.knobs.nvidia.dump_ptxas_log
+        triton.knobs.nvidia.dump_ptxas_log = True  # Triton runs ptxas -v; its report goes to stdout
+        try:
+            with contextlib.redirect_stdout(log):
+                compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                                    attrs=attrs), target=target, options=options)
+        finally:
+            triton.knobs.nvidia.dump_ptxas_log = dump
     resources = cubin_resources(compiled.asm["cubin"])
     resources.update(ptxas_report(log.getvalue()))
     resources["shared_mem"] = max(resources.get("shared_mem", 0), int(compiled.metadata.shared))
