@@ -20,8 +20,12 @@ Positions the task gives (`positions`). "absolute": none, the model uses 0..T-1.
 and the answer, shifted so that the token that predicts an answer digit carries that digit's id:
 operand digit of significance j -> 2 + j; the token predicting answer digit j (the '=' or the
 answer digit before it) -> 2 + j; the last answer digit, which predicts ';' -> 2 + (n + 1) reversed,
-1 plain; '+', ';' and padding -> 0. "abacus" (McLeish et al. 2024): every digit's id is 1 + its
-significance, answer digits too (unshifted); '+', '=', ';' and padding -> 0. With either, operands
+1 plain; '+', ';' and padding -> 0. "abacus" (McLeish et al. 2024): every digit's id is 2 + its
+significance, answer digits too (unshifted), and '=' is the answer's digit before the first (id 1
+reversed, the top's id + 1 plain): a query at id 0 could not tell its own problem's digits from
+those of the others packed in its row, since offsets shift only nonzero ids (with '=' at 0 the
+first answer digit kept a loss of 1.5 nats in packed rows while every other was learned); '+',
+';' and padding -> 0. With either, operands
 are zero-padded to the longer one's width (at least the longest training operand with zero_pad)
 and the answer to one digit more, so the ids of the answer are known from the prompt.
 With `aligned`, every answer digit has operand digits of its place value: operands get one more
@@ -364,12 +368,10 @@ def problem_positions(tokens: list[int], scheme: str, reverse: bool, aligned: bo
             sig = col - plus - 1 if reverse else n - 1 - (col - plus - 1)
         else:  # '=' is the answer digit "-1" (reversed) or "top + 1" (plain), before the first
             sig = col - equals - 1 if reverse else top - (col - equals - 1)
-        if col < equals and scheme in ("coupled", "abacus"):
-            ids.append(sig + (2 if scheme == "coupled" else 1))
+        if scheme == "abacus" or (col < equals and scheme == "coupled"):
+            ids.append(sig + 2)
         elif scheme == "coupled":  # the token predicting answer digit j carries j's id
             ids.append((sig + 1 if reverse else sig - 1) + 2)
-        elif scheme == "abacus":
-            ids.append(0 if col == equals else sig + 1)
         else:
             raise ValueError(f"scheme must be 'coupled' or 'abacus', got {scheme!r}")
     return ids
