@@ -270,7 +270,8 @@ def task_from_checkpoint(path: Union[str, Path], test_digits: Optional[Sequence[
                         swap_augment=meta["swap_augment"], random_offset=meta["random_offset"],
                         n_train=meta["n_train"], n_test=meta["n_test"], block_size=block_size, seed=meta["seed"],
                         positions=meta.get("positions", "absolute"), n_positions=n_positions,
-                        pack=meta.get("pack", 1), aligned=meta.get("aligned", False))
+                        pack=meta.get("pack", 1), aligned=meta.get("aligned", False),
+                        carry_fraction=meta.get("carry_fraction", 0.0))
 
 
 def parse_digits(text: str) -> list[int]:

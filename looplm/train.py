@@ -62,7 +62,8 @@ def make_task(cfg: TrainConfig, block_size: int, n_positions: Optional[int] = No
     return AdditionTask(train_digits=cfg.train_digits, test_digits=cfg.test_digits, reverse=cfg.reverse_digits,
                         zero_pad=cfg.zero_pad, swap_augment=cfg.swap_augment, random_offset=cfg.random_offset,
                         n_train=cfg.n_train, n_test=cfg.n_test, block_size=block_size, seed=cfg.seed,
-                        positions=cfg.positions, n_positions=n_positions, pack=cfg.pack, aligned=cfg.aligned)
+                        positions=cfg.positions, n_positions=n_positions, pack=cfg.pack, aligned=cfg.aligned,
+                        carry_fraction=cfg.carry_fraction)
 
 
 def task_positions(task: Union[ShakespeareTask, AdditionTask], x: Tensor, split: str,
@@ -74,8 +75,8 @@ def task_positions(task: Union[ShakespeareTask, AdditionTask], x: Tensor, split:
 def task_metadata(cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint records of its task, so evaluation rebuilds the same data."""
     keys = ("task",) + (("train_digits", "test_digits", "reverse_digits", "zero_pad", "swap_augment", "random_offset",
-                         "n_train", "n_test", "seed", "positions", "pack", "aligned") if cfg.task == "addition"
-                        else ("data_dir",))
+                         "n_train", "n_test", "seed", "positions", "pack", "aligned", "carry_fraction")
+                        if cfg.task == "addition" else ("data_dir",))
     return {k: getattr(cfg, k) for k in keys}
 
 

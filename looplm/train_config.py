@@ -64,6 +64,7 @@ class TrainConfig:
     positions: str = "absolute"  # absolute | coupled | abacus: position ids the task gives (data/addition.py)
     pack: int = 1  # training problems per row, with task-given positions
     aligned: bool = False  # operands one leading zero wider, answer as wide, its length given (data/addition.py)
+    carry_fraction: float = 0.0  # training problems with a planted carry chain of 2+ places (data/addition.py)
     # optimizer and schedule
     learning_rate: float = 1e-3
     min_lr: float = 1e-4

@@ -170,6 +170,30 @@ def test_carry_chain_is_the_most_places_one_carry_reaches(a, b, chain):
     assert carry_chain(a, b) == chain == carry_chain(b, a)
 
 
+def test_carry_fraction_plants_long_carry_chains_in_that_share_of_training():
+    plain, planted = small(), small(carry_fraction=0.5)
+    problems = planted.train_problems[:2000]  # before the swapped copies
+    assert problems[:1000] == plain.train_problems[:1000]  # the others are the default stream's first draws
+    assert planted.train_problems[2000:] == [(b, a) for a, b in problems]
+    for a, b in problems[1000:]:
+        width = max(len(str(a)), len(str(b)))
+        assert 1 <= len(str(a)) <= 4 and 1 <= len(str(b)) <= 4 and carry_chain(a, b) >= min(2, width)
+
+    def long_share(task: AdditionTask) -> float:
+        return sum(carry_chain(a, b) >= 3 for a, b in task.train_problems) / len(task.train_problems)
+    assert long_share(plain) < 0.02 and 0.1 < long_share(planted) < 0.5
+    assert {carry_chain(a, b) for a, b in problems[1000:]} >= {2, 3, 4}  # up to the operand width
+    assert small(carry_fraction=1.0, n_train=300).train_problems != \
+        small(carry_fraction=1.0, n_train=300, seed=1).train_problems
+    planted.check_disjoint()  # planted draws that hit a test problem are redrawn as well
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan"), True, "0.3", None])
+def test_carry_fraction_must_be_a_share(fraction):
+    with pytest.raises(ValueError, match="carry_fraction must be a number from 0 to 1"):
+        small(carry_fraction=fraction)
+
+
 def test_carry_chain_refuses_negative_operands():
     with pytest.raises(ValueError, match="operands >= 0"):
         carry_chain(-1, 5)

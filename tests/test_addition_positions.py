@@ -293,6 +293,22 @@ def test_the_checkpoint_records_the_aligned_layout(tmp_path):
         assert task_from_checkpoint(path).aligned is aligned
 
 
+def test_the_checkpoint_records_the_carry_fraction(tmp_path):
+    from looplm.eval_addition import task_from_checkpoint
+    from looplm.train import make_task, task_metadata
+    from looplm.train_config import TrainConfig
+    cfg = TrainConfig(task="addition", train_digits=(1, 3), test_digits=(1, 2, 3), positions="coupled",
+                      n_train=500, n_test=20, seed=0, carry_fraction=0.25)
+    assert make_task(cfg, block_size=32, n_positions=24).carry_fraction == 0.25
+    meta = task_metadata(cfg)
+    path = save_checkpoint(small_model(), tmp_path / "planted", metadata={"task": meta})
+    assert meta["carry_fraction"] == 0.25 and task_from_checkpoint(path).carry_fraction == 0.25
+    older = save_checkpoint(small_model(), tmp_path / "older", metadata={"task": CHECKPOINT_TASK})
+    assert task_from_checkpoint(older).carry_fraction == 0.0  # checkpoints from before the option
+    with pytest.raises(ValueError, match="carry_fraction must be a number from 0 to 1"):
+        make_task(TrainConfig(task="addition", carry_fraction=2.0), block_size=64)
+
+
 def test_summary_groups_by_the_longer_operand(checkpoint):
     from looplm.checkpoint import load_checkpoint
     from looplm.eval_addition import task_from_checkpoint

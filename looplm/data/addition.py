@@ -9,6 +9,14 @@ test set from its own stream; training draws that hit a test problem of the trai
 (in either operand order) are redrawn, so no test problem is ever trained on, and `check_disjoint`
 asserts it.
 
+With `carry_fraction`, that fraction of the training problems is drawn with a planted carry chain
+(`_draw_carry_chain`): a place whose digits sum to 10 or more, and above it a run of places
+summing to exactly 9, so that the carry travels to the top of the run; the chain's length (see
+`carry_chain`) is drawn uniformly from 2 to the longer operand's width. Drawn at random, chains of
+3 or more places are about half a percent of 1-4 digit problems, too few to learn from. The other
+problems are the first ones the default stream draws, so with 0 (the default) the training set is
+the same as without the option.
+
 With `zero_pad`, operands are written with leading zeros to one width (at least the longest
 training operand; `007+120=` read plain) and the answer one digit wider, so a digit's place value
 is its distance from the start of its number, the same in every problem of that width: a model with
@@ -115,6 +123,7 @@ class AdditionTask:
     n_positions: Optional[int] = None  # the model's position table (None: block_size); ids < this
     pack: int = 1  # training problems per row (task-given positions only): distractors at every distance
     aligned: bool = False  # one more leading zero per operand, answer as wide, its length given
+    carry_fraction: float = 0.0  # training problems drawn with a planted carry chain of 2 or more places
 
     @property
     def gives_positions(self) -> bool:
@@ -148,6 +157,10 @@ class AdditionTask:
         if self.gives_positions and self.pack * max_position_id(train[1]) >= self.n_positions:
             raise ValueError(f"n_positions {self.n_positions} is too small for {self.pack} packed {train[1]}-digit "
                              f"problems (disjoint position ids up to {self.pack * max_position_id(train[1])})")
+        if (isinstance(self.carry_fraction, bool) or not isinstance(self.carry_fraction, (int, float))
+                or not 0.0 <= self.carry_fraction <= 1.0):
+            raise ValueError(f"carry_fraction must be a number from 0 to 1 (the share of training problems "
+                             f"with a planted carry chain), got {self.carry_fraction!r}")
         longest_ids = max_position_id(max(train[1], max(test)))
         if self.gives_positions and longest_ids >= self.n_positions:
             raise ValueError(f"n_positions {self.n_positions} is too small: {max(train[1], max(test))}-digit "
@@ -217,10 +230,16 @@ class AdditionTask:
         so the training set is the same whatever is evaluated later."""
         lo, hi = self.train_digits
         held_out = {_key(p) for n in range(lo, hi + 1) for p in self.test_set(n)}
+        planted = round(self.carry_fraction * self.n_train)
         rng = random.Random(f"addition-train-{self.seed}")
         problems = []
-        while len(problems) < self.n_train:
+        while len(problems) < self.n_train - planted:
             p = (_draw(rng, rng.randint(lo, hi)), _draw(rng, rng.randint(lo, hi)))
+            if _key(p) not in held_out:
+                problems.append(p)
+        chains = random.Random(f"addition-train-carry-{self.seed}")  # its own stream: the rest stay as drawn
+        while len(problems) < self.n_train:
+            p = _draw_carry_chain(chains, lo, hi)
             if _key(p) not in held_out:
                 problems.append(p)
         if self.swap_augment:
@@ -404,6 +423,33 @@ def carry_chain(a: int, b: int) -> int:
 
 def _draw(rng: random.Random, n_digits: int) -> int:
     return rng.randint(0 if n_digits == 1 else 10 ** (n_digits - 1), 10 ** n_digits - 1)
+
+
+def _draw_carry_chain(rng: random.Random, lo: int, hi: int) -> Problem:
+    """A problem with operands of lo-hi digits (each length drawn on its own) and a planted carry
+    chain of `chain` places, drawn uniformly from 2 to the longer operand's width (1 when that is
+    1): the digits of one place sum to 10 or more, those of the chain - 1 places above it to
+    exactly 9 (above the shorter operand, the longer's digit is 9), so `carry_chain` is at least
+    `chain`; every other digit is drawn as usual. The carry is made where both operands have a
+    digit, at a random place low enough for the chain to fit; the place the chain reaches may be
+    the answer's extra top digit (9999+1)."""
+    while True:
+        lengths = (rng.randint(lo, hi), rng.randint(lo, hi))
+        width, shorter = max(lengths), min(lengths)
+        chain = rng.randint(min(2, width), width)
+        start = rng.randint(0, min(shorter - 1, width - chain))
+        digits = [[(_draw(rng, n) // 10 ** place) % 10 for place in range(width)] for n in lengths]
+        digits[0][start] = rng.randint(1, 9)
+        digits[1][start] = rng.randint(10 - digits[0][start], 9)
+        for place in range(start + 1, start + chain):
+            if place < shorter:
+                digits[0][place] = rng.randint(0, 9)
+                digits[1][place] = 9 - digits[0][place]
+            else:
+                digits[lengths.index(width)][place] = 9
+        a, b = (sum(d * 10 ** place for place, d in enumerate(ds)) for ds in digits)
+        if (len(str(a)), len(str(b))) == lengths:  # no operand lost its top digit to a planted 0
+            return a, b
 
 
 def _key(problem: Problem) -> Problem:
