@@ -35,7 +35,8 @@ from tabulate import tabulate
 from looplm.checkpoint import load_checkpoint, read_checkpoint_doc
 from looplm.cli import ArgumentParser, run_cli
 from looplm.config import HALT_CRITERIA
-from looplm.data.addition import AdditionTask, Problem, carry_chain, encode, max_position_id
+from looplm.data.addition import (LATER_FIELDS, RECORDED_FIELDS, AdditionTask, Problem, carry_chain, encode,
+                                  max_position_id)
 from looplm.fileio import atomic_write_text
 from looplm.model import LoopGPT
 from looplm.probes import spearman
@@ -264,14 +265,13 @@ def task_from_checkpoint(path: Union[str, Path], test_digits: Optional[Sequence[
         raise ValueError(f"{path} was not trained on addition (its task: {meta.get('task', 'not recorded')!r})")
     block_size = doc["looplm_config"]["block_size"]
     n_positions = doc["looplm_config"].get("n_positions") or block_size
-    return AdditionTask(train_digits=tuple(meta["train_digits"]),
-                        test_digits=tuple(test_digits or meta["test_digits"]), reverse=meta["reverse_digits"],
-                        zero_pad=meta.get("zero_pad", False),  # checkpoints older than the option
-                        swap_augment=meta["swap_augment"], random_offset=meta["random_offset"],
-                        n_train=meta["n_train"], n_test=meta["n_test"], block_size=block_size, seed=meta["seed"],
-                        positions=meta.get("positions", "absolute"), n_positions=n_positions,
-                        pack=meta.get("pack", 1), aligned=meta.get("aligned", False),
-                        carry_fraction=meta.get("carry_fraction", 0.0))
+    missing = sorted(set(RECORDED_FIELDS) - set(meta) - set(LATER_FIELDS))
+    if missing:
+        raise ValueError(f"{path}'s task record lacks {missing}; it cannot rebuild the task's data")
+    fields = {field: meta[key] for key, field in RECORDED_FIELDS.items() if key in meta}
+    if test_digits:
+        fields["test_digits"] = test_digits
+    return AdditionTask(**fields, block_size=block_size, n_positions=n_positions)
 
 
 def parse_digits(text: str) -> list[int]:

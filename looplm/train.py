@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from looplm.checkpoint import load_checkpoint, load_train_state, read_config, save_checkpoint
 from looplm.cli import run_cli
 from looplm.config import ConfigError, LoopConfig
-from looplm.data.addition import AdditionTask
+from looplm.data.addition import RECORDED_FIELDS, AdditionTask
 from looplm.data.shakespeare import ShakespeareTask
 from looplm.fileio import atomic_write_text
 from looplm.model import LoopGPT
@@ -59,11 +59,8 @@ def make_task(cfg: TrainConfig, block_size: int, n_positions: Optional[int] = No
               ) -> Union[ShakespeareTask, AdditionTask]:
     if cfg.task == "shakespeare":
         return ShakespeareTask(cfg.data_dir, block_size)
-    return AdditionTask(train_digits=cfg.train_digits, test_digits=cfg.test_digits, reverse=cfg.reverse_digits,
-                        zero_pad=cfg.zero_pad, swap_augment=cfg.swap_augment, random_offset=cfg.random_offset,
-                        n_train=cfg.n_train, n_test=cfg.n_test, block_size=block_size, seed=cfg.seed,
-                        positions=cfg.positions, n_positions=n_positions, pack=cfg.pack, aligned=cfg.aligned,
-                        carry_fraction=cfg.carry_fraction)
+    return AdditionTask(**{field: getattr(cfg, key) for key, field in RECORDED_FIELDS.items()},
+                        block_size=block_size, n_positions=n_positions)
 
 
 def task_positions(task: Union[ShakespeareTask, AdditionTask], x: Tensor, split: str,
@@ -74,9 +71,7 @@ def task_positions(task: Union[ShakespeareTask, AdditionTask], x: Tensor, split:
 
 def task_metadata(cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint records of its task, so evaluation rebuilds the same data."""
-    keys = ("task",) + (("train_digits", "test_digits", "reverse_digits", "zero_pad", "swap_augment", "random_offset",
-                         "n_train", "n_test", "seed", "positions", "pack", "aligned", "carry_fraction")
-                        if cfg.task == "addition" else ("data_dir",))
+    keys = ("task",) + (tuple(RECORDED_FIELDS) if cfg.task == "addition" else ("data_dir",))
     return {k: getattr(cfg, k) for k in keys}
 
 

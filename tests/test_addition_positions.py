@@ -1,6 +1,7 @@
 """Task-given positions: coupled and abacus ids for addition, LoopGPT(pos=...), generation with them,
 and the problems file of looplm.eval_addition."""
 import json
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from looplm import LoopConfig, LoopGPT
 from looplm.checkpoint import save_checkpoint
 from looplm.cli import run_cli
 from looplm.data.addition import EQUALS, PAD, AdditionTask, encode, max_position_id, problem_positions, row_positions
-from looplm.eval_addition import answer_problems, main, parse_problems, summarize
+from looplm.eval_addition import answer_problems, evaluate_digits, main, parse_problems, summarize
 from looplm.generation import generate_cached
 from tests.models import sharpen
 from tests.test_adaptive import sharpened_model
@@ -309,6 +310,21 @@ def test_the_checkpoint_records_the_carry_fraction(tmp_path):
         make_task(TrainConfig(task="addition", carry_fraction=2.0), block_size=64)
 
 
+def test_a_task_record_round_trips_every_option_and_names_what_it_lacks(tmp_path):
+    from looplm.eval_addition import task_from_checkpoint
+    from looplm.train import make_task, task_metadata
+    from looplm.train_config import TrainConfig
+    cfg = TrainConfig(task="addition", train_digits=(1, 3), test_digits=(1, 2, 3), reverse_digits=False,
+                      zero_pad=True, swap_augment=False, random_offset=False, n_train=500, n_test=20, seed=3,
+                      positions="coupled", pack=2, aligned=True, carry_fraction=0.25)
+    path = save_checkpoint(small_model(), tmp_path / "all", metadata={"task": task_metadata(cfg)})
+    assert task_from_checkpoint(path) == make_task(cfg, block_size=32, n_positions=24)
+    lacking = {k: v for k, v in CHECKPOINT_TASK.items() if k != "seed"}
+    path = save_checkpoint(small_model(), tmp_path / "lacking", metadata={"task": lacking})
+    with pytest.raises(ValueError, match=r"task record lacks \['seed'\]"):
+        task_from_checkpoint(path)
+
+
 def test_summary_groups_by_the_longer_operand(checkpoint):
     from looplm.checkpoint import load_checkpoint
     from looplm.eval_addition import task_from_checkpoint
@@ -337,8 +353,7 @@ def briefly_trained_exact_match(out_dir: str, positions: str) -> dict[int, float
         block_size=32, n_positions=16 if positions == "coupled" else None, n_embd=32, n_head=4, n_layer=1, n_loops=1))
     result = train(cfg, model_keys)
     assert result.task.train_digits == (1, 3)
-    return {n: summarize(answer_problems(result.model, result.task, result.task.test_set(n)[:100]))[0].accuracy
-            for n in (3, 5, 6)}
+    return {n: evaluate_digits(result.model, result.task, n, limit=100).accuracy for n in (3, 5, 6)}
 
 
 def test_a_briefly_trained_model_with_coupled_positions_adds_longer_numbers_than_it_saw(tmp_path):
@@ -362,7 +377,7 @@ def test_a_briefly_trained_model_with_coupled_positions_adds_longer_numbers_than
 COMMITTED = "experiments/addition/coupled_gpt1l"
 
 
-@pytest.mark.skipif(not __import__("os").path.isdir(COMMITTED), reason=f"{COMMITTED} is not in this checkout")
+@pytest.mark.skipif(not os.path.isdir(COMMITTED), reason=f"{COMMITTED} is not in this checkout")
 def test_the_committed_coupled_model_adds_numbers_longer_than_any_it_saw():
     """GPT-1L with coupled positions, trained on operands of 1-4 digits only (configs/addition_coupled_gpt1l.py):
     most 10- and 12-digit problems are right. The same data with learned absolute positions gets none
@@ -388,7 +403,7 @@ def test_the_committed_looped_model_adds_numbers_five_times_longer_than_any_it_s
     from looplm.checkpoint import load_checkpoint
     from looplm.eval_addition import task_from_checkpoint
     checkpoint = ALIGNED[positions]
-    if not __import__("os").path.isdir(checkpoint):
+    if not os.path.isdir(checkpoint):
         pytest.skip(f"{checkpoint} is not in this checkout")
     model, t = load_checkpoint(checkpoint), task_from_checkpoint(checkpoint)
     assert t.train_digits == (1, 4) and t.aligned and t.positions == positions

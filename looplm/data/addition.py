@@ -107,6 +107,16 @@ def _digit_range(name: str, value) -> tuple[int, ...]:
     return values
 
 
+# What a checkpoint records of its addition task, under the trainer's names (TrainConfig), and the
+# AdditionTask field each one fills; block_size and n_positions come from the model's config instead.
+RECORDED_FIELDS = {"train_digits": "train_digits", "test_digits": "test_digits", "reverse_digits": "reverse",
+                   "zero_pad": "zero_pad", "swap_augment": "swap_augment", "random_offset": "random_offset",
+                   "n_train": "n_train", "n_test": "n_test", "seed": "seed", "positions": "positions",
+                   "pack": "pack", "aligned": "aligned", "carry_fraction": "carry_fraction"}
+# Options added after the first checkpoints: a record without one was made with the task's default.
+LATER_FIELDS = ("zero_pad", "positions", "pack", "aligned", "carry_fraction")
+
+
 @dataclass(frozen=True)
 class AdditionTask:
     train_digits: tuple[int, int] = (1, 4)  # inclusive range of operand lengths in training
