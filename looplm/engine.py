@@ -50,6 +50,7 @@ from torch import Tensor
 from looplm import torch_ops
 from looplm.config import READOUT_CRITERIA
 from looplm.halting import relative_change
+from looplm.ops import residual_branch
 
 if TYPE_CHECKING:
     from looplm.model import Block, LoopGPT
@@ -210,14 +211,10 @@ def block_on_rows(model: "LoopGPT", blk: "Block", layer: int, x: Tensor, rows: _
         kv.store(layer, loop, rows.idx, qkv[:, C:2 * C], qkv[:, 2 * C:])
     past = kv.past(layer, loop) if kv is not None else None
     y = _attend(backend, qkv[:, :C], rows, layers.qkv[layer], past, blk.n_head)
-    p = model._dropout_p()
-    if p > 0:
-        x = x + F.dropout(backend.op("linear")(y, w.proj_w, w.proj_b), p, training=True)
-        hidden = backend.op("layer_norm_linear")(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")
-        return x + F.dropout(backend.op("linear")(hidden, w.fc2_w, w.fc2_b), p, training=True)
-    x = backend.op("linear")(y, w.proj_w, w.proj_b, residual=x)
+    p, linear = model._dropout_p(), backend.op("linear")
+    x = residual_branch(linear, y, w.proj_w, w.proj_b, x, p)
     hidden = backend.op("layer_norm_linear")(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")
-    return backend.op("linear")(hidden, w.fc2_w, w.fc2_b, residual=x)
+    return residual_branch(linear, hidden, w.fc2_w, w.fc2_b, x, p)
 
 
 def _attend(backend, q: Tensor, rows: _Rows, qkv: Tensor, past: Optional[tuple[Tensor, Tensor]],

@@ -106,6 +106,16 @@ def signature_mismatch(name: str, fn) -> Optional[str]:
     return None
 
 
+def residual_branch(linear_op, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor,
+                    dropout_p: float) -> Tensor:
+    """residual + dropout(linear(x)): a block's two residual branches, for any backend's linear op.
+    Without dropout the residual add rides in the linear's epilogue (one kernel); with dropout it
+    must wait until dropout has acted on the branch."""
+    if dropout_p > 0:
+        return residual + torch.nn.functional.dropout(linear_op(x, weight, bias), p=dropout_p, training=True)
+    return linear_op(x, weight, bias, residual=residual)
+
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernel backends compute in
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
-from looplm.ops import ACTIVATIONS, BlockWeights
+from looplm.ops import ACTIVATIONS, BlockWeights, residual_branch
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
@@ -69,9 +69,9 @@ def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0)
     qkv = layer_norm_linear(x, w.ln1_w, w.ln1_b, w.attn_w, w.attn_b)  # (B, T, 3C)
     q, k, v = qkv.view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # three (B, H, T, D)
     y = attention(q, k, v, causal=True).transpose(1, 2).reshape(B, T, C)
-    x = x + F.dropout(linear(y, w.proj_w, w.proj_b), p=dropout_p, training=dropout_p > 0)
+    x = residual_branch(linear, y, w.proj_w, w.proj_b, x, dropout_p)
     hidden = layer_norm_linear(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")  # (B, T, 4C)
-    return x + F.dropout(linear(hidden, w.fc2_w, w.fc2_b), p=dropout_p, training=dropout_p > 0)
+    return residual_branch(linear, hidden, w.fc2_w, w.fc2_b, x, dropout_p)
 
 
 OPS = {

@@ -15,19 +15,13 @@ With dropout_p > 0 (training without gradients) the residual adds move out of th
 that dropout acts on the branches, as in the Triton block; which backend runs is decided by the
 model and the backend registry, never here.
 """
-import torch.nn.functional as F
 from torch import Tensor
 
-from looplm.ops import BlockWeights
+from looplm.ops import BlockWeights, residual_branch
 from looplm_tile.attention import attention_into
 from looplm_tile.layer_norm import layer_norm
 from looplm_tile.linear import linear
 
-
-def _residual_branch(x: Tensor, weight: Tensor, bias, residual: Tensor, dropout_p: float) -> Tensor:
-    if dropout_p > 0:
-        return residual + F.dropout(linear(x, weight, bias), p=dropout_p)
-    return linear(x, weight, bias, residual=residual)
 
 
 def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0) -> Tensor:
@@ -42,6 +36,6 @@ def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views, no copies
     y = x.new_empty(batch, seq, n_head, head_dim)
     attention_into(q, k, v, y.transpose(1, 2), causal=True, scale=head_dim ** -0.5)
-    x = _residual_branch(y.view(batch, seq, channels), w.proj_w, w.proj_b, x, dropout_p)
+    x = residual_branch(linear, y.view(batch, seq, channels), w.proj_w, w.proj_b, x, dropout_p)
     hidden = linear(layer_norm(x, w.ln2_w, w.ln2_b), w.fc_w, w.fc_b, activation="gelu")
-    return _residual_branch(hidden, w.fc2_w, w.fc2_b, x, dropout_p)
+    return residual_branch(linear, hidden, w.fc2_w, w.fc2_b, x, dropout_p)

@@ -17,18 +17,12 @@ tuned under their own ops.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from looplm.ops import BlockWeights, check_kernel_dtype, check_tensors
+from looplm.ops import BlockWeights, residual_branch, check_kernel_dtype, check_tensors
 from looplm_triton.attention import attention_into
 from looplm_triton.linear import LAYER_NORM_LINEAR_TUNING, layer_norm_linear, linear
 
-
-def _residual_branch(x: Tensor, weight: Tensor, bias, residual: Tensor, dropout_p: float) -> Tensor:
-    if dropout_p > 0:
-        return residual + F.dropout(linear(x, weight, bias), p=dropout_p)
-    return linear(x, weight, bias, residual=residual)
 
 
 def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0) -> Tensor:
@@ -43,9 +37,9 @@ def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0)
     q, k, v = qkv.view(B, T, 3, n_head, D).permute(2, 0, 3, 1, 4)  # three (B, H, T, D) strided views
     y = torch.empty_like(x)
     attention_into(q, k, v, y.view(B, T, n_head, D).transpose(1, 2), True, D ** -0.5)
-    x = _residual_branch(y, w.proj_w, w.proj_b, x, dropout_p)
+    x = residual_branch(linear, y, w.proj_w, w.proj_b, x, dropout_p)
     hidden = layer_norm_linear(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")  # (B, T, 4C)
-    return _residual_branch(hidden, w.fc2_w, w.fc2_b, x, dropout_p)
+    return residual_branch(linear, hidden, w.fc2_w, w.fc2_b, x, dropout_p)
 
 
 # The block has no kernel of its own; its tuning entry is the fused LayerNorm + linear it adds.
