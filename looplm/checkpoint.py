@@ -2,14 +2,25 @@
 exact resume, train_state.pt), replaced atomically and crash-safe.
 
 Replacing a checkpoint never leaves a moment without one: the new directory is written beside the
-old, the old is renamed to a backup name (`.NAME.backup`), the new is renamed in, and the backup is
-removed. A crash between the two renames leaves only the backup; loading finds it there. A file
-that is missing, corrupt or not a checkpoint is a `CheckpointError` that names it.
+old (`.NAME.tmp-XXXXXXXX`, each file flushed to disk), the old is renamed to a backup name
+(`.NAME.backup`), the new is renamed in, the folder is flushed, and the backup is removed. A crash
+between the two renames leaves only the backup; loading finds it there. A save removes the temporary
+directories an interrupted save left. A save that cannot write (a full disk) is one
+`CheckpointWriteError` naming the checkpoint and file, and the checkpoint already there is unchanged.
+
+config.json records the sha256 of every file beside it ("sha256": {file: hex digest}); loading
+checks them, so bit rot or a truncated copy is an error naming the file rather than wrong weights.
+Checkpoints saved before the digests were recorded load without the check. A file that is missing,
+corrupt or not a checkpoint is a `CheckpointError` that names it and, where it is a field, the field.
 
 Also: importing a nanoGPT `ckpt.pt`, and transplanting a trained GPT layer into a LoopGPT core.
 """
 from __future__ import annotations
 
+import errno
+import glob
+import hashlib
+import io
 import json
 import os
 import pickle
@@ -20,27 +31,61 @@ from typing import Any, Optional, Union
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from looplm.backends import Backend
 from looplm.config import ConfigError, LoopConfig
-from looplm.fileio import atomic_path, atomic_write_text
+from looplm.fileio import atomic_write_bytes, fsync_dir, remove_stale_temps
 from looplm.model import LoopGPT
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TRAIN_STATE_FILE = "train_state.pt"  # optimizer, RNG and progress: tensors and plain values only
 TIED = "transformer.wte.weight"  # the same tensor as lm_head.weight; stored once
+DIGESTS = "sha256"  # config.json's field: {file name: sha256 hex digest} of the files beside it
 
 
 class CheckpointError(ValueError):
     pass
 
 
+class CheckpointWriteError(OSError):
+    """A save that could not write (e.g. a full disk); the checkpoint already there is unchanged."""
+
+    def __init__(self, code: Optional[int], message: str):
+        super().__init__(code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def backup_path(path: Union[str, Path]) -> Path:
     """Where the old checkpoint waits while a new one is renamed in."""
     path = Path(path)
     return path.with_name(f".{path.name}.backup")
+
+
+def temp_dir_prefix(path: Union[str, Path]) -> str:
+    """How the directories that saves to `path` build the new checkpoint in begin."""
+    return f".{Path(path).name}.tmp-"
+
+
+def remove_stale_saves(path: Union[str, Path]) -> list[Path]:
+    """Remove the temporary directories (and files) that interrupted saves to `path` left beside it;
+    returns them. A checkpoint path has one writer: the trainer that owns its out_dir."""
+    path = Path(path)
+    stale = sorted(Path(p) for p in glob.glob(glob.escape(str(path.parent / temp_dir_prefix(path))) + "*"))
+    for temp in stale:
+        if temp.is_dir():
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            temp.unlink(missing_ok=True)
+    return stale + remove_stale_temps(path)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def save_checkpoint(model: LoopGPT, path: Union[str, Path], metadata: Optional[dict] = None,
@@ -50,25 +95,41 @@ def save_checkpoint(model: LoopGPT, path: Union[str, Path], metadata: Optional[d
     new one, never a mix; in the moment between the renames the old one is at backup_path(path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_saves(path)
     backup = backup_path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED}
+    files = {WEIGHTS_FILE: save_safetensors(state, metadata={"format": "pt"})}
+    if train_state is not None:
+        buffer = io.BytesIO()
+        torch.save(train_state, buffer)
+        files[TRAIN_STATE_FILE] = buffer.getvalue()
+    doc = {"looplm_config": model.config.to_dict(), **({"metadata": metadata} if metadata else {}),
+           DIGESTS: {name: sha256(data) for name, data in files.items()}}
+    files[CONFIG_FILE] = (json.dumps(doc, indent=2) + "\n").encode()  # last: it vouches for the others
+    tmp, writing = None, path.parent
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_dir_prefix(path), dir=path.parent))
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the checkpoint from other users
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED}
-        with atomic_path(tmp / WEIGHTS_FILE) as weights_file:
-            save_file(state, weights_file, metadata={"format": "pt"})
-        doc = {"looplm_config": model.config.to_dict(), **({"metadata": metadata} if metadata else {})}
-        atomic_write_text(tmp / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
-        if train_state is not None:
-            with atomic_path(tmp / TRAIN_STATE_FILE) as state_file:
-                torch.save(train_state, state_file)
+        for name, data in files.items():
+            writing = tmp / name
+            atomic_write_bytes(writing, data)
+        writing = path
         if path.exists():
             if backup.exists():  # left by a crash after an earlier swap; `path` is complete, so it goes
                 shutil.rmtree(backup)
             os.rename(path, backup)
         os.rename(tmp, path)  # a crash just before this leaves the old checkpoint at `backup`
+        fsync_dir(path.parent)
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        where = f"writing {writing.name}" if writing != path else "renaming it into place"
+        kept = "the checkpoint there is unchanged" if (path.exists() or backup.exists()) else "nothing was saved"
+        raise CheckpointWriteError(e.errno, f"cannot save checkpoint {path}: {where}: {reason} ({kept})") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(backup, ignore_errors=True)
     return path
@@ -84,7 +145,8 @@ def checkpoint_dir(path: Union[str, Path]) -> Path:
 
 
 def read_checkpoint_doc(path: Union[str, Path]) -> dict[str, Any]:
-    """The checkpoint's config.json: {"looplm_config": ..., "metadata": ...}."""
+    """The checkpoint's config.json: {"looplm_config": ..., "metadata": ..., "sha256": ...}, each
+    field checked for its type (an object where one is expected), naming the file and field."""
     path = checkpoint_dir(path)
     config_file = path / CONFIG_FILE
     if not path.exists():
@@ -97,6 +159,16 @@ def read_checkpoint_doc(path: Union[str, Path]) -> dict[str, Any]:
         raise CheckpointError(f"{config_file} is corrupt: {e}") from e
     if not isinstance(doc, dict) or "looplm_config" not in doc:
         raise CheckpointError(f"{config_file} does not hold a valid LoopConfig: no 'looplm_config'")
+    objects = [("looplm_config", doc["looplm_config"]), ("metadata", doc.get("metadata", {})),
+               (DIGESTS, doc.get(DIGESTS, {}))]
+    if isinstance(doc.get("metadata"), dict):
+        objects.append(("metadata.task", doc["metadata"].get("task", {})))
+    for field, value in objects:
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{config_file}: field {field!r} must be an object, got {value!r:.60}")
+    for name, digest in doc.get(DIGESTS, {}).items():
+        if not isinstance(digest, str):
+            raise CheckpointError(f"{config_file}: field '{DIGESTS}.{name}' must be a hex digest, got {digest!r:.60}")
     return doc
 
 
@@ -108,11 +180,27 @@ def read_config(path: Union[str, Path]) -> LoopConfig:
         raise CheckpointError(f"{checkpoint_dir(path) / CONFIG_FILE} does not hold a valid LoopConfig: {e}") from e
 
 
+def read_checked(path: Union[str, Path], name: str) -> bytes:
+    """The bytes of file `name` of checkpoint `path`, checked against the digest config.json records
+    for it (none recorded: unchecked, as in checkpoints saved before digests were)."""
+    path = checkpoint_dir(path)
+    file = path / name
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a LoopLM checkpoint: {name} is missing")
+    data = file.read_bytes()
+    expected = read_checkpoint_doc(path).get(DIGESTS, {}).get(name)
+    if expected is not None and sha256(data) != expected:
+        raise CheckpointError(f"{file} is damaged: its sha256 differs from the one {CONFIG_FILE} records "
+                              f"('{DIGESTS}.{name}'); bit rot or an incomplete copy")
+    return data
+
+
 def load_checkpoint(path: Union[str, Path], backend: Union[str, Backend] = "torch",
                     device: Optional[Union[str, torch.device]] = None,
                     expected_config: Optional[LoopConfig] = None) -> LoopGPT:
-    """Build the LoopGPT that `path` describes and load its weights, checking every name and shape.
-    With `expected_config`, a checkpoint made with another config is refused, naming the fields."""
+    """Build the LoopGPT that `path` describes and load its weights, checking every name and shape
+    (and the file's recorded sha256). With `expected_config`, a checkpoint made with another config
+    is refused, naming the fields."""
     path = checkpoint_dir(path)
     config = read_config(path)
     if expected_config is not None and expected_config != config:
@@ -120,10 +208,9 @@ def load_checkpoint(path: Union[str, Path], backend: Union[str, Backend] = "torc
                 if config.to_dict()[k] != v}
         raise CheckpointError(f"{path} was saved with another config; (expected, found): {diff}")
     weights_file = path / WEIGHTS_FILE
-    if not weights_file.is_file():
-        raise CheckpointError(f"{path} is not a LoopLM checkpoint: {WEIGHTS_FILE} is missing")
+    data = read_checked(path, WEIGHTS_FILE)
     try:
-        weights = load_file(weights_file)
+        weights = load_safetensors(data)
     except SafetensorError as e:
         raise CheckpointError(f"{weights_file} is corrupt or not a safetensors file: {e}") from e
     model = LoopGPT(config, backend="torch")
@@ -133,14 +220,16 @@ def load_checkpoint(path: Union[str, Path], backend: Union[str, Backend] = "torc
     return model.set_backend(backend)
 
 
-def load_torch_file(path: Union[str, Path]) -> Any:
+def load_torch_file(path: Union[str, Path], data: Optional[bytes] = None) -> Any:
     """torch.load with weights_only=True (tensors and plain containers only), a corrupt or foreign
-    file named as such."""
+    file named as such. `data`: the file's bytes, already read."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
+    if data is None:
+        if not path.is_file():
+            raise CheckpointError(f"{path} does not exist")
+        data = path.read_bytes()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path} is corrupt, or holds objects other than tensors and plain values "
                               f"(loaded with weights_only=True)") from e
@@ -150,11 +239,15 @@ def load_torch_file(path: Union[str, Path]) -> Any:
 
 
 def load_train_state(path: Union[str, Path]) -> dict[str, Any]:
-    """The trainer's resume state saved with checkpoint `path` (save_checkpoint's train_state)."""
+    """The trainer's resume state saved with checkpoint `path` (save_checkpoint's train_state),
+    checked against its recorded sha256."""
     state_file = checkpoint_dir(path) / TRAIN_STATE_FILE
     if not state_file.is_file():
         raise CheckpointError(f"{state_file} is missing: {path} is not a complete checkpoint to resume from")
-    return load_torch_file(state_file)
+    state = load_torch_file(state_file, read_checked(path, TRAIN_STATE_FILE))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_file} is not a train state: it holds a {type(state).__name__}, not a dict")
+    return state
 
 
 def load_state(model: LoopGPT, state: dict[str, torch.Tensor], source: str) -> None:

@@ -1,4 +1,5 @@
 """Checkpoints: round trip, refusals, atomic replacement, nanoGPT import, layer transplant."""
+import errno
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import torch
 
 from looplm import LoopConfig, LoopGPT
 from looplm import checkpoint as ckpt_module
-from looplm.checkpoint import (CheckpointError, backup_path, import_nanogpt, load_checkpoint, load_train_state,
+from looplm.checkpoint import (CheckpointError, CheckpointWriteError, backup_path, import_nanogpt, load_checkpoint, load_train_state,
                                read_checkpoint_doc, read_config, save_checkpoint, transplant_layer)
 from looplm.testing import assert_close
 from tests.nanogpt_arch import GPT, GPTConfig
@@ -39,10 +40,11 @@ def test_overwrite_is_atomic_when_saving_fails(tmp_path, monkeypatch):
     path = save_checkpoint(first, tmp_path / "ckpt")
     before = {p.name: p.read_bytes() for p in path.iterdir()}
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-    monkeypatch.setattr(ckpt_module, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    def disk_full(target, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", disk_full)
+    with pytest.raises(CheckpointWriteError, match=r"cannot save checkpoint .*ckpt: writing model.safetensors: "
+                                                   r"no space left on device \(the checkpoint there is unchanged\)"):
         save_checkpoint(LoopGPT(small(n_loops=5)), path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"], "no temporary directory is left behind"
@@ -55,6 +57,9 @@ def test_loading_refuses_what_does_not_fit(tmp_path):
     # weights of another width under this config: every misfit is named with both shapes
     other = save_checkpoint(LoopGPT(small(n_embd=64)), tmp_path / "wide")
     (other / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="wide/model.safetensors is damaged"):  # another checkpoint's digest
+        load_checkpoint(other)
+    forget_digests(other)
     with pytest.raises(CheckpointError, match=r"shape mismatch: transformer.core.0.attn.c_attn.weight: "
                                               r"checkpoint \(192, 64\) vs model \(96, 32\)"):
         load_checkpoint(other)
@@ -71,20 +76,61 @@ def test_loading_refuses_what_does_not_fit(tmp_path):
         load_checkpoint(tmp_path / "empty")
 
 
+def forget_digests(path):
+    """config.json as checkpoints saved before the digests were recorded have it."""
+    doc = json.loads((path / "config.json").read_text())
+    del doc["sha256"]
+    (path / "config.json").write_text(json.dumps(doc))
+
+
 def test_corrupt_files_are_named(tmp_path):
     path = save_checkpoint(LoopGPT(small()), tmp_path / "ckpt", train_state={"step": torch.ones(2)})
-    weights = path / "model.safetensors"
+    assert torch.equal(load_train_state(path)["step"], torch.ones(2))
+    weights, state_file = path / "model.safetensors", path / "train_state.pt"
     weights.write_bytes(weights.read_bytes()[:100])
+    state_file.write_bytes(state_file.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="model.safetensors is damaged: its sha256 differs"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="train_state.pt is damaged: its sha256 differs"):
+        load_train_state(path)
+    forget_digests(path)  # without digests, the readers find the damage themselves
     with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
         load_checkpoint(path)
-    assert torch.equal(load_train_state(path)["step"], torch.ones(2))
-    state_file = path / "train_state.pt"
-    state_file.write_bytes(state_file.read_bytes()[:50])
     with pytest.raises(CheckpointError, match="train_state.pt is corrupt"):
         load_train_state(path)
     torch.save({"config": small()}, state_file)  # an object, not tensors and plain values
     with pytest.raises(CheckpointError, match="weights_only=True"):
         load_train_state(path)
+
+
+def test_bit_rot_in_the_weights_is_caught_by_the_recorded_digest(tmp_path):
+    """One flipped bit in a tensor's data still parses as safetensors; the sha256 in config.json
+    catches it. A checkpoint saved before digests were recorded loads unchecked."""
+    model = LoopGPT(small())
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's bytes, past the header
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"ckpt/model.safetensors is damaged: .*'sha256.model.safetensors'"):
+        load_checkpoint(path)
+    forget_digests(path)
+    rotten = load_checkpoint(path)  # what loading did before: the flipped bit goes unnoticed
+    assert any(not torch.equal(a, b) for a, b in zip(rotten.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("doc, field", [
+    ({"metadata": "x"}, "'metadata' must be an object"),
+    ({"metadata": {"task": 3}}, "'metadata.task' must be an object"),
+    ({"sha256": ["abc"]}, "'sha256' must be an object"),
+    ({"sha256": {"model.safetensors": 1}}, "'sha256.model.safetensors' must be a hex digest"),
+    ({"looplm_config": 7}, "'looplm_config' must be an object"),
+])
+def test_ill_typed_fields_of_config_json_are_named(tmp_path, doc, field):
+    path = save_checkpoint(LoopGPT(small()), tmp_path / "ckpt")
+    (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()), **doc}))
+    with pytest.raises(CheckpointError, match=f"ckpt/config.json: field {field}"):
+        read_checkpoint_doc(path)
 
 
 def test_a_crash_between_the_renames_leaves_the_old_checkpoint_loadable(tmp_path, monkeypatch):
