@@ -190,8 +190,8 @@ def read_checked(path: Union[str, Path], name: str) -> bytes:
     data = file.read_bytes()
     expected = read_checkpoint_doc(path).get(DIGESTS, {}).get(name)
     if expected is not None and sha256(data) != expected:
-        raise CheckpointError(f"{file} is damaged: its sha256 differs from the one {CONFIG_FILE} records "
-                              f"('{DIGESTS}.{name}'); bit rot or an incomplete copy")
+        raise CheckpointError(f"{file} is damaged or another checkpoint's: its sha256 differs from the one "
+                              f"{CONFIG_FILE} records ('{DIGESTS}.{name}'); bit rot, an incomplete copy or a mix")
     return data
 
 

@@ -30,6 +30,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see --help)")
 
 
+_prog = "looplm"  # the running command's name, for warn(); run_cli sets it
+
+
+def warn(message: str) -> None:
+    """One line on stderr about something the command repaired or skipped: `prog: warning: ...`."""
+    print(f"{_prog}: warning: {message}", file=sys.stderr, flush=True)
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (CLIError, BackendUnavailable, ValueError, TypeError, LookupError,
                                                  OSError, json.JSONDecodeError)
 
@@ -37,7 +45,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (CLIError, BackendUnavailable, Va
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None,
             prog: Optional[str] = None) -> None:
     """Call main(argv) and exit: 0 (or main's int) on success, 2 with one line on bad input."""
-    prog = prog or os.path.basename(sys.argv[0]) or "looplm"
+    global _prog
+    prog = _prog = prog or os.path.basename(sys.argv[0]) or "looplm"
     try:
         result = main(argv)
     except KeyboardInterrupt:

@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Union
 import torch
 from tabulate import tabulate
 
-from looplm.checkpoint import load_checkpoint, read_checkpoint_doc
+from looplm.checkpoint import load_checkpoint, read_checkpoint_doc, read_config
 from looplm.cli import ArgumentParser, run_cli
 from looplm.config import HALT_CRITERIA
 from looplm.data.addition import (LATER_FIELDS, RECORDED_FIELDS, AdditionTask, Problem, carry_chain, encode,
@@ -263,8 +263,8 @@ def task_from_checkpoint(path: Union[str, Path], test_digits: Optional[Sequence[
     meta = doc.get("metadata", {}).get("task", {})
     if meta.get("task") != "addition":
         raise ValueError(f"{path} was not trained on addition (its task: {meta.get('task', 'not recorded')!r})")
-    block_size = doc["looplm_config"]["block_size"]
-    n_positions = doc["looplm_config"].get("n_positions") or block_size
+    config = read_config(path)
+    block_size, n_positions = config.block_size, config.n_positions
     missing = sorted(set(RECORDED_FIELDS) - set(meta) - set(LATER_FIELDS))
     if missing:
         raise ValueError(f"{path}'s task record lacks {missing}; it cannot rebuild the task's data")

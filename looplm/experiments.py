@@ -270,7 +270,7 @@ def run_experiment(name: str, out: Path, max_iters: Optional[int] = None,
         if max_iters is not None:
             values.update(max_iters=max_iters, lr_decay_iters=max_iters,
                           eval_interval=min(values.get("eval_interval", 250), max_iters))
-        cfg, model_keys = split_config(values)
+        cfg, model_keys = split_config({**values, "overwrite": True})  # running an experiment again replaces its runs
         log(f"[{name}] {run.name}: {cfg.max_iters} iterations")
         start = time.perf_counter()
         result = train(cfg, model_keys)
@@ -388,7 +388,7 @@ def study_run(arm: Arm, seed: int, runs: Path, max_iters: Optional[int] = None,
         cached = json.loads(path.read_text())
         if cached["settings"] == _jsonable(values):
             return cached
-    cfg, model_keys = split_config(dict(values))
+    cfg, model_keys = split_config({**values, "overwrite": True})  # a run whose record is stale is trained again
     log(f"[{STUDY}] {arm.name}, seed {seed}: {cfg.max_iters} iterations")
     start = time.perf_counter()
     result = train(cfg, model_keys)

@@ -15,6 +15,15 @@ Progress through training (for the schedule and the curriculum) is iterations ov
 `last/` (model, plus train_state.pt with optimizer, RNG and iteration, for exact resume) and `best/`
 (lowest validation loss). Logs: log.jsonl and metrics.csv. Under torchrun each process trains on its
 own batches and gradients are averaged (DDP; gloo on CPU, nccl on GPU).
+
+Nothing is lost. A new run refuses an out_dir that holds a run: resume it (`init_from=resume`) or
+replace it (`overwrite=True`). Resuming checks before it changes anything: the train state against
+the checkpoint's config.json (the iteration, the config, the optimizer's shapes), the settings given
+against the checkpoint's (a model key or a task field that differs is refused; training knobs such
+as max_iters or learning_rate may change), and every record of the logs; then the logs are cut back
+to the checkpoint's iteration. A last record cut short by an interrupted write is dropped with a
+warning; a corrupt record before it is an error naming the file and line. A run removes the
+temporary files and folders that an interrupted save left in out_dir.
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,17 +47,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from looplm.checkpoint import load_checkpoint, load_train_state, read_config, save_checkpoint
-from looplm.cli import run_cli
+from looplm.checkpoint import (CONFIG_FILE, TRAIN_STATE_FILE, CheckpointError, backup_path, checkpoint_dir,
+                               load_checkpoint,
+                               load_train_state, read_checkpoint_doc, read_config, remove_stale_saves,
+                               save_checkpoint)
+from looplm.cli import run_cli, warn
 from looplm.config import ConfigError, LoopConfig
 from looplm.data.addition import RECORDED_FIELDS, AdditionTask
 from looplm.data.shakespeare import ShakespeareTask
-from looplm.fileio import atomic_write_text
+from looplm.fileio import atomic_write_text, remove_stale_temps
 from looplm.model import LoopGPT
 # The trainer's API as before the split: `from looplm.train import TrainConfig, LoopObjective, ...`
 from looplm.objective import LoopObjective, exit_distribution, loop_weights  # noqa: F401
-from looplm.train_config import (DTYPES, HALTING_KEYS, TrainConfig, parse_args,  # noqa: F401
-                                 read_config_file, split_config)
+from looplm.train_config import (DTYPES, HALTING_KEYS, TrainConfig, model_key_conflicts,  # noqa: F401
+                                 parse_args, read_config_file, split_config)
 
 METRICS_FIELDS = ("iter", "n_loops", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
 
@@ -106,6 +119,50 @@ def configure_optimizer(model: LoopGPT, cfg: TrainConfig, device_type: str) -> t
 # ---- files
 
 
+class LogError(ValueError):
+    """A log of the run in out_dir that cannot be read back: the file, the line, what is wrong."""
+
+
+def _read_records(path: Path, parse, header: Optional[str] = None) -> list[tuple[str, Any]]:
+    """The lines of a log (after its `header` line, checked) with what parse(line) makes of each (it
+    raises ValueError on a bad one). The last line, cut short by an interrupted write, is dropped
+    with a warning; a bad line before it is a LogError naming the file and line."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    if header is not None and numbered:
+        if numbered[0][1].strip() != header:
+            raise LogError(f"{path}, line {numbered[0][0]}: expected the header {header!r}, "
+                           f"got {numbered[0][1].strip()[:80]!r}")
+        numbered = numbered[1:]
+    out = []
+    for i, (n, line) in enumerate(numbered):
+        try:
+            out.append((line, parse(line)))
+        except (ValueError, KeyError, TypeError) as e:
+            if i < len(numbered) - 1:
+                raise LogError(f"{path}, line {n}: corrupt record ({e}); repair or remove that line to resume") from None
+            warn(f"{path}: dropped its last record (line {n}), cut short by an interrupted write")
+    return out
+
+
+def _log_record(line: str) -> dict[str, Any]:
+    record = json.loads(line)
+    if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
+        raise ValueError("not an object with an integer 'iter'")
+    return record
+
+
+def _metrics_row(line: str) -> dict[str, str]:
+    values = next(csv.reader([line]))
+    if len(values) != len(METRICS_FIELDS):
+        raise ValueError(f"{len(values)} fields where the header has {len(METRICS_FIELDS)}")
+    row = dict(zip(METRICS_FIELDS, values))
+    int(row["iter"])
+    for field in METRICS_FIELDS[1:]:
+        float(row[field])
+    return row
+
+
 class RunLog:
     """log.jsonl (every record) and metrics.csv (one row per evaluation) in out_dir."""
 
@@ -118,15 +175,12 @@ class RunLog:
             self._truncate(resume_iter)
 
     def _truncate(self, resume_iter: int) -> None:
-        records = [line for line in self.jsonl.read_text().splitlines()
-                   if line and json.loads(line)["iter"] <= resume_iter] if self.jsonl.exists() else []
-        atomic_write_text(self.jsonl, "".join(line + "\n" for line in records))
-        rows = list(csv.DictReader(io.StringIO(self.csv.read_text()))) if self.csv.exists() else []
-        out = io.StringIO()
-        writer = csv.DictWriter(out, METRICS_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(r for r in rows if int(r["iter"]) <= resume_iter)
-        atomic_write_text(self.csv, out.getvalue())
+        """Both logs are read and checked before either is rewritten."""
+        records = _read_records(self.jsonl, _log_record) if self.jsonl.exists() else []
+        rows = _read_records(self.csv, _metrics_row, ",".join(METRICS_FIELDS)) if self.csv.exists() else []
+        atomic_write_text(self.jsonl, "".join(line + "\n" for line, record in records if record["iter"] <= resume_iter))
+        atomic_write_text(self.csv, ",".join(METRICS_FIELDS) + "\n" +
+                          "".join(line + "\n" for line, row in rows if int(row["iter"]) <= resume_iter))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.jsonl, "a") as f:
@@ -134,6 +188,110 @@ class RunLog:
         if record["kind"] == "eval":
             with open(self.csv, "a", newline="") as f:
                 csv.DictWriter(f, METRICS_FIELDS, extrasaction="ignore", lineterminator="\n").writerow(record)
+
+
+# ---- a run's out_dir
+
+LOG_FILES = ("log.jsonl", "metrics.csv")
+CHECKPOINTS = ("last", "best")
+REPORT_FILE = "report.txt"
+
+
+def run_files(out_dir: Path) -> list[str]:
+    """What of a run out_dir holds: its logs and checkpoints (or a checkpoint's backup)."""
+    return [name for name in (*LOG_FILES, *CHECKPOINTS) if (out_dir / name).exists()
+            or (name in CHECKPOINTS and backup_path(out_dir / name).exists())]
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """A new run does not write over another run's results unless told to."""
+    out_dir = Path(cfg.out_dir)
+    if cfg.init_from == "resume" or cfg.overwrite:
+        return
+    found = run_files(out_dir)
+    if found:
+        raise ConfigError(f"out_dir {str(out_dir)!r} already holds a run ({', '.join(found)}); resume it with "
+                          f"--init_from=resume, or pass --overwrite=True to replace it")
+
+
+def prepare_out_dir(cfg: TrainConfig) -> None:
+    """out_dir made, the run there removed when overwriting, and what interrupted writes left removed."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:
+        for name in CHECKPOINTS:
+            for path in (out_dir / name, backup_path(out_dir / name)):
+                shutil.rmtree(path, ignore_errors=True)
+        for name in (*LOG_FILES, REPORT_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+    for name in CHECKPOINTS:
+        remove_stale_saves(out_dir / name)
+    for name in (*LOG_FILES, REPORT_FILE):
+        remove_stale_temps(out_dir / name)
+
+
+# ---- resuming
+
+TRAIN_STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "optimizer": (dict,), "scaler": (dict,), "iter_num": (int,), "best_val_loss": (int, float),
+    "elapsed_s": (int, float), "history": (list,), "torch_rng": (Tensor,), "batch_rng": (Tensor,)}
+
+
+def check_resume_settings(cfg: TrainConfig, model_keys: dict[str, Any], checkpoint: Path) -> None:
+    """The settings of a resumed run do not contradict the checkpoint: its model keys and its task
+    are the checkpoint's (training knobs may change)."""
+    doc = read_checkpoint_doc(checkpoint)
+    conflicts = model_key_conflicts(read_config(checkpoint), model_keys)
+    saved_task = doc.get("metadata", {}).get("task", {})
+    given_task = json.loads(json.dumps(task_metadata(cfg)))  # tuples as the record's lists
+    conflicts.update({k: (saved_task[k], v) for k, v in given_task.items()
+                      if k in saved_task and k != "data_dir" and saved_task[k] != v})
+    if conflicts:
+        found = ", ".join(f"{k}={saved!r} there, {given!r} given" for k, (saved, given) in conflicts.items())
+        raise ConfigError(f"init_from=resume continues {checkpoint} as saved ({found}); drop the override, or "
+                          f"start a new run (init_from=<checkpoint> fine-tunes one)")
+
+
+def check_train_state(state: dict[str, Any], checkpoint: Path, model: LoopGPT,
+                      optimizer: torch.optim.Optimizer) -> None:
+    """The train state belongs to the checkpoint beside it: its fields, its iteration and config as
+    config.json records them, and an optimizer state shaped as the model's parameters."""
+    state_file = checkpoint / TRAIN_STATE_FILE
+    for field, kinds in TRAIN_STATE_FIELDS.items():
+        if field not in state:
+            raise CheckpointError(f"{state_file}: no field {field!r}; it is not a train state written by looplm.train")
+        if not isinstance(state[field], kinds) or isinstance(state[field], bool):
+            raise CheckpointError(f"{state_file}: field {field!r} must be {' or '.join(k.__name__ for k in kinds)}, "
+                                  f"got {type(state[field]).__name__}")
+    doc = read_checkpoint_doc(checkpoint)
+    config_file = checkpoint / CONFIG_FILE
+    recorded = doc.get("metadata", {}).get("iter_num")
+    if recorded is not None and state["iter_num"] != recorded:
+        raise CheckpointError(f"{state_file}: field 'iter_num' is {state['iter_num']} but {config_file} records "
+                              f"iter_num {recorded}; the train state is from another run or save")
+    saved_config = state.get("looplm_config")
+    if saved_config is not None and saved_config != doc["looplm_config"]:
+        keys = sorted(k for k in set(saved_config) | set(doc["looplm_config"])
+                      if saved_config.get(k) != doc["looplm_config"].get(k))
+        raise CheckpointError(f"{state_file}: field 'looplm_config' differs from {config_file}'s in {keys}; the "
+                              f"train state is from another run")
+    saved = state["optimizer"]
+    groups = saved.get("param_groups")
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if (not isinstance(groups, list) or not isinstance(saved.get("state"), dict)
+            or [len(g.get("params", ())) for g in groups] != sizes):
+        found = [len(g.get("params", ())) for g in groups] if isinstance(groups, list) else groups
+        raise CheckpointError(f"{state_file}: field 'optimizer' holds parameter groups of sizes {found}; this "
+                              f"model's optimizer has {sizes}")
+    names = {id(p): name for name, p in model.named_parameters()}
+    for saved_group, group in zip(groups, optimizer.param_groups):
+        for key, param in zip(saved_group["params"], group["params"]):
+            for name, value in saved["state"].get(key, {}).items():
+                if isinstance(value, Tensor) and value.dim() and value.shape != param.shape:
+                    raise CheckpointError(
+                        f"{state_file}: field 'optimizer' holds {name} of shape {tuple(value.shape)} for "
+                        f"{names[id(param)]}, which is {tuple(param.shape)} in {config_file}'s model; the train "
+                        f"state is from another model")
 
 
 # ---- training
@@ -215,6 +373,7 @@ def build_model(cfg: TrainConfig, model_keys: dict[str, Any], vocab_size: int) -
 def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> TrainResult:
     """Run training as configured; returns the trained model (best checkpoint's weights are on disk)."""
     model_keys = dict(model_keys or {})
+    check_out_dir(cfg)  # before any process of a DDP run writes
     device = resolve_device(cfg.device)
     ddp = _setup_distributed(device)
     if ddp.enabled and device.startswith("cuda"):
@@ -227,7 +386,7 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
     out_dir = Path(cfg.out_dir)
     last_dir, best_dir = out_dir / "last", out_dir / "best"
     if ddp.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_out_dir(cfg)
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -241,6 +400,8 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
     else:
         source_config = read_config(last_dir if cfg.init_from == "resume" else cfg.init_from)
         block_size, n_positions = source_config.block_size, source_config.n_positions
+    if cfg.init_from == "resume":
+        check_resume_settings(cfg, model_keys, last_dir)
     task = make_task(cfg, block_size, n_positions)
 
     if cfg.init_from == "resume":
@@ -263,7 +424,8 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
     optimizer = configure_optimizer(model, cfg, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     iter_num, best_val_loss, elapsed_before, history = 0, math.inf, 0.0, []
-    if state is not None:
+    if state is not None:  # checked against the checkpoint before anything (the logs first) is changed
+        check_train_state(state, checkpoint_dir(last_dir), model, optimizer)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         iter_num, best_val_loss, elapsed_before = state["iter_num"], state["best_val_loss"], state["elapsed_s"]
@@ -312,7 +474,7 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
             best_val_loss=best_val_loss, elapsed_s=elapsed_before + time.perf_counter() - start,
             history=history, torch_rng=torch.get_rng_state(), batch_rng=batch_rng_state,
             cuda_rng=torch.cuda.get_rng_state_all() if device_type == "cuda" else None,
-            train_config=asdict(cfg)) if with_state else None
+            train_config=asdict(cfg), looplm_config=model.config.to_dict()) if with_state else None
         save_checkpoint(model, path, metadata={"iter_num": iter_num, "task": task_metadata(cfg)},
                         train_state=train_state)
 

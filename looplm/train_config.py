@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import difflib
 import runpy
+import traceback
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -23,6 +24,8 @@ from looplm.data.addition import POSITIONS
 TASKS = ("shakespeare", "addition")
 LOSS_WEIGHTS = ("last", "all", "ramp")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The model's keys: every LoopConfig field but vocab_size (the task's). A resumed run keeps the
+# checkpoint's (model_key_conflicts); a fine-tuning run may change HALTING_KEYS only.
 MODEL_KEYS = tuple(f.name for f in fields(LoopConfig) if f.name != "vocab_size")
 # Settings that change how a trained model halts, not its weights: a fine-tuning run may change them.
 HALTING_KEYS = ("halt", "halt_threshold", "halt_thresholds_after", "min_loops", "max_loops", "dropout")
@@ -35,6 +38,7 @@ class TrainConfig:
     data_dir: str = "out/data"
     task: str = "shakespeare"
     init_from: str = "scratch"  # scratch | resume (out_dir/last) | a checkpoint directory to fine-tune
+    overwrite: bool = False  # a new run may replace the run already in out_dir (its logs and checkpoints)
     seed: int = 1337
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on a GPU that has it, else float32
@@ -114,7 +118,19 @@ class TrainConfig:
                 raise ConfigError(f"loop_curriculum must hold loop counts >= 1, got {self.loop_curriculum!r}")
         if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
             raise ConfigError(f"beta1 and beta2 must be in [0, 1), got {self.beta1!r}, {self.beta2!r}")
+        if self.overwrite and self.init_from == "resume":
+            raise ConfigError("overwrite=True replaces the run in out_dir and init_from='resume' continues it; "
+                              "choose one")
 
+
+def model_key_conflicts(saved: LoopConfig, model_keys: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved value, given value)} for each model key given that `saved` does not have; values
+    compared as LoopConfig holds them (max_loops=None is n_loops, token ids of thresholds as ints)."""
+    try:
+        given = LoopConfig.from_dict({**saved.to_dict(), **model_keys})
+    except (ConfigError, TypeError):  # the given keys do not make a config with the saved ones: compare as given
+        return {k: (getattr(saved, k), v) for k, v in model_keys.items() if getattr(saved, k) != v}
+    return {k: (getattr(saved, k), getattr(given, k)) for k in model_keys if getattr(given, k) != getattr(saved, k)}
 
 
 def parse_args(argv: list[str]) -> tuple[TrainConfig, dict[str, Any]]:
@@ -132,9 +148,19 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict[str, Any]]:
 
 
 def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
+    """The settings a config file assigns. A file that does not run is one ConfigError naming the
+    file and line."""
     if not Path(path).is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    namespace = runpy.run_path(str(path))
+    try:
+        namespace = runpy.run_path(str(path))
+    except SyntaxError as e:
+        raise ConfigError(f"{e.filename or path}:{e.lineno}: {e.msg} (a config file is Python assignments, "
+                          f"e.g. batch_size = 12)") from None
+    except Exception as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == Path(path)]
+        line = f":{frames[-1].lineno}" if frames else ""
+        raise ConfigError(f"{path}{line}: {type(e).__name__}: {e}") from None
     return {k: v for k, v in namespace.items() if not k.startswith("_")
             and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
 

@@ -208,7 +208,7 @@ def test_curriculum_and_random_depth_set_the_loops_per_batch(tmp_path):
     loops = [json.loads(line)["n_loops"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert loops == [1, 1, 2, 2, 3, 3]
-    cfg, model_keys = tiny_run(tmp_path, max_iters=8, random_depth=True)
+    cfg, model_keys = tiny_run(tmp_path, max_iters=8, random_depth=True, overwrite=True)
     train(cfg, model_keys)
     loops = {json.loads(line)["n_loops"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()}
     assert len(loops) > 1 and loops <= {1, 2, 3}

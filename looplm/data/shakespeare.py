@@ -76,14 +76,29 @@ def load_tokenizer(data_dir: PathLike) -> CharTokenizer:
     meta_path = Path(data_dir) / "shakespeare_char" / "meta.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} is missing; run looplm.data.shakespeare.prepare({str(data_dir)!r})")
-    return CharTokenizer(json.loads(meta_path.read_text())["chars"])
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is corrupt: {e}; remove {meta_path.parent} to prepare the data again") from None
+    chars = meta.get("chars") if isinstance(meta, dict) else None
+    if not isinstance(chars, str) or not chars:
+        raise ValueError(f"{meta_path}: field 'chars' (the vocabulary, a string) is missing or not a string; "
+                         f"remove {meta_path.parent} to prepare the data again")
+    return CharTokenizer(chars)
 
 
 def tokens(data_dir: PathLike, split: str) -> np.memmap:
     """The token ids of a split, memory-mapped read-only."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return np.memmap(Path(data_dir) / "shakespeare_char" / f"{split}.bin", dtype=np.uint16, mode="r")
+    path = Path(data_dir) / "shakespeare_char" / f"{split}.bin"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run looplm.data.shakespeare.prepare({str(data_dir)!r})")
+    size = path.stat().st_size
+    if size == 0 or size % np.dtype(np.uint16).itemsize:
+        raise ValueError(f"{path} is {'empty' if size == 0 else 'cut short'} ({size} bytes of uint16 token ids); "
+                         f"remove {path.parent} to prepare the data again")
+    return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
@@ -106,6 +121,11 @@ class ShakespeareTask:
         self.tokenizer = prepare(data_dir)
         self.block_size = block_size
         self.splits = {split: tokens(data_dir, split) for split in SPLITS}
+        for split, data in self.splits.items():  # ids past the vocabulary would index past the embedding
+            if int(data.max()) >= self.vocab_size:
+                raise ValueError(f"{Path(data_dir) / 'shakespeare_char' / f'{split}.bin'} holds token id "
+                                 f"{int(data.max())}, outside meta.json's vocabulary of {self.vocab_size}; remove "
+                                 f"{Path(data_dir) / 'shakespeare_char'} to prepare the data again")
 
     @property
     def vocab_size(self) -> int:
