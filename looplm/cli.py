@@ -46,7 +46,8 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Se
             prog: Optional[str] = None) -> None:
     """Call main(argv) and exit: 0 (or main's int) on success, 2 with one line on bad input."""
     global _prog
-    prog = _prog = prog or os.path.basename(sys.argv[0]) or "looplm"
+    prog = prog or os.path.basename(sys.argv[0]) or "looplm"
+    outer, _prog = _prog, prog
     try:
         result = main(argv)
     except KeyboardInterrupt:
@@ -58,4 +59,6 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Se
         for line in message[1:]:
             print(f"  {line}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        _prog = outer
     sys.exit(result if isinstance(result, int) else 0)
