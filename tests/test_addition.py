@@ -4,8 +4,8 @@ import torch
 
 from looplm import LoopConfig, LoopGPT
 from looplm.data.addition import END, IGNORE, PAD, AdditionTask, carry_chain, decode, sequence_length
-from looplm.eval_addition import Answer, DigitResult, depth_correlation, evaluate, format_table, parse_digits, \
-    summarize_by_carry
+from looplm.eval_addition import Answer, DigitResult, answer_problems, depth_correlation, evaluate, format_table, \
+    parse_digits, summarize_by_carry
 
 
 STEPS = 600
@@ -218,3 +218,34 @@ def test_summary_by_carry_chain():
                Answer(5, 5, "11;", False, [2, 2]), Answer(95, 5, "100;", False, [1, 2, 6])]
     rows = [(r.carry_chain, r.problems, r.accuracy, r.mean_steps, r.max_steps) for r in summarize_by_carry(answers)]
     assert rows == [(0, 1, 1.0, 1.0, 1), (1, 1, 0.0, 2.0, 2), (2, 1, 0.0, 3.0, 6), (3, 1, 1.0, 2.5, 3)]
+
+
+@pytest.mark.parametrize("reverse", [True, False])
+def test_answers_of_mixed_widths_in_one_batch_are_scored_against_an_oracle(monkeypatch, reverse):
+    """One batch (one prompt length) holds answers of 2 and 3 digits. A model that writes each right
+    answer is scored right on every one, with loops counted on each answer's own tokens; one that
+    writes a wrong answer to one problem is scored wrong on that one only."""
+    task = small(reverse=reverse)
+    problems = [(12, 34), (99, 99), (10, 10), (55, 55), (21, 30), (5, 7), (1, 2)]
+    answers = {task.format(a, b)[0]: task.format(a, b)[1] for a, b in problems}
+    widths = {len(answers[task.format(a, b)[0]]) for a, b in problems if a >= 10}
+    assert widths == {3, 4}, "the test needs answers of two widths behind prompts of one length"
+    model = LoopGPT(LoopConfig(vocab_size=task.vocab_size, block_size=32, n_embd=16, n_head=2, n_loops=2)).eval()
+    wrong = task.format(55, 55)[0]
+
+    def oracle(prompts, max_new_tokens, **kwargs):
+        """Each prompt's answer (the wrong one's with its first digit changed), as many tokens as asked."""
+        rows = []
+        for prompt in prompts.tolist():
+            text = decode(prompt)
+            answer = answers[text] if text != wrong else str((int(answers[text][0]) + 1) % 10) + answers[text][1:]
+            written = (answer + ";" * max_new_tokens)[:max_new_tokens]
+            rows.append(prompt + task.encode(written))
+        return torch.tensor(rows)
+    monkeypatch.setattr(model, "generate", oracle)
+    results = answer_problems(model, task, problems)
+    assert [(r.a, r.b) for r in results] == problems
+    assert [r.correct for r in results] == [task.format(a, b)[0] != wrong for a, b in problems]
+    for r in results:
+        assert r.text == answers[task.format(r.a, r.b)[0]] or task.format(r.a, r.b)[0] == wrong
+        assert len(r.steps) == task.written_length(answers[task.format(r.a, r.b)[0]]) and set(r.steps) == {2}
