@@ -3,6 +3,7 @@ option, an out-of-range value) with one line on stderr (and, where the message n
 items indented below) and exit status 2, never a traceback."""
 from __future__ import annotations
 
+import json
 import runpy
 import sys
 import warnings
@@ -18,7 +19,9 @@ from looplm.cli import run_cli
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A good checkpoint and a corrupt one (its weights cut short)."""
+    """A good checkpoint; a corrupt one (its weights cut short, the digest forgotten, as before digests
+    were recorded); a rotten one (one bit of its weights flipped); one whose config.json has an
+    ill-typed field; a missing one; and a config file that does not parse."""
     root = tmp_path_factory.mktemp("ckpts")
     torch.manual_seed(0)
     config = LoopConfig(vocab_size=65, block_size=16, n_embd=16, n_head=2, n_loops=2)
@@ -26,7 +29,19 @@ def checkpoints(tmp_path_factory):
     corrupt = save_checkpoint(LoopGPT(config), root / "corrupt")
     weights = corrupt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:64])
-    return good, corrupt, root / "missing"
+    doc = json.loads((corrupt / "config.json").read_text())
+    del doc["sha256"]
+    (corrupt / "config.json").write_text(json.dumps(doc))
+    rotten = save_checkpoint(LoopGPT(config), root / "rotten", metadata={"task": {"task": "shakespeare"}})
+    data = bytearray((rotten / "model.safetensors").read_bytes())
+    data[-1] ^= 0x04
+    (rotten / "model.safetensors").write_bytes(bytes(data))
+    badmeta = save_checkpoint(LoopGPT(config), root / "badmeta")
+    doc = json.loads((badmeta / "config.json").read_text())
+    (badmeta / "config.json").write_text(json.dumps({**doc, "metadata": "x"}))
+    syntax = root / "syntax.py"
+    syntax.write_text("batch_size = 4\nn_loops = (\n")
+    return dict(good=good, corrupt=corrupt, missing=root / "missing", rotten=rotten, badmeta=badmeta, syntax=syntax)
 
 
 def refusal(main, argv, capsys, prog):
@@ -41,8 +56,11 @@ def refusal(main, argv, capsys, prog):
     return err
 
 
-CASES = {  # CLI -> [(argv with {good}, {corrupt}, {missing} to fill in, what the line must say)]
+CASES = {  # CLI -> [(argv with the checkpoints' {names} to fill in, what the line must say)]
     "train": [
+        (["{syntax}"], "syntax.py:2: '(' was never closed"),
+        (["--init_from={rotten}", "--block_size=16", "--n_embd=16", "--n_head=2", "--n_loops=2"],
+         "rotten/model.safetensors is damaged or another checkpoint's"),
         (["--init_from={missing}"], "does not exist"),
         (["--init_from={corrupt}", "--block_size=16", "--n_embd=16", "--n_head=2", "--n_loops=2"],
          "model.safetensors is corrupt"),
@@ -52,6 +70,8 @@ CASES = {  # CLI -> [(argv with {good}, {corrupt}, {missing} to fill in, what th
     ],
     "sample": [
         (["{missing}"], "does not exist"),
+        (["{rotten}"], "rotten/model.safetensors is damaged or another checkpoint's"),
+        (["{badmeta}"], "badmeta/config.json: field 'metadata' must be an object, got 'x'"),
         (["{corrupt}"], "model.safetensors is corrupt"),
         (["{good}", "--num_samples", "three"], "argument --num_samples: invalid int value: 'three'"),
         (["{good}", "--temperature", "-1", "--max_new_tokens", "2", "--num_samples", "1"],
@@ -62,6 +82,7 @@ CASES = {  # CLI -> [(argv with {good}, {corrupt}, {missing} to fill in, what th
     ],
     "eval_addition": [
         (["{missing}"], "does not exist"),
+        (["{badmeta}"], "badmeta/config.json: field 'metadata' must be an object, got 'x'"),
         (["{corrupt}"], "config.json does not hold|not trained on addition"),
         (["{good}", "--max-loops", "many"], "argument --max-loops: invalid int value: 'many'"),
         (["{good}", "--digits", "0-3"], "digit counts must be >= 1"),
@@ -83,8 +104,7 @@ MAINS = {"train": train.main, "sample": sample.main, "eval_addition": eval_addit
                          ids=[f"{cli}-{i}" for cli, cases in CASES.items() for i in range(len(cases))])
 def test_bad_input_is_one_line_and_exit_2(cli, argv, message, checkpoints, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # train's out_dir and data_dir default to relative paths
-    good, corrupt, missing = checkpoints
-    argv = [a.format(good=good, corrupt=corrupt, missing=missing) for a in argv]
+    argv = [a.format(**checkpoints) for a in argv]
     err = refusal(MAINS[cli], argv, capsys, f"looplm.{cli}")
     assert any(m in err for m in message.split("|")), err
 
