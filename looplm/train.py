@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import csv
-import io
 import json
 import math
 import os
@@ -140,7 +139,8 @@ def _read_records(path: Path, parse, header: Optional[str] = None) -> list[tuple
             out.append((line, parse(line)))
         except (ValueError, KeyError, TypeError) as e:
             if i < len(numbered) - 1:
-                raise LogError(f"{path}, line {n}: corrupt record ({e}); repair or remove that line to resume") from None
+                raise LogError(f"{path}, line {n}: corrupt record ({e}); repair or remove that line to "
+                               f"resume") from None
             warn(f"{path}: dropped its last record (line {n}), cut short by an interrupted write")
     return out
 

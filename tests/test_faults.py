@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +27,7 @@ import torch
 from looplm import ConfigError, LoopConfig, LoopGPT
 from looplm import checkpoint as ckpt_module
 from looplm import fileio
-from looplm.checkpoint import (CheckpointError, CheckpointWriteError, backup_path, load_checkpoint,
-                               load_train_state, save_checkpoint)
+from looplm.checkpoint import CheckpointWriteError, load_checkpoint, load_train_state, save_checkpoint
 from looplm.cli import run_cli
 from looplm.train import LogError, main, train
 from tests.test_train import tiny_run
