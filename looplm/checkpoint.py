@@ -176,7 +176,7 @@ def read_config(path: Union[str, Path]) -> LoopConfig:
     doc = read_checkpoint_doc(path)
     try:
         return LoopConfig.from_dict(doc["looplm_config"])
-    except (KeyError, TypeError, ConfigError) as e:
+    except (KeyError, TypeError, ValueError) as e:  # ValueError: ConfigError, or a token id that is no integer
         raise CheckpointError(f"{checkpoint_dir(path) / CONFIG_FILE} does not hold a valid LoopConfig: {e}") from e
 
 

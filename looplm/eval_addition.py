@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Union
 import torch
 from tabulate import tabulate
 
-from looplm.checkpoint import load_checkpoint, read_checkpoint_doc, read_config
+from looplm.checkpoint import CONFIG_FILE, checkpoint_dir, load_checkpoint, read_checkpoint_doc, read_config
 from looplm.cli import ArgumentParser, run_cli
 from looplm.config import HALT_CRITERIA
 from looplm.data.addition import (LATER_FIELDS, RECORDED_FIELDS, AdditionTask, Problem, carry_chain, encode,
@@ -271,7 +271,11 @@ def task_from_checkpoint(path: Union[str, Path], test_digits: Optional[Sequence[
     fields = {field: meta[key] for key, field in RECORDED_FIELDS.items() if key in meta}
     if test_digits:
         fields["test_digits"] = test_digits
-    return AdditionTask(**fields, block_size=block_size, n_positions=n_positions)
+    try:
+        return AdditionTask(**fields, block_size=block_size, n_positions=n_positions)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{checkpoint_dir(path) / CONFIG_FILE}: field 'metadata.task' does not rebuild the task: "
+                         f"{e}") from None
 
 
 def parse_digits(text: str) -> list[int]:

@@ -206,6 +206,11 @@ def run_files(out_dir: Path) -> list[str]:
 def check_out_dir(cfg: TrainConfig) -> None:
     """A new run does not write over another run's results unless told to."""
     out_dir = Path(cfg.out_dir)
+    if cfg.overwrite and cfg.init_from not in ("scratch", "resume"):
+        source = Path(cfg.init_from).resolve()
+        if out_dir.resolve() in (source, *source.parents):
+            raise ConfigError(f"init_from={cfg.init_from!r} lies in out_dir {str(out_dir)!r}, which overwrite=True "
+                              f"removes first; fine-tune into another out_dir")
     if cfg.init_from == "resume" or cfg.overwrite:
         return
     found = run_files(out_dir)
@@ -263,6 +268,10 @@ def check_train_state(state: dict[str, Any], checkpoint: Path, model: LoopGPT,
         if not isinstance(state[field], kinds) or isinstance(state[field], bool):
             raise CheckpointError(f"{state_file}: field {field!r} must be {' or '.join(k.__name__ for k in kinds)}, "
                                   f"got {type(state[field]).__name__}")
+    for i, record in enumerate(state["history"]):
+        if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
+            raise CheckpointError(f"{state_file}: field 'history' item {i} is not an evaluation record with an "
+                                  f"integer 'iter'")
     doc = read_checkpoint_doc(checkpoint)
     config_file = checkpoint / CONFIG_FILE
     recorded = doc.get("metadata", {}).get("iter_num")

@@ -452,3 +452,31 @@ def test_the_write_error_names_the_checkpoint_when_nothing_was_there(tmp_path, m
         save_checkpoint(model, tmp_path / "ckpt")
     assert info.value.errno == errno.EACCES and isinstance(info.value, OSError)
     assert not list(tmp_path.iterdir())
+
+
+def test_overwrite_refuses_to_fine_tune_from_inside_the_run_it_removes(run_dir, tmp_path, capsys):
+    before = snapshot(run_dir)
+    err = cli_refusal(argv_of(tmp_path, init_from=run_dir / "last", overwrite=True), capsys)
+    assert f"init_from='{run_dir / 'last'}' lies in out_dir '{run_dir}', which overwrite=True removes first" in err
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("metadata", "task", "train_digits"), "x",
+     "config.json: field 'metadata.task' does not rebuild the task: train_digits must be digit counts"),
+    (("looplm_config", "halt_thresholds_after"), {"a": 1.0}, "config.json does not hold a valid LoopConfig"),
+])
+def test_ill_typed_checkpoint_fields_are_named_by_eval_addition(run_dir, capsys, path, value, message):
+    from looplm import eval_addition
+    config = run_dir / "best" / "config.json"
+    doc = json.loads(config.read_text())
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    config.write_text(json.dumps(doc))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(eval_addition.main, [str(run_dir / "best"), "--limit=1"], prog="looplm.eval_addition")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"looplm.eval_addition: error: {run_dir / 'best'}/{message}" in err
