@@ -47,9 +47,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from looplm.checkpoint import (CONFIG_FILE, TRAIN_STATE_FILE, CheckpointError, backup_path, checkpoint_dir,
-                               load_checkpoint,
-                               load_train_state, read_checkpoint_doc, read_config, remove_stale_saves,
-                               save_checkpoint)
+                               load_checkpoint, load_train_state, read_checkpoint_doc, read_config,
+                               remove_stale_saves, save_checkpoint)
 from looplm.cli import run_cli, warn
 from looplm.config import ConfigError, LoopConfig
 from looplm.data.addition import RECORDED_FIELDS, AdditionTask
@@ -178,7 +177,8 @@ class RunLog:
         """Both logs are read and checked before either is rewritten."""
         records = _read_records(self.jsonl, _log_record) if self.jsonl.exists() else []
         rows = _read_records(self.csv, _metrics_row, ",".join(METRICS_FIELDS)) if self.csv.exists() else []
-        atomic_write_text(self.jsonl, "".join(line + "\n" for line, record in records if record["iter"] <= resume_iter))
+        kept = [line for line, record in records if record["iter"] <= resume_iter]
+        atomic_write_text(self.jsonl, "".join(line + "\n" for line in kept))
         atomic_write_text(self.csv, ",".join(METRICS_FIELDS) + "\n" +
                           "".join(line + "\n" for line, row in rows if int(row["iter"]) <= resume_iter))
 
@@ -219,16 +219,18 @@ def check_out_dir(cfg: TrainConfig) -> None:
                           f"--init_from=resume, or pass --overwrite=True to replace it")
 
 
-def prepare_out_dir(cfg: TrainConfig) -> None:
-    """out_dir made, the run there removed when overwriting, and what interrupted writes left removed."""
-    out_dir = Path(cfg.out_dir)
+def remove_run(out_dir: Path) -> None:
+    """What overwrite=True replaces: the logs, checkpoints and report of the run in out_dir."""
+    for name in CHECKPOINTS:
+        for path in (out_dir / name, backup_path(out_dir / name)):
+            shutil.rmtree(path, ignore_errors=True)
+    for name in (*LOG_FILES, REPORT_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """out_dir made, and what interrupted writes left there removed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite:
-        for name in CHECKPOINTS:
-            for path in (out_dir / name, backup_path(out_dir / name)):
-                shutil.rmtree(path, ignore_errors=True)
-        for name in (*LOG_FILES, REPORT_FILE):
-            (out_dir / name).unlink(missing_ok=True)
     for name in CHECKPOINTS:
         remove_stale_saves(out_dir / name)
     for name in (*LOG_FILES, REPORT_FILE):
@@ -395,7 +397,7 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
     out_dir = Path(cfg.out_dir)
     last_dir, best_dir = out_dir / "last", out_dir / "best"
     if ddp.master:
-        prepare_out_dir(cfg)
+        prepare_out_dir(out_dir)
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -454,6 +456,8 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
     if cfg.compile:
         objective = torch.compile(objective)
         evaluator = objective if not ddp.enabled else torch.compile(evaluator)  # evaluation runs on one process
+    if ddp.master and cfg.overwrite:  # the run starts: only now is the old one removed
+        remove_run(out_dir)
     log = RunLog(out_dir, iter_num if state is not None else None) if ddp.master else None
 
     def progress_at(it: int, elapsed: float) -> float:

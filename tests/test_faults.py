@@ -480,3 +480,9 @@ def test_ill_typed_checkpoint_fields_are_named_by_eval_addition(run_dir, capsys,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"looplm.eval_addition: error: {run_dir / 'best'}/{message}" in err
+
+
+def test_overwrite_removes_the_old_run_only_once_the_new_one_starts(run_dir, tmp_path, capsys):
+    before = snapshot(run_dir)
+    err = cli_refusal(argv_of(tmp_path, overwrite=True, n_loops=0), capsys)
+    assert "n_loops must be an integer >= 1" in err and snapshot(run_dir) == before
