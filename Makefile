@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 .PHONY: demo test bench install clean
 
 demo: $(VENV)/.installed
-	$(PY) -m looplm.train configs/shakespeare_demo.py
+	$(PY) -m looplm.train configs/shakespeare_demo.py --overwrite=True  # the demo replaces its last run
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
