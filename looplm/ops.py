@@ -76,7 +76,9 @@ def halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: 
                 step: int, min_loops: int, max_loops: int) -> tuple[Tensor, Tensor, Tensor]:
     """One halting step for N tokens after loop `step` (1-based), out of place.
 
-    h, h_new (N, C); active (N,) bool; steps (N,) int32; score, threshold (N,) float32.
+    h, h_new (N, C) of one dtype (float32, float16 or bfloat16: the model's state); active (N,) bool;
+    steps (N,) int32; score, threshold (N,) float32 whatever the state's dtype (a bf16 model halts on
+    fp32 scores, so that rounding the score cannot move a decision). Every tensor on one device.
     Active tokens take h_new and count one more step; halted tokens keep h and their count.
     An active token halts when step >= max_loops, or when step >= min_loops and score < threshold.
     Returns (h, active, steps) as new tensors.
@@ -125,12 +127,34 @@ def check_kernel_dtype(op: str, name: str, t: Tensor) -> None:
         raise TypeError(f"{op}: {name} must be one of {KERNEL_DTYPES}, got {t.dtype}")
 
 
-def check_tensors(op: str, **tensors: Optional[Tensor]) -> None:
-    """Refuse tensors on different devices, or floating tensors of different dtypes, naming them."""
-    given = {name: t for name, t in tensors.items() if t is not None}
-    devices = {name: t.device for name, t in given.items()}
+def check_devices(op: str, **tensors: Optional[Tensor]) -> None:
+    """Refuse tensors on different devices, naming them."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {devices}")
+
+
+def check_tensors(op: str, **tensors: Optional[Tensor]) -> None:
+    """Refuse tensors on different devices, or floating tensors of different dtypes, naming them."""
+    check_devices(op, **tensors)
+    given = {name: t for name, t in tensors.items() if t is not None}
     dtypes = {name: t.dtype for name, t in given.items() if t.is_floating_point()}
     if len(set(dtypes.values())) > 1:
         raise ValueError(f"{op}: floating tensors must share one dtype, got {dtypes}")
+
+
+def check_halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tensor,
+                      threshold: Tensor) -> None:
+    """Refuse arguments outside `halt_update`'s contract, naming what was wrong and what is allowed:
+    the state pair shares one kernel dtype, the scores and thresholds are float32 beside it."""
+    check_devices("halt_update", h=h, h_new=h_new, active=active, steps=steps, score=score, threshold=threshold)
+    check_tensors("halt_update", h=h, h_new=h_new)  # the state pair shares one dtype; scores stay fp32
+    check_kernel_dtype("halt_update", "h", h)
+    if h.dim() != 2 or h_new.shape != h.shape:
+        raise ValueError(f"halt_update: h and h_new must both be (N, C), got {tuple(h.shape)} and "
+                         f"{tuple(h_new.shape)}")
+    n_tokens = h.shape[0]
+    for name, t, dtype in (("active", active, torch.bool), ("steps", steps, torch.int32),
+                           ("score", score, torch.float32), ("threshold", threshold, torch.float32)):
+        if t.shape != (n_tokens,) or t.dtype != dtype:
+            raise ValueError(f"halt_update: {name} must be ({n_tokens},) {dtype}, got {tuple(t.shape)} {t.dtype}")
