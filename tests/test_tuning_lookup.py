@@ -50,7 +50,8 @@ def test_precedence_exact_then_nearest_then_same_capability_then_default(tmp_pat
     assert find(lk, (16, 16), dtype="float32")["BLOCK_M"] == 2  # only a same-capability table has it
     assert "another GPU of the same compute capability" in caplog.text
     assert find(lk, (4096, 512), dtype="float16") is None  # only the H100 has it: never applied
-    assert [r.levelname for r in caplog.records if "RTX 5090" in r.getMessage()] == ["WARNING"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len([m for m in warnings if "RTX 5090" in m]) == 1, warnings
 
 
 def test_a_table_of_another_capability_never_applies(tmp_path, caplog):
@@ -137,3 +138,42 @@ def test_a_bug_in_the_lookup_is_raised_not_swallowed(on_gpu, monkeypatch):
     monkeypatch.setattr(ConfigLookup, "find", buggy)
     with pytest.raises(AttributeError, match="no attribute 'bucket'"):
         tuning.lookup_config("triton", "layer_norm", torch.float32, (8, 8), DEFAULT)
+
+
+SHIPPED_H200 = table.PACKAGE_TABLES / "h200.json"
+
+
+def test_the_shipped_h200_table_records_where_it_came_from():
+    shipped = table.load(SHIPPED_H200)
+    assert shipped["device"] == {"name": "NVIDIA H200", "capability": [9, 0]}
+    provenance = shipped["provenance"]
+    for field in ("source", "date", "gpu", "toolchain", "partial", "command"):
+        assert provenance.get(field), field
+    assert provenance["toolchain"]["triton"] == shipped["runs"][0]["versions"]["triton"]
+    assert {e["backend"] for e in shipped["entries"]} == {"triton"} and len(shipped["entries"]) == 6
+
+
+def test_an_h100_without_a_table_uses_the_h200_table_with_one_warning(caplog):
+    """Same architecture (sm_90): the H200's measured configs apply to an H100, said once; the
+    launches it has no entry for take the nearest bucket, still without another warning."""
+    caplog.set_level(logging.INFO, logger="tuning")
+    shipped = table.load(SHIPPED_H200)
+    lk = ConfigLookup(H100, [SHIPPED_H200])
+    for e in shipped["entries"]:
+        config = lk.find(e["backend"], e["kernel"], e["dtype"], tuple(e["shape"]), e["best"]["config"])
+        assert config == e["best"]["config"], e["shape"]
+    first = shipped["entries"][0]
+    nearby = tuple(2 * d for d in first["shape"])
+    assert lk.find("triton", first["kernel"], first["dtype"], nearby, first["best"]["config"]) is not None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "NVIDIA H200" in warnings[0] and "9.0" in warnings[0], warnings
+
+
+@pytest.mark.parametrize("device", [Device("NVIDIA A100-SXM4-80GB", (8, 0)), Device("NVIDIA B200", (10, 0)),
+                                    RTX5070], ids=["sm_80", "sm_100", "sm_120"])
+def test_the_h200_table_never_applies_to_another_architecture(device, caplog):
+    caplog.set_level(logging.WARNING, logger="tuning")
+    lk = ConfigLookup(device, [SHIPPED_H200])
+    for e in table.load(SHIPPED_H200)["entries"]:
+        assert lk.find(e["backend"], e["kernel"], e["dtype"], tuple(e["shape"]), e["best"]["config"]) is None
+    assert "NVIDIA H200" not in caplog.text

@@ -3,9 +3,11 @@
 Precedence, for (backend, kernel, dtype, bucket of the shape):
   1. an entry of a table measured on this very device (user directory first, then shipped tables);
   2. the nearest bucket of such a table;
-  3. the same, from a table of another device with the same compute capability (logged as a warning);
-  4. the kernel's built-in default.
-Each fallback is logged once. A table that is corrupt, of a newer schema, or whose config does not
+  3. the same, from a table of another device with the same compute capability, i.e. the same
+     architecture (an H100 without a table of its own runs on the H200's; one warning says so);
+     a table of another architecture never applies;
+  4. the kernel's built-in default (its architecture's own where it has one).
+Each fallback is logged once (per-launch details at INFO). A table that is corrupt, of a newer schema, or whose config does not
 have the kernel's knobs is skipped with a warning: a launch never fails because of a table (a bug
 in the lookup itself is raised, not hidden). Tables are
 read once per process and every answer is cached, since kernels ask on every launch.
@@ -77,6 +79,7 @@ class ConfigLookup:
                 kin.append(table)
         self.own, self.kin = _index(own), _index(kin)
         self.kin_devices = sorted({t["device"]["name"] for t in kin})
+        self._kin_told = not own  # without a table of its own, the warning below says it once
         if not own:
             major, minor = device.capability
             _log_once(logging.WARNING, f"no tuning table measured on {device.name}; kernels use "
@@ -92,19 +95,26 @@ class ConfigLookup:
                                          "compute capability")):
             by_bucket = {b: c for b, c in index.get((backend, kernel, dtype), {}).items()
                          if self._fits(c, default, what, b)}
-            if want in by_bucket:
-                if index is self.kin:
-                    _log_once(logging.WARNING, f"{what}: using the config from {source}")
-                return by_bucket[want]
-            near = nearest_bucket(want, by_bucket)
-            if near is not None:
-                _log_once(logging.WARNING if index is self.kin else logging.INFO,
-                          f"{what}: no entry for bucket {format_shape(want)}; using nearest bucket "
+            near = want if want in by_bucket else nearest_bucket(want, by_bucket)
+            if near is None:
+                continue
+            if index is self.kin:
+                self._warn_kin_once(source)
+            if near == want:
+                _log_once(logging.INFO, f"{what}: using the config from {source}")
+            else:
+                _log_once(logging.INFO, f"{what}: no entry for bucket {format_shape(want)}; using nearest bucket "
                           f"{format_shape(near)} from {source}")
-                return by_bucket[near]
+            return by_bucket[near]
         if self.own or self.kin:
             _log_once(logging.INFO, f"{what}: not in the tuning tables; using the built-in default")
         return None
+
+    def _warn_kin_once(self, source: str) -> None:
+        """One warning per lookup when a table of another GPU of the same capability first fills a gap."""
+        if not self._kin_told:
+            self._kin_told = True
+            _log_once(logging.WARNING, f"the table of {self.device.name} lacks some launches; they use {source}")
 
     @staticmethod
     def _fits(config: Config, default: Config, what: str, at: tuple) -> bool:
