@@ -130,8 +130,9 @@ def op_variants(op: str, device: torch.device) -> dict[str, Callable]:
             fn = sdpa_with(name)
             if fn is not None:
                 variants[f"sdpa-{name}"] = fn
-    for backend in native_backends():
-        variants[backend] = get_backend(backend).ops[op]
+    for backend in native_backends():  # the kernel itself, even where a tuning table sends the op to PyTorch
+        fn = get_backend(backend).ops[op]
+        variants[backend] = getattr(fn, "__wrapped__", fn)
     return variants
 
 

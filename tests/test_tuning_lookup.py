@@ -7,6 +7,7 @@ import torch
 import tuning
 from tuning import lookup, table
 from tuning.lookup import ConfigLookup, Device
+from tuning.spec import TORCH_IMPL
 
 RTX5070 = Device("NVIDIA GeForce RTX 5070", (12, 0))
 RTX5090 = Device("NVIDIA GeForce RTX 5090", (12, 0))  # same capability, another GPU
@@ -177,3 +178,41 @@ def test_the_h200_table_never_applies_to_another_architecture(device, caplog):
     for e in table.load(SHIPPED_H200)["entries"]:
         assert lk.find(e["backend"], e["kernel"], e["dtype"], tuple(e["shape"]), e["best"]["config"]) is None
     assert "NVIDIA H200" not in caplog.text
+
+
+def torch_won(bucket, kernel="layer_norm"):
+    """An entry where the PyTorch op beat every kernel configuration (the tuner's TORCH_IMPL)."""
+    return {**entry(bucket, 0, kernel), "best": {"config": dict(TORCH_IMPL), "median_ms": 0.5},
+            "runners_up": [{"config": {"BLOCK_M": 16, "num_warps": 8}, "median_ms": 0.7}]}
+
+
+def test_where_pytorch_won_the_kernel_config_is_still_its_fastest_and_runs_torch_says_so(on_gpu):
+    user, _, _ = on_gpu
+    write(user / "rtx5070.json", RTX5070, [torch_won((4096, 512)), entry((64, 512), 1)])
+    assert lookup.runs_torch("triton", "layer_norm", torch.bfloat16, (4096, 384))
+    assert not lookup.runs_torch("triton", "layer_norm", torch.bfloat16, (64, 384))
+    assert not lookup.runs_torch("triton", "layer_norm", torch.float32, (4096, 384))  # no fp32 entry
+    # a launch that runs the kernel anyway (inside a fused block) takes the fastest kernel config measured
+    assert tuning.lookup_config("triton", "layer_norm", torch.bfloat16, (4096, 384), DEFAULT) == \
+        {"BLOCK_M": 16, "num_warps": 8}
+
+
+def test_a_kernel_op_calls_the_torch_op_where_the_table_says_pytorch_wins(on_gpu, monkeypatch):
+    """The backend runs the winner: the op sends the buckets PyTorch won to the "torch" backend's op."""
+    from looplm.backends import kernel_ops
+    from looplm.torch_ops import OPS as TORCH_OPS
+    user, _, _ = on_gpu
+    kernel_won = {**entry((4, 8), 1, kernel="halt_update"),
+                  "best": {"config": {"BLOCK_N": 4, "BLOCK_C": 8, "num_warps": 1}, "median_ms": 0.1}}
+    write(user / "rtx5070.json", RTX5070, [torch_won((64, 128), kernel="halt_update"), kernel_won])
+    calls = []
+    monkeypatch.setitem(TORCH_OPS, "halt_update", lambda *a, **k: calls.append(a[0].shape) or "torch")
+    triton_halt_update = kernel_ops("looplm_triton")["halt_update"]
+
+    def args(n, c):
+        state = torch.zeros(n, c, dtype=torch.bfloat16)  # the table's entry is for bf16 state, fp32 scores
+        return (state, state, torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.int32), torch.zeros(n),
+                torch.ones(n), 1, 1, 2)
+    assert triton_halt_update(*args(50, 100)) == "torch" and calls == [(50, 100)]  # bucket 64x128: PyTorch won
+    h, active, steps = triton_halt_update(*args(3, 8))  # a bucket a kernel config won: the kernel runs
+    assert torch.equal(steps, torch.ones(3, dtype=torch.int32)) and calls == [(50, 100)]

@@ -14,16 +14,17 @@ read once per process and every answer is cached, since kernels ask on every lau
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
 from tuning import table as tables
 from tuning.buckets import bucket, format_shape, nearest_bucket
-from tuning.spec import Config
+from tuning.spec import TORCH_IMPL, Config, KernelTuning, is_torch
 
 log = logging.getLogger("tuning")
 
@@ -47,8 +48,18 @@ def _log_once(level: int, message: str) -> None:
         log.log(level, message)
 
 
-# (backend, kernel, dtype) -> {bucket: config}, the first table listed winning a bucket
+# (backend, kernel, dtype) -> {bucket: config}, the first table listed winning a bucket. Where the
+# PyTorch op won, the config is TORCH_IMPL plus, under "kernel", the fastest kernel configuration
+# measured (for a launch that runs the kernel anyway, e.g. inside a fused block).
 Index = dict[tuple[str, str, str], dict[tuple[int, ...], Config]]
+
+
+def _winner(entry: dict) -> Config:
+    best = entry["best"]["config"]
+    if not is_torch(best):
+        return best
+    kernels = [r["config"] for r in entry.get("runners_up") or [] if not is_torch(r["config"])]
+    return {**TORCH_IMPL, "kernel": kernels[0] if kernels else None}
 
 
 def _index(loaded: Iterable[dict]) -> Index:
@@ -57,7 +68,7 @@ def _index(loaded: Iterable[dict]) -> Index:
         for e in table["entries"]:
             if e.get("best") is not None:
                 by_bucket = index.setdefault((e["backend"], e["kernel"], e["dtype"]), {})
-                by_bucket.setdefault(tuple(e["bucket"]), e["best"]["config"])
+                by_bucket.setdefault(tuple(e["bucket"]), _winner(e))
     return index
 
 
@@ -86,8 +97,8 @@ class ConfigLookup:
                       + (f"tables of {', '.join(self.kin_devices)} (same capability {major}.{minor}) where they can, "
                          "else " if kin else "") + "built-in defaults (python -m tuning.autotune --gpu NAME tunes them)")
 
-    def find(self, backend: str, kernel: str, dtype: str, shape: tuple, default: Config) -> Optional[Config]:
-        """The table config for this launch, or None for the default."""
+    def find(self, backend: str, kernel: str, dtype: str, shape: tuple, default: Optional[Config]) -> Optional[Config]:
+        """The table config for this launch, or None for the default (None: configs of any knobs)."""
         want = bucket(shape)
         what = f"{backend}/{kernel} {dtype} {format_shape(shape)}"
         for index, source in ((self.own, f"the table of {self.device.name}"),
@@ -117,8 +128,8 @@ class ConfigLookup:
             _log_once(logging.WARNING, f"the table of {self.device.name} lacks some launches; they use {source}")
 
     @staticmethod
-    def _fits(config: Config, default: Config, what: str, at: tuple) -> bool:
-        if set(config) == set(default):
+    def _fits(config: Config, default: Optional[Config], what: str, at: tuple) -> bool:
+        if default is None or is_torch(config) or set(config) == set(default):
             return True
         _log_once(logging.WARNING, f"{what}: table config {config} for bucket {format_shape(at)} has knobs "
                   f"{sorted(config)}, but the kernel has {sorted(default)}; ignoring it (re-run the autotune)")
@@ -145,12 +156,29 @@ def lookup_config(backend: str, kernel: str, dtype: Any, shape: tuple, default: 
     """The launch configuration for this kernel call; `default` when no table applies.
 
     Without CUDA this is `default` at once. `shape` is the kernel's shape key; `dtype` a torch dtype
-    or its name. Do not mutate the returned dict.
+    or its name. Where the table says the PyTorch op wins this bucket, this is still a kernel
+    configuration (the fastest one measured, else `default`): whether to launch the kernel at all is
+    `runs_torch`'s answer. Do not mutate the returned dict.
     """
+    config = _lookup(backend, kernel, dtype, shape, default)
+    if is_torch(config):
+        kernel_config = config.get("kernel")
+        return kernel_config if kernel_config and set(kernel_config) == set(default) else default
+    return config
+
+
+def runs_torch(backend: str, kernel: str, dtype: Any, shape: tuple) -> bool:
+    """Whether this GPU's table says the PyTorch op beats every configuration of the kernel for this
+    launch's bucket (then the backend calls the "torch" backend's op instead)."""
+    return is_torch(_lookup(backend, kernel, dtype, shape, None))
+
+
+def _lookup(backend: str, kernel: str, dtype: Any, shape: tuple, default: Optional[Config]) -> Optional[Config]:
+    """The table's config for this launch (default None: any knobs), else `default`."""
     if not _cuda_available():
         return default
     index = torch.cuda.current_device()
-    key = (index, backend, kernel, dtype, tuple(shape))
+    key = (index, backend, kernel, dtype, tuple(shape), None if default is None else tuple(sorted(default)))
     try:
         config = _answers[key]
     except KeyError:
@@ -173,3 +201,26 @@ def reset() -> None:
     _lookups.clear()
     _answers.clear()
     _logged.clear()
+
+
+def prefer_torch_where_tuned(op: str, kernel_op: Callable, tuning: Optional[KernelTuning]) -> Callable:
+    """`kernel_op` (a kernel backend's op `op`), sending each call whose bucket the table says PyTorch
+    wins to the "torch" backend's op instead. The one place a backend "runs the winner"; on a machine
+    without CUDA (or for an op without a tuning entry) this is `kernel_op` itself."""
+    if tuning is None or tuning.shape_key is None:
+        return kernel_op
+    from looplm.ops import SIGNATURES
+    from looplm.torch_ops import OPS as TORCH_OPS
+    torch_op, signature = TORCH_OPS[op], SIGNATURES[op]
+
+    @functools.wraps(kernel_op)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if _cuda_available():
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            first = bound.args[0]
+            if runs_torch(tuning.backend, tuning.kernel, first.dtype,
+                          tuple(int(d) for d in tuning.shape_key(*bound.args))):
+                return torch_op(*args, **kwargs)
+        return kernel_op(*args, **kwargs)
+    return run
