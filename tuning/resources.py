@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 from looplm.cli import CLIError, run_cli
 from looplm.fileio import atomic_write_text
-from tuning.buckets import MODEL_SHAPES
+from tuning.buckets import MODEL_SHAPES, ModelShape
 from tuning.gpus import ARCHS, COMPILE_TARGETS, occupancy, resource_problem, spilled_bytes
 
 GPU_MODEL = MODEL_SHAPES["shakespeare-gpt2"]  # the shakespeare model's dims with both vocabularies below
@@ -78,10 +78,10 @@ class Launch:
         return self.tuning.default_for(dtype, arch)
 
 
-def triton_launches() -> list[Launch]:
+def triton_launches(m: ModelShape = GPU_MODEL, vocabs: Sequence[int] = VOCABS) -> list[Launch]:
+    """Every distinct default launch of the Triton kernels in a forward pass of model shape `m`."""
     from looplm_triton import attention, halt_update, layer_norm, linear, softmax_entropy
 
-    m = GPU_MODEL
     rows, C, H = m.batch * m.context, m.n_embd, m.n_head
     out: list[Launch] = []
 
@@ -93,7 +93,7 @@ def triton_launches() -> list[Launch]:
     for name, shape, flags in (("qkv", (rows, 3 * C, C), {}), ("proj +residual", (rows, C, C), {"residual": True}),
                                ("fc +gelu", (rows, 4 * C, C), {"activation": "gelu"}),
                                ("fc2 +residual", (rows, C, 4 * C), {"residual": True}),
-                               *((f"lm_head V={v}", (rows, v, C), {}) for v in VOCABS)):
+                               *((f"lm_head V={v}", (rows, v, C), {}) for v in vocabs)):
         add(linear.TUNING, name, shape,
             lambda dt, arch, config, s=shape, f=flags: linear.compile_variant(s, dt, config, arch, **f))
     add(linear.LAYER_NORM_LINEAR_TUNING, "ln_2 + fc +gelu", (rows, C))
@@ -101,16 +101,16 @@ def triton_launches() -> list[Launch]:
     add(attention.TUNING, "causal", attention_shape)  # TMA on sm_90, pointers elsewhere
     add(attention.TUNING, "causal pointers", attention_shape,  # what views TMA cannot take run on
         lambda dt, arch, config, s=attention_shape: attention.compile_variant(s, dt, config, arch, False))
-    for v in VOCABS:
+    for v in vocabs:
         add(softmax_entropy.TUNING, f"V={v}", (rows, v))
     add(halt_update.TUNING, "", (rows, C))
     return out
 
 
-def tile_launches() -> list[Launch]:
+def tile_launches(m: ModelShape = GPU_MODEL, vocabs: Sequence[int] = VOCABS) -> list[Launch]:
+    """Every distinct default launch of the cuTile kernels in a forward pass of model shape `m`."""
     from looplm_tile import attention, halt_update, layer_norm, linear, runtime, softmax_entropy
 
-    m = GPU_MODEL
     rows, C, H = m.batch * m.context, m.n_embd, m.n_head
     kernels = {"layer_norm": layer_norm.layer_norm_kernel, "linear": linear.linear_kernel,
                "attention": attention.attention_kernel, "softmax_entropy": softmax_entropy.softmax_entropy_kernel,
@@ -129,10 +129,10 @@ def tile_launches() -> list[Launch]:
     add(linear, "proj +residual", (rows, C, C), has_residual=True)
     add(linear, "fc +gelu", (rows, 4 * C, C), gelu=True)
     add(linear, "fc2 +residual", (rows, C, 4 * C), has_residual=True)
-    for v in VOCABS:
+    for v in vocabs:
         add(linear, f"lm_head V={v}", (rows, v, C), has_bias=False)
     add(attention, "causal", (m.batch, H, m.context, m.context, C // H))
-    for v in VOCABS:
+    for v in vocabs:
         add(softmax_entropy, f"V={v}", (rows, v))
     add(halt_update, "", (rows, C))
     return out
