@@ -89,6 +89,9 @@ class ConfigLookup:
             elif tuple(table["device"]["capability"]) == tuple(device.capability):
                 kin.append(table)
         self.own, self.kin = _index(own), _index(kin)
+        # whether any bucket sends its launches to PyTorch: if none does, ops skip the question
+        self.torch_wins = any(is_torch(c) for index in (self.own, self.kin) for by_bucket in index.values()
+                              for c in by_bucket.values())
         self.kin_devices = sorted({t["device"]["name"] for t in kin})
         self._kin_told = not own  # without a table of its own, the warning below says it once
         if not own:
@@ -137,7 +140,7 @@ class ConfigLookup:
 
 
 _cuda: Optional[bool] = None
-_lookups: dict[int, ConfigLookup] = {}
+_lookups: dict[int, Optional[ConfigLookup]] = {}
 _answers: dict[tuple, Optional[Config]] = {}
 
 
@@ -182,16 +185,22 @@ def _lookup(backend: str, kernel: str, dtype: Any, shape: tuple, default: Option
     try:
         config = _answers[key]
     except KeyError:
-        try:
-            lookup = _lookups.get(index)
-            if lookup is None:
-                lookup = _lookups[index] = ConfigLookup(_device_info(index), tables.table_paths())
-            config = lookup.find(backend, kernel, dtype_name(dtype), tuple(shape), default)
-        except (tables.TableError, OSError, RuntimeError) as e:  # an unreadable table or device: never stop a launch
-            _log_once(logging.WARNING, f"tuning lookup failed ({type(e).__name__}: {e}); using built-in defaults")
-            config = None
+        lookup = _device_lookup(index)
+        config = None if lookup is None else lookup.find(backend, kernel, dtype_name(dtype), tuple(shape), default)
         _answers[key] = config
     return default if config is None else config
+
+
+def _device_lookup(index: int) -> Optional[ConfigLookup]:
+    """The tables of CUDA device `index`, loaded once; None if they cannot be read (warned once)."""
+    lookup = _lookups.get(index)
+    if lookup is None and index not in _lookups:
+        try:
+            lookup = ConfigLookup(_device_info(index), tables.table_paths())
+        except (tables.TableError, OSError, RuntimeError) as e:  # an unreadable table or device: never stop a launch
+            _log_once(logging.WARNING, f"tuning lookup failed ({type(e).__name__}: {e}); using built-in defaults")
+        _lookups[index] = lookup
+    return lookup
 
 
 def reset() -> None:
@@ -213,14 +222,22 @@ def prefer_torch_where_tuned(op: str, kernel_op: Callable, tuning: Optional[Kern
     from looplm.torch_ops import OPS as TORCH_OPS
     torch_op, signature = TORCH_OPS[op], SIGNATURES[op]
 
+    def shape_of(args: tuple, kwargs: dict) -> tuple:
+        try:  # a shape_key takes the op's own parameters, so the call's arguments as they came
+            return tuning.shape_key(*args, **kwargs)
+        except TypeError:  # one that needs every parameter positionally, as the tuner passes them
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return tuning.shape_key(*bound.args)
+
     @functools.wraps(kernel_op)
     def run(*args: Any, **kwargs: Any) -> Any:
         if _cuda_available():
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            first = bound.args[0]
-            if runs_torch(tuning.backend, tuning.kernel, first.dtype,
-                          tuple(int(d) for d in tuning.shape_key(*bound.args))):
-                return torch_op(*args, **kwargs)
+            lookup = _device_lookup(torch.cuda.current_device())
+            if lookup is not None and lookup.torch_wins:  # else no bucket of any kernel goes to PyTorch
+                first = args[0] if args else next(iter(kwargs.values()))
+                if runs_torch(tuning.backend, tuning.kernel, first.dtype,
+                              tuple(int(d) for d in shape_of(args, kwargs))):
+                    return torch_op(*args, **kwargs)
         return kernel_op(*args, **kwargs)
     return run
