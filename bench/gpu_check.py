@@ -171,8 +171,6 @@ def run_ops(device: torch.device, dtype: torch.dtype, budget: Budget, dry_run: b
             except Exception as error:  # one failing case must not lose the table
                 rows.append({"op": op, "case": case, "variant": "-", "error": f"{type(error).__name__}: {error}"})
                 continue
-            finally:
-                del args
             peers = [times[name] for name in times if name == "torch" or name.startswith("sdpa")]
             best_peer = min(peers)
             for name, seconds in times.items():

@@ -14,4 +14,5 @@ from reference.softmax_entropy import softmax_entropy
 
 OPS = {name: globals()[name] for name in OP_NAMES}  # the op set of looplm.ops, by name
 
-__all__ = ["OPS", *OPS]
+__all__ = ["OPS", "attention", "block", "halt_update", "layer_norm", "layer_norm_linear", "linear",
+           "softmax_entropy"]

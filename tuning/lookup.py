@@ -7,10 +7,12 @@ Precedence, for (backend, kernel, dtype, bucket of the shape):
      architecture (an H100 without a table of its own runs on the H200's; one warning says so);
      a table of another architecture never applies;
   4. the kernel's built-in default (its architecture's own where it has one).
-Each fallback is logged once (per-launch details at INFO). A table that is corrupt, of a newer schema, or whose config does not
-have the kernel's knobs is skipped with a warning: a launch never fails because of a table (a bug
-in the lookup itself is raised, not hidden). Tables are
-read once per process and every answer is cached, since kernels ask on every launch.
+Each fallback is logged once (per-launch details at INFO). A table that is corrupt, of a newer
+schema, or whose config does not have the kernel's knobs is skipped with a warning: a launch never
+fails because of a table (a bug in the lookup itself is raised, not hidden). Tables are read once
+per process and every answer is cached, since kernels ask on every launch. Where a table says the
+PyTorch op beat every kernel configuration for a bucket, `runs_torch` says so and the kernel
+backends call the PyTorch op there (`prefer_torch_where_tuned`).
 """
 from __future__ import annotations
 
