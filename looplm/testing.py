@@ -1,4 +1,5 @@
-"""Tolerances per dtype, the one table every parity test and check imports."""
+"""What every parity test and check imports: tolerances per dtype (one table), and where a backend's
+tests put their tensors (`device_for`), which dtypes it can be checked in here, and its skip."""
 from __future__ import annotations
 
 import torch
