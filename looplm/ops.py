@@ -118,6 +118,37 @@ def residual_branch(linear_op, x: Tensor, weight: Tensor, bias: Optional[Tensor]
     return linear_op(x, weight, bias, residual=residual)
 
 
+def kernel_block(layer_norm_linear_op, attention_into_op, linear_op, x: Tensor, weights: BlockWeights, n_head: int,
+                 dropout_p: float = 0.0) -> Tensor:
+    """`block` from a kernel backend's ops, in seven launches with no copies between them:
+
+        qkv = ln_1 + c_attn            layer_norm_linear (+ bias)
+        y   = attention(q, k, v)       q, k, v are strided head views of qkv; the heads are written
+                                       straight into a (B, T, C) buffer (no split, transpose or merge)
+        x   = x + c_proj(y)            linear, bias and residual in the epilogue
+        hid = gelu(ln_2 + c_fc)        layer_norm_linear (+ bias, GELU)
+        out = x + mlp.c_proj(hid)      linear, bias and residual in the epilogue
+
+    `attention_into_op(q, k, v, out, causal, scale)` writes into `out`. With dropout_p > 0 (training
+    without gradients) the residual adds move out of the epilogues (`residual_branch`)."""
+    check_kernel_dtype("block", "x", x)
+    check_tensors("block", x=x, **weights._asdict())
+    if x.dim() != 3 or x.shape[2] % n_head:
+        raise ValueError(f"block: x must be (B, T, C) with C divisible by n_head={n_head}, got {tuple(x.shape)}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"block: dropout_p must be in [0, 1], got {dropout_p}")
+    w = weights
+    B, T, C = x.shape
+    D = C // n_head
+    qkv = layer_norm_linear_op(x, w.ln1_w, w.ln1_b, w.attn_w, w.attn_b)  # (B, T, 3C)
+    q, k, v = qkv.view(B, T, 3, n_head, D).permute(2, 0, 3, 1, 4)  # three (B, H, T, D) strided views
+    y = torch.empty_like(x)
+    attention_into_op(q, k, v, y.view(B, T, n_head, D).transpose(1, 2), True, D ** -0.5)
+    x = residual_branch(linear_op, y, w.proj_w, w.proj_b, x, dropout_p)
+    hidden = layer_norm_linear_op(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")  # (B, T, 4C)
+    return residual_branch(linear_op, hidden, w.fc2_w, w.fc2_b, x, dropout_p)
+
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernel backends compute in
 
 
