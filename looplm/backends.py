@@ -155,6 +155,26 @@ def _from_module(module: str, attr: str) -> Callable:
     return call
 
 
+# Ops whose kernel lives in another op's module (it shares that module's tiles and epilogue).
+KERNEL_MODULE_OF = {"layer_norm_linear": "linear"}
+
+
+def kernel_ops(package: str) -> dict[str, Callable]:
+    """The op set of a kernel package ("looplm_triton", "looplm_tile"): op `name` is
+    `<package>.<module>.<name>` (the module is the op's own but for KERNEL_MODULE_OF). Each op whose
+    module tunes it (a `KernelTuning` of that kernel name) runs the PyTorch op instead wherever this
+    GPU's tuning table says PyTorch wins its bucket (`tuning.lookup.prefer_torch_where_tuned`)."""
+    from tuning.lookup import prefer_torch_where_tuned
+    from tuning.spec import KernelTuning
+
+    ops = {}
+    for name in OP_NAMES:
+        module = importlib.import_module(f"{package}.{KERNEL_MODULE_OF.get(name, name)}")
+        tuning = next((v for v in vars(module).values() if isinstance(v, KernelTuning) and v.kernel == name), None)
+        ops[name] = prefer_torch_where_tuned(name, getattr(module, name), tuning)
+    return ops
+
+
 def cuda_problem(min_capability: tuple[int, int] = (8, 0)) -> Optional[str]:
     """Why kernels cannot run natively on this machine's GPU, or None if they can (for probes)."""
     if not torch.cuda.is_available():

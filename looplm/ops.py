@@ -76,7 +76,9 @@ def halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: 
                 step: int, min_loops: int, max_loops: int) -> tuple[Tensor, Tensor, Tensor]:
     """One halting step for N tokens after loop `step` (1-based), out of place.
 
-    h, h_new (N, C); active (N,) bool; steps (N,) int32; score, threshold (N,) float32.
+    h, h_new (N, C) of one dtype (float32, float16 or bfloat16: the model's state); active (N,) bool;
+    steps (N,) int32; score, threshold (N,) float32 whatever the state's dtype (a bf16 model halts on
+    fp32 scores, so that rounding the score cannot move a decision). Every tensor on one device.
     Active tokens take h_new and count one more step; halted tokens keep h and their count.
     An active token halts when step >= max_loops, or when step >= min_loops and score < threshold.
     Returns (h, active, steps) as new tensors.
@@ -116,6 +118,37 @@ def residual_branch(linear_op, x: Tensor, weight: Tensor, bias: Optional[Tensor]
     return linear_op(x, weight, bias, residual=residual)
 
 
+def kernel_block(layer_norm_linear_op, attention_into_op, linear_op, x: Tensor, weights: BlockWeights, n_head: int,
+                 dropout_p: float = 0.0) -> Tensor:
+    """`block` from a kernel backend's ops, in seven launches with no copies between them:
+
+        qkv = ln_1 + c_attn            layer_norm_linear (+ bias)
+        y   = attention(q, k, v)       q, k, v are strided head views of qkv; the heads are written
+                                       straight into a (B, T, C) buffer (no split, transpose or merge)
+        x   = x + c_proj(y)            linear, bias and residual in the epilogue
+        hid = gelu(ln_2 + c_fc)        layer_norm_linear (+ bias, GELU)
+        out = x + mlp.c_proj(hid)      linear, bias and residual in the epilogue
+
+    `attention_into_op(q, k, v, out, causal, scale)` writes into `out`. With dropout_p > 0 (training
+    without gradients) the residual adds move out of the epilogues (`residual_branch`)."""
+    check_kernel_dtype("block", "x", x)
+    check_tensors("block", x=x, **weights._asdict())
+    if x.dim() != 3 or x.shape[2] % n_head:
+        raise ValueError(f"block: x must be (B, T, C) with C divisible by n_head={n_head}, got {tuple(x.shape)}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"block: dropout_p must be in [0, 1], got {dropout_p}")
+    w = weights
+    B, T, C = x.shape
+    D = C // n_head
+    qkv = layer_norm_linear_op(x, w.ln1_w, w.ln1_b, w.attn_w, w.attn_b)  # (B, T, 3C)
+    q, k, v = qkv.view(B, T, 3, n_head, D).permute(2, 0, 3, 1, 4)  # three (B, H, T, D) strided views
+    y = torch.empty_like(x)
+    attention_into_op(q, k, v, y.view(B, T, n_head, D).transpose(1, 2), True, D ** -0.5)
+    x = residual_branch(linear_op, y, w.proj_w, w.proj_b, x, dropout_p)
+    hidden = layer_norm_linear_op(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")  # (B, T, 4C)
+    return residual_branch(linear_op, hidden, w.fc2_w, w.fc2_b, x, dropout_p)
+
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernel backends compute in
 
 
@@ -125,12 +158,34 @@ def check_kernel_dtype(op: str, name: str, t: Tensor) -> None:
         raise TypeError(f"{op}: {name} must be one of {KERNEL_DTYPES}, got {t.dtype}")
 
 
-def check_tensors(op: str, **tensors: Optional[Tensor]) -> None:
-    """Refuse tensors on different devices, or floating tensors of different dtypes, naming them."""
-    given = {name: t for name, t in tensors.items() if t is not None}
-    devices = {name: t.device for name, t in given.items()}
+def check_devices(op: str, **tensors: Optional[Tensor]) -> None:
+    """Refuse tensors on different devices, naming them."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {devices}")
+
+
+def check_tensors(op: str, **tensors: Optional[Tensor]) -> None:
+    """Refuse tensors on different devices, or floating tensors of different dtypes, naming them."""
+    check_devices(op, **tensors)
+    given = {name: t for name, t in tensors.items() if t is not None}
     dtypes = {name: t.dtype for name, t in given.items() if t.is_floating_point()}
     if len(set(dtypes.values())) > 1:
         raise ValueError(f"{op}: floating tensors must share one dtype, got {dtypes}")
+
+
+def check_halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tensor,
+                      threshold: Tensor) -> None:
+    """Refuse arguments outside `halt_update`'s contract, naming what was wrong and what is allowed:
+    the state pair shares one kernel dtype, the scores and thresholds are float32 beside it."""
+    check_devices("halt_update", h=h, h_new=h_new, active=active, steps=steps, score=score, threshold=threshold)
+    check_tensors("halt_update", h=h, h_new=h_new)  # the state pair shares one dtype; scores stay fp32
+    check_kernel_dtype("halt_update", "h", h)
+    if h.dim() != 2 or h_new.shape != h.shape:
+        raise ValueError(f"halt_update: h and h_new must both be (N, C), got {tuple(h.shape)} and "
+                         f"{tuple(h_new.shape)}")
+    n_tokens = h.shape[0]
+    for name, t, dtype in (("active", active, torch.bool), ("steps", steps, torch.int32),
+                           ("score", score, torch.float32), ("threshold", threshold, torch.float32)):
+        if t.shape != (n_tokens,) or t.dtype != dtype:
+            raise ValueError(f"halt_update: {name} must be ({n_tokens},) {dtype}, got {tuple(t.shape)} {t.dtype}")

@@ -1,4 +1,5 @@
-"""Tolerances per dtype, the one table every parity test and check imports."""
+"""What every parity test and check imports: tolerances per dtype (one table), and where a backend's
+tests put their tensors (`device_for`), which dtypes it can be checked in here, and its skip."""
 from __future__ import annotations
 
 import torch
@@ -26,3 +27,40 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype | None = N
     dtype = dtype or actual.dtype
     torch.testing.assert_close(actual.float(), expected.float(), equal_nan=False, msg=(lambda m: f"{msg}\n{m}") if msg
                                else None, **tolerance(dtype, composed))
+
+
+# ---- where a backend's tests run
+
+def device_for(backend) -> torch.device:
+    """The device a test puts its tensors (and models) on for `backend` (a name or a Backend): the
+    one its kernels need (CUDA for a native kernel backend, the CPU for Triton's interpreter or the
+    cuTile emulator); for the PyTorch backends, which run anywhere, CUDA when there is one."""
+    from looplm.backends import get_backend
+    device_type = get_backend(backend).device_type
+    if device_type is not None:
+        return torch.device(device_type)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def dtype_problem(backend, dtype: torch.dtype, matmul: bool) -> str | None:
+    """Why `backend` cannot be checked in `dtype` here, or None. Triton's interpreter computes
+    `tl.dot` wrongly on bf16/fp16 operands (triton issue 11584): ops with a matmul are checked in
+    those dtypes natively on a GPU; loads, stores and elementwise work are checked everywhere."""
+    from looplm.backends import get_backend
+    b = get_backend(backend)
+    if matmul and b.name == "triton" and b.mode == "interpreted" and dtype != torch.float32:
+        return (f"Triton's interpreter computes tl.dot wrongly on {dtype} operands (triton issue 11584); "
+                "this case runs natively on a CUDA GPU")
+    return None
+
+
+def backend_or_skip(name: str):
+    """The backend `name`, or a pytest skip saying why it is unavailable here (its documented error);
+    anything else fails the test."""
+    import pytest
+
+    from looplm.backends import BackendUnavailable, get_backend
+    try:
+        return get_backend(name)
+    except BackendUnavailable as e:
+        pytest.skip(f"backend {name!r}: {e}")

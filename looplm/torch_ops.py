@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
-from looplm.ops import ACTIVATIONS, BlockWeights, residual_branch
+from looplm.ops import ACTIVATIONS, OP_NAMES, BlockWeights, residual_branch
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
@@ -74,12 +74,4 @@ def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0)
     return residual_branch(linear, hidden, w.fc2_w, w.fc2_b, x, dropout_p)
 
 
-OPS = {
-    "layer_norm": layer_norm,
-    "linear": linear,
-    "layer_norm_linear": layer_norm_linear,
-    "attention": attention,
-    "softmax_entropy": softmax_entropy,
-    "halt_update": halt_update,
-    "block": block,
-}
+OPS = {name: globals()[name] for name in OP_NAMES}  # the op set of looplm.ops, by name

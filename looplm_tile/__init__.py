@@ -4,14 +4,14 @@ Natively on a CUDA GPU of capability 8.0+. Without one, the same kernels run in 
 CPU emulator (`looplm_tile.emulator`): the backend is available in mode "emulated" on CPU
 tensors, warns once that it is slow and meant for testing, and gives the kernels' numerics,
 not their speed. Each op is one module (layer_norm, linear, attention, softmax_entropy,
-halt_update, block); none has a backward kernel, so training uses the reference ops
+halt_update, block); none has a backward kernel, so training uses the "torch" backend's ops
 (hybrid autograd, `looplm.backends`).
 """
 from __future__ import annotations
 
 import importlib.util
 
-from looplm.backends import Availability, Backend, cuda_problem
+from looplm.backends import Availability, Backend, cuda_problem, kernel_ops
 
 KERNEL_MODULES = ("layer_norm", "linear", "attention", "softmax_entropy", "halt_update")
 
@@ -26,14 +26,6 @@ def probe() -> Availability:
 
 
 def load() -> Backend:
-    from looplm_tile.attention import attention
-    from looplm_tile.block import block
-    from looplm_tile.halt_update import halt_update
-    from looplm_tile.layer_norm import layer_norm
-    from looplm_tile.linear import layer_norm_linear, linear
-    from looplm_tile.softmax_entropy import softmax_entropy
-
-    ops = {"layer_norm": layer_norm, "linear": linear, "layer_norm_linear": layer_norm_linear, "attention": attention, "softmax_entropy": softmax_entropy,
-           "halt_update": halt_update, "block": block}
+    ops = kernel_ops("looplm_tile")
     native = probe().mode == "native"
     return Backend("tile", ops, mode="native" if native else "emulated", device_type="cuda" if native else "cpu")

@@ -17,7 +17,7 @@ from torch import Tensor
 import cuda.tile as ct
 
 import tuning
-from looplm.ops import check_kernel_dtype
+from looplm.ops import check_halt_update
 from looplm_tile import runtime
 from tuning.spec import KernelTuning
 
@@ -60,16 +60,8 @@ def _launch(h, h_new, active, steps, score, threshold, h_out, active_out, steps_
 
 def halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tensor, threshold: Tensor,
                 step: int, min_loops: int, max_loops: int) -> tuple[Tensor, Tensor, Tensor]:
-    check_kernel_dtype("halt_update", "h", h)
+    check_halt_update(h, h_new, active, steps, score, threshold)
     n_tokens = h.shape[0]
-    if h.dim() != 2 or h_new.shape != h.shape or h_new.dtype != h.dtype:
-        raise ValueError(f"halt_update: h and h_new must be (N, C) of one dtype, got {tuple(h.shape)} {h.dtype} and "
-                         f"{tuple(h_new.shape)} {h_new.dtype}")
-    expected = {"active": (active, torch.bool), "steps": (steps, torch.int32), "score": (score, torch.float32),
-                "threshold": (threshold, torch.float32)}
-    for name, (t, dtype) in expected.items():
-        if t.shape != (n_tokens,) or t.dtype != dtype:
-            raise ValueError(f"halt_update: {name} must be ({n_tokens},) {dtype}, got {tuple(t.shape)} {t.dtype}")
     h, h_new = h.contiguous(), h_new.contiguous()
     h_out, active_out, steps_out = torch.empty_like(h), torch.empty_like(active), torch.empty_like(steps)
     if n_tokens:

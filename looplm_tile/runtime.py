@@ -10,17 +10,10 @@ and unit dims as constants, strides and dims divisible by 16 bytes / 16 elements
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
-import threading
-import os
-import re
-import shutil
-import subprocess
-import tempfile
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -28,13 +21,17 @@ import cuda.tile as ct
 from cuda.tile.compilation import (ArrayConstraint, CallingConvention, ConstantConstraint, KernelSignature,
                                    ScalarConstraint, export_kernel)
 
+from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, cubin_resources, most_demanding, \
+    record, recording
 from looplm_tile import emulator
 from looplm_tile.emulator import tile_dtype
 from tuning.gpus import COMPILE_TARGETS
 
 ARCHES = COMPILE_TARGETS
 HINTS = ("occupancy", "num_ctas")  # config knobs that are compiler hints rather than kernel arguments
-MAX_GRID = (2 ** 31 - 1, 65535, 65535)  # CUDA's grid limits per axis
+__all__ = ["ARCHES", "HINTS", "MAX_GRID", "array", "array_of", "capture", "captured_launches", "cdiv", "check_grid",
+           "compile_cubin", "compile_run", "constant", "default_config", "hints_of", "launch", "next_power_of_2",
+           "resource_usage", "scalar", "signature_of", "with_hints"]
 INT32_MAX = 2 ** 31 - 1
 
 
@@ -74,35 +71,14 @@ def with_hints(kernel: ct.kernel, config: dict) -> ct.kernel:
 
 
 _warned_emulated = False
-_recording = threading.local()
-
-
-@contextlib.contextmanager
-def captured_launches() -> Iterator[list[tuple]]:
-    """Within: launches are recorded as (grid, kernel, args, config) in the yielded list, not run
-    (call the launchers with meta tensors)."""
-    previous = getattr(_recording, "launches", None)
-    _recording.launches = launches = []
-    try:
-        yield launches
-    finally:
-        _recording.launches = previous
-
-
-def check_grid(grid: Sequence[int]) -> tuple[int, ...]:
-    """`grid` if CUDA can launch it, else a clear error (axes 1 and 2 stop at 65535 blocks)."""
-    for axis, (blocks, limit) in enumerate(zip(grid, MAX_GRID)):
-        if not 0 <= blocks <= limit:
-            raise ValueError(f"grid {tuple(grid)}: axis {axis} has {blocks} blocks; CUDA allows at most {limit}")
-    return tuple(grid)
 
 
 def launch(grid: Sequence[int], kernel: ct.kernel, args: Sequence[Any], config: dict) -> None:
     """Launch on the current CUDA stream when the tensors live on a GPU, else in the CPU emulator
-    (or record it, inside `captured_launches()`)."""
+    (or record it as (grid, kernel, args, config), inside `captured_launches()`)."""
     check_grid(grid)
-    if getattr(_recording, "launches", None) is not None:
-        _recording.launches.append((tuple(grid), kernel, tuple(args), dict(config)))
+    if recording():
+        record((tuple(grid), kernel, tuple(args), dict(config)))
         return
     on_gpu = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
     if on_gpu:
@@ -157,23 +133,11 @@ def signature_of(kernel: ct.kernel, args: Sequence[Any]) -> list:
     return params
 
 
-def capture(run: Callable[..., Any], *args: Any, **kwargs: Any) -> list[tuple]:
-    """The launches `run(*args, **kwargs)` makes, recorded, not run (pass meta tensors)."""
-    with captured_launches() as launches:
-        run(*args, **kwargs)
-    if not launches:
-        raise RuntimeError(f"{getattr(run, '__name__', run)} launched no kernel")
-    return launches
-
-
 def compile_run(run: Callable[..., Any], arch: str, *args: Any, **kwargs: Any) -> dict:
     """Compile for `arch` every launch `run` makes (specialised as the JIT would) and return the
     resources of the most demanding, with "launches": how many kernels it compiled."""
-    results = [compile_cubin(kernel, signature_of(kernel, launch_args), arch, config)
-               for _, kernel, launch_args, config in capture(run, *args, **kwargs)]
-    worst = max(results, key=lambda r: (r.get("stack", 0) + r.get("local_mem", 0), r.get("registers", 0),
-                                        r.get("shared_mem", 0)))
-    return {**worst, "launches": len(results)}
+    return most_demanding(compile_cubin(kernel, signature_of(kernel, launch_args), arch, config)
+                          for _, kernel, launch_args, config in capture(run, *args, arch=arch, **kwargs))
 
 
 def array(dtype: torch.dtype | ct.DType, ndim: int, contiguous_last: bool = True) -> ArrayConstraint:
@@ -210,34 +174,7 @@ def compile_cubin(kernel: ct.kernel, parameters: Sequence[Any], arch: str, confi
 _compiled: dict[tuple, dict] = {}
 
 
-def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:  # Triton ships one next to its ptxas
-        import triton.backends.nvidia as nvidia
-    except ImportError:
-        return None
-    bundled = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
-    return bundled if os.access(bundled, os.X_OK) else None
-
-
 def resource_usage(cubin: bytes) -> dict:
     """{"registers", "shared_mem", "local_mem", "stack", "threads", "cubin_bytes"} as far as known:
     cuobjdump's resource usage, and the block size cuTile chose (the cubin's REQNTID attribute)."""
-    usage = {"cubin_bytes": len(cubin)}
-    tool = _cuobjdump()
-    if tool is None:
-        return usage
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        elf = subprocess.run([tool, "-elf", f.name], capture_output=True, text=True).stdout
-    fields = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", out))
-    names = {"REG": "registers", "SHARED": "shared_mem", "LOCAL": "local_mem", "STACK": "stack"}
-    usage.update({names[k]: int(v) for k, v in fields.items()})
-    block = re.search(r"EIATTR_REQNTID\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)", elf)
-    if block:
-        usage["threads"] = int(block.group(1), 16) * int(block.group(2), 16) * int(block.group(3), 16)
-    return usage
+    return {"cubin_bytes": len(cubin), **cubin_resources(cubin)}

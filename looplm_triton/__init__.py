@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from looplm.backends import Availability, Backend, cuda_problem
+from looplm.backends import Availability, Backend, cuda_problem, kernel_ops
 
 
 def probe() -> Availability:
@@ -25,16 +25,8 @@ def probe() -> Availability:
 
 def load() -> Backend:
     """The kernels, one module per op of `looplm.ops`. None has a backward kernel yet, so training
-    differentiates through the reference ops (see `looplm.backends`)."""
-    from looplm_triton.attention import attention
-    from looplm_triton.block import block
-    from looplm_triton.halt_update import halt_update
-    from looplm_triton.layer_norm import layer_norm
-    from looplm_triton.linear import layer_norm_linear, linear
-    from looplm_triton.softmax_entropy import softmax_entropy
-
-    ops = dict(layer_norm=layer_norm, linear=linear, layer_norm_linear=layer_norm_linear, attention=attention, softmax_entropy=softmax_entropy,
-               halt_update=halt_update, block=block)
+    differentiates through the "torch" backend's ops (see `looplm.backends`)."""
+    ops = kernel_ops("looplm_triton")
     mode = probe().mode
     return Backend(name="triton", ops=ops, mode=mode, device_type="cuda" if mode == "native" else "cpu",
                    differentiable=frozenset())

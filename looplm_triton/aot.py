@@ -23,12 +23,12 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 from typing import Any
 
 import torch
 
+from looplm import kernels
 from tuning.gpus import COMPILE_TARGETS
 
 ARCHS = COMPILE_TARGETS
@@ -189,26 +189,14 @@ def ptxas_report(log: str) -> dict[str, int]:
 
 def cubin_resources(cubin: bytes) -> dict[str, int]:
     """{"registers", "stack", "shared_mem", "local_mem"} of the one kernel in `cubin`, as the
-    cuobjdump shipped with Triton reports them (registers per thread, the rest in bytes)."""
+    cuobjdump shipped with Triton reports them (looplm.kernels); raises if it names no register count."""
     import triton
 
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], check=True,
-                                capture_output=True, text=True).stdout
-    return parse_resource_usage(report)
-
-
-RESOURCE_FIELDS = {"REG": "registers", "STACK": "stack", "SHARED": "shared_mem", "LOCAL": "local_mem"}
-
-
-def parse_resource_usage(report: str) -> dict[str, int]:
-    """The fields of `cuobjdump -res-usage` for one kernel; raises if it names no register count."""
-    fields = {RESOURCE_FIELDS[k]: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", report)}
-    if "registers" not in fields:
-        raise RuntimeError(f"cuobjdump reported no register count:\n{report}")
-    return fields
+    resources = kernels.cubin_resources(cubin, tool=triton.knobs.nvidia.cuobjdump.path)
+    if "registers" not in resources:
+        raise RuntimeError(f"cuobjdump reported no register count for a {len(cubin)}-byte cubin")
+    resources.pop("threads", None)  # the launch's num_warps decides it; set by the caller
+    return resources
 
 
 if __name__ == "__main__":

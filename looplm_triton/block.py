@@ -1,4 +1,4 @@
-"""The tied pre-norm transformer block, forward, in seven launches:
+"""The tied pre-norm transformer block, forward, in seven launches (composed by `looplm.ops.kernel_block`):
 
     qkv = ln_1 + c_attn             layer_norm_linear: per-row statistics, then the QKV matmul
                                     normalising x as it loads it, + bias
@@ -16,30 +16,15 @@ tuned under their own ops.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from looplm.ops import BlockWeights, residual_branch, check_kernel_dtype, check_tensors
+from looplm.ops import BlockWeights, kernel_block
 from looplm_triton.attention import attention_into
 from looplm_triton.linear import LAYER_NORM_LINEAR_TUNING, layer_norm_linear, linear
 
 
-
 def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0) -> Tensor:
-    check_kernel_dtype("block", "x", x)
-    check_tensors("block", x=x, **weights._asdict())
-    if x.dim() != 3 or x.shape[2] % n_head:
-        raise ValueError(f"block: x must be (B, T, C) with C divisible by n_head={n_head}, got {tuple(x.shape)}")
-    w = weights
-    B, T, C = x.shape
-    D = C // n_head
-    qkv = layer_norm_linear(x, w.ln1_w, w.ln1_b, w.attn_w, w.attn_b)  # (B, T, 3C)
-    q, k, v = qkv.view(B, T, 3, n_head, D).permute(2, 0, 3, 1, 4)  # three (B, H, T, D) strided views
-    y = torch.empty_like(x)
-    attention_into(q, k, v, y.view(B, T, n_head, D).transpose(1, 2), True, D ** -0.5)
-    x = residual_branch(linear, y, w.proj_w, w.proj_b, x, dropout_p)
-    hidden = layer_norm_linear(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")  # (B, T, 4C)
-    return residual_branch(linear, hidden, w.fc2_w, w.fc2_b, x, dropout_p)
+    return kernel_block(layer_norm_linear, attention_into, linear, x, weights, n_head, dropout_p)
 
 
 # The block has no kernel of its own; its tuning entry is the fused LayerNorm + linear it adds.

@@ -7,25 +7,28 @@ operands are upcast to fp32 (the interpreter's bf16 dot is wrong, triton issue 1
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
-import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 import tuning
+from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, most_demanding, record, recording, \
+    recording_arch
 from looplm_triton.aot import LAUNCH_KNOBS, capability, compile_launch
 from tuning.spec import Config
 
+__all__ = ["BACKEND", "INTERPRETED", "MAX_GRID", "Launch", "LOG2E", "LOG2E_CONST", "capture", "captured_launches",
+           "check_grid", "compile_run", "dot_in_fp32", "fast_exp2", "launch", "launch_config", "recording",
+           "split_config", "target_capability"]
+
 BACKEND = "triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# CUDA's grid limits: x up to 2^31 - 1 blocks, y and z up to 65535.
-MAX_GRID = (2 ** 31 - 1, 65535, 65535)
+
 
 def launch_config(kernel: str, dtype: torch.dtype, shape: tuple, default: Config, interpreted: Config) -> Config:
     """The configuration of one launch: the tuning table's (or `default`) on a GPU, `interpreted`
@@ -55,33 +58,12 @@ class Launch:
     options: dict[str, Any] = field(default_factory=dict)  # num_warps, num_stages
 
 
-_recording = threading.local()
-
-
-@contextlib.contextmanager
-def captured_launches(arch: Optional[str] = None) -> Iterator[list[Launch]]:
-    """Within: kernel launches are recorded in the yielded list instead of run (call the launchers
-    with meta tensors), `dot_in_fp32()` answers as on a GPU and `target_capability()` as on `arch`
-    (e.g. "sm_90"; None: no GPU), so launchers that choose by architecture choose for that one."""
-    previous = getattr(_recording, "launches", None), getattr(_recording, "arch", None)
-    launches: list[Launch] = []
-    _recording.launches, _recording.arch = launches, arch
-    try:
-        yield launches
-    finally:
-        _recording.launches, _recording.arch = previous
-
-
-def recording() -> bool:
-    return getattr(_recording, "launches", None) is not None
-
-
 def target_capability(device: torch.device) -> Optional[tuple[int, int]]:
     """(major, minor) compute capability that launches on `device` compile for: the recording's
     architecture inside `captured_launches(arch)`, the GPU's own on CUDA, None otherwise (the
     interpreter on CPU tensors)."""
     if recording():
-        arch = getattr(_recording, "arch", None)
+        arch = recording_arch()
         return None if arch is None else divmod(capability(arch), 10)
     if device.type == "cuda" and not INTERPRETED:
         return torch.cuda.get_device_capability(device)
@@ -93,14 +75,6 @@ def dot_in_fp32() -> bool:
     return INTERPRETED and not recording()
 
 
-def check_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
-    """`grid` if CUDA can launch it, else a clear error (axis 1 and 2 stop at 65535 blocks)."""
-    for axis, (blocks, limit) in enumerate(zip(grid, MAX_GRID)):
-        if not 0 <= blocks <= limit:
-            raise ValueError(f"grid {grid}: axis {axis} has {blocks} blocks; CUDA allows at most {limit}")
-    return grid
-
-
 def launch(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """kernel[grid](*args, **kwargs), or its record inside `captured_launches()`."""
     check_grid(grid)
@@ -109,26 +83,13 @@ def launch(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
         return
     names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
     options = {k: kwargs.pop(k) for k in LAUNCH_KNOBS if k in kwargs}
-    _recording.launches.append(Launch(kernel, tuple(grid), {**dict(zip(names, args)), **kwargs}, options))
-
-
-def capture(run: Callable[..., Any], *args: Any, arch: Optional[str] = None, **kwargs: Any) -> list[Launch]:
-    """The launches `run(*args, **kwargs)` makes for `arch` (None: no GPU), recorded, not run (pass
-    meta tensors)."""
-    with captured_launches(arch) as launches:
-        run(*args, **kwargs)
-    if not launches:
-        raise RuntimeError(f"{getattr(run, '__name__', run)} launched no kernel")
-    return launches
+    record(Launch(kernel, tuple(grid), {**dict(zip(names, args)), **kwargs}, options))
 
 
 def compile_run(run: Callable[..., Any], arch: str, *args: Any, **kwargs: Any) -> dict:
     """Compile for `arch` every launch `run` makes and return the resources of the most demanding
     (most registers, then most shared memory), with "launches": how many kernels it compiled."""
-    results = [compile_launch(launch_, arch) for launch_ in capture(run, *args, arch=arch, **kwargs)]
-    worst = max(results, key=lambda r: (r.get("spill_stores", 0) + r.get("stack", 0) + r.get("local_mem", 0),
-                                        r["registers"], r.get("shared_mem", 0)))
-    return {**worst, "launches": len(results)}
+    return most_demanding(compile_launch(launch_, arch) for launch_ in capture(run, *args, arch=arch, **kwargs))
 
 
 

@@ -3,6 +3,7 @@
 Each op upcasts to float32, computes the textbook formula and casts back to the input dtype, so
 the kernel backends are compared with one fixed numerical meaning.
 """
+from looplm.ops import OP_NAMES
 from reference.attention import attention
 from reference.block import block
 from reference.halt_update import halt_update
@@ -11,14 +12,7 @@ from reference.layer_norm_linear import layer_norm_linear
 from reference.linear import linear
 from reference.softmax_entropy import softmax_entropy
 
-OPS = {
-    "layer_norm": layer_norm,
-    "linear": linear,
-    "layer_norm_linear": layer_norm_linear,
-    "attention": attention,
-    "softmax_entropy": softmax_entropy,
-    "halt_update": halt_update,
-    "block": block,
-}
+OPS = {name: globals()[name] for name in OP_NAMES}  # the op set of looplm.ops, by name
 
-__all__ = ["OPS", *OPS]
+__all__ = ["OPS", "attention", "block", "halt_update", "layer_norm", "layer_norm_linear", "linear",
+           "softmax_entropy"]

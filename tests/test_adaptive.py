@@ -8,7 +8,7 @@ import torch
 from looplm import LoopConfig, LoopGPT, LoopTrace
 from looplm.backends import Backend, BackendUnavailable, get_backend
 from looplm.ops import OP_NAMES
-from looplm.testing import assert_close
+from looplm.testing import assert_close, device_for
 from tests.models import sharpen
 
 pytestmark = pytest.mark.filterwarnings("ignore:backend 'tile' runs its cuTile kernels in the CPU emulator")
@@ -100,9 +100,10 @@ def test_hierarchical_parity_tier2_compacted_equals_masked(backend, shape, crite
     same loops as the masked loop, with the same traces and states."""
     kernel = backend in ("triton", "tile")
     max_loops = 5 if kernel else MAX_LOOPS
-    model = sharpened_model(criterion, max_loops=max_loops, **SHAPES[shape]).set_backend(backend_or_skip(backend))
-    idx = torch.randint(0, 17, (1, 10) if kernel else (2, 12), generator=torch.Generator().manual_seed(2))
-    masked, compacted = run_both(model, idx, thresholds=mixed_thresholds(criterion, idx))
+    backend, device = backend_or_skip(backend), device_for(backend)
+    model = sharpened_model(criterion, max_loops=max_loops, **SHAPES[shape]).to(device).set_backend(backend)
+    idx = torch.randint(0, 17, (1, 10) if kernel else (2, 12), generator=torch.Generator().manual_seed(2)).to(device)
+    masked, compacted = run_both(model, idx, thresholds=mixed_thresholds(criterion, idx).to(device))
     assert_mixed_halting(masked[1], max_loops)
     assert_same_run(masked, compacted)
 

@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from looplm import available_backends, get_backend
-from looplm.testing import assert_close
+from looplm.testing import assert_close, device_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:backend 'tile' runs its cuTile kernels in the CPU emulator")
 
 RUNNABLE = [name for name, availability in available_backends().items() if availability.available]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("backend", RUNNABLE)
@@ -28,7 +27,7 @@ def test_hierarchical_parity_tier1_softmax_entropy_first_chunk_all_minus_inf(bac
     half = 8192
     row = torch.cat([torch.full((half,), -math.inf), torch.full((half,), -100.0)])
     plain = torch.randn(2 * half) * 3
-    logits = torch.stack([row, plain, row.flip(0)]).to(DEVICE)
+    logits = torch.stack([row, plain, row.flip(0)]).to(device_for(backend))
     ops = get_backend(backend).ops
     entropy, max_prob = ops["softmax_entropy"](logits)
     expected_entropy, expected_max_prob = get_backend("reference").ops["softmax_entropy"](logits.double())
@@ -87,8 +86,9 @@ def test_hierarchical_parity_tier1_attention_many_heads_on_one_axis_match_the_re
     expected = get_backend("reference").ops["attention"](q, k, v, True, None)
     for backend in ("triton", "tile"):
         if backend in RUNNABLE:
-            assert_close(get_backend(backend).ops["attention"](q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)), expected,
-                         torch.float32, msg=backend)
+            device = device_for(backend)
+            got = get_backend(backend).ops["attention"](q.to(device), k.to(device), v.to(device))
+            assert_close(got, expected.to(device), torch.float32, msg=backend)
 
 
 def test_tile_launches_past_int32_take_64_bit_indices():
@@ -115,8 +115,9 @@ def test_hierarchical_parity_tier1_kernel_block_applies_dropout_itself(backend, 
     width, heads = 32, 2
     shapes = [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,), (width,), (width,),
               (4 * width, width), (4 * width,), (width, 4 * width), (width,)]
-    weights = BlockWeights(*(torch.randn(s, generator=g).to(DEVICE) * 0.2 for s in shapes))
-    x = torch.randn(2, 9, width, generator=g).to(DEVICE)
+    device = device_for(backend)
+    weights = BlockWeights(*(torch.randn(s, generator=g).to(device) * 0.2 for s in shapes))
+    x = torch.randn(2, 9, width, generator=g).to(device)
     torch.manual_seed(7)
     expected = reference.block(x, weights, heads, 0.5)
     monkeypatch.setattr(reference, "block", lambda *a, **k: pytest.fail("the kernel block fell back to the reference"))

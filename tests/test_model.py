@@ -9,7 +9,7 @@ from looplm import LoopConfig, LoopGPT, LoopTrace, get_backend
 from looplm import backends
 from looplm.halting import relative_change
 from looplm.model import Block, LayerNorm, sample_next_token
-from looplm.testing import assert_close
+from looplm.testing import assert_close, device_for
 
 
 def tiny(**overrides) -> LoopConfig:
@@ -105,9 +105,9 @@ def test_default_config_on_the_tile_backend():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "backend 'tile' runs its cuTile kernels in the CPU emulator")
-        model = LoopGPT(backend="tile").eval()
+        model = LoopGPT(backend="tile").eval().to(device_for("tile"))
         assert all(m.backend.name == "tile" for m in model.modules() if isinstance(m, (Block, LayerNorm)))
-        idx = torch.randint(0, 65, (1, 3))
+        idx = torch.randint(0, 65, (1, 3), device=device_for("tile"))
         with torch.no_grad():
             logits, _ = model(idx, n_loops=2)
             expected, _ = model.set_backend("reference")(idx, n_loops=2)
@@ -121,8 +121,8 @@ def test_kernel_backend_in_eval_with_gradients_warns_once(monkeypatch):
         triton = get_backend("triton")
     except backends.BackendUnavailable as e:
         pytest.skip(f"backend 'triton' is unavailable here: {e}")
-    model = LoopGPT(tiny(), backend=triton).eval()
-    idx = tokens(1, 4)
+    model = LoopGPT(tiny(), backend=triton).eval().to(device_for(triton))
+    idx = tokens(1, 4).to(device_for(triton))
     with pytest.warns(UserWarning, match=r"eval mode but gradients are enabled.*torch.no_grad\(\) or "
                                          r"torch.inference_mode\(\)"):
         model(idx)

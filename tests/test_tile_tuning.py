@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import reference
-from looplm.testing import assert_close
+from looplm.testing import assert_close, device_for
 from looplm_tile import KERNEL_MODULES, runtime
 
 pytestmark = pytest.mark.filterwarnings("ignore:backend 'tile' runs its cuTile kernels in the CPU emulator")
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:backend 'tile' runs its cuTile k
 MODULES = [importlib.import_module(f"looplm_tile.{name}") for name in KERNEL_MODULES]
 SMALL_SHAPES = {"layer_norm": (5, 40), "linear": (9, 20, 24), "attention": (1, 2, 9, 9, 32),
                 "softmax_entropy": (3, 300), "halt_update": (11, 40)}
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = device_for("tile").type  # the emulator's CPU, or the GPU the kernels run on natively
 
 
 @pytest.mark.parametrize("module", MODULES, ids=KERNEL_MODULES)

@@ -23,7 +23,7 @@ from looplm_triton import KERNEL_MODULES  # noqa: E402
 from looplm_triton import linear as linear_module  # noqa: E402
 from looplm_triton.aot import ARCHS  # noqa: E402
 from tuning.buckets import MODEL_SHAPES, shape_keys  # noqa: E402
-from tuning.gpus import ARCHS as ARCH_LIMITS, resource_problem  # noqa: E402
+from tuning.resources import launch_problem  # noqa: E402
 
 EXHAUSTIVE = os.environ.get("LOOPLM_TIER0_EXHAUSTIVE") == "1"
 
@@ -60,13 +60,15 @@ def test_every_op_has_a_tuning_entry():
 def test_hierarchical_parity_tier0_fp32_defaults_compile_and_fit():
     """fp32 (tf32x3 attention, exact fp32 matmuls) with each kernel's fp32 default, for sm_90."""
     dtype, arch = torch.float32, "sm_90"
+    kernels = sorted(TUNINGS) + ["linear"]
     jobs = [(TUNINGS[kernel].compile, SHIPPED_SHAPES[kernel][0], dtype, TUNINGS[kernel].default_for(dtype), arch)
             for kernel in sorted(TUNINGS)]
     # The epilogue the block uses that the tuning entries leave out: bias + residual.
     jobs += [(_compile_linear_with_residual, SHIPPED_SHAPES["linear"][0], dtype, linear_module.DEFAULT, arch)]
-    for (_, shape, _, config, arch), resources in zip(jobs, _compile_all(jobs)):
+    for kernel, (_, shape, _, config, arch), resources in zip(kernels, jobs, _compile_all(jobs)):
         assert resources["registers"] > 0, (shape, arch)
-        assert resource_problem(resources, config, ARCH_LIMITS[arch]) is None, (shape, config, resources)
+        problem = launch_problem(resources, config, arch, "triton", kernel, dtype)
+        assert problem is None, (kernel, shape, config, problem)
 
 
 def _compile_linear_with_residual(shape, dtype, config, arch) -> dict:

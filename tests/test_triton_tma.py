@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("triton")
 
 import reference  # noqa: E402
-from looplm.testing import assert_close  # noqa: E402
+from looplm.testing import assert_close, device_for  # noqa: E402
 from looplm_triton import attention  # noqa: E402
 from looplm_triton.common import capture, captured_launches, target_capability  # noqa: E402
 from tuning.gpus import ARCHS as ARCH_LIMITS, resource_problem  # noqa: E402
@@ -28,7 +28,7 @@ from tuning.gpus import ARCHS as ARCH_LIMITS, resource_problem  # noqa: E402
 pytestmark = pytest.mark.skipif(attention.TensorDescriptor is None,
                                 reason="this Triton has no triton.tools.tensor_descriptor (added in 3.4)")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = device_for("triton").type  # the interpreter's CPU, or the GPU the kernels run on natively
 HOPPER, BLACKWELL, AMPERE, RTX_50 = (9, 0), (10, 0), (8, 0), (12, 0)
 
 

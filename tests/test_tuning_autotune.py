@@ -75,11 +75,13 @@ def test_dry_run_prints_the_plan_with_what_was_pruned_and_why(capsys, monkeypatc
     assert code == 0
     assert "plan for rtx5070 (sm_120" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("triton  ")]
-    assert [r[:7] for r in rows[:2]] == [["triton", "fake_double", "float32", "1024x128", "768x128", "1", "2"],
-                                     ["triton", "fake_double", "float32", "4096x512", "4096x384", "1", "2"]]
+    # to time: the one configuration that fits, and the PyTorch op (model shapes: its call is known)
+    assert [r[:7] for r in rows[:2]] == [["triton", "fake_double", "float32", "1024x128", "768x128", "2", "2"],
+                                     ["triton", "fake_double", "float32", "4096x512", "4096x384", "2", "2"]]
     assert "needs 153600 bytes of shared memory per block; sm_120 allows 101376" in out
     assert "does not compile for sm_120: ValueError: tile shape must be a power of two" in out
-    assert "1 kernels x 2 (dtype, shape bucket) pairs: 2 configurations to time, 4 pruned" in out
+    assert ("1 kernels x 2 (dtype, shape bucket) pairs: 4 configurations to time (the PyTorch op among them in 2 "
+            "pairs), 4 pruned") in out
     assert "fakebackend.linear: skipped, not written yet" in out
     code, out, _ = run_cli(capsys, "--gpu", "h100", "--dry-run", "--backend", "triton", "--shapes", "100x100",
                            "--jobs", "1")

@@ -7,6 +7,7 @@ import torch
 import tuning
 from tuning import lookup, table
 from tuning.lookup import ConfigLookup, Device
+from tuning.spec import TORCH_IMPL
 
 RTX5070 = Device("NVIDIA GeForce RTX 5070", (12, 0))
 RTX5090 = Device("NVIDIA GeForce RTX 5090", (12, 0))  # same capability, another GPU
@@ -50,7 +51,8 @@ def test_precedence_exact_then_nearest_then_same_capability_then_default(tmp_pat
     assert find(lk, (16, 16), dtype="float32")["BLOCK_M"] == 2  # only a same-capability table has it
     assert "another GPU of the same compute capability" in caplog.text
     assert find(lk, (4096, 512), dtype="float16") is None  # only the H100 has it: never applied
-    assert [r.levelname for r in caplog.records if "RTX 5090" in r.getMessage()] == ["WARNING"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len([m for m in warnings if "RTX 5090" in m]) == 1, warnings
 
 
 def test_a_table_of_another_capability_never_applies(tmp_path, caplog):
@@ -137,3 +139,80 @@ def test_a_bug_in_the_lookup_is_raised_not_swallowed(on_gpu, monkeypatch):
     monkeypatch.setattr(ConfigLookup, "find", buggy)
     with pytest.raises(AttributeError, match="no attribute 'bucket'"):
         tuning.lookup_config("triton", "layer_norm", torch.float32, (8, 8), DEFAULT)
+
+
+SHIPPED_H200 = table.PACKAGE_TABLES / "h200.json"
+
+
+def test_the_shipped_h200_table_records_where_it_came_from():
+    shipped = table.load(SHIPPED_H200)
+    assert shipped["device"] == {"name": "NVIDIA H200", "capability": [9, 0]}
+    provenance = shipped["provenance"]
+    for field in ("source", "date", "gpu", "toolchain", "partial", "command"):
+        assert provenance.get(field), field
+    assert provenance["toolchain"]["triton"] == shipped["runs"][0]["versions"]["triton"]
+    assert {e["backend"] for e in shipped["entries"]} == {"triton"} and len(shipped["entries"]) == 6
+
+
+def test_an_h100_without_a_table_uses_the_h200_table_with_one_warning(caplog):
+    """Same architecture (sm_90): the H200's measured configs apply to an H100, said once; the
+    launches it has no entry for take the nearest bucket, still without another warning."""
+    caplog.set_level(logging.INFO, logger="tuning")
+    shipped = table.load(SHIPPED_H200)
+    lk = ConfigLookup(H100, [SHIPPED_H200])
+    for e in shipped["entries"]:
+        config = lk.find(e["backend"], e["kernel"], e["dtype"], tuple(e["shape"]), e["best"]["config"])
+        assert config == e["best"]["config"], e["shape"]
+    first = shipped["entries"][0]
+    nearby = tuple(2 * d for d in first["shape"])
+    assert lk.find("triton", first["kernel"], first["dtype"], nearby, first["best"]["config"]) is not None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "NVIDIA H200" in warnings[0] and "9.0" in warnings[0], warnings
+
+
+@pytest.mark.parametrize("device", [Device("NVIDIA A100-SXM4-80GB", (8, 0)), Device("NVIDIA B200", (10, 0)),
+                                    RTX5070], ids=["sm_80", "sm_100", "sm_120"])
+def test_the_h200_table_never_applies_to_another_architecture(device, caplog):
+    caplog.set_level(logging.WARNING, logger="tuning")
+    lk = ConfigLookup(device, [SHIPPED_H200])
+    for e in table.load(SHIPPED_H200)["entries"]:
+        assert lk.find(e["backend"], e["kernel"], e["dtype"], tuple(e["shape"]), e["best"]["config"]) is None
+    assert "NVIDIA H200" not in caplog.text
+
+
+def torch_won(bucket, kernel="layer_norm"):
+    """An entry where the PyTorch op beat every kernel configuration (the tuner's TORCH_IMPL)."""
+    return {**entry(bucket, 0, kernel), "best": {"config": dict(TORCH_IMPL), "median_ms": 0.5},
+            "runners_up": [{"config": {"BLOCK_M": 16, "num_warps": 8}, "median_ms": 0.7}]}
+
+
+def test_where_pytorch_won_the_kernel_config_is_still_its_fastest_and_runs_torch_says_so(on_gpu):
+    user, _, _ = on_gpu
+    write(user / "rtx5070.json", RTX5070, [torch_won((4096, 512)), entry((64, 512), 1)])
+    assert lookup.runs_torch("triton", "layer_norm", torch.bfloat16, (4096, 384))
+    assert not lookup.runs_torch("triton", "layer_norm", torch.bfloat16, (64, 384))
+    assert not lookup.runs_torch("triton", "layer_norm", torch.float32, (4096, 384))  # no fp32 entry
+    # a launch that runs the kernel anyway (inside a fused block) takes the fastest kernel config measured
+    assert tuning.lookup_config("triton", "layer_norm", torch.bfloat16, (4096, 384), DEFAULT) == \
+        {"BLOCK_M": 16, "num_warps": 8}
+
+
+def test_a_kernel_op_calls_the_torch_op_where_the_table_says_pytorch_wins(on_gpu, monkeypatch):
+    """The backend runs the winner: the op sends the buckets PyTorch won to the "torch" backend's op."""
+    from looplm.backends import kernel_ops
+    from looplm.torch_ops import OPS as TORCH_OPS
+    user, _, _ = on_gpu
+    kernel_won = {**entry((4, 8), 1, kernel="halt_update"),
+                  "best": {"config": {"BLOCK_N": 4, "BLOCK_C": 8, "num_warps": 1}, "median_ms": 0.1}}
+    write(user / "rtx5070.json", RTX5070, [torch_won((64, 128), kernel="halt_update"), kernel_won])
+    calls = []
+    monkeypatch.setitem(TORCH_OPS, "halt_update", lambda *a, **k: calls.append(a[0].shape) or "torch")
+    triton_halt_update = kernel_ops("looplm_triton")["halt_update"]
+
+    def args(n, c):
+        state = torch.zeros(n, c, dtype=torch.bfloat16)  # the table's entry is for bf16 state, fp32 scores
+        return (state, state, torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.int32), torch.zeros(n),
+                torch.ones(n), 1, 1, 2)
+    assert triton_halt_update(*args(50, 100)) == "torch" and calls == [(50, 100)]  # bucket 64x128: PyTorch won
+    h, active, steps = triton_halt_update(*args(3, 8))  # a bucket a kernel config won: the kernel runs
+    assert torch.equal(steps, torch.ones(3, dtype=torch.int32)) and calls == [(50, 100)]

@@ -233,3 +233,37 @@ def test_autotune_on_this_gpu_writes_a_table_the_lookup_uses(tmp_path):
     (entry,) = table.load(out)["entries"]
     assert entry["bucket"] == [1024, 512] and entry["best"]["median_ms"] > 0
     assert entry["best"]["median_ms"] <= entry["default_ms"]
+
+
+def test_the_pytorch_op_is_a_candidate_for_every_model_shape_and_wins_where_it_is_fastest(monkeypatch):
+    """plan() adds TORCH_IMPL wherever the op call behind the shape is known; the tuner runs the
+    "torch" backend's op on that call (checked against the reference like every candidate) and the
+    table crowns it when it is the fastest."""
+    from tuning.buckets import MODEL_SHAPES
+    from tuning.spec import TORCH_IMPL
+    monkeypatch.setattr(sys.modules[__name__], "FAKE", FAKE)
+    kernel = Kernel("layer_norm", __name__, FAKE, attr="FAKE")
+    (task,), _ = search.plan([kernel], ["float32"], ARCHS["sm_90"], [MODEL_SHAPES["cpu"]])
+    assert task.candidates[-1] == TORCH_IMPL and task.op_call is not None
+    def timer(fn):
+        declared = len(_last_cost)
+        fn()
+        return _last_cost.pop() if len(_last_cost) > declared else 0.5  # the torch op declares no cost
+    (entry,) = search.run_tasks([task], InProcessRunner(timer), device="cpu")
+    assert entry["best"] == {"config": TORCH_IMPL, "median_ms": 0.5}
+    assert [r["config"]["cost"] for r in entry["runners_up"]] == [1.0, 2.0, 3.0] and not entry["failed"]
+    (task,), notes = search.plan([kernel], ["float32"], ARCHS["sm_90"], shapes=[(8, 16)])
+    assert TORCH_IMPL not in task.candidates and any("PyTorch op is not timed" in n for n in notes)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "linear", "layer_norm_linear", "attention", "softmax_entropy",
+                                "halt_update", "block"])
+def test_the_pytorch_candidate_runs_each_ops_model_calls_on_fresh_inputs(op):
+    from tuning.buckets import MODEL_SHAPES, describe_call, op_calls
+    from tuning.spec import TORCH_IMPL
+    timed = []
+    for args, kwargs in op_calls(MODEL_SHAPES["cpu"], torch.float32)[op][:2]:
+        job = Job("unused", "TUNING", (1,), "float32", dict(TORCH_IMPL), "cpu", op, describe_call(args, kwargs))
+        outcome = search.measure(job, lambda fn: timed.append(fn()) or 0.25)
+        assert outcome.reason is None and outcome.median_ms == 0.25, outcome
+    assert timed

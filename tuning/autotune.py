@@ -27,6 +27,7 @@ from looplm.cli import CLIError, run_cli
 from tuning import gpus, lookup, table
 from tuning.buckets import DTYPES, MODEL_SHAPES, TUNED_DTYPES, format_shape, model_shape, parse_shape
 from tuning.search import BACKEND_PACKAGES, IsolatedRunner, Task, discover, plan, run_tasks
+from tuning.spec import is_torch
 from tuning.timing import TIMERS
 
 
@@ -110,8 +111,10 @@ def print_plan(tasks: Sequence[Task], notes: Sequence[str], arch: str) -> None:
         print(f"\npruned for {arch}:")
         print(tabulate(pruned, headers=("backend", "kernel", "dtype", "bucket", "config", "why")))
     n_kernels = len({(t.kernel.backend, t.kernel.name) for t in tasks})
+    with_torch = sum(any(is_torch(c) for c in t.candidates) for t in tasks)
     print(f"\n{n_kernels} kernels x {len(tasks)} (dtype, shape bucket) pairs: "
-          f"{sum(len(t.candidates) for t in tasks)} configurations to time, {len(pruned)} pruned")
+          f"{sum(len(t.candidates) for t in tasks)} configurations to time (the PyTorch op among them in "
+          f"{with_torch} pairs), {len(pruned)} pruned")
     print_notes(notes)
 
 

@@ -157,14 +157,52 @@ def op_calls(model: ModelShape, dtype: torch.dtype, device: Any = "meta") -> dic
     }
 
 
-def shape_keys(op: str, shape_key, model: ModelShape, dtype: torch.dtype) -> list[Shape]:
-    """The distinct shape keys a kernel of `op` sees in `model`'s forward pass, from its own
-    `shape_key` applied to the op's arguments (all passed positionally, defaults filled in)."""
-    keys: list[Shape] = []
+def calls_by_key(op: str, shape_key, model: ModelShape, dtype: torch.dtype) -> dict[Shape, OpCall]:
+    """Each distinct shape key a kernel of `op` sees in `model`'s forward pass (its own `shape_key`
+    applied to the op's arguments, all passed positionally with defaults filled in), with the first
+    op call (args, kwargs; meta tensors) that gives it."""
+    found: dict[Shape, OpCall] = {}
     for args, kwargs in op_calls(model, dtype).get(op, []):
         bound = SIGNATURES[op].bind(*args, **kwargs)
         bound.apply_defaults()
-        key = tuple(int(d) for d in shape_key(*bound.args))
-        if key not in keys:
-            keys.append(key)
-    return keys
+        found.setdefault(tuple(int(d) for d in shape_key(*bound.args)), (args, kwargs))
+    return found
+
+
+def shape_keys(op: str, shape_key, model: ModelShape, dtype: torch.dtype) -> list[Shape]:
+    """The distinct shape keys a kernel of `op` sees in `model`'s forward pass (see calls_by_key)."""
+    return list(calls_by_key(op, shape_key, model, dtype))
+
+
+# ---- an op call as plain data (it travels to the tuner's worker process) and back as tensors
+
+def describe_call(args: tuple, kwargs: dict) -> tuple:
+    """(args, kwargs) with each tensor replaced by ("tensor", shape, dtype name) and block weights
+    by ("weights", [...]): what `materialize` turns back into fresh tensors on a device."""
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), str(value.dtype).removeprefix("torch."))
+        if isinstance(value, BlockWeights):
+            return ("weights", [spec(w) for w in value])
+        return value
+    return tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}
+
+
+def materialize(call: tuple, device: Any) -> tuple[tuple, dict]:
+    """The (args, kwargs) `describe_call` described, as random tensors on `device`: floats of unit
+    scale (matrices scaled by 1/sqrt(fan-in)), booleans half set, integers small."""
+    def make(value: Any) -> Any:
+        if isinstance(value, tuple) and value and value[0] == "tensor":
+            _, shape, dtype = value
+            dtype = getattr(torch, dtype)
+            if dtype == torch.bool:
+                return torch.rand(shape, device=device) < 0.5
+            if not dtype.is_floating_point:
+                return torch.randint(0, 4, shape, device=device, dtype=dtype)
+            scale = shape[-1] ** -0.5 if len(shape) == 2 else 1.0  # a weight matrix (out, in)
+            return (torch.randn(shape, device=device) * scale).to(dtype)
+        if isinstance(value, tuple) and value and value[0] == "weights":
+            return BlockWeights(*(make(w) for w in value[1]))
+        return value
+    args, kwargs = call
+    return tuple(make(a) for a in args), {k: make(v) for k, v in kwargs.items()}

@@ -2,7 +2,9 @@
 
     discover  ->  Kernel per backend and op, from the modules' TUNING (a missing one is a note)
     plan      ->  Task per (kernel, dtype, shape bucket): the candidates, minus those an ahead-of-time
-                  compile for the target shows cannot fit its shared memory or registers
+                  compile for the target shows cannot fit its shared memory or registers, plus the
+                  PyTorch op itself (`TORCH_IMPL`) wherever the op call behind the shape is known
+                  (model shapes), so that the table records PyTorch where it wins
     run_tasks ->  each candidate measured by a runner: its output checked against the "reference"
                   backend's op on the same inputs (`KernelTuning.expected`), then its median time; a
                   failure or a hang is recorded with its reason, never fatal; an unchecked candidate is
@@ -25,9 +27,9 @@ import torch
 
 from looplm.ops import OP_NAMES
 from looplm.testing import tolerance
-from tuning.buckets import ModelShape, Shape, bucket, shape_keys
+from tuning.buckets import ModelShape, OpCall, Shape, bucket, calls_by_key, describe_call, materialize
 from tuning.gpus import ArchLimits, resource_problem
-from tuning.spec import Config, KernelTuning, candidate_errors
+from tuning.spec import TORCH_IMPL, Config, KernelTuning, candidate_errors, is_torch
 from tuning.timing import Timer
 
 BACKEND_PACKAGES = {"triton": "looplm_triton", "tile": "looplm_tile"}
@@ -112,6 +114,7 @@ class Task:
     candidates: list[Config]
     pruned: list[dict] = field(default_factory=list)  # {"config", "reason"}
     arch: Optional[str] = None  # the compile target it is tuned for
+    op_call: Optional[tuple] = None  # the op call behind `shape` (describe_call), for the PyTorch candidate
 
     @property
     def bucket(self) -> Shape:
@@ -128,22 +131,25 @@ def candidates_of(tuning: KernelTuning, dtype: Optional[str] = None, arch: Optio
 
 
 def task_shapes(kernel: Kernel, dtype: str, models: Sequence[ModelShape], shapes: Sequence[Shape],
-                notes: list[str]) -> list[Shape]:
-    """One launch shape per bucket: the explicit `shapes`, or those the models launch."""
+                notes: list[str]) -> list[tuple[Shape, Optional[OpCall]]]:
+    """One launch shape per bucket, with the op call behind it where known: the explicit `shapes`
+    (no call), or those the models launch."""
+    found: list[tuple[Shape, Optional[OpCall]]] = [(tuple(s), None) for s in shapes]
     if not shapes:
         if kernel.tuning.shape_key is None:
             notes.append(f"{kernel.module}: TUNING has no shape_key, so model shapes are unknown; pass --shapes")
             return []
-        found: list[Shape] = []
         for model in models:
             try:
-                found += shape_keys(kernel.op, kernel.tuning.shape_key, model, getattr(torch, dtype))
+                found += list(calls_by_key(kernel.op, kernel.tuning.shape_key, model, getattr(torch, dtype)).items())
             except (TypeError, ValueError) as e:  # a shape_key that does not take the op's arguments
                 notes.append(f"{kernel.module}: shape_key failed on model shape {model.name!r}: {describe(e)}")
-        shapes = found
-    by_bucket: dict[Shape, Shape] = {}
-    for shape in shapes:
-        by_bucket.setdefault(bucket(shape), tuple(shape))
+    by_bucket: dict[Shape, tuple[Shape, Optional[OpCall]]] = {}
+    for shape, call in found:
+        by_bucket.setdefault(bucket(shape), (shape, call))
+    if shapes:
+        notes.append("explicit --shapes: the PyTorch op is not timed beside the kernels (its arguments are known "
+                     "only for model shapes)")
     return list(by_bucket.values())
 
 
@@ -185,8 +191,8 @@ def plan(kernels: Sequence[Kernel], dtypes: Sequence[str], limits: ArchLimits, m
     name); candidates keep their order either way.
     """
     notes: list[str] = []
-    tasks = [Task(k, d, s, [], arch=limits.arch) for k in kernels for d in dtypes
-             for s in task_shapes(k, d, models, shapes, notes)]
+    tasks = [Task(k, d, s, [], arch=limits.arch, op_call=None if call is None else describe_call(*call))
+             for k in kernels for d in dtypes for s, call in task_shapes(k, d, models, shapes, notes)]
     jobs = [(task, config) for task in tasks for config in candidates_of(task.kernel.tuning, task.dtype, task.arch)]
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(jobs) > 1:
@@ -199,6 +205,9 @@ def plan(kernels: Sequence[Kernel], dtypes: Sequence[str], limits: ArchLimits, m
         for (task, config), reason in zip(jobs, reasons):
             _sort(task, config, reason)
             bar.update(1)
+    for task in tasks:
+        if task.op_call is not None and task.kernel.op in OP_NAMES:
+            task.candidates.append(dict(TORCH_IMPL))
     return tasks, list(dict.fromkeys(notes))
 
 
@@ -214,6 +223,8 @@ class Job:
     dtype: str
     config: Config
     device: str = "cuda"
+    op: Optional[str] = None  # the op of looplm.ops, and the call (describe_call) for the PyTorch candidate
+    op_call: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -252,6 +263,8 @@ def _device_healthy(device: str) -> bool:
 def measure(job: Job, timer: Timer) -> Outcome:
     """Check one candidate's output against the reference backend's on the same inputs, then time
     it. A kernel without `expected` is refused: nothing unchecked is ever timed."""
+    if is_torch(job.config):
+        return measure_torch_op(job, timer)
     tuning = load_tuning(job.module, job.attr)
     if tuning.expected is None:
         return Outcome(reason=f"{job.module}.{job.attr} has no `expected`: its output cannot be checked, so it "
@@ -266,6 +279,26 @@ def measure(job: Job, timer: Timer) -> Outcome:
             return Outcome(reason=f"wrong output: {problem}")
         del actual
         return Outcome(median_ms=float(timer(lambda: tuning.run(*args, config=job.config))))
+    except candidate_errors() as e:
+        return Outcome(reason=describe(e), healthy=_device_healthy(job.device))
+
+
+def measure_torch_op(job: Job, timer: Timer) -> Outcome:
+    """The PyTorch candidate: the "torch" backend's op on the call behind the task's shape, checked
+    against the "reference" backend's like every candidate, then timed."""
+    from looplm import get_backend
+    if job.op is None or job.op_call is None:
+        return Outcome(reason="no op call is known for this shape, so the PyTorch op cannot be run")
+    try:
+        torch.manual_seed(0)
+        args, kwargs = materialize(job.op_call, job.device)
+        torch_op = get_backend("torch").ops[job.op]
+        with torch.inference_mode():
+            problem = output_mismatch(torch_op(*args, **kwargs), get_backend("reference").ops[job.op](*args, **kwargs),
+                                      getattr(torch, job.dtype))
+            if problem is not None:
+                return Outcome(reason=f"wrong output: {problem}")
+            return Outcome(median_ms=float(timer(lambda: torch_op(*args, **kwargs))))
     except candidate_errors() as e:
         return Outcome(reason=describe(e), healthy=_device_healthy(job.device))
 
@@ -390,7 +423,8 @@ def run_tasks(tasks: Sequence[Task], runner: Callable[[Job], Outcome], device: s
                                 f"{'x'.join(map(str, task.shape))}", refresh=False)
             outcomes = []
             for config in task.candidates:
-                job = Job(task.kernel.module, task.kernel.attr, task.shape, task.dtype, config, device)
+                job = Job(task.kernel.module, task.kernel.attr, task.shape, task.dtype, config, device,
+                          task.kernel.op, task.op_call)
                 outcomes.append((config, runner(job)))
                 bar.update(1)
             entry = select(task, outcomes)

@@ -10,6 +10,16 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 Config = dict[str, Any]  # knob name -> value, e.g. {"BLOCK_N": 1024, "num_warps": 4}
 
+# The candidate "run the PyTorch op instead" (the "torch" backend's, looplm.torch_ops): the tuner times
+# it beside every kernel's configurations, and a table entry it wins sends that bucket's launches to
+# PyTorch, so that a tuned GPU never runs a kernel slower than PyTorch there.
+TORCH_IMPL: Config = {"impl": "torch"}
+
+
+def is_torch(config: Optional[Config]) -> bool:
+    """Whether `config` is the PyTorch-op candidate rather than a kernel configuration."""
+    return bool(config) and config.get("impl") == "torch"
+
 
 @dataclass(frozen=True)
 class KernelTuning:

@@ -5,6 +5,8 @@
       "gpu": "rtx5070",                                 the short name (tuning.gpus)
       "device": {"name": "NVIDIA GeForce RTX 5070", "capability": [12, 0]},
       "updated": "2025-01-31T12:00:00+00:00",
+      "provenance": {"source": ..., "date": ..., "gpu": ..., "toolchain": {...},   optional: where a table
+                     "partial": ..., "command": ...},                             not written here came from
       "runs": [{"run": 1, "date": ..., "driver": ..., "versions": {"torch": ..., "triton": ...,
                 "cuda-tile": ..., ...}, "forced": false}],
       "entries": [{

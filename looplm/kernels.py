@@ -1,0 +1,126 @@
+"""Kernel plumbing both kernel backends share: grid limits, recording launches instead of running
+them (for an ahead-of-time compile of exactly what a launcher launches), picking the most demanding
+of a run's compiled launches, and reading a cubin's resources with cuobjdump.
+
+A backend's `launch` asks `recording()`; inside `captured_launches(arch)` it hands its launch record
+(whatever that backend compiles from: a Triton `Launch`, a cuTile tuple) to `record` instead of
+running it, and its launchers may ask `recording_arch()` to choose for the architecture compiled
+for (e.g. tensor descriptors on sm_90). `looplm_triton.common` and `looplm_tile.runtime` re-export
+these names for their kernel modules.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+# CUDA's grid limits: x up to 2^31 - 1 blocks, y and z up to 65535.
+MAX_GRID = (2 ** 31 - 1, 65535, 65535)
+
+
+def check_grid(grid: Sequence[int]) -> tuple[int, ...]:
+    """`grid` if CUDA can launch it, else a clear error (axes 1 and 2 stop at 65535 blocks)."""
+    for axis, (blocks, limit) in enumerate(zip(grid, MAX_GRID)):
+        if not 0 <= blocks <= limit:
+            raise ValueError(f"grid {tuple(grid)}: axis {axis} has {blocks} blocks; CUDA allows at most {limit}")
+    return tuple(grid)
+
+
+# ---- recording launches
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def captured_launches(arch: Optional[str] = None) -> Iterator[list]:
+    """Within (this thread): kernel launches are recorded in the yielded list instead of run (call
+    the launchers with meta tensors), and `recording_arch()` answers `arch` (e.g. "sm_90"; None:
+    no particular GPU), so that launchers which choose by architecture choose for that one."""
+    previous = getattr(_recording, "launches", None), getattr(_recording, "arch", None)
+    launches: list = []
+    _recording.launches, _recording.arch = launches, arch
+    try:
+        yield launches
+    finally:
+        _recording.launches, _recording.arch = previous
+
+
+def recording() -> bool:
+    """Whether launches are being recorded (inside `captured_launches`) rather than run."""
+    return getattr(_recording, "launches", None) is not None
+
+
+def recording_arch() -> Optional[str]:
+    """The architecture the recorded launches are for (None outside a recording, or for none)."""
+    return getattr(_recording, "arch", None) if recording() else None
+
+
+def record(launch: Any) -> None:
+    """Add one launch record to the current recording."""
+    _recording.launches.append(launch)
+
+
+def capture(run: Callable[..., Any], *args: Any, arch: Optional[str] = None, **kwargs: Any) -> list:
+    """The launches `run(*args, **kwargs)` makes for `arch`, recorded, not run (pass meta tensors)."""
+    with captured_launches(arch) as launches:
+        run(*args, **kwargs)
+    if not launches:
+        raise RuntimeError(f"{getattr(run, '__name__', run)} launched no kernel")
+    return launches
+
+
+def most_demanding(results: Iterable[dict]) -> dict:
+    """Of the compiled resources of a run's launches, the most demanding (local memory first, then
+    registers, then shared memory), with "launches": how many were compiled."""
+    results = list(results)
+    worst = max(results, key=lambda r: (int(r.get("spill_stores", 0) or 0) + int(r.get("stack", 0) or 0)
+                                        + int(r.get("local_mem", 0) or 0), r.get("registers", 0),
+                                        r.get("shared_mem", 0)))
+    return {**worst, "launches": len(results)}
+
+
+# ---- a cubin's resources
+
+RESOURCE_FIELDS = {"REG": "registers", "STACK": "stack", "SHARED": "shared_mem", "LOCAL": "local_mem"}
+
+
+def cuobjdump() -> Optional[str]:
+    """cuobjdump on PATH, else the one Triton ships next to its ptxas, else None."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton.backends.nvidia as nvidia
+    except ImportError:
+        return None
+    bundled = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    return bundled if os.access(bundled, os.X_OK) else None
+
+
+def parse_resource_usage(report: str) -> dict[str, int]:
+    """The fields of `cuobjdump -res-usage` for one kernel (registers per thread, the rest in bytes)."""
+    return {RESOURCE_FIELDS[k]: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", report)}
+
+
+def cubin_resources(cubin: bytes, tool: Optional[str] = None) -> dict[str, int]:
+    """{"registers", "stack", "shared_mem", "local_mem", "threads"} of the one kernel in `cubin`, as far
+    as cuobjdump tells ("threads": the block size the cubin requires, where it says); {} without
+    cuobjdump."""
+    tool = tool or cuobjdump()
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
+        elf = subprocess.run([tool, "-elf", f.name], capture_output=True, text=True).stdout
+    resources = parse_resource_usage(usage)
+    block = re.search(r"EIATTR_REQNTID\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)", elf)
+    if block:
+        resources["threads"] = int(block.group(1), 16) * int(block.group(2), 16) * int(block.group(3), 16)
+    return resources
