@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from looplm.config import READOUT_CRITERIA
-from looplm.engine import blocks_with_cache, run_loop
+from looplm.engine import Past, blocks_with_cache, run_loop
 from looplm.model import LoopGPT, check_sampling, sample_next_token
 
 FILLS = ("latest", "last", "ring")
@@ -65,28 +65,37 @@ class LoopKVCache:
                              f"{block_len} more do not fit")
         self.block_len = block_len
 
-    def store(self, layer: int, loop: int, rows: Optional[Tensor], keys: Tensor, values: Tensor) -> None:
+    def store(self, layer: int, loop: int, rows: Optional[Tensor], keys: Tensor, values: Tensor,
+              keep: Optional[Tensor] = None) -> None:
         slot = (loop - 1) % self.slots
         if rows is None:  # the whole block: one slice
             span = slice(self.length, self.length + self.block_len)
-            self.keys[layer, slot, :, span] = keys.view(self.batch, self.block_len, -1)
-            self.values[layer, slot, :, span] = values.view(self.batch, self.block_len, -1)
+            old_keys, old_values = self.keys[layer, slot, :, span], self.values[layer, slot, :, span]
+            keys, values = keys.view_as(old_keys), values.view_as(old_values)
+            if keep is not None:  # halted tokens keep their entries (a ring's slot may hold an older one)
+                keep = keep.view(self.batch, self.block_len, 1)
+                keys, values = torch.where(keep, old_keys, keys), torch.where(keep, old_values, values)
+            old_keys.copy_(keys)
+            old_values.copy_(values)
             return
         batch, pos = rows // self.block_len, self.length + rows % self.block_len
+        if keep is not None:
+            keys = torch.where(keep[:, None], self.keys[layer, slot, batch, pos], keys)
+            values = torch.where(keep[:, None], self.values[layer, slot, batch, pos], values)
         self.keys[layer, slot, batch, pos] = keys
         self.values[layer, slot, batch, pos] = values
 
-    def past(self, layer: int, loop: int) -> Optional[tuple[Tensor, Tensor]]:
+    def past(self, layer: int, loop: int) -> Optional[Past]:
         if self.length == 0:
             return None
         if self.most - self.slots + 1 <= loop <= self.fewest:  # every token reads the same slot: a view
             s = (loop - 1) % self.slots
-            return self.keys[layer, s, :, :self.length], self.values[layer, s, :, :self.length]
+            return Past(self.keys[layer, s, :, :self.length], self.values[layer, s, :, :self.length])
         n = self.entries[:, :self.length]
         slot = (n.clamp(max=loop).maximum(n - self.slots + 1) - 1) % self.slots  # (B, P)
         batch = torch.arange(slot.size(0), device=slot.device)[:, None]
         pos = torch.arange(self.length, device=slot.device)[None, :]
-        return self.keys[layer, slot, batch, pos], self.values[layer, slot, batch, pos]
+        return Past(self.keys[layer, slot, batch, pos], self.values[layer, slot, batch, pos])
 
     def commit(self, steps: Optional[Tensor] = None) -> None:
         """Close the block: its tokens ran `steps` (B, T) loops (None: one each)."""

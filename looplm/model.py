@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from looplm.backends import Backend, get_backend, hybrid_ops
-from looplm.config import HIGHER_IS_SURER, LoopConfig, check_threshold
+from looplm import halting as halting_rules
+from looplm.config import LoopConfig
 from looplm.engine import KVStore, LoopTrace, blocks_with_cache, run_loop
 from looplm.ops import BlockWeights
 
@@ -245,30 +246,12 @@ class LoopGPT(nn.Module):
     # ---- halting
 
     def halt_thresholds(self, idx: Tensor, thresholds: Optional[Tensor] = None) -> Tensor:
-        """Per-token thresholds (B, T) in the criterion's own units: `thresholds` if given, else
-        halt_threshold, replaced from each trigger token of halt_thresholds_after on (latest wins)."""
-        cfg = self.config
-        if thresholds is not None:
-            if thresholds.shape != idx.shape:
-                raise ValueError(f"thresholds must have the shape of idx {tuple(idx.shape)}, got "
-                                 f"{tuple(thresholds.shape)}")
-            for value in thresholds.unique().tolist():
-                check_threshold(cfg.halt, value, "thresholds")
-            return thresholds.to(device=idx.device, dtype=torch.float32)
-        thr = torch.full(idx.shape, float(cfg.halt_threshold), device=idx.device)
-        latest = torch.full(idx.shape, -1, device=idx.device)
-        pos = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
-        for token, value in cfg.halt_thresholds_after.items():
-            last_seen = torch.where(idx == token, pos, -1).cummax(dim=1).values
-            newer = last_seen > latest
-            thr = torch.where(newer, value, thr)
-            latest = torch.where(newer, last_seen, latest)
-        return thr
+        """Per-token thresholds (B, T) in the criterion's own units (`looplm.halting.thresholds`)."""
+        return halting_rules.thresholds(self.config, idx, thresholds)
 
     def halt_bar(self, idx: Tensor, thresholds: Optional[Tensor] = None) -> Tensor:
         """Per-token thresholds as halt_update takes them: (B*T,) float32, lower score is surer."""
-        thr = self.halt_thresholds(idx, thresholds)
-        return (-thr if self.config.halt in HIGHER_IS_SURER else thr).reshape(-1)
+        return halting_rules.halt_bar(self.config.halt, self.halt_thresholds(idx, thresholds))
 
     # ---- the loop
 

@@ -7,8 +7,10 @@ import torch
 
 from looplm import LoopConfig, LoopGPT, LoopTrace
 from looplm.backends import Backend, BackendUnavailable, get_backend
+from looplm.engine import run_loop
+from looplm.halting import capacity_reads
 from looplm.ops import OP_NAMES
-from looplm.testing import assert_close
+from looplm.testing import assert_close, count_host_syncs
 from tests.models import sharpen
 
 pytestmark = pytest.mark.filterwarnings("ignore:backend 'tile' runs its cuTile kernels in the CPU emulator")
@@ -207,3 +209,42 @@ def test_readout_is_computed_only_when_needed():
         with torch.no_grad():
             model.loop(model.embed(idx), idx, MAX_LOOPS, True)
         assert ("softmax_entropy" in rows) == bool(readouts), criterion  # kl takes one log-softmax instead
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton", "tile"])
+def test_halting_loop_reads_the_device_only_at_its_capacity_reads(backend):
+    """No loop waits on the host: the masked loop never reads the device, whatever halts; the
+    compacted loop reads once at each of its capacity reads (after loops 1, 2, 4 of 8), not per loop.
+    A kernel backend's own host reads (the Triton interpreter, the cuTile emulator) are not the loop's."""
+    kernel = backend in ("triton", "tile")
+    model = sharpened_model("entropy", max_loops=4 if kernel else MAX_LOOPS).set_backend(backend_or_skip(backend))
+    idx = torch.randint(0, 17, (1, 6) if kernel else (2, 12), generator=torch.Generator().manual_seed(5))
+    thresholds = mixed_thresholds("entropy", idx)
+    n_loops = model.config.max_loops
+    bar = model.halt_bar(idx, thresholds)
+    with torch.no_grad():
+        x0 = model.embed(idx)
+        for compact in (False, True):
+            with count_host_syncs() as syncs:
+                _, steps = run_loop(model, x0, n_loops, bar, compact=compact)
+            reads = capacity_reads(model.config.min_loops, n_loops) if compact else ()
+            assert len(steps.unique()) >= 2, "the test needs tokens that halt after different loops"
+            assert 0 < syncs.count <= len(reads) if compact else syncs.count == 0, (compact, syncs.ops)
+
+
+def test_host_sync_counter_counts_the_reads_a_gpu_would_wait_for():
+    x = torch.randn(8)
+    with count_host_syncs() as syncs:
+        x.sum().item()
+        bool(x[0] > 0)
+        x.nonzero()
+        x[x > 0]
+        x.unique()
+        x.tolist()
+        x.numpy()
+    assert syncs.count == 7, syncs.ops
+    with count_host_syncs() as syncs:
+        torch.nonzero_static(x > 0, size=3)
+        torch.where(x > 0, x, 0).sum()
+        x.index_select(0, torch.tensor([1, 2]))
+    assert syncs.count == 0, syncs.ops
