@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from looplm.config import READOUT_CRITERIA
-from looplm.engine import Past, blocks_with_cache, run_loop
+from looplm import halting as halting_rules
+from looplm.engine import Past, blocks_with_cache, halting_loop, plain_loop, run_loop
 from looplm.model import LoopGPT, check_sampling, sample_next_token
 
 FILLS = ("latest", "last", "ring")
@@ -175,6 +176,14 @@ def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatur
     if not isinstance(budget, int) or budget < (cfg.min_loops if halting else 1):
         raise ValueError(f"n_loops must be an integer >= {cfg.min_loops if halting else 1}, got {budget!r}")
     slots = _slots(fill, ring_size, budget)
+    return _generate_cached(model, idx, max_new_tokens, temperature, top_k, halting, budget, fill, slots, pos)
+
+
+def _generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
+                     halting: bool, budget: int, fill: str, slots: int, pos: Optional[Tensor]
+                     ) -> tuple[Tensor, GenerationStats]:
+    """generate_cached's tokens, its arguments checked; idx may be longer than block_size (a restart)."""
+    cfg = model.config
     loop_layers = cfg.n_layer + (cfg.n_coda if halting and cfg.halt in READOUT_CRITERIA else 0)
     B, prompt_len = idx.shape
     caches, cache_bytes, all_steps = None, 0, []
@@ -221,3 +230,195 @@ def _slots(fill: str, ring_size: Optional[int], budget: int) -> int:
     if not isinstance(ring_size, int) or ring_size < 1:
         raise ValueError(f"fill='ring' needs ring_size, an integer >= 1, got {ring_size!r}")
     return min(ring_size, budget)
+
+
+class StaticKVCache:
+    """Preallocated keys and values of up to max_len tokens, per layer and per loop (one slot for
+    each loop of the budget: the "latest" fill), and each token's count of entries (the loops it
+    ran). A block of tokens is fed at a time: `begin(T)`, the loop's `store` calls, `commit(steps)`.
+
+    Two ways to say where the block sits. `positioned=False`: at the host's count of committed
+    tokens, and the past is that many tokens (sliced: any backend's attention op). positioned=True:
+    at a device position (`at`, advanced on the device), and the past is all max_len places with the
+    ones not yet written masked out: every step has the same shapes, so one compiled graph (or a
+    captured CUDA graph) serves every token; it needs the torch backend's attention (SDPA takes the mask).
+    """
+
+    def __init__(self, n_layer: int, slots: int, batch: int, max_len: int, n_embd: int, dtype: torch.dtype,
+                 device: torch.device, positioned: bool = False, uniform: bool = False):
+        shape = (n_layer, slots, batch, max_len, n_embd)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.entries = torch.zeros(batch, max_len, dtype=torch.int32, device=device)
+        self.at = torch.zeros((), dtype=torch.long, device=device)  # the block's first position (positioned)
+        self.places = torch.arange(max_len, device=device)
+        self.slots, self.batch, self.max_len = slots, batch, max_len
+        self.positioned, self.uniform = positioned, uniform  # uniform: every token runs every loop
+        self.length = 0  # tokens committed (host count; positioned: `at` on the device instead)
+        self.block_len = 0
+        if positioned:  # the buffers keep their addresses: a compiled step reads them in place
+            for t in (self.keys, self.values, self.entries, self.at):
+                torch._dynamo.mark_static_address(t)
+
+    def begin(self, block_len: int) -> None:
+        if not self.positioned and self.length + block_len > self.max_len:  # positioned: the caller counts
+            raise ValueError(f"the cache holds {self.max_len} tokens; {self.length} are cached and "
+                             f"{block_len} more do not fit")
+        self.block_len = block_len
+
+    def _block(self) -> Tensor:
+        """The block's positions (T,): a device range from `at`, or the host's."""
+        if self.positioned:
+            return self.at + torch.arange(self.block_len, device=self.at.device)
+        return torch.arange(self.length, self.length + self.block_len, device=self.at.device)
+
+    def store(self, layer: int, loop: int, rows: Optional[Tensor], keys: Tensor, values: Tensor,
+              keep: Optional[Tensor] = None) -> None:
+        slot, T = (loop - 1) % self.slots, self.block_len
+        if rows is None:
+            rows = torch.arange(self.batch * T, device=keys.device)
+        batch, place = rows // T, self._block().index_select(0, rows % T)
+        flat = batch * self.max_len + place  # into (B * max_len)
+        for buffer, new in ((self.keys, keys), (self.values, values)):
+            view = buffer[layer, slot].view(self.batch * self.max_len, -1)
+            if keep is not None:  # halted tokens keep their entries
+                new = torch.where(keep[:, None], view.index_select(0, flat), new)
+            view.index_copy_(0, flat, new)
+
+    def past(self, layer: int, loop: int) -> Optional[Past]:
+        if not self.positioned and self.length == 0:
+            return None
+        span = slice(None) if self.positioned else slice(0, self.length)
+        keys, values = self.keys[layer, :, :, span], self.values[layer, :, :, span]  # (slots, B, P, C)
+        if self.uniform:  # every earlier token has an entry for every loop
+            keys, values = keys[(loop - 1) % self.slots], values[(loop - 1) % self.slots]
+        else:  # a token that ran s < loop loops offers entry s
+            slot = (self.entries[:, span].clamp(min=1, max=loop) - 1).long()  # (B, P)
+            index = slot[None, :, :, None].expand(1, -1, -1, keys.size(-1))
+            keys, values = keys.gather(0, index)[0], values.gather(0, index)[0]
+        visible = (self.places < self.at).expand(self.batch, -1) if self.positioned else None
+        return Past(keys, values, visible)
+
+    def commit(self, steps: Optional[Tensor] = None) -> None:
+        """Close the block: its tokens ran `steps` (B, T) loops (None: one each)."""
+        T = self.block_len
+        steps = torch.ones(self.batch, T, dtype=torch.int32, device=self.entries.device) if steps is None else steps
+        self.entries.index_copy_(1, self._block(), steps.view(self.batch, T).to(torch.int32))
+        if self.positioned:
+            self.at.add_(T)
+        else:
+            self.length += T
+
+
+class Decoder:
+    """Decode as one step per token: every loop of the new tokens (B, 1), halting included (masked
+    loops: every row runs every loop of the budget, a halted row's results discarded), the prelude's
+    and coda's blocks, the readout and sampling, all on the device over static caches. The step
+    reads nothing on the host; tokens stay on the device until the caller reads them.
+
+    compile: torch.compile the step (fullgraph; mode="reduce-overhead" on CUDA, which captures it in
+    a CUDA graph and replays it per token), with `compiler` (torch.compile's backend). It needs the
+    torch backend (the masked past)."""
+
+    def __init__(self, model: LoopGPT, batch: int, max_len: int, budget: int, halting: bool, temperature: float,
+                 top_k: Optional[int], compile: bool = False, compiler: str = "inductor"):
+        cfg, weight = model.config, model.lm_head.weight
+        if compile and model.backend.name != "torch":
+            raise ValueError(f"a compiled decode step needs the 'torch' backend, got {model.backend.name!r}")
+        self.model, self.batch, self.budget, self.halting = model, batch, budget, halting
+        self.temperature, self.top_k = temperature, top_k
+        loop_layers = cfg.n_layer + (cfg.n_coda if halting and cfg.halt in READOUT_CRITERIA else 0)
+
+        def cache(layers: int, slots: int, uniform: bool) -> Optional[StaticKVCache]:
+            return StaticKVCache(layers, slots, batch, max_len, cfg.n_embd, weight.dtype, weight.device,
+                                 positioned=compile, uniform=uniform) if layers else None
+        self.loop = cache(loop_layers, budget, not halting)
+        self.prelude, self.coda = cache(cfg.n_prelude, 1, True), cache(cfg.n_coda, 1, True)
+        self.caches = [c for c in (self.loop, self.prelude, self.coda) if c is not None]
+        # the fed token's threshold (criterion units): the latest trigger's, as halting.thresholds
+        self.threshold = torch.zeros(batch, device=weight.device)
+        mode = "reduce-overhead" if weight.device.type == "cuda" and compiler == "inductor" else None
+        self.step = torch.compile(self._step, fullgraph=True, backend=compiler, mode=mode) if compile else self._step
+
+    def prefill(self, idx: Tensor, pos: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """Run the prompt (B, T) (compacted halting loop: a few capacity reads, once); returns the
+        first new token (B, 1) and the prompt's steps (B, T)."""
+        model, cfg = self.model, self.model.config
+        B, T = idx.shape
+        for c in self.caches:
+            c.begin(T)
+        x0 = model.embed(idx, 0, pos, kv=self.prelude)
+        threshold = None
+        if self.halting:
+            per_token = halting_rules.thresholds(cfg, idx)
+            self.threshold.copy_(per_token[:, -1])
+            threshold = halting_rules.halt_bar(cfg.halt, per_token)
+        h, steps = run_loop(model, x0, self.budget, threshold, kv=self.loop)
+        return self._finish(h, steps.view(B, T))
+
+    def _step(self, token: Tensor, position: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """One new token (B, 1) at the task's position ids `position` (B, 1) or the cache's next."""
+        model, cfg = self.model, self.model.config
+        for c in self.caches:
+            c.begin(1)
+        if position is None:
+            position = self.loop.at.view(1, 1) if self.loop.positioned else \
+                torch.full((1, 1), self.loop.length, device=token.device)
+        x0 = model.embed(token, pos=position.expand(self.batch, 1), kv=self.prelude)
+        if self.halting:
+            for trigger, value in cfg.halt_thresholds_after.items():
+                self.threshold.copy_(torch.where(token[:, 0] == trigger, value, self.threshold))
+            h, steps = halting_loop(model, x0, self.budget, halting_rules.halt_bar(cfg.halt, self.threshold),
+                                    compact=False, kv=self.loop)
+        else:
+            h, steps = plain_loop(model, x0, self.budget, kv=self.loop)
+        return self._finish(h, steps.view(self.batch, 1))
+
+    def _finish(self, h: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
+        model = self.model
+        if model.config.n_coda:
+            h = blocks_with_cache(model, model.transformer.coda, h, self.coda)
+        self.loop.commit(steps)
+        for c in (self.prelude, self.coda):
+            if c is not None:
+                c.commit()
+        return sample_next_token(model.logits(h[:, -1]), self.temperature, self.top_k), steps
+
+
+@torch.no_grad()
+def generate_static(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: Optional[int] = None, *, halt: Optional[bool] = None, n_loops: Optional[int] = None,
+                    pos: Optional[Tensor] = None, compile: bool = False, compiler: str = "inductor"
+                    ) -> tuple[Tensor, Tensor]:
+    """LoopGPT.generate with the Decoder: the prompt once, then one sync-free step per token while
+    the context fits block_size; past it, every further token reruns the cropped context
+    (generate_cached's restart, as nanoGPT). Returns (tokens (B, T + new), steps (B, T + new - 1)):
+    the loops each fed token ran. Equal, token for token, to generate_cached (fill "latest")."""
+    check_sampling(max_new_tokens, temperature, top_k)
+    if pos is not None:
+        model._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
+    model._check_inputs(idx, None, None if pos is None else pos[:, :idx.size(1)])
+    cfg = model.config
+    halting = halting_rules.resolve(cfg, halt, model.training)
+    budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
+    if not isinstance(budget, int) or budget < (cfg.min_loops if halting else 1):
+        raise ValueError(f"n_loops must be an integer >= {cfg.min_loops if halting else 1}, got {budget!r}")
+    B, T = idx.shape
+    if max_new_tokens == 0:
+        return idx, torch.zeros(B, 0, dtype=torch.int32, device=idx.device)
+    in_cache = min(max_new_tokens, cfg.block_size - T + 1)  # new tokens made while the context fits
+    decoder = Decoder(model, B, min(cfg.block_size, T + in_cache - 1), budget, halting, temperature, top_k,
+                      compile=compile, compiler=compiler)
+    token, steps = decoder.prefill(idx, None if pos is None else pos[:, :T])
+    tokens, all_steps = [token], [steps]
+    for i in range(1, in_cache):
+        token, steps = decoder.step(token, None if pos is None else pos[:, T + i - 1:T + i])
+        tokens.append(token)
+        all_steps.append(steps)
+    out = torch.cat([idx, *tokens], dim=1)
+    steps = torch.cat(all_steps, dim=1)
+    if in_cache < max_new_tokens:  # the context outgrew block_size: generate_cached's restarts
+        rest = max_new_tokens - in_cache
+        out, stats = _generate_cached(model, out, rest, temperature, top_k, halting, budget, "latest", budget, pos)
+        steps = torch.cat([steps, stats.steps[:, -rest:]], dim=1)
+    return out, steps

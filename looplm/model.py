@@ -353,15 +353,17 @@ class LoopGPT(nn.Module):
                  *, use_cache: bool = True, halt: Optional[bool] = None, n_loops: Optional[int] = None,
                  pos: Optional[Tensor] = None) -> Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T), nanoGPT's way. temperature=0 is greedy;
-        halt and n_loops as in forward. By default every token runs once, keys and values kept per
-        loop (`looplm.generation`, fill "latest": the same tokens as without the cache); rows whose
-        token has halted stop computing. use_cache=False reruns the whole (cropped) context per token.
+        halt and n_loops as in forward. By default the prompt runs once and then each new token in one
+        step over static per-loop K/V caches (`looplm.generation.generate_static`: the same tokens as
+        without the cache; no host read per token; on CUDA with the torch backend the step is compiled
+        and replayed as a CUDA graph). use_cache=False reruns the whole (cropped) context per token.
         pos: position ids (B, T + max_new_tokens) of the prompt and of the tokens to come, as the
         task gives them (the last column is never fed; see LoopGPT.forward)."""
         if use_cache:
-            from looplm.generation import generate_cached  # generation builds on this module
-            return generate_cached(self, idx, max_new_tokens, temperature, top_k, halt=halt, n_loops=n_loops,
-                                   pos=pos)[0]
+            from looplm.generation import generate_static  # generation builds on this module
+            compile = self.lm_head.weight.device.type == "cuda" and self.backend.name == "torch"
+            return generate_static(self, idx, max_new_tokens, temperature, top_k, halt=halt, n_loops=n_loops,
+                                   pos=pos, compile=compile)[0]
         check_sampling(max_new_tokens, temperature, top_k)
         if pos is not None:
             self._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
@@ -383,13 +385,13 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int]
 
 
 def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
-    """Next token ids (B, 1) from logits (B, V): argmax at temperature 0, else sampled from the top_k."""
+    """Next token ids (B, 1) from logits (B, V): argmax at temperature 0, else sampled from the top_k.
+    On the device, with no host read (the top_k filter is a comparison, not a boolean index)."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
+        logits = torch.where(logits < v[:, [-1]], -float("inf"), logits)
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-

@@ -7,9 +7,10 @@ import torch
 
 from looplm import LoopConfig, LoopGPT
 from looplm.backends import get_backend
-from looplm.generation import LoopKVCache, generate_cached
+from looplm.generation import Decoder, LoopKVCache, generate_cached, generate_static
+from looplm.testing import count_host_syncs
 from tests.models import sharpen
-from tests.test_adaptive import MAX_LOOPS, SHAPES, counting, sharpened_model
+from tests.test_adaptive import MAX_LOOPS, SHAPES, backend_or_skip, counting, sharpened_model
 
 
 def fixed_depth_model(**overrides) -> LoopGPT:
@@ -119,3 +120,56 @@ def test_bad_arguments_are_refused(kwargs, message):
     args = {"max_new_tokens": 3, "temperature": 0.0, **kwargs}
     with pytest.raises(ValueError, match=message):
         generate_cached(fixed_depth_model(), torch.zeros(1, 2, dtype=torch.long), **args)
+
+
+# ---- decode as one step over static caches (generate_static, the default)
+
+@pytest.mark.parametrize("halting", [False, True], ids=["fixed", "halting"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_static_decode_equals_cached_generation(shape, halting):
+    """The one-step decode (masked loops per token) gives today's cached generation token for token,
+    and the same loops per fed token, at fixed depth and with halting."""
+    model = sharpened_model("entropy", block_size=32, **SHAPES[shape]) if halting else \
+        fixed_depth_model(**SHAPES[shape])
+    idx = torch.randint(0, 17, (2, 5), generator=torch.Generator().manual_seed(4))
+    out, steps = generate_static(model, idx, 14, temperature=0)
+    expected, stats = generate_cached(model, idx, 14, temperature=0)
+    assert torch.equal(out, expected) and torch.equal(steps, stats.steps)
+    assert len(steps.unique()) >= (2 if halting else 1)
+    torch.manual_seed(3)
+    sampled, _ = generate_static(model, idx, 14, temperature=0.8, top_k=5)
+    torch.manual_seed(3)
+    assert torch.equal(sampled, generate_cached(model, idx, 14, temperature=0.8, top_k=5)[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton", "tile"])
+def test_decode_step_reads_nothing_on_the_host(backend):
+    """Per backend: no host read in a decode step, halting included; the tokens equal the cached
+    generation's. (A kernel backend's own reads in the interpreter or emulator are not counted.)"""
+    model = sharpened_model("entropy", block_size=16, max_loops=3).set_backend(backend_or_skip(backend))
+    idx = torch.randint(0, 17, (2, 4), generator=torch.Generator().manual_seed(4))
+    decoder = Decoder(model, 2, 8, budget=3, halting=True, temperature=0, top_k=None)
+    tokens = [decoder.prefill(idx, None)[0]]
+    with count_host_syncs() as syncs:
+        for _ in range(3):
+            tokens.append(decoder.step(tokens[-1], None)[0])
+    assert syncs.count == 0, syncs.ops
+    expected, stats = generate_cached(model, idx, 4, temperature=0)
+    assert torch.equal(torch.cat([idx, *tokens], dim=1), expected)
+    assert len(stats.steps.unique()) >= 2, "the test needs tokens that halt after different loops"
+
+
+@pytest.mark.parametrize("halting", [False, True], ids=["fixed", "halting"])
+def test_compiled_decode_step_is_one_graph_for_every_token(halting):
+    """torch.compile(fullgraph=True) of the decode step: one graph, never recompiled over 200 tokens
+    (the position and the halting state live on the device), equal to the cached generation.
+    Dynamo's capture is what is checked: the "eager" compiler backend keeps the test fast."""
+    torch._dynamo.reset()
+    model = sharpened_model("entropy", block_size=208, max_loops=3) if halting else \
+        fixed_depth_model(block_size=208, n_loops=3)
+    idx = torch.randint(0, 17, (1, 4), generator=torch.Generator().manual_seed(5))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out, steps = generate_static(model, idx, 200, temperature=0, compile=True, compiler="eager")
+    expected, stats = generate_cached(model, idx, 200, temperature=0)
+    assert torch.equal(out, expected) and torch.equal(steps, stats.steps)
+    torch._dynamo.reset()
