@@ -101,11 +101,13 @@ class LoopTrace:
 
 class Past(NamedTuple):
     """Earlier tokens' keys and values for the block's tokens: each (B, P, C); `visible` (B, P) bool
-    marks the ones they may read (None: all), for a preallocated store of static length."""
+    marks the ones they may read (None: all), for a preallocated store of static length. with_block:
+    a one-token block's own keys and values are among them, at its place (the store had them first)."""
 
     keys: Tensor
     values: Tensor
     visible: Optional[Tensor] = None
+    with_block: bool = False
 
 
 class KVStore(Protocol):
@@ -218,7 +220,9 @@ def _attend(backend, q: Tensor, rows: _Rows, qkv: Tensor, past: Optional[Past], 
     kv = qkv.view(B, T, 3 * C)[..., C:]  # (B, T, 2C): one view serves both
     k, v = kv[..., :C], kv[..., C:]
     P = 0 if past is None else past.keys.size(1)
-    if past is not None:
+    if past is not None and past.with_block:  # one token per row, its own keys already in the past
+        k, v, P = past.keys, past.values, P - 1
+    elif past is not None:
         k, v = torch.cat([past.keys, k], dim=1), torch.cat([past.values, v], dim=1)
 
     def heads(x: Tensor) -> Tensor:
@@ -232,9 +236,12 @@ def _attend(backend, q: Tensor, rows: _Rows, qkv: Tensor, past: Optional[Past], 
     masked_past = past is not None and past.visible is not None
     if attention is torch_ops.attention and (masked_past or not rows.every):
         if rows.every:  # every token, reading only the visible part of a preallocated past
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            mask = torch.cat([past.visible[:, None, None, :].expand(-1, 1, T, -1),
-                              causal.expand(B, 1, T, T)], dim=-1)
+            if past.with_block:
+                mask = past.visible[:, None, None, :]  # (B, 1, 1, P + 1)
+            else:
+                causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+                mask = torch.cat([past.visible[:, None, None, :].expand(-1, 1, T, -1),
+                                  causal.expand(B, 1, T, T)], dim=-1)
             return rows_of(F.scaled_dot_product_attention(heads(q.view(B, T, C)), heads(k), heads(v),
                                                           attn_mask=mask), None)
         queries = q.index_select(0, rows.queries_at).view(B, rows.L, C)

@@ -261,24 +261,25 @@ class StaticKVCache:
                 torch._dynamo.mark_static_address(t)
 
     def begin(self, block_len: int) -> None:
+        """Open a block of block_len tokens per row: where they go, planned once for every store."""
         if not self.positioned and self.length + block_len > self.max_len:  # positioned: the caller counts
             raise ValueError(f"the cache holds {self.max_len} tokens; {self.length} are cached and "
                              f"{block_len} more do not fit")
         self.block_len = block_len
-
-    def _block(self) -> Tensor:
-        """The block's positions (T,): a device range from `at`, or the host's."""
+        device = self.at.device
         if self.positioned:
-            return self.at + torch.arange(self.block_len, device=self.at.device)
-        return torch.arange(self.length, self.length + self.block_len, device=self.at.device)
+            self.block = self.at + torch.arange(block_len, device=device)  # positions (T,), on the device
+        else:
+            self.block = torch.arange(self.length, self.length + block_len, device=device)
+        batch = torch.arange(self.batch, device=device)[:, None]
+        self.block_flat = (batch * self.max_len + self.block).reshape(-1)  # (B * T,) into (B * max_len)
+        if block_len == 1 and not self.uniform:  # a token reads its own entry of every loop (see past)
+            self.entries.index_fill_(1, self.block, self.slots)
 
     def store(self, layer: int, loop: int, rows: Optional[Tensor], keys: Tensor, values: Tensor,
               keep: Optional[Tensor] = None) -> None:
-        slot, T = (loop - 1) % self.slots, self.block_len
-        if rows is None:
-            rows = torch.arange(self.batch * T, device=keys.device)
-        batch, place = rows // T, self._block().index_select(0, rows % T)
-        flat = batch * self.max_len + place  # into (B * max_len)
+        slot = (loop - 1) % self.slots
+        flat = self.block_flat if rows is None else self.block_flat.index_select(0, rows)
         for buffer, new in ((self.keys, keys), (self.values, values)):
             view = buffer[layer, slot].view(self.batch * self.max_len, -1)
             if keep is not None:  # halted tokens keep their entries
@@ -286,9 +287,12 @@ class StaticKVCache:
             view.index_copy_(0, flat, new)
 
     def past(self, layer: int, loop: int) -> Optional[Past]:
-        if not self.positioned and self.length == 0:
+        """Every earlier token's entry for `loop`; a one-token block (a decode step) reads its own
+        keys and values from here too (stored just before: no concatenation), `with_block`."""
+        with_block = self.block_len == 1
+        if not self.positioned and self.length == 0 and not with_block:
             return None
-        span = slice(None) if self.positioned else slice(0, self.length)
+        span = slice(None) if self.positioned else slice(0, self.length + (1 if with_block else 0))
         keys, values = self.keys[layer, :, :, span], self.values[layer, :, :, span]  # (slots, B, P, C)
         if self.uniform:  # every earlier token has an entry for every loop
             keys, values = keys[(loop - 1) % self.slots], values[(loop - 1) % self.slots]
@@ -296,18 +300,21 @@ class StaticKVCache:
             slot = (self.entries[:, span].clamp(min=1, max=loop) - 1).long()  # (B, P)
             index = slot[None, :, :, None].expand(1, -1, -1, keys.size(-1))
             keys, values = keys.gather(0, index)[0], values.gather(0, index)[0]
-        visible = (self.places < self.at).expand(self.batch, -1) if self.positioned else None
-        return Past(keys, values, visible)
+        visible = None
+        if self.positioned:
+            visible = (self.places <= self.at if with_block else self.places < self.at).expand(self.batch, -1)
+        return Past(keys, values, visible, with_block)
 
     def commit(self, steps: Optional[Tensor] = None) -> None:
         """Close the block: its tokens ran `steps` (B, T) loops (None: one each)."""
         T = self.block_len
         steps = torch.ones(self.batch, T, dtype=torch.int32, device=self.entries.device) if steps is None else steps
-        self.entries.index_copy_(1, self._block(), steps.view(self.batch, T).to(torch.int32))
+        self.entries.index_copy_(1, self.block, steps.view(self.batch, T).to(torch.int32))
         if self.positioned:
             self.at.add_(T)
         else:
             self.length += T
+        self.block_len = 0
 
 
 class Decoder:

@@ -82,7 +82,7 @@ def test_fill_policies_read_the_documented_entries(slots):
         cache.store(0, e, rows, value, -value)
     cache.commit(steps)
     for t in range(1, budget + 1):
-        keys, values, _ = cache.past(0, t)
+        keys, values = cache.past(0, t)[:2]
         expected = torch.clamp(torch.tensor(t), entries[0] - slots + 1, entries[0])
         assert keys[0, :, 0].tolist() == (100.0 * expected + torch.arange(4)).tolist(), f"loop {t}"
         assert torch.equal(values, -keys)
