@@ -129,10 +129,13 @@ class _Rows:
     out per batch row, L places a row: `queries_at` (B * L,) the slot each place reads (clamped
     for the places past the row's count), `out_at` (R,) each slot's place, `positions` (B, L)."""
 
-    def __init__(self, B: int, T: int, idx: Optional[Tensor] = None, most_in_row: int = 0):
+    def __init__(self, B: int, T: int, idx: Optional[Tensor] = None, most_in_row: int = 0,
+                 device: Optional[torch.device] = None):
         self.B, self.T, self.idx = B, T, idx
+        self._device = device if idx is None else idx.device
         self.count = B * T if idx is None else idx.numel()
         self._masks: dict = {}
+        self._targets = idx
         if idx is None:
             return
         device, L = idx.device, most_in_row
@@ -150,9 +153,16 @@ class _Rows:
     def every(self) -> bool:
         return self.idx is None
 
+    @property
+    def targets(self) -> Tensor:
+        """The slots' token indices (R,), also when they are every token."""
+        if self._targets is None:
+            self._targets = torch.arange(self.count, device=self._device)
+        return self._targets
+
     def gather(self, x: Tensor) -> Tensor:
-        """The slots' rows of a per-token tensor x (N, ...)."""
-        return x if self.idx is None else x.index_select(0, self.idx)
+        """The slots' rows of a per-token tensor x (N, ...; a scratch row after them is left out)."""
+        return x[:self.count] if self.idx is None else x.index_select(0, self.idx)
 
     def causal_mask(self, visible: Optional[Tensor], P: int) -> Tensor:
         """(B, 1, L, P + T) bool: the keys each packed query sees, the past's `visible` (B, P) ones
@@ -171,15 +181,26 @@ class _Rows:
 
 
 def _write(buffer: Tensor, rows: _Rows, new: Tensor, keep: Optional[Tensor] = None) -> Tensor:
-    """buffer with the rows' slots replaced by new (R, ...), except where keep (R,) bool is True;
-    in place unless autograd records (it needs the old values)."""
-    if keep is not None:
-        new = torch.where(keep.view(-1, *([1] * (new.dim() - 1))), rows.gather(buffer), new)
-    if rows.every:
+    """buffer with the rows' slots replaced by new (R, ...); in place unless autograd records (it
+    needs the old values). A buffer with a scratch row (N + 1 rows: `_with_scratch`) takes masked
+    writes: the slots that keep (R,) bool marks write into the scratch row instead of their token's."""
+    N = rows.B * rows.T
+    if buffer.size(0) > N:
+        at = rows.targets if keep is None else torch.where(keep, N, rows.targets)
+    elif keep is not None:
+        raise ValueError("a masked write needs a buffer with a scratch row")
+    elif rows.every:
         return new
+    else:
+        at = rows.idx
     if torch.is_grad_enabled():
-        return buffer.index_copy(0, rows.idx, new)
-    return buffer.index_copy_(0, rows.idx, new)
+        return buffer.index_copy(0, at, new)
+    return buffer.index_copy_(0, at, new)
+
+
+def _with_scratch(x: Tensor) -> Tensor:
+    """x (N, ...) and one more row, the target of the masked writes (never read as a token's)."""
+    return torch.cat([x, x.new_zeros(1, *x.shape[1:])])
 
 
 class _Layers:
@@ -202,7 +223,7 @@ def block_on_rows(model: "LoopGPT", blk: "Block", layer: int, x: Tensor, rows: _
     backend, w, C = model.backend, layers.weights[layer], x.size(-1)
     qkv = backend.op("layer_norm_linear")(x, w.ln1_w, w.ln1_b, w.attn_w, w.attn_b)
     # the first loop computes every token
-    layers.qkv[layer] = qkv if layers.qkv[layer] is None else _write(layers.qkv[layer], rows, qkv, keep)
+    layers.qkv[layer] = _with_scratch(qkv) if layers.qkv[layer] is None else _write(layers.qkv[layer], rows, qkv, keep)
     if kv is not None:
         kv.store(layer, loop, rows.idx, qkv[:, C:2 * C], qkv[:, 2 * C:], keep)
     past = kv.past(layer, loop) if kv is not None else None
@@ -217,6 +238,7 @@ def _attend(backend, q: Tensor, rows: _Rows, qkv: Tensor, past: Optional[Past], 
     """Causal attention of the slots' queries q (R, C) over the keys and values of every token of
     the (B, T) block, qkv (N, 3C), after the `past` ones. Returns (R, C). See the module docstring."""
     B, T, C = rows.B, rows.T, q.size(-1)
+    qkv = qkv[:B * T]  # less the scratch row
     kv = qkv.view(B, T, 3 * C)[..., C:]  # (B, T, 2C): one view serves both
     k, v = kv[..., :C], kv[..., C:]
     P = 0 if past is None else past.keys.size(1)
@@ -260,7 +282,7 @@ class TraceObserver:
 
     def __init__(self, trace: LoopTrace, N: int, device: torch.device):
         self.trace, self.N, self.device = trace, N, device
-        self.entropy = torch.zeros(N, device=device)  # every token's latest readout entropy
+        self.entropy = torch.zeros(N + 1, device=device)  # every token's latest readout entropy, a scratch row
 
     def loop_done(self, rows: _Rows, active: Tensor, h_rows: Tensor, h_new: Tensor, entropy: Tensor,
                   keep: Optional[Tensor], shape: tuple[int, int]) -> None:
@@ -270,7 +292,7 @@ class TraceObserver:
         delta = _write(torch.zeros(self.N, device=self.device), rows, relative_change(h_rows, h_new).reshape(-1))
         self.trace.delta.append(delta.view(shape))
         self.entropy = _write(self.entropy, rows, entropy.reshape(-1), keep)
-        self.trace.entropy.append(self.entropy.view(shape).clone())
+        self.trace.entropy.append(self.entropy[:self.N].view(shape).clone())
 
     def finish(self, steps: Tensor, shape: tuple[int, int], loops_run: int) -> None:
         trace = self.trace
@@ -333,7 +355,7 @@ def plain_loop(model: "LoopGPT", x0: Tensor, n_loops: int, *, trace: Optional[Lo
     """Every token runs every loop: the fused block op, or (with a K/V store) the split ops."""
     B, T, C = x0.shape
     N, split = B * T, kv is not None
-    core, rows = _Core(model, x0, kv, split), _Rows(B, T)
+    core, rows = _Core(model, x0, kv, split), _Rows(B, T, device=x0.device)
     observer = TraceObserver(trace, N, x0.device) if trace is not None else None
     every_active = torch.ones(N, dtype=torch.bool, device=x0.device)
     h = model.initial_state(x0)
@@ -370,7 +392,7 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
     cfg, backend = model.config, model.backend
     B, T, C = x0.shape
     N, device = B * T, x0.device
-    core, rows = _Core(model, x0, kv, split=True), _Rows(B, T)
+    core, rows = _Core(model, x0, kv, split=True), _Rows(B, T, device=device)
     observer = TraceObserver(trace, N, device) if trace is not None else None
     needs_readout = trace is not None or cfg.halt in READOUT_CRITERIA
     reads = capacity_reads(cfg.min_loops, n_loops) if compact and not _capture_safe() else ()
@@ -396,7 +418,7 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
             observer.loop_done(rows, active, h_rows, h_new, entropy, keep, (B, T))
         if log_p is not None:
             log_p = log_p.reshape(-1, log_p.size(-1))
-            prev_log_p = log_p if prev_log_p is None else _write(prev_log_p, rows, log_p, keep)
+            prev_log_p = _with_scratch(log_p) if prev_log_p is None else _write(prev_log_p, rows, log_p, keep)
         h = _write(h, rows, h_new)
         active = _write(active, rows, still_active)
         steps = _write(steps, rows, row_steps)
@@ -421,7 +443,7 @@ def blocks_with_cache(model: "LoopGPT", blocks, x: Tensor, kv: KVStore) -> Tenso
     """Untied blocks (prelude, coda) on the block of new tokens x (B, T, C), every token running,
     attending to the earlier tokens' keys and values in `kv` (one entry each, loop 1) and storing theirs."""
     B, T, C = x.shape
-    rows, layers, x = _Rows(B, T), _Layers(list(blocks)), x.reshape(B * T, C)
+    rows, layers, x = _Rows(B, T, device=x.device), _Layers(list(blocks)), x.reshape(B * T, C)
     for layer, blk in enumerate(blocks):
         x = block_on_rows(model, blk, layer, x, rows, layers, None, kv, 1)
     return x.view(B, T, C)
