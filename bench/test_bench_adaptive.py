@@ -85,10 +85,10 @@ def test_bench_halting_efficiency(benchmark, criterion, halted):
         mean_steps = trace.steps.float().mean().item()
 
         def fixed():
-            return m(idx, idx, halt=False)
+            return m(idx, idx, halting=False)
 
         def adaptive():
-            return m(idx, idx, halt=True, thresholds=thresholds)
+            return m(idx, idx, halting=True, thresholds=thresholds)
         cpu = {"fixed": float("nan"), "adaptive": float("nan")}
         medians = interleaved_medians({"fixed": fixed, "adaptive": adaptive}, rounds=15, cpu=cpu) \
             if benchmark.enabled else dict(cpu)

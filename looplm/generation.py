@@ -155,12 +155,12 @@ class _Caches:
 @torch.no_grad()
 def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, *, fill: str = "latest", ring_size: Optional[int] = None,
-                    halt: Optional[bool] = None, n_loops: Optional[int] = None, pos: Optional[Tensor] = None
-                    ) -> tuple[Tensor, GenerationStats]:
+                    halting: Optional[bool] = None, n_loops: Optional[int] = None, pos: Optional[Tensor] = None,
+                    halt: Optional[bool] = None) -> tuple[Tensor, GenerationStats]:
     """Append max_new_tokens tokens to idx (B, T) with a per-loop K/V cache; returns (tokens, stats).
 
     temperature/top_k as LoopGPT.generate (0 is greedy). fill: one of FILLS (module docstring);
-    ring_size: the slots of fill="ring". halt and n_loops as LoopGPT.forward: by default the model
+    ring_size: the slots of fill="ring". halting (or halt) and n_loops as LoopGPT.forward: by default the model
     halts in eval mode when its config names a criterion, within max_loops; else n_loops loops.
     pos: position ids (B, T + max_new_tokens) of the prompt and the tokens to come, as LoopGPT.generate.
     """
@@ -169,9 +169,7 @@ def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatur
         model._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
     model._check_inputs(idx, None, None if pos is None else pos[:, :idx.size(1)])
     cfg = model.config
-    halting = (cfg.halt != "none" and not model.training) if halt is None else bool(halt)
-    if halting and cfg.halt == "none":
-        raise ValueError("halt=True but the config has halt='none'; set a halting criterion")
+    halting = halting_rules.resolve(cfg, halting, model.training, halt)
     budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
     if not isinstance(budget, int) or budget < (cfg.min_loops if halting else 1):
         raise ValueError(f"n_loops must be an integer >= {cfg.min_loops if halting else 1}, got {budget!r}")
@@ -394,9 +392,9 @@ class Decoder:
 
 @torch.no_grad()
 def generate_static(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
-                    top_k: Optional[int] = None, *, halt: Optional[bool] = None, n_loops: Optional[int] = None,
-                    pos: Optional[Tensor] = None, compile: bool = False, compiler: str = "inductor"
-                    ) -> tuple[Tensor, Tensor]:
+                    top_k: Optional[int] = None, *, halting: Optional[bool] = None, n_loops: Optional[int] = None,
+                    pos: Optional[Tensor] = None, compile: bool = False, compiler: str = "inductor",
+                    halt: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """LoopGPT.generate with the Decoder: the prompt once, then one sync-free step per token while
     the context fits block_size; past it, every further token reruns the cropped context
     (generate_cached's restart, as nanoGPT). Returns (tokens (B, T + new), steps (B, T + new - 1)):
@@ -406,7 +404,7 @@ def generate_static(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatur
         model._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
     model._check_inputs(idx, None, None if pos is None else pos[:, :idx.size(1)])
     cfg = model.config
-    halting = halting_rules.resolve(cfg, halt, model.training)
+    halting = halting_rules.resolve(cfg, halting, model.training, halt)
     budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
     if not isinstance(budget, int) or budget < (cfg.min_loops if halting else 1):
         raise ValueError(f"n_loops must be an integer >= {cfg.min_loops if halting else 1}, got {budget!r}")

@@ -84,13 +84,18 @@ def describe(config: "LoopConfig") -> str:
     return f"{config.halt} {CRITERIA[config.halt].comparison} {config.halt_threshold}"
 
 
-def resolve(config: "LoopConfig", halting: Optional[bool], training: bool) -> bool:
+def resolve(config: "LoopConfig", halting: Optional[bool], training: bool, halt: Optional[bool] = None) -> bool:
     """Whether a call halts: None halts in eval mode when the config names a criterion, never in
-    training; True or False forces it (True needs a criterion)."""
+    training; True or False forces it (True needs a criterion). `halt` is the keyword's former name
+    (the config's `halt` names the criterion), still taken."""
+    if halt is not None:
+        if halting is not None and bool(halting) != bool(halt):
+            raise ValueError(f"halting={halting!r} and halt={halt!r} disagree; pass halting= only")
+        halting = halt
     if halting is None:
         return config.halt != NO_HALTING and not training
     if halting and config.halt == NO_HALTING:
-        raise ValueError("halting was asked for but the config has halt='none'; set a halting criterion")
+        raise ValueError("halting=True but the config has halt='none'; set a halting criterion")
     return bool(halting)
 
 

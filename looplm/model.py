@@ -272,22 +272,21 @@ class LoopGPT(nn.Module):
         return h
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, n_loops: Optional[int] = None,
-                halt: Optional[bool] = None, thresholds: Optional[Tensor] = None, return_trace: bool = False,
-                pos: Optional[Tensor] = None):
+                halting: Optional[bool] = None, thresholds: Optional[Tensor] = None, return_trace: bool = False,
+                pos: Optional[Tensor] = None, halt: Optional[bool] = None):
         """nanoGPT's call: (logits, loss); logits for the last position only when targets is None.
 
         pos: position ids (B, T) in [0, n_positions) that a task gives its tokens (e.g. place values
         in addition), used instead of 0..T-1. Attention stays causal in the order of idx.
 
-        halt: None halts in eval mode when the config names a criterion, never in training; True or
-        False forces it. n_loops: the loop budget (default n_loops, or max_loops when halting).
+        halting: None halts in eval mode when the config names a criterion, never in training; True or
+        False forces it (`halt=` is its former name, still taken). n_loops: the loop budget (default
+        n_loops, or max_loops when halting). thresholds (B, T): per-token thresholds (criterion units).
         return_trace: also return a LoopTrace, as (logits, loss, trace).
         """
         cfg = self.config
         self._check_inputs(idx, targets, pos)
-        halting = (cfg.halt != "none" and not self.training) if halt is None else bool(halt)
-        if halting and cfg.halt == "none":
-            raise ValueError("halt=True but the config has halt='none'; set a halting criterion")
+        halting = halting_rules.resolve(cfg, halting, self.training, halt)
         budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
         if not isinstance(budget, int) or budget < 1:
             raise ValueError(f"n_loops must be an integer >= 1, got {budget!r}")
@@ -350,19 +349,20 @@ class LoopGPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 *, use_cache: bool = True, halt: Optional[bool] = None, n_loops: Optional[int] = None,
-                 pos: Optional[Tensor] = None) -> Tensor:
+                 *, use_cache: bool = True, halting: Optional[bool] = None, n_loops: Optional[int] = None,
+                 pos: Optional[Tensor] = None, halt: Optional[bool] = None) -> Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T), nanoGPT's way. temperature=0 is greedy;
-        halt and n_loops as in forward. By default the prompt runs once and then each new token in one
+        halting (or its former name halt) and n_loops as in forward. By default the prompt runs once and then each new token in one
         step over static per-loop K/V caches (`looplm.generation.generate_static`: the same tokens as
         without the cache; no host read per token; on CUDA with the torch backend the step is compiled
         and replayed as a CUDA graph). use_cache=False reruns the whole (cropped) context per token.
         pos: position ids (B, T + max_new_tokens) of the prompt and of the tokens to come, as the
         task gives them (the last column is never fed; see LoopGPT.forward)."""
+        halting = halting_rules.resolve(self.config, halting, self.training, halt)
         if use_cache:
             from looplm.generation import generate_static  # generation builds on this module
             compile = self.lm_head.weight.device.type == "cuda" and self.backend.name == "torch"
-            return generate_static(self, idx, max_new_tokens, temperature, top_k, halt=halt, n_loops=n_loops,
+            return generate_static(self, idx, max_new_tokens, temperature, top_k, halting=halting, n_loops=n_loops,
                                    pos=pos, compile=compile)[0]
         check_sampling(max_new_tokens, temperature, top_k)
         if pos is not None:
@@ -370,7 +370,7 @@ class LoopGPT(nn.Module):
         for _ in range(max_new_tokens):
             end, start = idx.size(1), max(0, idx.size(1) - self.config.block_size)
             idx_cond = idx[:, start:]
-            logits, _ = self(idx_cond, halt=halt, n_loops=n_loops, pos=None if pos is None else pos[:, start:end])
+            logits, _ = self(idx_cond, halting=halting, n_loops=n_loops, pos=None if pos is None else pos[:, start:end])
             idx = torch.cat((idx, sample_next_token(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
 

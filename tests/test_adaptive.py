@@ -172,7 +172,7 @@ def test_forward_runs_the_compacted_loop_by_default():
         model.train(training).set_backend(counting(get_backend("torch"), rows))
         model.zero_grad()
         with torch.set_grad_enabled(training):
-            _, loss, trace = model(idx, idx, halt=True, thresholds=thresholds, return_trace=True)
+            _, loss, trace = model(idx, idx, halting=True, thresholds=thresholds, return_trace=True)
         assert (trace.steps[:, ::2] == 1).all() and (trace.steps[:, 1::2] == MAX_LOOPS).all()
         assert rows["halt_update"] == active_token_loops, f"training={training}: the masked loop ran"
         if training:
@@ -261,12 +261,12 @@ def test_halting_forward_compiles_whole_and_once():
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     thresholds = mixed_thresholds("entropy", idx)
     with torch.no_grad():
-        logits, _, trace = model(idx, halt=True, thresholds=thresholds, return_trace=True)
+        logits, _, trace = model(idx, halting=True, thresholds=thresholds, return_trace=True)
         assert len(trace.steps.unique()) >= 2
-        assert_close(compiled(idx, halt=True, thresholds=thresholds)[0], logits, composed=True)
+        assert_close(compiled(idx, halting=True, thresholds=thresholds)[0], logits, composed=True)
         with torch._dynamo.config.patch(error_on_recompile=True):
             for value in (0.0, 1.0, 100.0):  # none, some, every token halting after loop 1
                 uniform = torch.full(idx.shape, value)
-                assert_close(compiled(idx, halt=True, thresholds=uniform)[0],
-                             model(idx, halt=True, thresholds=uniform)[0], composed=True)
+                assert_close(compiled(idx, halting=True, thresholds=uniform)[0],
+                             model(idx, halting=True, thresholds=uniform)[0], composed=True)
     torch._dynamo.reset()
