@@ -310,17 +310,17 @@ class _Core:
         self.x0 = x0.reshape(-1, x0.size(-1)) if split else x0
         self.layers = _Layers([*model.transformer.core, *model.transformer.coda])
 
-    def __call__(self, h: Tensor, rows: _Rows, keep: Optional[Tensor], t: int) -> tuple[Tensor, Tensor]:
-        """(h_rows, h_new): the slots' states before and after loop t."""
+    def __call__(self, h: Tensor, x0: Tensor, rows: _Rows, keep: Optional[Tensor], t: int) -> Tensor:
+        """The slots' states after loop t from h (R, C) (every token: (B, T, C) when not split) and
+        their inputs x0."""
         model = self.model
         if not self.split:  # every token, the fused block op
             B, T, _ = self.shape
-            return h, model.update(h, model.core(model.inject(h, self.x0, torch.full((B, T), t, device=h.device))))
-        h_rows = rows.gather(h)
-        x = model.inject(h_rows, rows.gather(self.x0), torch.full((rows.count,), t, device=h.device))
+            return model.update(h, model.core(model.inject(h, x0, torch.full((B, T), t, device=h.device))))
+        x = model.inject(h, x0, torch.full((rows.count,), t, device=h.device))
         for layer, blk in enumerate(model.transformer.core):
             x = block_on_rows(model, blk, layer, x, rows, self.layers, keep, self.kv, t)
-        return h_rows, model.update(h_rows, x)
+        return model.update(h, x)
 
     def readout(self, h: Tensor, rows: _Rows, keep: Optional[Tensor], t: int) -> Tensor:
         """Logits (R, V) of the slots' states h (R, C): the coda (each layer reading every token's
@@ -364,7 +364,7 @@ def plain_loop(model: "LoopGPT", x0: Tensor, n_loops: int, *, trace: Optional[Lo
         if grad_loops is not None and t == n_loops - grad_loops + 1:
             h = h.detach()  # truncated backprop: the graph of earlier loops is cut
             core.layers.detach()
-        h_rows, h = core(h, rows, None, t)
+        h_rows, h = h, core(h, core.x0, rows, None, t)
         if observer is not None:
             entropy, _ = model.backend.op("softmax_entropy")(core.readout(h, rows, None, t))
             observer.loop_done(rows, every_active, h_rows, h, entropy, None, (B, T))
@@ -400,28 +400,29 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
     active = torch.ones(N, dtype=torch.bool, device=device)
     steps = torch.zeros(N, dtype=torch.int32, device=device)
     prev_log_p = None  # every token's last distribution, for the KL criterion only
+    # The slots' own states, flags, counts, thresholds and inputs: kept between capacity reads, and
+    # written to the per-token buffers at a read, at the end, or every loop for a trace or the states.
+    slot_h, slot_active, slot_steps, slot_threshold, slot_x0 = h, active, steps, threshold, core.x0
     for t in range(1, n_loops + 1):
         if grad_loops is not None and t == n_loops - grad_loops + 1:
-            h = h.detach()  # truncated backprop: the graph of earlier loops, keys and values included, is cut
-            core.layers.detach()
-        row_active = rows.gather(active)
-        keep = None if t <= cfg.min_loops else ~row_active  # before min_loops no token has halted
-        h_rows, h_new = core(h, rows, keep, t)
+            h, slot_h = h.detach(), slot_h.detach()  # truncated backprop: earlier loops' graph is cut,
+            core.layers.detach()  # the kept keys and values' included
+        keep = None if t <= cfg.min_loops else ~slot_active  # before min_loops no token has halted
+        h_new = core(slot_h, slot_x0, rows, keep, t)
         logits = core.readout(h_new, rows, keep, t) if needs_readout else None
-        score, entropy, log_p = halt_score(model, cfg.halt, h_rows, h_new, logits,
+        score, entropy, log_p = halt_score(model, cfg.halt, slot_h, h_new, logits,
                                            None if prev_log_p is None else rows.gather(prev_log_p),
                                            trace is not None)
-        h_new, still_active, row_steps = backend.op("halt_update")(
-            h_rows, h_new, row_active, rows.gather(steps), score.reshape(-1), rows.gather(threshold), t,
-            cfg.min_loops, n_loops)
+        h_new, still_active, slot_steps = backend.op("halt_update")(
+            slot_h, h_new, slot_active, slot_steps, score.reshape(-1), slot_threshold, t, cfg.min_loops, n_loops)
         if observer is not None:
-            observer.loop_done(rows, active, h_rows, h_new, entropy, keep, (B, T))
+            observer.loop_done(rows, active, slot_h, h_new, entropy, keep, (B, T))
         if log_p is not None:
             log_p = log_p.reshape(-1, log_p.size(-1))
             prev_log_p = _with_scratch(log_p) if prev_log_p is None else _write(prev_log_p, rows, log_p, keep)
-        h = _write(h, rows, h_new)
-        active = _write(active, rows, still_active)
-        steps = _write(steps, rows, row_steps)
+        slot_h, slot_active = h_new, still_active
+        if observer is not None or states is not None or t in reads or t == n_loops:
+            h, active, steps = _write(h, rows, slot_h), _write(active, rows, slot_active), _write(steps, rows, slot_steps)
         if states is not None:
             states.append(h.view(B, T, C) if torch.is_grad_enabled() else h.view(B, T, C).clone())
         if t in reads:
@@ -430,6 +431,8 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
                 break
             if running < rows.count:
                 rows = _Rows(B, T, torch.nonzero_static(active, size=running).squeeze(1), most_in_row)
+                slot_h, slot_active, slot_steps, slot_threshold, slot_x0 = (
+                    rows.gather(x) for x in (h, active, steps, threshold, core.x0))
     if observer is not None or states is not None:
         loops_run = int(steps.max())  # one read: the loops some token ran (no loop runs after the last halts)
     if states is not None:
