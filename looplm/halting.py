@@ -106,7 +106,8 @@ def thresholds(config: "LoopConfig", idx: Tensor, given: Optional[Tensor] = None
         if given.shape != idx.shape:
             raise ValueError(f"thresholds must have the shape of idx {tuple(idx.shape)}, got {tuple(given.shape)}")
         if not torch.compiler.is_compiling():  # a data-dependent check would break a compiled graph
-            for value in given.unique().tolist():
+            extremes = torch.stack(torch.aminmax(given.float())).tolist()  # one read; NaN shows in both
+            for value in extremes:  # the allowed values are an interval: its ends decide
                 check_threshold(config.halt, value, "thresholds")
         return given.to(device=idx.device, dtype=torch.float32)
     thr = torch.full(idx.shape, float(config.halt_threshold), device=idx.device)

@@ -320,7 +320,7 @@ class LoopGPT(nn.Module):
             raise ValueError(f"idx is on {idx.device} but the model is on {device}; move one of them")
         self.backend.check_device(device)
         if not torch.compiler.is_compiling():  # a data-dependent check would break a compiled graph
-            lo, hi = (int(v) for v in torch.aminmax(idx))  # one reduction, one sync
+            lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one reduction, one read
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
         if targets is not None:
@@ -343,7 +343,7 @@ class LoopGPT(nn.Module):
             raise ValueError(f"pos is on {pos.device} but the model is on {self.lm_head.weight.device}")
         if torch.compiler.is_compiling():  # a data-dependent check would break a compiled graph
             return
-        lo, hi = (int(v) for v in torch.aminmax(pos))
+        lo, hi = torch.stack(torch.aminmax(pos)).tolist()  # one read
         if lo < 0 or hi >= n:
             raise ValueError(f"position ids must be in [0, {n}) (n_positions), got values in [{lo}, {hi}]")
 
