@@ -28,7 +28,7 @@ or the flat indices of the tokens that were active when the set was made, in tok
 its slots are still active is a device mask, never read by the host: a slot whose token has halted
 since computes like the others and its results are discarded (masked writes: `keep`), so a loop's
 shapes do not depend on which tokens halt inside it. Slots of the compacted set are distinct tokens,
-so reads need no clamping and writes never collide; for attention each batch row's slots are laid
+so reads need no clamping and writes to tokens never collide (the masked ones all go to a scratch row); for attention each batch row's slots are laid
 side by side, L a row (the most any row holds), and the places past a row's count read a clamped
 slot and are dropped.
 
@@ -36,14 +36,19 @@ When the set shrinks. Shapes that follow the active share need a count, and a co
 compacted loop (the default) reads, in one transfer of two integers, how many tokens still run (and
 the most in one batch row) after the loops of `halting.capacity_reads`: after min_loops (the first
 loop a token can halt after), then each time the loop count doubles (loops 1, 2, 4 of 8: three reads
-a forward, where the engine used to read after every loop). Each read re-plans the slots on the
-device (`torch.nonzero_static`, sized by the read count) and is also where the loop stops once no
-token runs. As the active set only shrinks, a set made at loop t serves every later loop. Between
-reads the loop pays only for the slots of the last read, so the compute follows the active share
-with at most a doubling's delay: exactly, when tokens halt after the first loop. The masked loop
-(compact=False, and always under torch.compile or CUDA-graph capture) never reads: every token is a
-slot in every loop, with the masked writes; the graph it makes is one static graph whatever halts.
-A trace or the per-loop states are trimmed at the end, with one read, to the loops some token ran.
+a forward, where the engine used to read after every loop: on an H200, 14 synchronisations and 46
+copies a forward). Each read re-plans the slots on the device (`torch.nonzero_static`, sized by the read count)
+and is also where the loop stops once no token runs. As the active set only shrinks, a set made at
+loop t serves every later loop. Between reads the slots keep their own states, flags, step counts,
+thresholds and inputs (no gather or scatter per loop); the per-token buffers take them at a read,
+at the end, or every loop when a trace or the per-loop states want them. The compute follows the
+active share with at most a doubling's delay: exactly, when tokens halt after the first loop.
+The masked loop (compact=False, and always under torch.compile or CUDA-graph capture) never reads:
+every token is a slot in every loop, with the masked writes; the graph it makes is one static graph
+whatever halts, but its compute does not fall. (Both at once, a graph whose compute falls, would
+size each loop's slots from the previous forward's counts and read one overflow flag after the
+forward, rerunning the rare forward that overflowed: not built.) A trace or the per-loop states are
+trimmed at the end, with one read, to the loops some token ran.
 
 Without halting every token runs every loop: the core is the backends' fused `block` op over the
 whole sequence. With halting (or a K/V store, for generation) the block is split into the ops
@@ -53,10 +58,11 @@ compacted set: on the torch backend (PyTorch's SDPA, which takes a mask) the slo
 per batch row, with their causal mask; on a kernel backend every query of the block (the halted
 tokens' from the layer's buffer), causal, and the slots' rows of the result.
 
-Cost per loop: states, keys, values and the trace are written in place into preallocated buffers
-(out of place while autograd records, which needs the old values); each layer's keys and values are
-its QKV rows, written in one copy; the readout computes one log-softmax per loop, and only for the
-KL criterion keeps the previous distribution.
+Cost per loop: keys, values and the trace are written in place into preallocated buffers (out of
+place while autograd records, which needs the old values), each with one scratch row that takes the
+masked writes (a halted slot writes there, not to its token: no gather-and-select per write); each
+layer's keys and values are its QKV rows, written in one copy; the readout computes one log-softmax
+per loop, and only for the KL criterion keeps the previous distribution.
 """
 from __future__ import annotations
 
