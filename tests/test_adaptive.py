@@ -250,23 +250,24 @@ def test_host_sync_counter_counts_the_reads_a_gpu_would_wait_for():
     assert syncs.count == 0, syncs.ops
 
 
-def test_halting_forward_compiles_whole_and_once():
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_halting_forward_compiles_whole_and_once(criterion):
     """torch.compile(fullgraph=True) captures the halting forward in one graph (no graph break: no
     host read), equal to the eager forward, and replays it as the share of halting tokens changes,
     from none to all (a recompile is an error). Dynamo's capture is what is checked: the "eager"
     compiler backend keeps the test fast."""
     torch._dynamo.reset()
-    model = sharpened_model("entropy", n_layer=2, n_coda=1)
+    model = sharpened_model(criterion, n_layer=2, n_coda=1)
     idx = torch.randint(0, 17, (2, 12), generator=torch.Generator().manual_seed(2))
     compiled = torch.compile(model, fullgraph=True, backend="eager")
-    thresholds = mixed_thresholds("entropy", idx)
+    thresholds = mixed_thresholds(criterion, idx)
     with torch.no_grad():
         logits, _, trace = model(idx, halting=True, thresholds=thresholds, return_trace=True)
         assert len(trace.steps.unique()) >= 2
         assert_close(compiled(idx, halting=True, thresholds=thresholds)[0], logits, composed=True)
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for value in (0.0, 1.0, 100.0):  # none, some, every token halting after loop 1
-                uniform = torch.full(idx.shape, value)
+            for value in (NEVER[criterion], CRITERIA[criterion], 1.0 if criterion in ("confidence", "gate") else 100.0):
+                uniform = torch.full(idx.shape, value)  # none, some, every token halting early
                 assert_close(compiled(idx, halting=True, thresholds=uniform)[0],
                              model(idx, halting=True, thresholds=uniform)[0], composed=True)
     torch._dynamo.reset()

@@ -159,17 +159,18 @@ def test_decode_step_reads_nothing_on_the_host(backend):
     assert len(stats.steps.unique()) >= 2, "the test needs tokens that halt after different loops"
 
 
+@pytest.mark.parametrize("shape,new", [("1L", 200), ("2L-prelude-coda", 30), ("3L-coda2", 30)])
 @pytest.mark.parametrize("halting", [False, True], ids=["fixed", "halting"])
-def test_compiled_decode_step_is_one_graph_for_every_token(halting):
-    """torch.compile(fullgraph=True) of the decode step: one graph, never recompiled over 200 tokens
-    (the position and the halting state live on the device), equal to the cached generation.
-    Dynamo's capture is what is checked: the "eager" compiler backend keeps the test fast."""
+def test_compiled_decode_step_is_one_graph_for_every_token(halting, shape, new):
+    """torch.compile(fullgraph=True) of the decode step: one graph, never recompiled (over 200 tokens
+    for one layer; the position and the halting state live on the device), equal to the cached
+    generation. Dynamo's capture is what is checked: the "eager" compiler backend keeps the test fast."""
     torch._dynamo.reset()
-    model = sharpened_model("entropy", block_size=208, max_loops=3) if halting else \
-        fixed_depth_model(block_size=208, n_loops=3)
+    model = sharpened_model("entropy", block_size=208, max_loops=3, **SHAPES[shape]) if halting else \
+        fixed_depth_model(block_size=208, n_loops=3, **SHAPES[shape])
     idx = torch.randint(0, 17, (1, 4), generator=torch.Generator().manual_seed(5))
     with torch._dynamo.config.patch(error_on_recompile=True):
-        out, steps = generate_static(model, idx, 200, temperature=0, compile=True, compiler="eager")
-    expected, stats = generate_cached(model, idx, 200, temperature=0)
+        out, steps = generate_static(model, idx, new, temperature=0, compile=True, compiler="eager")
+    expected, stats = generate_cached(model, idx, new, temperature=0)
     assert torch.equal(out, expected) and torch.equal(steps, stats.steps)
     torch._dynamo.reset()
