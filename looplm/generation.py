@@ -30,7 +30,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from looplm.config import READOUT_CRITERIA
 from looplm import halting as halting_rules
 from looplm.engine import Past, blocks_with_cache, halting_loop, plain_loop, run_loop
 from looplm.model import LoopGPT, check_sampling, sample_next_token
@@ -182,7 +181,7 @@ def _generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatu
                      ) -> tuple[Tensor, GenerationStats]:
     """generate_cached's tokens, its arguments checked; idx may be longer than block_size (a restart)."""
     cfg = model.config
-    loop_layers = cfg.n_layer + (cfg.n_coda if halting and cfg.halt in READOUT_CRITERIA else 0)
+    loop_layers = cfg.n_layer + (cfg.n_coda if halting and halting_rules.CRITERIA[cfg.halt].reads_out else 0)
     B, prompt_len = idx.shape
     caches, cache_bytes, all_steps = None, 0, []
     for i in range(max_new_tokens):
@@ -332,7 +331,7 @@ class Decoder:
             raise ValueError(f"a compiled decode step needs the 'torch' backend, got {model.backend.name!r}")
         self.model, self.batch, self.budget, self.halting = model, batch, budget, halting
         self.temperature, self.top_k = temperature, top_k
-        loop_layers = cfg.n_layer + (cfg.n_coda if halting and cfg.halt in READOUT_CRITERIA else 0)
+        loop_layers = cfg.n_layer + (cfg.n_coda if halting and halting_rules.CRITERIA[cfg.halt].reads_out else 0)
 
         def cache(layers: int, slots: int, uniform: bool) -> Optional[StaticKVCache]:
             return StaticKVCache(layers, slots, batch, max_len, cfg.n_embd, weight.dtype, weight.device,

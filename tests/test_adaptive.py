@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from looplm import LoopConfig, LoopGPT, LoopTrace
+from looplm import halting as halting_rules
 from looplm.backends import Backend, BackendUnavailable, get_backend
 from looplm.engine import run_loop
 from looplm.halting import capacity_reads
@@ -266,8 +267,9 @@ def test_halting_forward_compiles_whole_and_once(criterion):
         assert len(trace.steps.unique()) >= 2
         assert_close(compiled(idx, halting=True, thresholds=thresholds)[0], logits, composed=True)
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for value in (NEVER[criterion], CRITERIA[criterion], 1.0 if criterion in ("confidence", "gate") else 100.0):
-                uniform = torch.full(idx.shape, value)  # none, some, every token halting early
+            every = 1.0 if halting_rules.CRITERIA[criterion].higher_is_surer else 100.0
+            for value in (NEVER[criterion], CRITERIA[criterion], every):  # none, some, every token halting early
+                uniform = torch.full(idx.shape, value)
                 assert_close(compiled(idx, halting=True, thresholds=uniform)[0],
                              model(idx, halting=True, thresholds=uniform)[0], composed=True)
     torch._dynamo.reset()
