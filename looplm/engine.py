@@ -135,18 +135,20 @@ class _Rows:
     out per batch row, L places a row: `queries_at` (B * L,) the slot each place reads (clamped
     for the places past the row's count), `out_at` (R,) each slot's place, `positions` (B, L)."""
 
-    def __init__(self, B: int, T: int, idx: Optional[Tensor] = None, most_in_row: int = 0,
-                 device: Optional[torch.device] = None):
-        self.B, self.T, self.idx = B, T, idx
-        self._device = device if idx is None else idx.device
-        self.count = B * T if idx is None else idx.numel()
+    def __init__(self, B: int, T: int, device: torch.device, active: Optional[Tensor] = None, count: int = 0,
+                 most_in_row: int = 0):
+        """Every token (active None), or the `count` tokens that `active` (N,) bool marks, of which
+        a batch row holds at most `most_in_row` (the host's read of the mask: the shapes)."""
+        self.B, self.T, self._device = B, T, device
+        self.idx = None if active is None else torch.nonzero_static(active, size=count).squeeze(1)
+        self.count = B * T if active is None else count
         self._masks: dict = {}
-        self._targets = idx
-        if idx is None:
+        self._targets = self.idx
+        if active is None:
             return
-        device, L = idx.device, most_in_row
+        idx, L = self.idx, most_in_row
         batch = idx // T
-        per_row = torch.bincount(batch, minlength=B)
+        per_row = active.view(B, T).sum(1)  # (a bincount of `batch` would read its maximum on a GPU)
         first = torch.cumsum(per_row, 0) - per_row  # slots are in token order: a row's are consecutive
         rank = torch.arange(L, device=device)
         real = rank < per_row[:, None]  # (B, L)
@@ -361,7 +363,7 @@ def plain_loop(model: "LoopGPT", x0: Tensor, n_loops: int, *, trace: Optional[Lo
     """Every token runs every loop: the fused block op, or (with a K/V store) the split ops."""
     B, T, C = x0.shape
     N, split = B * T, kv is not None
-    core, rows = _Core(model, x0, kv, split), _Rows(B, T, device=x0.device)
+    core, rows = _Core(model, x0, kv, split), _Rows(B, T, x0.device)
     observer = TraceObserver(trace, N, x0.device) if trace is not None else None
     every_active = torch.ones(N, dtype=torch.bool, device=x0.device)
     h = model.initial_state(x0)
@@ -398,7 +400,7 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
     cfg, backend = model.config, model.backend
     B, T, C = x0.shape
     N, device = B * T, x0.device
-    core, rows = _Core(model, x0, kv, split=True), _Rows(B, T, device=device)
+    core, rows = _Core(model, x0, kv, split=True), _Rows(B, T, device)
     observer = TraceObserver(trace, N, device) if trace is not None else None
     needs_readout = trace is not None or cfg.halt in READOUT_CRITERIA
     reads = capacity_reads(cfg.min_loops, n_loops) if compact and not _capture_safe() else ()
@@ -436,7 +438,7 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
             if running == 0:
                 break
             if running < rows.count:
-                rows = _Rows(B, T, torch.nonzero_static(active, size=running).squeeze(1), most_in_row)
+                rows = _Rows(B, T, device, active, running, most_in_row)
                 slot_h, slot_active, slot_steps, slot_threshold, slot_x0 = (
                     rows.gather(x) for x in (h, active, steps, threshold, core.x0))
     if observer is not None or states is not None:
@@ -452,7 +454,7 @@ def blocks_with_cache(model: "LoopGPT", blocks, x: Tensor, kv: KVStore) -> Tenso
     """Untied blocks (prelude, coda) on the block of new tokens x (B, T, C), every token running,
     attending to the earlier tokens' keys and values in `kv` (one entry each, loop 1) and storing theirs."""
     B, T, C = x.shape
-    rows, layers, x = _Rows(B, T, device=x.device), _Layers(list(blocks)), x.reshape(B * T, C)
+    rows, layers, x = _Rows(B, T, x.device), _Layers(list(blocks)), x.reshape(B * T, C)
     for layer, blk in enumerate(blocks):
         x = block_on_rows(model, blk, layer, x, rows, layers, None, kv, 1)
     return x.view(B, T, C)
