@@ -302,6 +302,12 @@ class StaticKVCache:
             visible = (self.places <= self.at if with_block else self.places < self.at).expand(self.batch, -1)
         return Past(keys, values, visible, with_block)
 
+    def reset(self) -> None:
+        """Empty the cache for a new sequence (the buffers stay where they are)."""
+        self.entries.zero_()
+        self.at.zero_()
+        self.length = self.block_len = 0
+
     def commit(self, steps: Optional[Tensor] = None) -> None:
         """Close the block: its tokens ran `steps` (B, T) loops (None: one each)."""
         T = self.block_len
@@ -343,6 +349,29 @@ class Decoder:
         self.threshold = torch.zeros(batch, device=weight.device)
         mode = "reduce-overhead" if weight.device.type == "cuda" and compiler == "inductor" else None
         self.step = torch.compile(self._step, fullgraph=True, backend=compiler, mode=mode) if compile else self._step
+
+    @classmethod
+    def for_model(cls, model: LoopGPT, batch: int, max_len: int, budget: int, halting: bool, temperature: float,
+                  top_k: Optional[int], compile: bool = False, compiler: str = "inductor") -> "Decoder":
+        """A decoder for this model, emptied. A compiled one holds block_size places, and the latest is
+        kept, so that the next call with the same model and arguments replays its graph."""
+        global _LATEST_COMPILED
+        if not compile:
+            return cls(model, batch, max_len, budget, halting, temperature, top_k)
+        weight = model.lm_head.weight
+        key = (id(model), batch, budget, halting, temperature, top_k, compiler, model.backend.name, weight.dtype,
+               weight.device)
+        if _LATEST_COMPILED is None or _LATEST_COMPILED[0] != key or _LATEST_COMPILED[1].model is not model:
+            _LATEST_COMPILED = key, cls(model, batch, model.config.block_size, budget, halting, temperature, top_k,
+                                        True, compiler)
+        decoder = _LATEST_COMPILED[1]
+        decoder.reset()
+        return decoder
+
+    def reset(self) -> None:
+        for c in self.caches:
+            c.reset()
+        self.threshold.zero_()
 
     def prefill(self, idx: Tensor, pos: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """Run the prompt (B, T) (compacted halting loop: a few capacity reads, once); returns the
@@ -389,6 +418,9 @@ class Decoder:
         return sample_next_token(model.logits(h[:, -1]), self.temperature, self.top_k), steps
 
 
+_LATEST_COMPILED: Optional[tuple[tuple, Decoder]] = None  # (its arguments, the decoder): see Decoder.for_model
+
+
 @torch.no_grad()
 def generate_static(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, *, halting: Optional[bool] = None, n_loops: Optional[int] = None,
@@ -411,8 +443,8 @@ def generate_static(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatur
     if max_new_tokens == 0:
         return idx, torch.zeros(B, 0, dtype=torch.int32, device=idx.device)
     in_cache = min(max_new_tokens, cfg.block_size - T + 1)  # new tokens made while the context fits
-    decoder = Decoder(model, B, min(cfg.block_size, T + in_cache - 1), budget, halting, temperature, top_k,
-                      compile=compile, compiler=compiler)
+    decoder = Decoder.for_model(model, B, min(cfg.block_size, T + in_cache - 1), budget, halting, temperature, top_k,
+                                compile=compile, compiler=compiler)
     token, steps = decoder.prefill(idx, None if pos is None else pos[:, :T])
     tokens, all_steps = [token], [steps]
     for i in range(1, in_cache):

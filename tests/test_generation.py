@@ -174,3 +174,18 @@ def test_compiled_decode_step_is_one_graph_for_every_token(halting, shape, new):
     expected, stats = generate_cached(model, idx, new, temperature=0)
     assert torch.equal(out, expected) and torch.equal(steps, stats.steps)
     torch._dynamo.reset()
+
+
+def test_compiled_decoder_is_reused_by_the_next_call():
+    """A second generation with the same model and arguments replays the compiled step: no new
+    compile, whatever the prompt's length, and the same tokens as a fresh cache."""
+    torch._dynamo.reset()
+    model = fixed_depth_model(block_size=32, n_loops=2)
+    first = torch.randint(0, 17, (1, 4), generator=torch.Generator().manual_seed(6))
+    out = generate_static(model, first, 6, temperature=0, compile=True, compiler="eager")[0]
+    assert torch.equal(out, generate_cached(model, first, 6, temperature=0)[0])
+    second = torch.randint(0, 17, (1, 7), generator=torch.Generator().manual_seed(7))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = generate_static(model, second, 9, temperature=0, compile=True, compiler="eager")[0]
+    assert torch.equal(out, generate_cached(model, second, 9, temperature=0)[0])
+    torch._dynamo.reset()
