@@ -344,17 +344,20 @@ class _Core:
 
 def run_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Optional[Tensor] = None, *,
              compact: bool = True, trace: Optional[LoopTrace] = None, states: Optional[list[Tensor]] = None,
-             grad_loops: Optional[int] = None, kv: Optional[KVStore] = None) -> tuple[Tensor, Tensor]:
+             grad_loops: Optional[int] = None, kv: Optional[KVStore] = None,
+             reads: Optional[tuple[int, ...]] = None) -> tuple[Tensor, Tensor]:
     """Loop the core from x0 (B, T, C); returns the final state (B, T, C) and the steps (B*T,) int32.
 
     threshold (B*T,) float32, in the lower-is-surer units of `halting.halt_bar`, turns halting on;
     None runs every token n_loops times. compact=False runs every token every loop and discards the
     halted tokens' results (the reference semantics; same result; no host read). trace and states
-    as LoopGPT.loop; `kv` receives every key and value computed and supplies the earlier tokens'."""
+    as LoopGPT.loop; `kv` receives every key and value computed and supplies the earlier tokens'.
+    reads: the loops after which the compacted loop reads the active count (default
+    `halting.capacity_reads`)."""
     if threshold is None:
         return plain_loop(model, x0, n_loops, trace=trace, states=states, grad_loops=grad_loops, kv=kv)
     return halting_loop(model, x0, n_loops, threshold, compact=compact, trace=trace, states=states,
-                        grad_loops=grad_loops, kv=kv)
+                        grad_loops=grad_loops, kv=kv, reads=reads)
 
 
 def plain_loop(model: "LoopGPT", x0: Tensor, n_loops: int, *, trace: Optional[LoopTrace] = None,
@@ -393,17 +396,21 @@ def _capture_safe() -> bool:
 
 def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, *, compact: bool = True,
                  trace: Optional[LoopTrace] = None, states: Optional[list[Tensor]] = None,
-                 grad_loops: Optional[int] = None, kv: Optional[KVStore] = None) -> tuple[Tensor, Tensor]:
+                 grad_loops: Optional[int] = None, kv: Optional[KVStore] = None,
+                 reads: Optional[tuple[int, ...]] = None) -> tuple[Tensor, Tensor]:
     """Per-token halting on threshold (B*T,) (lower-is-surer units). The slots are every token until
-    a capacity read (compacted loop), then the tokens active at the latest read; compact=False, or
-    under torch.compile / graph capture, every token throughout, with no read at all."""
+    a capacity read (compacted loop: after the loops `reads`, default `halting.capacity_reads`), then
+    the tokens active at the latest read; compact=False, or under torch.compile / graph capture,
+    every token throughout, with no read at all."""
     cfg, backend = model.config, model.backend
     B, T, C = x0.shape
     N, device = B * T, x0.device
     core, rows = _Core(model, x0, kv, split=True), _Rows(B, T, device)
     observer = TraceObserver(trace, N, device) if trace is not None else None
     needs_readout = trace is not None or cfg.halt in READOUT_CRITERIA
-    reads = capacity_reads(cfg.min_loops, n_loops) if compact and not _capture_safe() else ()
+    if reads is None:
+        reads = capacity_reads(cfg.min_loops, n_loops)
+    reads = frozenset(reads) if compact and not _capture_safe() else frozenset()
     h = model.initial_state(x0).reshape(N, C)
     active = torch.ones(N, dtype=torch.bool, device=device)
     steps = torch.zeros(N, dtype=torch.int32, device=device)

@@ -328,14 +328,22 @@ class Decoder:
 
     compile: torch.compile the step (fullgraph; mode="reduce-overhead" on CUDA, which captures it in
     a CUDA graph and replays it per token), with `compiler` (torch.compile's backend). It needs the
-    torch backend (the masked past)."""
+    torch backend (the masked past).
+
+    stop_early: with halting, read after every loop whether a row still runs, so that halted rows
+    stop computing and the step ends when every row has halted (the compacted loop, reading after
+    each loop). That is a host read per loop: for the CPU, where a read waits for no device and the
+    masked loops' full budget would cost more; never with compile."""
 
     def __init__(self, model: LoopGPT, batch: int, max_len: int, budget: int, halting: bool, temperature: float,
-                 top_k: Optional[int], compile: bool = False, compiler: str = "inductor"):
+                 top_k: Optional[int], compile: bool = False, compiler: str = "inductor", stop_early: bool = False):
         cfg, weight = model.config, model.lm_head.weight
         if compile and model.backend.name != "torch":
             raise ValueError(f"a compiled decode step needs the 'torch' backend, got {model.backend.name!r}")
+        if compile and stop_early:
+            raise ValueError("stop_early reads the device after every loop: a compiled step cannot")
         self.model, self.batch, self.budget, self.halting = model, batch, budget, halting
+        self.stop_early = stop_early
         self.temperature, self.top_k = temperature, top_k
         loop_layers = cfg.n_layer + (cfg.n_coda if halting and halting_rules.CRITERIA[cfg.halt].reads_out else 0)
 
@@ -352,12 +360,13 @@ class Decoder:
 
     @classmethod
     def for_model(cls, model: LoopGPT, batch: int, max_len: int, budget: int, halting: bool, temperature: float,
-                  top_k: Optional[int], compile: bool = False, compiler: str = "inductor") -> "Decoder":
+                  top_k: Optional[int], compile: bool = False, compiler: str = "inductor",
+                  stop_early: bool = False) -> "Decoder":
         """A decoder for this model, emptied. A compiled one holds block_size places, and the latest is
         kept, so that the next call with the same model and arguments replays its graph."""
         global _LATEST_COMPILED
         if not compile:
-            return cls(model, batch, max_len, budget, halting, temperature, top_k)
+            return cls(model, batch, max_len, budget, halting, temperature, top_k, stop_early=stop_early)
         weight = model.lm_head.weight
         key = (id(model), batch, budget, halting, temperature, top_k, compiler, model.backend.name, weight.dtype,
                weight.device)
@@ -402,7 +411,8 @@ class Decoder:
             for trigger, value in cfg.halt_thresholds_after.items():
                 self.threshold.copy_(torch.where(token[:, 0] == trigger, value, self.threshold))
             h, steps = halting_loop(model, x0, self.budget, halting_rules.halt_bar(cfg.halt, self.threshold),
-                                    compact=False, kv=self.loop)
+                                    compact=self.stop_early, kv=self.loop,
+                                    reads=tuple(range(cfg.min_loops, self.budget)) if self.stop_early else None)
         else:
             h, steps = plain_loop(model, x0, self.budget, kv=self.loop)
         return self._finish(h, steps.view(self.batch, 1))
@@ -425,11 +435,13 @@ _LATEST_COMPILED: Optional[tuple[tuple, Decoder]] = None  # (its arguments, the 
 def generate_static(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, *, halting: Optional[bool] = None, n_loops: Optional[int] = None,
                     pos: Optional[Tensor] = None, compile: bool = False, compiler: str = "inductor",
-                    halt: Optional[bool] = None) -> tuple[Tensor, Tensor]:
-    """LoopGPT.generate with the Decoder: the prompt once, then one sync-free step per token while
-    the context fits block_size; past it, every further token reruns the cropped context
-    (generate_cached's restart, as nanoGPT). Returns (tokens (B, T + new), steps (B, T + new - 1)):
-    the loops each fed token ran. Equal, token for token, to generate_cached (fill "latest")."""
+                    stop_early: Optional[bool] = None, halt: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+    """LoopGPT.generate with the Decoder: the prompt once, then one step per token while the context
+    fits block_size; past it, every further token reruns the cropped context (generate_cached's
+    restart, as nanoGPT). Returns (tokens (B, T + new), steps (B, T + new - 1)): the loops each fed
+    token ran. Equal, token for token, to generate_cached (fill "latest"). compile, compiler and
+    stop_early as Decoder; stop_early None: with halting on the CPU without compile (there a read
+    waits for nothing), else the sync-free step."""
     check_sampling(max_new_tokens, temperature, top_k)
     if pos is not None:
         model._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
@@ -443,8 +455,10 @@ def generate_static(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatur
     if max_new_tokens == 0:
         return idx, torch.zeros(B, 0, dtype=torch.int32, device=idx.device)
     in_cache = min(max_new_tokens, cfg.block_size - T + 1)  # new tokens made while the context fits
+    if stop_early is None:
+        stop_early = halting and not compile and idx.device.type == "cpu"
     decoder = Decoder.for_model(model, B, min(cfg.block_size, T + in_cache - 1), budget, halting, temperature, top_k,
-                                compile=compile, compiler=compiler)
+                                compile=compile, compiler=compiler, stop_early=stop_early)
     token, steps = decoder.prefill(idx, None if pos is None else pos[:, :T])
     tokens, all_steps = [token], [steps]
     for i in range(1, in_cache):

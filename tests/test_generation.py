@@ -99,15 +99,19 @@ def test_thresholds_after_a_trigger_token_apply_to_the_right_tokens():
     assert torch.equal(stats.steps[1], torch.where(triggered, MAX_LOOPS, 1).int())
 
 
-def test_batched_generation_stops_computing_exited_rows():
+@pytest.mark.parametrize("generate", ["cached", "static-stop_early"])
+def test_batched_generation_stops_computing_exited_rows(generate):
     model = sharpened_model("entropy", threshold=100.0, block_size=32, halt_thresholds_after={3: 0.0})
     idx = torch.tensor([[3, 1], [1, 2]])  # row 0 thinks to the budget, row 1 stops after one loop
     rows = {}
     model.set_backend(counting(get_backend("torch"), rows))
     new = 4
-    _, stats = generate_cached(model, idx, new, temperature=0)
-    assert (stats.steps[0] == MAX_LOOPS).all() and stats.steps[1, 0] == 1
-    assert rows["mlp"] == stats.steps.sum().item() < stats.steps.numel() * MAX_LOOPS  # none for exited rows
+    if generate == "cached":
+        steps = generate_cached(model, idx, new, temperature=0)[1].steps
+    else:
+        steps = generate_static(model, idx, new, temperature=0, stop_early=True)[1]
+    assert (steps[0] == MAX_LOOPS).all() and steps[1, 0] == 1
+    assert rows["mlp"] == steps.sum().item() < steps.numel() * MAX_LOOPS  # none for exited rows
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -124,20 +128,22 @@ def test_bad_arguments_are_refused(kwargs, message):
 
 # ---- decode as one step over static caches (generate_static, the default)
 
-@pytest.mark.parametrize("halting", [False, True], ids=["fixed", "halting"])
+@pytest.mark.parametrize("halting,stop_early", [(False, False), (True, False), (True, True)],
+                         ids=["fixed", "halting-masked", "halting-stop_early"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_static_decode_equals_cached_generation(shape, halting):
-    """The one-step decode (masked loops per token) gives today's cached generation token for token,
-    and the same loops per fed token, at fixed depth and with halting."""
+def test_static_decode_equals_cached_generation(shape, halting, stop_early):
+    """The one-step decode (masked loops per token, or stopping when every row has halted) gives
+    today's cached generation token for token, and the same loops per fed token, at fixed depth
+    and with halting."""
     model = sharpened_model("entropy", block_size=32, **SHAPES[shape]) if halting else \
         fixed_depth_model(**SHAPES[shape])
     idx = torch.randint(0, 17, (2, 5), generator=torch.Generator().manual_seed(4))
-    out, steps = generate_static(model, idx, 14, temperature=0)
+    out, steps = generate_static(model, idx, 14, temperature=0, stop_early=stop_early)
     expected, stats = generate_cached(model, idx, 14, temperature=0)
     assert torch.equal(out, expected) and torch.equal(steps, stats.steps)
     assert len(steps.unique()) >= (2 if halting else 1)
     torch.manual_seed(3)
-    sampled, _ = generate_static(model, idx, 14, temperature=0.8, top_k=5)
+    sampled, _ = generate_static(model, idx, 14, temperature=0.8, top_k=5, stop_early=stop_early)
     torch.manual_seed(3)
     assert torch.equal(sampled, generate_cached(model, idx, 14, temperature=0.8, top_k=5)[0])
 
