@@ -5,9 +5,9 @@
 halting efficiency: LoopLM 1Lx8 (B=4, T=128, C=128), an eval forward where exactly a given share
 of the tokens (picked by per-token thresholds) stops after loop 1 and the rest think to loop 8,
 against the fixed-depth forward. Efficiency = (speed-up over fixed depth) / (loop reduction).
-generation: greedy tokens/s of `LoopGPT.generate` (one decode step per token over static per-loop K/V caches), LoopLM 1Lx4, C=128, 128
-new tokens, against Hugging Face transformers' GPT-2 of 4 layers with its KV cache (the optional
-`bench` extra), at batch 1 and 16.
+generation: greedy tokens/s of `LoopGPT.generate` (one decode step per token over static per-loop
+K/V caches), LoopLM 1Lx4, C=128, 128 new tokens, against Hugging Face transformers' GPT-2 of 4
+layers with its KV cache (the optional `bench` extra), at batch 1 and 16.
 
 Each case times its variants in interleaved rounds (a, b, a, b, ...) and records the medians in
 the benchmark's extra_info, so that a noisy shared machine slows both alike, and the medians of the

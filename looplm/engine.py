@@ -28,9 +28,9 @@ or the flat indices of the tokens that were active when the set was made, in tok
 its slots are still active is a device mask, never read by the host: a slot whose token has halted
 since computes like the others and its results are discarded (masked writes: `keep`), so a loop's
 shapes do not depend on which tokens halt inside it. Slots of the compacted set are distinct tokens,
-so reads need no clamping and writes to tokens never collide (the masked ones all go to a scratch row); for attention each batch row's slots are laid
-side by side, L a row (the most any row holds), and the places past a row's count read a clamped
-slot and are dropped.
+so reads need no clamping and writes to tokens never collide (the masked ones all go to a scratch
+row); for attention each batch row's slots are laid side by side, L a row (the most any row holds),
+and the places past a row's count read a clamped slot and are dropped.
 
 When the set shrinks. Shapes that follow the active share need a count, and a count is a read. The
 compacted loop (the default) reads, in one transfer of two integers, how many tokens still run (and
@@ -437,7 +437,8 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
             prev_log_p = _with_scratch(log_p) if prev_log_p is None else _write(prev_log_p, rows, log_p, keep)
         slot_h, slot_active = h_new, still_active
         if observer is not None or states is not None or t in reads or t == n_loops:
-            h, active, steps = _write(h, rows, slot_h), _write(active, rows, slot_active), _write(steps, rows, slot_steps)
+            h, active = _write(h, rows, slot_h), _write(active, rows, slot_active)
+            steps = _write(steps, rows, slot_steps)
         if states is not None:
             states.append(h.view(B, T, C) if torch.is_grad_enabled() else h.view(B, T, C).clone())
         if t in reads:

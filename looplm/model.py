@@ -352,10 +352,12 @@ class LoopGPT(nn.Module):
                  *, use_cache: bool = True, halting: Optional[bool] = None, n_loops: Optional[int] = None,
                  pos: Optional[Tensor] = None, halt: Optional[bool] = None) -> Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T), nanoGPT's way. temperature=0 is greedy;
-        halting (or its former name halt) and n_loops as in forward. By default the prompt runs once and then each new token in one
-        step over static per-loop K/V caches (`looplm.generation.generate_static`: the same tokens as
-        without the cache; no host read per token; on CUDA with the torch backend the step is compiled
-        and replayed as a CUDA graph; on the CPU a halting step stops when every row has halted). use_cache=False reruns the whole (cropped) context per token.
+        halting (or its former name halt) and n_loops as in forward. By default the prompt runs once
+        and then each new token in one step over static per-loop K/V caches
+        (`looplm.generation.generate_static`: the same tokens as without the cache; no host read per
+        token; on CUDA with the torch backend the step is compiled and replayed as a CUDA graph; on
+        the CPU a halting step stops when every row has halted). use_cache=False reruns the whole
+        (cropped) context per token.
         pos: position ids (B, T + max_new_tokens) of the prompt and of the tokens to come, as the
         task gives them (the last column is never fed; see LoopGPT.forward)."""
         halting = halting_rules.resolve(self.config, halting, self.training, halt)

@@ -50,7 +50,8 @@ def _sync_ops() -> frozenset:
 
 class HostSyncCounter(TorchDispatchMode):
     """Records every op that reads device data on the host: a scalar read (`.item()`, `bool(t)`,
-    `int(t)`), an op whose output shape depends on the data (`nonzero`, `masked_select`, `unique`, indexing with a boolean mask),
+    `int(t)`), an op whose output shape depends on the data (`nonzero`, `masked_select`, `unique`,
+    indexing with a boolean mask),
     and a copy of a tensor to host memory (`.cpu()`, `.tolist()`, `.numpy()`, whose data the host
     then reads). On a CUDA device each of these makes the host wait for the GPU; on the CPU the
     same calls are counted, so that a test on a CPU says where a GPU would wait.
