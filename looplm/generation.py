@@ -231,8 +231,10 @@ def _slots(fill: str, ring_size: Optional[int], budget: int) -> int:
 
 class StaticKVCache:
     """Preallocated keys and values of up to max_len tokens, per layer and per loop (one slot for
-    each loop of the budget: the "latest" fill), and each token's count of entries (the loops it
-    ran). A block of tokens is fed at a time: `begin(T)`, the loop's `store` calls, `commit(steps)`.
+    each loop of the budget: the "latest" fill). A block of tokens is fed at a time: `begin(T)`,
+    the loop's `store` calls, `commit(steps)`. A token that ran s loops has its entry e_s copied
+    into the slots of the later loops when its block is committed (once a token, not once a loop),
+    so that a later token reads loop t's slot as it is: e_min(t, s), and no loop gathers.
 
     Two ways to say where the block sits. `positioned=False`: at the host's count of committed
     tokens, and the past is that many tokens (sliced: any backend's attention op). positioned=True:
@@ -242,19 +244,18 @@ class StaticKVCache:
     """
 
     def __init__(self, n_layer: int, slots: int, batch: int, max_len: int, n_embd: int, dtype: torch.dtype,
-                 device: torch.device, positioned: bool = False, uniform: bool = False):
+                 device: torch.device, positioned: bool = False):
         shape = (n_layer, slots, batch, max_len, n_embd)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.entries = torch.zeros(batch, max_len, dtype=torch.int32, device=device)
         self.at = torch.zeros((), dtype=torch.long, device=device)  # the block's first position (positioned)
         self.places = torch.arange(max_len, device=device)
-        self.slots, self.batch, self.max_len = slots, batch, max_len
-        self.positioned, self.uniform = positioned, uniform  # uniform: every token runs every loop
+        self.slot_loops = torch.arange(1, slots + 1, device=device)  # the loop each slot holds
+        self.slots, self.batch, self.max_len, self.positioned = slots, batch, max_len, positioned
         self.length = 0  # tokens committed (host count; positioned: `at` on the device instead)
         self.block_len = 0
         if positioned:  # the buffers keep their addresses: a compiled step reads them in place
-            for t in (self.keys, self.values, self.entries, self.at):
+            for t in (self.keys, self.values, self.at):
                 torch._dynamo.mark_static_address(t)
 
     def begin(self, block_len: int) -> None:
@@ -270,8 +271,6 @@ class StaticKVCache:
             self.block = torch.arange(self.length, self.length + block_len, device=device)
         batch = torch.arange(self.batch, device=device)[:, None]
         self.block_flat = (batch * self.max_len + self.block).reshape(-1)  # (B * T,) into (B * max_len)
-        if block_len == 1 and not self.uniform:  # a token reads its own entry of every loop (see past)
-            self.entries.index_fill_(1, self.block, self.slots)
 
     def store(self, layer: int, loop: int, rows: Optional[Tensor], keys: Tensor, values: Tensor,
               keep: Optional[Tensor] = None) -> None:
@@ -284,35 +283,34 @@ class StaticKVCache:
             view.index_copy_(0, flat, new)
 
     def past(self, layer: int, loop: int) -> Optional[Past]:
-        """Every earlier token's entry for `loop`; a one-token block (a decode step) reads its own
-        keys and values from here too (stored just before: no concatenation), `with_block`."""
+        """Every earlier token's entry for `loop` (a view); a one-token block (a decode step) reads
+        its own keys and values from here too (stored just before: no concatenation), `with_block`."""
         with_block = self.block_len == 1
         if not self.positioned and self.length == 0 and not with_block:
             return None
         span = slice(None) if self.positioned else slice(0, self.length + (1 if with_block else 0))
-        keys, values = self.keys[layer, :, :, span], self.values[layer, :, :, span]  # (slots, B, P, C)
-        if self.uniform:  # every earlier token has an entry for every loop
-            keys, values = keys[(loop - 1) % self.slots], values[(loop - 1) % self.slots]
-        else:  # a token that ran s < loop loops offers entry s
-            slot = (self.entries[:, span].clamp(min=1, max=loop) - 1).long()  # (B, P)
-            index = slot[None, :, :, None].expand(1, -1, -1, keys.size(-1))
-            keys, values = keys.gather(0, index)[0], values.gather(0, index)[0]
+        slot = (loop - 1) % self.slots
         visible = None
         if self.positioned:
             visible = (self.places <= self.at if with_block else self.places < self.at).expand(self.batch, -1)
-        return Past(keys, values, visible, with_block)
+        return Past(self.keys[layer, slot, :, span], self.values[layer, slot, :, span], visible, with_block)
 
     def reset(self) -> None:
         """Empty the cache for a new sequence (the buffers stay where they are)."""
-        self.entries.zero_()
         self.at.zero_()
         self.length = self.block_len = 0
 
     def commit(self, steps: Optional[Tensor] = None) -> None:
-        """Close the block: its tokens ran `steps` (B, T) loops (None: one each)."""
+        """Close the block: its tokens ran `steps` (B, T) loops (None: every loop of the budget);
+        each token's last entry fills the slots of the loops it did not run."""
         T = self.block_len
-        steps = torch.ones(self.batch, T, dtype=torch.int32, device=self.entries.device) if steps is None else steps
-        self.entries.index_copy_(1, self.block, steps.view(self.batch, T).to(torch.int32))
+        if steps is not None and self.slots > 1:
+            last = (steps.view(1, 1, self.batch, T, 1).long() - 1).clamp(min=0)  # the slot of e_s
+            not_run = self.slot_loops.view(1, -1, 1, 1, 1) > last + 1  # (1, slots, B, T, 1)
+            for buffer in (self.keys, self.values):
+                block = buffer.index_select(3, self.block)  # (layers, slots, B, T, C)
+                final = block.gather(1, last.expand(block.size(0), 1, -1, -1, block.size(-1)))
+                buffer.index_copy_(3, self.block, torch.where(not_run, final, block))
         if self.positioned:
             self.at.add_(T)
         else:
@@ -347,11 +345,11 @@ class Decoder:
         self.temperature, self.top_k = temperature, top_k
         loop_layers = cfg.n_layer + (cfg.n_coda if halting and halting_rules.CRITERIA[cfg.halt].reads_out else 0)
 
-        def cache(layers: int, slots: int, uniform: bool) -> Optional[StaticKVCache]:
+        def cache(layers: int, slots: int) -> Optional[StaticKVCache]:
             return StaticKVCache(layers, slots, batch, max_len, cfg.n_embd, weight.dtype, weight.device,
-                                 positioned=compile, uniform=uniform) if layers else None
-        self.loop = cache(loop_layers, budget, not halting)
-        self.prelude, self.coda = cache(cfg.n_prelude, 1, True), cache(cfg.n_coda, 1, True)
+                                 positioned=compile) if layers else None
+        self.loop = cache(loop_layers, budget)
+        self.prelude, self.coda = cache(cfg.n_prelude, 1), cache(cfg.n_coda, 1)
         self.caches = [c for c in (self.loop, self.prelude, self.coda) if c is not None]
         # the fed token's threshold (criterion units): the latest trigger's, as halting.thresholds
         self.threshold = torch.zeros(batch, device=weight.device)
@@ -421,7 +419,7 @@ class Decoder:
         model = self.model
         if model.config.n_coda:
             h = blocks_with_cache(model, model.transformer.coda, h, self.coda)
-        self.loop.commit(steps)
+        self.loop.commit(steps if self.halting else None)  # at fixed depth every slot is written
         for c in (self.prelude, self.coda):
             if c is not None:
                 c.commit()
