@@ -5,14 +5,17 @@
 halting efficiency: LoopLM 1Lx8 (B=4, T=128, C=128), an eval forward where exactly a given share
 of the tokens (picked by per-token thresholds) stops after loop 1 and the rest think to loop 8,
 against the fixed-depth forward. Efficiency = (speed-up over fixed depth) / (loop reduction).
-generation: greedy tokens/s of `LoopGPT.generate` (per-loop K/V cache), LoopLM 1Lx4, C=128, 128
-new tokens, against Hugging Face transformers' GPT-2 of 4 layers with its KV cache (the optional
-`bench` extra), at batch 1 and 16.
+generation: greedy tokens/s of `LoopGPT.generate` (one decode step per token over static per-loop
+K/V caches), LoopLM 1Lx4, C=128, 128 new tokens, against Hugging Face transformers' GPT-2 of 4
+layers with its KV cache (the optional `bench` extra), at batch 1 and 16.
 
 Each case times its variants in interleaved rounds (a, b, a, b, ...) and records the medians in
-the benchmark's extra_info, so that a noisy shared machine slows both alike; the halting cases
-also record the medians of the thread's CPU time (`*_cpu_ms`, `efficiency_cpu`), which other work
-on the machine disturbs less. pytest-benchmark's own table shows the LoopLM variant.
+the benchmark's extra_info, so that a noisy shared machine slows both alike, and the medians of the
+thread's CPU time (`*_cpu_ms`, `efficiency_cpu`, `ratio_cpu`), which other work on the machine
+disturbs less. The halting cases also record the host reads of one adaptive forward
+(`host_syncs`, looplm.testing.HostSyncCounter: the input check's, the given thresholds' and the
+loop's capacity reads) and the decode cases those of the whole generation (`host_syncs`: none per
+token). pytest-benchmark's own table shows the LoopLM variant.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 
 from bench.schema import CaseInfo
 from looplm import LoopConfig, LoopGPT, LoopTrace
-from looplm.testing import assert_close
+from looplm.testing import assert_close, count_host_syncs
 
 LOOPS = 8
 HALTING = LoopConfig(vocab_size=65, block_size=128, n_embd=128, n_head=4, n_layer=1, n_loops=LOOPS,
@@ -85,10 +88,12 @@ def test_bench_halting_efficiency(benchmark, criterion, halted):
         mean_steps = trace.steps.float().mean().item()
 
         def fixed():
-            return m(idx, idx, halt=False)
+            return m(idx, idx, halting=False)
 
         def adaptive():
-            return m(idx, idx, halt=True, thresholds=thresholds)
+            return m(idx, idx, halting=True, thresholds=thresholds)
+        with count_host_syncs() as syncs:
+            adaptive()
         cpu = {"fixed": float("nan"), "adaptive": float("nan")}
         medians = interleaved_medians({"fixed": fixed, "adaptive": adaptive}, rounds=15, cpu=cpu) \
             if benchmark.enabled else dict(cpu)
@@ -100,7 +105,7 @@ def test_bench_halting_efficiency(benchmark, criterion, halted):
            fixed_ms=round(1e3 * medians["fixed"], 2), adaptive_ms=round(1e3 * medians["adaptive"], 2),
            speedup=round(speedup, 3), loop_reduction=round(reduction, 3), efficiency=round(speedup / reduction, 3),
            fixed_cpu_ms=round(1e3 * cpu["fixed"], 2), adaptive_cpu_ms=round(1e3 * cpu["adaptive"], 2),
-           efficiency_cpu=round(cpu_speedup / reduction, 3), target=0.9 if halted == 0.5 else 0.8)
+           efficiency_cpu=round(cpu_speedup / reduction, 3), host_syncs=syncs.count, target=0.8)
 
 
 GENERATION = LoopConfig(vocab_size=65, block_size=256, n_embd=128, n_head=4, n_layer=1, n_loops=4)
@@ -137,12 +142,16 @@ def test_bench_generate_vs_gpt2(benchmark, B):
         out, peer_out = looplm(), gpt2()
         assert out.shape == peer_out.shape == (B, PROMPT + NEW)
         assert torch.equal(out, m.generate(idx, NEW, temperature=0, use_cache=False)), "cached != uncached"
-        medians = interleaved_medians({"looplm": looplm, "gpt2": gpt2}, rounds=5) if benchmark.enabled else \
-            {"looplm": float("nan"), "gpt2": float("nan")}
+        with count_host_syncs() as syncs:
+            looplm()
+        cpu = {"looplm": float("nan"), "gpt2": float("nan")}
+        medians = interleaved_medians({"looplm": looplm, "gpt2": gpt2}, rounds=5, cpu=cpu) if benchmark.enabled \
+            else dict(cpu)
         benchmark.pedantic(looplm, rounds=2, warmup_rounds=0)
     tokens = B * NEW
     record(benchmark, "generate_vs_gpt2", dict(B=B, prompt=PROMPT, new=NEW, C=GENERATION.n_embd, loops=4),
            looplm_tokens_per_s=round(tokens / medians["looplm"], 1),
            gpt2_tokens_per_s=round(tokens / medians["gpt2"], 1),
-           ratio=round(medians["gpt2"] / medians["looplm"], 3), target=1.5 if B == 1 else None,
+           ratio=round(medians["gpt2"] / medians["looplm"], 3), ratio_cpu=round(cpu["gpt2"] / cpu["looplm"], 3),
+           host_syncs=syncs.count, target=2.0 if B == 1 else None,
            peer="transformers GPT2LMHeadModel, 4 layers, KV cache, generate(do_sample=False)")

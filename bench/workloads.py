@@ -142,10 +142,10 @@ def calibrate_halting(model: LoopGPT, idx: torch.Tensor, fraction: float) -> dic
     model's entropy barely moves from loop to loop, so a fixed threshold would halt all tokens or
     none.) Returns what halting then does on idx: the threshold, the loops run, the mean steps."""
     config = model.config
-    _, _, trace = model(idx, halt=False, n_loops=config.min_loops, return_trace=True)
+    _, _, trace = model(idx, halting=False, n_loops=config.min_loops, return_trace=True)
     entropy = trace.entropy[config.min_loops - 1].float().flatten()
     config.halt_threshold = max(float(torch.quantile(entropy, fraction)), 0.0)
-    _, _, trace = model(idx, halt=True, return_trace=True)
+    _, _, trace = model(idx, halting=True, return_trace=True)
     stopped = (trace.steps == config.min_loops).float().mean().item()
     assert abs(stopped - fraction) <= 0.1, \
         f"calibrated to stop {fraction:.0%} of the tokens at min_loops, stopped {stopped:.0%}"

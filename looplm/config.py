@@ -1,27 +1,17 @@
 """LoopConfig: every architectural choice of a looped GPT, validated on construction."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
+
+from looplm.halting import HALT_CRITERIA, HIGHER_IS_SURER, READOUT_CRITERIA, check_threshold
 
 STATE_INITS = ("zeros", "embed", "noise")
 INJECTIONS = ("none", "add", "norm_add")
 STEP_ENCODINGS = ("none", "learned", "sinusoidal")
 UPDATES = ("replace", "euler")
-# criterion -> (lowest, highest, whether the lowest is allowed): thresholds outside are refused.
-HALT_CRITERIA = {
-    "none": None,
-    "entropy": (0.0, math.inf, True),  # nats; halt when entropy < threshold
-    "confidence": (0.0, 1.0, False),  # halt when max probability > threshold
-    "delta": (0.0, math.inf, True),  # halt when ||h_new - h|| / ||h|| < threshold
-    "kl": (0.0, math.inf, True),  # halt when KL(p_t || p_{t-1}) < threshold (nats)
-    "gate": (0.0, 1.0, False),  # halt when the learned gate's probability > threshold
-}
-# Criteria whose score grows with certainty; the model negates them (see looplm.ops).
-HIGHER_IS_SURER = ("confidence", "gate")
-# Criteria scored from the next-token distribution: each loop reads the state out through the head.
-READOUT_CRITERIA = ("entropy", "confidence", "kl")
+# Halting criteria and their thresholds live in looplm.halting; these names stay importable from here.
+__all__ = ["ConfigError", "HALT_CRITERIA", "HIGHER_IS_SURER", "LoopConfig", "READOUT_CRITERIA", "check_threshold"]
 
 
 class ConfigError(ValueError):
@@ -50,7 +40,7 @@ class LoopConfig:
     inject: str = "add"
     step_encoding: str = "none"
     update: str = "replace"
-    # Halting (applied in eval; see LoopGPT.forward).
+    # Halting (applied in eval; see LoopGPT.forward and looplm.halting): the criterion's name or 'none'.
     halt: str = "none"
     halt_threshold: Optional[float] = None
     halt_thresholds_after: dict[int, float] = field(default_factory=dict)  # token id -> threshold from it on
@@ -118,12 +108,3 @@ class LoopConfig:
             raise ConfigError(f"unknown LoopConfig keys {unknown}; known keys: {sorted(known)}")
         return cls(**d)
 
-
-def check_threshold(criterion: str, value: float, what: str) -> None:
-    if criterion == "none":
-        raise ConfigError(f"{what} is set but halt='none'; choose a criterion from {tuple(HALT_CRITERIA)[1:]}")
-    low, high, low_ok = HALT_CRITERIA[criterion]
-    inside = (low <= value if low_ok else low < value) and value <= high
-    if not isinstance(value, (int, float)) or math.isnan(value) or not inside:
-        interval = f"{'[' if low_ok else '('}{low}, {high}{']' if high != math.inf else ')'}"
-        raise ConfigError(f"{what} for halt={criterion!r} must be in {interval}, got {value!r}")

@@ -2,11 +2,14 @@
 
     h = init(x0)
     for t in 1 .. n_loops:
-        rows = the tokens still active (every token without halting)
+        rows = the token slots this loop computes (every token, or a compacted set)
         x = inject(h, x0, t)[rows]
         for each core layer:  x = block(x) on rows, reading every token's keys and values
         h_new = update(h[rows], x);  readout / score only if the criterion or the trace needs it
         h[rows], active[rows], steps[rows] = halt_update(...)
+
+Three pieces, each read alone: `plain_loop` (every token every loop), `halting_loop` (per-token
+halting) and `TraceObserver` (what the trace records per loop). `run_loop` picks the loop.
 
 Semantics with halting (recursion-wise K/V caching, as in Mixture-of-Recursions). Every core
 layer keeps, per token, the keys and values the token computed at that layer in its latest loop.
@@ -16,44 +19,69 @@ halts, so running the core for the active tokens only ("compacted") gives exactl
 running it for every token and discarding the halted ones' outputs ("masked", compact=False, the
 reference semantics): the two differ only by the rounding of differently shaped matmuls. This holds
 for any n_layer; with one layer it is the plain rule "a halted token is seen as it was in its last loop".
+The coda of the in-loop readout (halting criteria, traces) follows the same rule: per coda layer, a
+halted token offers the keys and values of its last readout. The final logits (`LoopGPT.head`) run
+the coda over every token's final state, full sequence.
 
-The coda. The in-loop readout (halting criteria, traces) passes the state through the coda with
-the same rule: per coda layer, a halted token offers the keys and values of its last readout. The
-final logits (`LoopGPT.head`) run the coda over every token's final state, full sequence.
+Static shapes, no waiting on the host. A loop computes a fixed set of slots (`_Rows`): every token,
+or the flat indices of the tokens that were active when the set was made, in token order. Which of
+its slots are still active is a device mask, never read by the host: a slot whose token has halted
+since computes like the others and its results are discarded (masked writes: `keep`), so a loop's
+shapes do not depend on which tokens halt inside it. Slots of the compacted set are distinct tokens,
+so reads need no clamping and writes to tokens never collide (the masked ones all go to a scratch
+row); for attention each batch row's slots are laid side by side, L a row (the most any row holds),
+and the places past a row's count read a clamped slot and are dropped.
+
+When the set shrinks. Shapes that follow the active share need a count, and a count is a read. The
+compacted loop (the default) reads, in one transfer of two integers, how many tokens still run (and
+the most in one batch row) after the loops of `halting.capacity_reads`: after min_loops (the first
+loop a token can halt after), then each time the loop count doubles (loops 1, 2, 4 of 8: three reads
+a forward, where the engine used to read after every loop: on an H200, 14 synchronisations and 46
+copies a forward). Each read re-plans the slots on the device (`torch.nonzero_static`, sized by the read count)
+and is also where the loop stops once no token runs. As the active set only shrinks, a set made at
+loop t serves every later loop. Between reads the slots keep their own states, flags, step counts,
+thresholds and inputs (no gather or scatter per loop); the per-token buffers take them at a read,
+at the end, or every loop when a trace or the per-loop states want them. The compute follows the
+active share with at most a doubling's delay: exactly, when tokens halt after the first loop.
+The masked loop (compact=False, and always under torch.compile or CUDA-graph capture) never reads:
+every token is a slot in every loop, with the masked writes; the graph it makes is one static graph
+whatever halts, but its compute does not fall. (Both at once, a graph whose compute falls, would
+size each loop's slots from the previous forward's counts and read one overflow flag after the
+forward, rerunning the rare forward that overflowed: not built.) A trace or the per-loop states are
+trimmed at the end, with one read, to the loops some token ran.
 
 Without halting every token runs every loop: the core is the backends' fused `block` op over the
 whole sequence. With halting (or a K/V store, for generation) the block is split into the ops
 `layer_norm_linear` (LN1 + QKV, LN2 + fc + GELU), `attention` and `linear` (proj and fc2 with the
-residual in the epilogue), so each backend's kernels run on the active rows only.
+residual in the epilogue), so each backend's kernels run on the loop's slots only. Attention of a
+compacted set: on the torch backend (PyTorch's SDPA, which takes a mask) the slots' queries, packed
+per batch row, with their causal mask; on a kernel backend every query of the block (the halted
+tokens' from the layer's buffer), causal, and the slots' rows of the result.
 
-Cost per loop. Work proportional to the active tokens: states, keys, values and the trace are
-written in place into preallocated buffers (out of place while autograd records, which needs the
-old values); each layer's keys and values are its QKV rows, written in one copy. The host learns
-which tokens still run from one device-to-host transfer per loop, of the running rows' flags, and
-plans the next loop's rows from them in numpy. Attention runs on the batch rows holding an active
-token, for the keys of positions 0..p1 (p1 the last active position); on the torch backend the
-active queries only, packed per batch row, with an additive causal mask taken from a per-run
-table; the readout computes one log-softmax per loop, and only for the KL criterion keeps the
-previous distribution.
+Cost per loop: keys, values and the trace are written in place into preallocated buffers (out of
+place while autograd records, which needs the old values), each with one scratch row that takes the
+masked writes (a halted slot writes there, not to its token: no gather-and-select per write); each
+layer's keys and values are its QKV rows, written in one copy; the readout computes one log-softmax
+per loop, and only for the KL criterion keeps the previous distribution.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Optional, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from looplm import torch_ops
-from looplm.config import READOUT_CRITERIA
-from looplm.halting import relative_change
+from looplm.halting import READOUT_CRITERIA, capacity_reads, halt_score, relative_change
 from looplm.ops import residual_branch
 
 if TYPE_CHECKING:
     from looplm.model import Block, LoopGPT
+
+__all__ = ["KVStore", "LoopTrace", "Past", "TraceObserver", "block_on_rows", "blocks_with_cache", "halt_score",
+           "halting_loop", "plain_loop", "run_loop"]
 
 
 @dataclass
@@ -77,119 +105,116 @@ class LoopTrace:
                 for t, (e, d, a) in enumerate(zip(self.entropy, self.delta, self.active))]
 
 
+class Past(NamedTuple):
+    """Earlier tokens' keys and values for the block's tokens: each (B, P, C); `visible` (B, P) bool
+    marks the ones they may read (None: all), for a preallocated store of static length. with_block:
+    a one-token block's own keys and values are among them, at its place (the store had them first)."""
+
+    keys: Tensor
+    values: Tensor
+    visible: Optional[Tensor] = None
+    with_block: bool = False
+
+
 class KVStore(Protocol):
     """Keys and values of earlier tokens, per layer and loop (see looplm.generation). Layers
     0..n_layer-1 are the core's, n_layer.. the coda's in the in-loop readout."""
 
-    def past(self, layer: int, loop: int) -> Optional[tuple[Tensor, Tensor]]:
-        """(K, V), each (B, P, C), that the block's tokens attend to before their own; None if P = 0."""
+    def past(self, layer: int, loop: int) -> Optional[Past]:
+        """What the block's tokens attend to before their own; None if there is nothing."""
 
-    def store(self, layer: int, loop: int, rows: Optional[Tensor], keys: Tensor, values: Tensor) -> None:
+    def store(self, layer: int, loop: int, rows: Optional[Tensor], keys: Tensor, values: Tensor,
+              keep: Optional[Tensor] = None) -> None:
         """Entry `loop` of the block's tokens `rows` (flat indices into (B, T); None: every one):
-        keys, values (R, C)."""
+        keys, values (R, C); rows where keep (R,) bool is True keep their old entry."""
 
 
 class _Rows:
-    """The tokens a loop computes: every one (idx None) or the flat indices idx (R,) into (B, T),
-    sorted, from the host array `host`. What attention needs to run on them is worked out on the
-    host once per loop, for every layer, when first asked for: the batch rows holding them
-    (`batches`, None when every batch row does) and either the packed layout (`packed`) or the
-    padded window of positions (`window`). `tables` holds the causal masks of the run."""
+    """The token slots a loop computes: every token in order (idx None), or the distinct flat
+    indices idx (R,) into (B, T), in token order. For attention on the torch backend, the slots laid
+    out per batch row, L places a row: `queries_at` (B * L,) the slot each place reads (clamped
+    for the places past the row's count), `out_at` (R,) each slot's place, `positions` (B, L)."""
 
-    def __init__(self, B: int, T: int, host: Optional[np.ndarray] = None, device: Optional[torch.device] = None,
-                 tables: Optional[dict] = None):
-        self.B, self.T, self.host, self.device = B, T, host, device
-        self.tables = {} if tables is None else tables
-        self.idx = self.batches = self._packed = self._window = None
+    def __init__(self, B: int, T: int, device: torch.device, active: Optional[Tensor] = None, count: int = 0,
+                 most_in_row: int = 0):
+        """Every token (active None), or the `count` tokens that `active` (N,) bool marks, of which
+        a batch row holds at most `most_in_row` (the host's read of the mask: the shapes)."""
+        self.B, self.T, self._device = B, T, device
+        self.idx = None if active is None else torch.nonzero_static(active, size=count).squeeze(1)
+        self.count = B * T if active is None else count
         self._masks: dict = {}
-        self.p1 = T - 1
-        self.count = B * T if host is None else len(host)
-        if host is None or self.count == 0:
+        self._targets = self.idx
+        if active is None:
             return
-        self.idx = self._to_device(host)
-        self.batch, self.pos = np.divmod(host, T)
-        self.p1 = int(self.pos.max())
-        counts = np.bincount(self.batch, minlength=B)
-        self.present = counts > 0
-        if self.present.all():
-            self.counts, self.n_batches = counts, B
-        else:
-            self.batches = self._to_device(np.flatnonzero(self.present))
-            self.counts, self.n_batches = counts[self.present], len(self.batches)
-
-    def _to_device(self, a: np.ndarray) -> Tensor:
-        t = torch.from_numpy(a)
-        return t if self.device is None or self.device.type == "cpu" else t.to(self.device, non_blocking=True)
+        idx, L = self.idx, most_in_row
+        batch = idx // T
+        per_row = active.view(B, T).sum(1)  # (a bincount of `batch` would read its maximum on a GPU)
+        first = torch.cumsum(per_row, 0) - per_row  # slots are in token order: a row's are consecutive
+        rank = torch.arange(L, device=device)
+        real = rank < per_row[:, None]  # (B, L)
+        slot = torch.where(real, first[:, None] + rank, 0).clamp(max=max(self.count - 1, 0))
+        self.L, self.queries_at = L, slot.reshape(-1)
+        self.positions = torch.where(real, idx.index_select(0, self.queries_at).view(B, L) % T, 0)
+        self.out_at = batch * L + torch.arange(self.count, device=device) - first.index_select(0, batch)
 
     @property
     def every(self) -> bool:
         return self.idx is None
 
-    def subset(self, still: np.ndarray) -> "_Rows":
-        """The rows of those of these tokens that `still` (R,) bool marks."""
-        if self.every and still.all():
-            return self
-        host = np.flatnonzero(still) if self.every else self.host[still]
-        return _Rows(self.B, self.T, host, self.device, self.tables)
+    @property
+    def targets(self) -> Tensor:
+        """The slots' token indices (R,), also when they are every token."""
+        if self._targets is None:
+            self._targets = torch.arange(self.count, device=self._device)
+        return self._targets
 
-    def packed(self) -> tuple[int, Tensor, Tensor, np.ndarray]:
-        """Each batch row's tokens side by side, padded to the most any has: the length L,
-        `gather` (n_batches * L,) the row of q for each packed place (padding takes a row of the
-        first token: its output is dropped), `packed_at` (R,) each row's place, and the place's
-        positions (host)."""
-        if self._packed is None:
-            L = int(self.counts.max())
-            first = np.cumsum(self.counts) - self.counts  # host is sorted: a batch row's tokens are consecutive
-            rank = np.arange(L)
-            real = rank < self.counts[:, None]  # (n_batches, L), row-major in the order of host
-            gather = np.where(real, first[:, None] + rank, 0).reshape(-1)
-            self._packed = L, self._to_device(gather), self._to_device(np.flatnonzero(real)), self.pos[gather]
-        return self._packed
+    def gather(self, x: Tensor) -> Tensor:
+        """The slots' rows of a per-token tensor x (N, ...; a scratch row after them is left out)."""
+        return x[:self.count] if self.idx is None else x.index_select(0, self.idx)
 
-    def causal_mask(self, past: int, dtype: torch.dtype) -> Tensor:
-        """(n_batches, 1, L, past + p1 + 1) additive mask (0 or -inf) of the packed queries: the
-        rows of the run's causal table at their positions (made once per loop, for every layer)."""
-        key = (past, dtype)
-        if key not in self._masks:
-            if key not in self.tables:  # position p sees keys -past .. p
-                self.tables[key] = torch.full((self.T, past + self.T), -math.inf, dtype=dtype,
-                                              device=self.device).triu_(past + 1)
-            L, _, _, positions = self.packed()
-            table = self.tables[key][:, :past + self.p1 + 1]
-            self._masks[key] = table.index_select(0, self._to_device(positions)).view(self.n_batches, 1, L, -1)
-        return self._masks[key]
-
-    def window(self) -> tuple[int, Tensor, Tensor]:
-        """The window of positions p0..p1 the tokens span, per batch row: its width W, `gather`
-        (n_batches * W,) the row of q for each place of the window (the halted tokens' places take
-        row 0: their outputs are dropped) and `padded_at` (R,) each row's place."""
-        if self._window is None:
-            p0 = int(self.pos.min())
-            width = self.p1 - p0 + 1
-            slot = self.batch if self.batches is None else (np.cumsum(self.present) - 1)[self.batch]
-            padded_at = slot * width + self.pos - p0
-            gather = np.zeros(self.n_batches * width, dtype=np.int64)
-            gather[padded_at] = np.arange(self.count)
-            self._window = width, self._to_device(gather), self._to_device(padded_at)
-        return self._window
+    def causal_mask(self, visible: Optional[Tensor], P: int) -> Tensor:
+        """(B, 1, L, P + T) bool: the keys each packed query sees, the past's `visible` (B, P) ones
+        (None: all P) and the block's up to its own position. Made once per set of slots and P
+        when every past key is visible."""
+        if visible is None and P in self._masks:
+            return self._masks[P]
+        keys = torch.arange(self.T, device=self.positions.device)
+        mask = keys <= self.positions[..., None]  # (B, L, T)
+        if P:
+            seen = torch.ones(self.B, P, dtype=torch.bool, device=mask.device) if visible is None else visible
+            mask = torch.cat([seen[:, None, :].expand(-1, self.L, -1), mask], dim=-1)
+        if visible is None:
+            self._masks[P] = mask[:, None]
+        return mask[:, None]
 
 
 def _write(buffer: Tensor, rows: _Rows, new: Tensor, keep: Optional[Tensor] = None) -> Tensor:
-    """buffer with `rows` replaced by new (R, ...), where keep (R,) bool, if given, is False; in
-    place unless autograd records (it needs the old values) or every row is replaced."""
-    if keep is not None:
-        new = torch.where(keep.view(-1, *([1] * (new.dim() - 1))), buffer if rows.every else buffer[rows.idx], new)
-    if rows.every:
+    """buffer with the rows' slots replaced by new (R, ...); in place unless autograd records (it
+    needs the old values). A buffer with a scratch row (N + 1 rows: `_with_scratch`) takes masked
+    writes: the slots that keep (R,) bool marks write into the scratch row instead of their token's."""
+    N = rows.B * rows.T
+    if buffer.size(0) > N:
+        at = rows.targets if keep is None else torch.where(keep, N, rows.targets)
+    elif keep is not None:
+        raise ValueError("a masked write needs a buffer with a scratch row")
+    elif rows.every:
         return new
+    else:
+        at = rows.idx
     if torch.is_grad_enabled():
-        return buffer.index_copy(0, rows.idx, new)
-    return buffer.index_copy_(0, rows.idx, new)
+        return buffer.index_copy(0, at, new)
+    return buffer.index_copy_(0, at, new)
+
+
+def _with_scratch(x: Tensor) -> Tensor:
+    """x (N, ...) and one more row, the target of the masked writes (never read as a token's)."""
+    return torch.cat([x, x.new_zeros(1, *x.shape[1:])])
 
 
 class _Layers:
     """Per block (core layers, then coda layers): its weights, read once per run, and every token's
     latest queries, keys and values, (N, 3C) as the QKV projection gives them (one write per loop;
-    the queries are not read)."""
+    the queries are read by the kernel backends' attention of a compacted set)."""
 
     def __init__(self, blocks: list["Block"]):
         self.weights = [blk.weights() for blk in blocks]
@@ -201,14 +226,14 @@ class _Layers:
 
 def block_on_rows(model: "LoopGPT", blk: "Block", layer: int, x: Tensor, rows: _Rows, layers: _Layers,
                   keep: Optional[Tensor], kv: Optional[KVStore], loop: int) -> Tensor:
-    """One block for the rows x (R, C): its keys and values go to the layer's buffer (except the
-    rows `keep` marks: halted tokens in the masked loop), attention reads every token's."""
+    """One block for the slots x (R, C): its keys and values go to the layer's buffer (except the
+    slots `keep` marks: halted tokens), attention reads every token's."""
     backend, w, C = model.backend, layers.weights[layer], x.size(-1)
     qkv = backend.op("layer_norm_linear")(x, w.ln1_w, w.ln1_b, w.attn_w, w.attn_b)
     # the first loop computes every token
-    layers.qkv[layer] = qkv if layers.qkv[layer] is None else _write(layers.qkv[layer], rows, qkv, keep)
+    layers.qkv[layer] = _with_scratch(qkv) if layers.qkv[layer] is None else _write(layers.qkv[layer], rows, qkv, keep)
     if kv is not None:
-        kv.store(layer, loop, rows.idx, qkv[:, C:2 * C], qkv[:, 2 * C:])
+        kv.store(layer, loop, rows.idx, qkv[:, C:2 * C], qkv[:, 2 * C:], keep)
     past = kv.past(layer, loop) if kv is not None else None
     y = _attend(backend, qkv[:, :C], rows, layers.qkv[layer], past, blk.n_head)
     p, linear = model._dropout_p(), backend.op("linear")
@@ -217,182 +242,227 @@ def block_on_rows(model: "LoopGPT", blk: "Block", layer: int, x: Tensor, rows: _
     return residual_branch(linear, hidden, w.fc2_w, w.fc2_b, x, p)
 
 
-def _attend(backend, q: Tensor, rows: _Rows, qkv: Tensor, past: Optional[tuple[Tensor, Tensor]],
-            n_head: int) -> Tensor:
-    """Causal attention of the rows' queries q (R, C) over the keys and values of every token of
-    the (B, T) block, qkv (N, 3C), after the `past` ones (B, P, C). Returns (R, C).
-
-    Some rows: only the batch rows holding one, and keys up to the last position p1 any row has.
-    On the torch backend, whose attention is PyTorch's SDPA, which takes a mask, only the active
-    queries run, packed per batch row, with their causal mask: the cost falls with the active
-    tokens however they are spread. Other backends run their attention op on the window of
-    positions the rows span (its causal mask is aligned bottom-right, so the queries keep their
-    positions), padded with the halted tokens' places."""
+def _attend(backend, q: Tensor, rows: _Rows, qkv: Tensor, past: Optional[Past], n_head: int) -> Tensor:
+    """Causal attention of the slots' queries q (R, C) over the keys and values of every token of
+    the (B, T) block, qkv (N, 3C), after the `past` ones. Returns (R, C). See the module docstring."""
     B, T, C = rows.B, rows.T, q.size(-1)
-    kv = qkv.view(B, T, 3 * C)[:, :rows.p1 + 1, C:]  # (B, p1 + 1, 2C): one gather serves both
-    if rows.batches is not None:  # only the batch rows holding a running token
-        kv = kv.index_select(0, rows.batches)
-        past = (past[0].index_select(0, rows.batches), past[1].index_select(0, rows.batches)) \
-            if past is not None else None
+    qkv = qkv[:B * T]  # less the scratch row
+    kv = qkv.view(B, T, 3 * C)[..., C:]  # (B, T, 2C): one view serves both
     k, v = kv[..., :C], kv[..., C:]
-    if past is not None:
-        k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+    P = 0 if past is None else past.keys.size(1)
+    if past is not None and past.with_block:  # one token per row, its own keys already in the past
+        k, v, P = past.keys, past.values, P - 1
+    elif past is not None:
+        k, v = torch.cat([past.keys, k], dim=1), torch.cat([past.values, v], dim=1)
 
     def heads(x: Tensor) -> Tensor:
         return x.view(x.size(0), x.size(1), n_head, C // n_head).transpose(1, 2)
 
-    def rows_of(y: Tensor, at: Tensor) -> Tensor:  # (n, H, L, D) -> the rows `at` of (n * L, C)
-        return y.transpose(1, 2).reshape(-1, C).index_select(0, at)
+    def rows_of(y: Tensor, at: Optional[Tensor]) -> Tensor:  # (n, H, L, D) -> the rows `at` of (n * L, C)
+        y = y.transpose(1, 2).reshape(-1, C)
+        return y if at is None else y.index_select(0, at)
 
     attention = backend.op("attention")
-    if rows.every:
-        y = attention(heads(q.view(B, T, C)), heads(k), heads(v), causal=True)
-        return y.transpose(1, 2).reshape(-1, C)
-    if attention is torch_ops.attention:
-        L, gather, packed_at, _ = rows.packed()
-        queries = q.index_select(0, gather).view(rows.n_batches, L, C)
-        mask = rows.causal_mask(past[0].size(1) if past is not None else 0, q.dtype)
-        return rows_of(F.scaled_dot_product_attention(heads(queries), heads(k), heads(v), attn_mask=mask), packed_at)
-    width, gather, padded_at = rows.window()
-    queries = q.index_select(0, gather).view(rows.n_batches, width, C)
-    return rows_of(attention(heads(queries), heads(k), heads(v), causal=True), padded_at)
+    masked_past = past is not None and past.visible is not None
+    if attention is torch_ops.attention and (masked_past or not rows.every):
+        if rows.every:  # every token, reading only the visible part of a preallocated past
+            if past.with_block:
+                mask = past.visible[:, None, None, :]  # (B, 1, 1, P + 1)
+            else:
+                causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+                mask = torch.cat([past.visible[:, None, None, :].expand(-1, 1, T, -1),
+                                  causal.expand(B, 1, T, T)], dim=-1)
+            return rows_of(F.scaled_dot_product_attention(heads(q.view(B, T, C)), heads(k), heads(v),
+                                                          attn_mask=mask), None)
+        queries = q.index_select(0, rows.queries_at).view(B, rows.L, C)
+        mask = rows.causal_mask(None if past is None else past.visible, P)
+        return rows_of(F.scaled_dot_product_attention(heads(queries), heads(k), heads(v), attn_mask=mask),
+                       rows.out_at)
+    if masked_past:
+        raise ValueError(f"backend {backend.name!r}: a K/V store with masked entries needs the torch backend's "
+                         "attention; give the store the visible length instead")
+    queries = q if rows.every else qkv[:, :C]  # a compacted set: every query, the halted tokens' from the buffer
+    return rows_of(attention(heads(queries.view(B, T, C)), heads(k), heads(v), causal=True), rows.idx)
+
+
+class TraceObserver:
+    """Fills a LoopTrace, loop by loop, from what the loop hands it; never changes the loop."""
+
+    def __init__(self, trace: LoopTrace, N: int, device: torch.device):
+        self.trace, self.N, self.device = trace, N, device
+        self.entropy = torch.zeros(N + 1, device=device)  # every token's latest readout entropy, a scratch row
+
+    def loop_done(self, rows: _Rows, active: Tensor, h_rows: Tensor, h_new: Tensor, entropy: Tensor,
+                  keep: Optional[Tensor], shape: tuple[int, int]) -> None:
+        """Loop done for the slots `rows`: active (N,) the tokens that ran it, h_rows -> h_new their
+        states (a halted token's h_new is its h), entropy (R,) their readouts' (kept where `keep`)."""
+        self.trace.active.append(active.view(shape).clone())
+        delta = _write(torch.zeros(self.N, device=self.device), rows, relative_change(h_rows, h_new).reshape(-1))
+        self.trace.delta.append(delta.view(shape))
+        self.entropy = _write(self.entropy, rows, entropy.reshape(-1), keep)
+        self.trace.entropy.append(self.entropy[:self.N].view(shape).clone())
+
+    def finish(self, steps: Tensor, shape: tuple[int, int], loops_run: int) -> None:
+        trace = self.trace
+        trace.steps = steps.view(shape)
+        del trace.active[loops_run:], trace.delta[loops_run:], trace.entropy[loops_run:]
+
+
+class _Core:
+    """One loop's computation for a set of slots: inject, the core layers, update, and the readout
+    when wanted. Holds what lives across loops: the per-layer K/V buffers and the inputs."""
+
+    def __init__(self, model: "LoopGPT", x0: Tensor, kv: Optional[KVStore], split: bool):
+        self.model, self.kv, self.split = model, kv, split
+        self.shape = x0.shape
+        self.x0 = x0.reshape(-1, x0.size(-1)) if split else x0
+        self.layers = _Layers([*model.transformer.core, *model.transformer.coda])
+
+    def __call__(self, h: Tensor, x0: Tensor, rows: _Rows, keep: Optional[Tensor], t: int) -> Tensor:
+        """The slots' states after loop t from h (R, C) (every token: (B, T, C) when not split) and
+        their inputs x0."""
+        model = self.model
+        if not self.split:  # every token, the fused block op
+            B, T, _ = self.shape
+            return model.update(h, model.core(model.inject(h, x0, torch.full((B, T), t, device=h.device))))
+        x = model.inject(h, x0, torch.full((rows.count,), t, device=h.device))
+        for layer, blk in enumerate(model.transformer.core):
+            x = block_on_rows(model, blk, layer, x, rows, self.layers, keep, self.kv, t)
+        return model.update(h, x)
+
+    def readout(self, h: Tensor, rows: _Rows, keep: Optional[Tensor], t: int) -> Tensor:
+        """Logits (R, V) of the slots' states h (R, C): the coda (each layer reading every token's
+        latest readout keys and values), ln_f and the tied lm_head in one op."""
+        model = self.model
+        if not self.split:
+            return model.head(h)
+        n_core = len(model.transformer.core)
+        for i, blk in enumerate(model.transformer.coda):
+            h = block_on_rows(model, blk, n_core + i, h, rows, self.layers, keep, self.kv, t)
+        return model.logits(h)
 
 
 def run_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Optional[Tensor] = None, *,
              compact: bool = True, trace: Optional[LoopTrace] = None, states: Optional[list[Tensor]] = None,
-             grad_loops: Optional[int] = None, kv: Optional[KVStore] = None) -> tuple[Tensor, Tensor]:
+             grad_loops: Optional[int] = None, kv: Optional[KVStore] = None,
+             reads: Optional[tuple[int, ...]] = None) -> tuple[Tensor, Tensor]:
     """Loop the core from x0 (B, T, C); returns the final state (B, T, C) and the steps (B*T,) int32.
 
-    threshold (B*T,) float32, in halt_update's lower-is-surer units, turns halting on; None runs
-    every token n_loops times. compact=False runs every token every loop and discards the halted
-    tokens' results (the reference semantics; same result). trace and states as LoopGPT.loop;
-    `kv` receives every key and value computed and supplies the earlier tokens' (generation)."""
-    cfg, backend = model.config, model.backend
-    halting = threshold is not None
-    split = halting or kv is not None  # else every token runs every loop: the fused block op
+    threshold (B*T,) float32, in the lower-is-surer units of `halting.halt_bar`, turns halting on;
+    None runs every token n_loops times. compact=False runs every token every loop and discards the
+    halted tokens' results (the reference semantics; same result; no host read). trace and states
+    as LoopGPT.loop; `kv` receives every key and value computed and supplies the earlier tokens'.
+    reads: the loops after which the compacted loop reads the active count (default
+    `halting.capacity_reads`)."""
+    if threshold is None:
+        return plain_loop(model, x0, n_loops, trace=trace, states=states, grad_loops=grad_loops, kv=kv)
+    return halting_loop(model, x0, n_loops, threshold, compact=compact, trace=trace, states=states,
+                        grad_loops=grad_loops, kv=kv, reads=reads)
+
+
+def plain_loop(model: "LoopGPT", x0: Tensor, n_loops: int, *, trace: Optional[LoopTrace] = None,
+               states: Optional[list[Tensor]] = None, grad_loops: Optional[int] = None,
+               kv: Optional[KVStore] = None) -> tuple[Tensor, Tensor]:
+    """Every token runs every loop: the fused block op, or (with a K/V store) the split ops."""
     B, T, C = x0.shape
-    N = B * T
-    needs_readout = trace is not None or (halting and cfg.halt in READOUT_CRITERIA)
-    x0_rows = x0.reshape(N, C)
+    N, split = B * T, kv is not None
+    core, rows = _Core(model, x0, kv, split), _Rows(B, T, x0.device)
+    observer = TraceObserver(trace, N, x0.device) if trace is not None else None
+    every_active = torch.ones(N, dtype=torch.bool, device=x0.device)
     h = model.initial_state(x0)
     h = h.reshape(N, C) if split else h
-    every_active = torch.ones(N, dtype=torch.bool, device=x0.device)  # never written: its head is a compacted loop's
-    active = every_active  # the device mask; a compacted loop keeps it only for the trace
-    steps = torch.zeros(N, dtype=torch.int32, device=x0.device)
-    layers = _Layers([*model.transformer.core, *model.transformer.coda])
-    prev_log_p = None  # the last distribution of every token, for the KL criterion only
-    entropy = torch.zeros(N, device=x0.device) if trace is not None else None
-    rows = _Rows(B, T, device=x0.device)
     for t in range(1, n_loops + 1):
         if grad_loops is not None and t == n_loops - grad_loops + 1:
-            h = h.detach()  # truncated backprop: the graph of earlier loops, keys and values included, is cut
-            layers.detach()
-        keep = ~active if halting and not compact and t > 1 else None  # masked loop: halted tokens' K/V stay
-        if split:
-            h_rows = h if rows.every else h.index_select(0, rows.idx)
-            x = model.inject(h_rows, x0_rows if rows.every else x0_rows.index_select(0, rows.idx),
-                             torch.full((rows.count,), t, device=x0.device))
-            for layer, blk in enumerate(model.transformer.core):
-                x = block_on_rows(model, blk, layer, x, rows, layers, keep, kv, t)
-            h_new = model.update(h_rows, x)
-        else:
-            h_rows = h
-            h_new = model.update(h, model.core(model.inject(h, x0, torch.full((B, T), t, device=x0.device))))
-
-        logits = None
-        if needs_readout:
-            logits = readout_logits(model, h_new, rows, layers, keep, kv, t) if split else model.head(h_new)
-        prev = prev_log_p if prev_log_p is None or rows.every else prev_log_p.index_select(0, rows.idx)
-        score, row_entropy, log_p = halt_score(model, cfg.halt if halting else None, h_rows, h_new, logits, prev,
-                                               trace is not None)
-        if halting:
-            if rows.every:
-                row_active, row_steps, row_threshold = active, steps, threshold
-            else:  # a compacted loop: every row is active
-                row_active = every_active[:rows.count]
-                row_steps, row_threshold = steps.index_select(0, rows.idx), threshold.index_select(0, rows.idx)
-            h_new, still_active, row_steps = backend.op("halt_update")(
-                h_rows, h_new, row_active, row_steps, score.reshape(-1), row_threshold, t, cfg.min_loops, n_loops)
-        else:
-            still_active, row_steps = None, (steps + 1 if rows.every else None)
-        if trace is not None:
-            trace.active.append(active.view(B, T))
-            trace.delta.append(_write(torch.zeros(N, device=x0.device), rows,
-                                      relative_change(h_rows, h_new).reshape(-1)).view(B, T))
-            entropy = _write(entropy, rows, row_entropy.reshape(-1), None if t == 1 else keep)
-            trace.entropy.append(entropy.view(B, T).clone())
-        if log_p is not None:
-            log_p = log_p.reshape(-1, log_p.size(-1))
-            prev_log_p = log_p if prev_log_p is None else _write(prev_log_p, rows, log_p, keep)
-        h = _write(h, rows, h_new)
-        steps = row_steps if rows.every else _write(steps, rows, row_steps)
+            h = h.detach()  # truncated backprop: the graph of earlier loops is cut
+            core.layers.detach()
+        h_rows, h = h, core(h, core.x0, rows, None, t)
+        if observer is not None:
+            entropy, _ = model.backend.op("softmax_entropy")(core.readout(h, rows, None, t))
+            observer.loop_done(rows, every_active, h_rows, h, entropy, None, (B, T))
         if states is not None:
-            states.append(h.view(B, T, C) if torch.is_grad_enabled() or not split else h.view(B, T, C).clone())
-        if not halting:
-            continue
-        if not compact:
-            active = still_active
-            if not bool(active.any()):  # the one sync of the masked loop
-                break
-            continue
-        still = still_active.cpu().numpy()  # the one sync of the compacted loop
-        if trace is not None:  # a fresh mask: the trace keeps the old one
-            active = still_active if rows.every else _write(active.clone(), rows, still_active)
-        rows = rows.subset(still)
-        if rows.count == 0:
-            break
-    if trace is not None:
-        trace.steps = steps.view(B, T)
+            states.append(h.view(B, T, C))
+    steps = torch.full((N,), n_loops, dtype=torch.int32, device=x0.device)
+    if observer is not None:
+        observer.finish(steps, (B, T), n_loops)
     return h.view(B, T, C), steps
 
 
-def readout_logits(model: "LoopGPT", h: Tensor, rows: _Rows, layers: _Layers, keep: Optional[Tensor],
-                   kv: Optional[KVStore], loop: int) -> Tensor:
-    """Logits (R, V) of the rows' states h (R, C): the coda (each layer reading every token's latest
-    readout keys and values), ln_f and the tied lm_head in one op."""
-    n_core = len(model.transformer.core)
-    for i, blk in enumerate(model.transformer.coda):
-        h = block_on_rows(model, blk, n_core + i, h, rows, layers, keep, kv, loop)
-    return model.logits(h)
+def _capture_safe() -> bool:
+    """Whether the loop must not read the device: inside torch.compile or a CUDA-graph capture."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def halt_score(model: "LoopGPT", criterion: Optional[str], h: Tensor, h_new: Tensor, logits: Optional[Tensor],
-               prev_log_p: Optional[Tensor] = None, want_entropy: bool = False
-               ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """The halting score of states h -> h_new (..., C) under `criterion` (lower is surer; None: no
-    score), the readout's entropy if wanted, and its log-probabilities for the KL criterion, which
-    compares them with prev_log_p (the previous loop's; None in the first loop: no token halts).
-    logits (..., V), the readout of h_new, are needed by the readout criteria and the entropy only.
-    One softmax pass: the backend's softmax_entropy, or one log-softmax for KL."""
-    entropy = None
-    if criterion == "kl":
-        log_p = torch.log_softmax(logits.float(), dim=-1)
-        score = torch.full(log_p.shape[:-1], math.inf, device=log_p.device) if prev_log_p is None else \
-            (log_p.exp() * (log_p - prev_log_p.view_as(log_p))).sum(-1)
-        if want_entropy:
-            p = log_p.exp()
-            entropy = -torch.special.xlogy(p, p).sum(-1)
-        return score, entropy, log_p
-    if criterion in ("entropy", "confidence") or want_entropy:
-        entropy, max_prob = model.backend.op("softmax_entropy")(logits)
-    if criterion == "entropy":
-        score = entropy
-    elif criterion == "confidence":
-        score = -max_prob
-    elif criterion == "delta":
-        score = relative_change(h, h_new)
-    elif criterion == "gate":
-        score = -torch.sigmoid(model.halt_gate(h_new).squeeze(-1).float())
-    else:
-        score = None
-    return score, entropy, None
+def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, *, compact: bool = True,
+                 trace: Optional[LoopTrace] = None, states: Optional[list[Tensor]] = None,
+                 grad_loops: Optional[int] = None, kv: Optional[KVStore] = None,
+                 reads: Optional[tuple[int, ...]] = None) -> tuple[Tensor, Tensor]:
+    """Per-token halting on threshold (B*T,) (lower-is-surer units). The slots are every token until
+    a capacity read (compacted loop: after the loops `reads`, default `halting.capacity_reads`), then
+    the tokens active at the latest read; compact=False, or under torch.compile / graph capture,
+    every token throughout, with no read at all."""
+    cfg, backend = model.config, model.backend
+    B, T, C = x0.shape
+    N, device = B * T, x0.device
+    core, rows = _Core(model, x0, kv, split=True), _Rows(B, T, device)
+    observer = TraceObserver(trace, N, device) if trace is not None else None
+    needs_readout = trace is not None or cfg.halt in READOUT_CRITERIA
+    if reads is None:
+        reads = capacity_reads(cfg.min_loops, n_loops)
+    reads = frozenset(reads) if compact and not _capture_safe() else frozenset()
+    h = model.initial_state(x0).reshape(N, C)
+    active = torch.ones(N, dtype=torch.bool, device=device)
+    steps = torch.zeros(N, dtype=torch.int32, device=device)
+    prev_log_p = None  # every token's last distribution, for the KL criterion only
+    # The slots' own states, flags, counts, thresholds and inputs: kept between capacity reads, and
+    # written to the per-token buffers at a read, at the end, or every loop for a trace or the states.
+    slot_h, slot_active, slot_steps, slot_threshold, slot_x0 = h, active, steps, threshold, core.x0
+    for t in range(1, n_loops + 1):
+        if grad_loops is not None and t == n_loops - grad_loops + 1:
+            h, slot_h = h.detach(), slot_h.detach()  # truncated backprop: earlier loops' graph is cut,
+            core.layers.detach()  # the kept keys and values' included
+        keep = None if t <= cfg.min_loops else ~slot_active  # before min_loops no token has halted
+        h_new = core(slot_h, slot_x0, rows, keep, t)
+        logits = core.readout(h_new, rows, keep, t) if needs_readout else None
+        score, entropy, log_p = halt_score(model, cfg.halt, slot_h, h_new, logits,
+                                           None if prev_log_p is None else rows.gather(prev_log_p),
+                                           trace is not None)
+        h_new, still_active, slot_steps = backend.op("halt_update")(
+            slot_h, h_new, slot_active, slot_steps, score.reshape(-1), slot_threshold, t, cfg.min_loops, n_loops)
+        if observer is not None:
+            observer.loop_done(rows, active, slot_h, h_new, entropy, keep, (B, T))
+        if log_p is not None:
+            log_p = log_p.reshape(-1, log_p.size(-1))
+            prev_log_p = _with_scratch(log_p) if prev_log_p is None else _write(prev_log_p, rows, log_p, keep)
+        slot_h, slot_active = h_new, still_active
+        if observer is not None or states is not None or t in reads or t == n_loops:
+            h, active = _write(h, rows, slot_h), _write(active, rows, slot_active)
+            steps = _write(steps, rows, slot_steps)
+        if states is not None:
+            states.append(h.view(B, T, C) if torch.is_grad_enabled() else h.view(B, T, C).clone())
+        if t in reads:
+            running, most_in_row = torch.stack([active.sum(), active.view(B, T).sum(1).max()]).tolist()  # the read
+            if running == 0:
+                break
+            if running < rows.count:
+                rows = _Rows(B, T, device, active, running, most_in_row)
+                slot_h, slot_active, slot_steps, slot_threshold, slot_x0 = (
+                    rows.gather(x) for x in (h, active, steps, threshold, core.x0))
+    if observer is not None or states is not None:
+        loops_run = int(steps.max())  # one read: the loops some token ran (no loop runs after the last halts)
+    if states is not None:
+        del states[loops_run:]
+    if observer is not None:
+        observer.finish(steps, (B, T), loops_run)
+    return h.view(B, T, C), steps
 
 
 def blocks_with_cache(model: "LoopGPT", blocks, x: Tensor, kv: KVStore) -> Tensor:
     """Untied blocks (prelude, coda) on the block of new tokens x (B, T, C), every token running,
     attending to the earlier tokens' keys and values in `kv` (one entry each, loop 1) and storing theirs."""
     B, T, C = x.shape
-    rows, layers, x = _Rows(B, T, device=x.device), _Layers(list(blocks)), x.reshape(B * T, C)
+    rows, layers, x = _Rows(B, T, x.device), _Layers(list(blocks)), x.reshape(B * T, C)
     for layer, blk in enumerate(blocks):
         x = block_on_rows(model, blk, layer, x, rows, layers, None, kv, 1)
     return x.view(B, T, C)

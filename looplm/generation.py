@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from looplm.config import READOUT_CRITERIA
-from looplm.engine import blocks_with_cache, run_loop
+from looplm import halting as halting_rules
+from looplm.engine import Past, blocks_with_cache, halting_loop, plain_loop, run_loop
 from looplm.model import LoopGPT, check_sampling, sample_next_token
 
 FILLS = ("latest", "last", "ring")
@@ -65,28 +65,37 @@ class LoopKVCache:
                              f"{block_len} more do not fit")
         self.block_len = block_len
 
-    def store(self, layer: int, loop: int, rows: Optional[Tensor], keys: Tensor, values: Tensor) -> None:
+    def store(self, layer: int, loop: int, rows: Optional[Tensor], keys: Tensor, values: Tensor,
+              keep: Optional[Tensor] = None) -> None:
         slot = (loop - 1) % self.slots
         if rows is None:  # the whole block: one slice
             span = slice(self.length, self.length + self.block_len)
-            self.keys[layer, slot, :, span] = keys.view(self.batch, self.block_len, -1)
-            self.values[layer, slot, :, span] = values.view(self.batch, self.block_len, -1)
+            old_keys, old_values = self.keys[layer, slot, :, span], self.values[layer, slot, :, span]
+            keys, values = keys.view_as(old_keys), values.view_as(old_values)
+            if keep is not None:  # halted tokens keep their entries (a ring's slot may hold an older one)
+                keep = keep.view(self.batch, self.block_len, 1)
+                keys, values = torch.where(keep, old_keys, keys), torch.where(keep, old_values, values)
+            old_keys.copy_(keys)
+            old_values.copy_(values)
             return
         batch, pos = rows // self.block_len, self.length + rows % self.block_len
+        if keep is not None:
+            keys = torch.where(keep[:, None], self.keys[layer, slot, batch, pos], keys)
+            values = torch.where(keep[:, None], self.values[layer, slot, batch, pos], values)
         self.keys[layer, slot, batch, pos] = keys
         self.values[layer, slot, batch, pos] = values
 
-    def past(self, layer: int, loop: int) -> Optional[tuple[Tensor, Tensor]]:
+    def past(self, layer: int, loop: int) -> Optional[Past]:
         if self.length == 0:
             return None
         if self.most - self.slots + 1 <= loop <= self.fewest:  # every token reads the same slot: a view
             s = (loop - 1) % self.slots
-            return self.keys[layer, s, :, :self.length], self.values[layer, s, :, :self.length]
+            return Past(self.keys[layer, s, :, :self.length], self.values[layer, s, :, :self.length])
         n = self.entries[:, :self.length]
         slot = (n.clamp(max=loop).maximum(n - self.slots + 1) - 1) % self.slots  # (B, P)
         batch = torch.arange(slot.size(0), device=slot.device)[:, None]
         pos = torch.arange(self.length, device=slot.device)[None, :]
-        return self.keys[layer, slot, batch, pos], self.values[layer, slot, batch, pos]
+        return Past(self.keys[layer, slot, batch, pos], self.values[layer, slot, batch, pos])
 
     def commit(self, steps: Optional[Tensor] = None) -> None:
         """Close the block: its tokens ran `steps` (B, T) loops (None: one each)."""
@@ -145,12 +154,12 @@ class _Caches:
 @torch.no_grad()
 def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, *, fill: str = "latest", ring_size: Optional[int] = None,
-                    halt: Optional[bool] = None, n_loops: Optional[int] = None, pos: Optional[Tensor] = None
-                    ) -> tuple[Tensor, GenerationStats]:
+                    halting: Optional[bool] = None, n_loops: Optional[int] = None, pos: Optional[Tensor] = None,
+                    halt: Optional[bool] = None) -> tuple[Tensor, GenerationStats]:
     """Append max_new_tokens tokens to idx (B, T) with a per-loop K/V cache; returns (tokens, stats).
 
     temperature/top_k as LoopGPT.generate (0 is greedy). fill: one of FILLS (module docstring);
-    ring_size: the slots of fill="ring". halt and n_loops as LoopGPT.forward: by default the model
+    ring_size: the slots of fill="ring". halting (or halt) and n_loops as LoopGPT.forward: by default the model
     halts in eval mode when its config names a criterion, within max_loops; else n_loops loops.
     pos: position ids (B, T + max_new_tokens) of the prompt and the tokens to come, as LoopGPT.generate.
     """
@@ -159,14 +168,20 @@ def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatur
         model._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
     model._check_inputs(idx, None, None if pos is None else pos[:, :idx.size(1)])
     cfg = model.config
-    halting = (cfg.halt != "none" and not model.training) if halt is None else bool(halt)
-    if halting and cfg.halt == "none":
-        raise ValueError("halt=True but the config has halt='none'; set a halting criterion")
+    halting = halting_rules.resolve(cfg, halting, model.training, halt)
     budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
     if not isinstance(budget, int) or budget < (cfg.min_loops if halting else 1):
         raise ValueError(f"n_loops must be an integer >= {cfg.min_loops if halting else 1}, got {budget!r}")
     slots = _slots(fill, ring_size, budget)
-    loop_layers = cfg.n_layer + (cfg.n_coda if halting and cfg.halt in READOUT_CRITERIA else 0)
+    return _generate_cached(model, idx, max_new_tokens, temperature, top_k, halting, budget, fill, slots, pos)
+
+
+def _generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
+                     halting: bool, budget: int, fill: str, slots: int, pos: Optional[Tensor]
+                     ) -> tuple[Tensor, GenerationStats]:
+    """generate_cached's tokens, its arguments checked; idx may be longer than block_size (a restart)."""
+    cfg = model.config
+    loop_layers = cfg.n_layer + (cfg.n_coda if halting and halting_rules.CRITERIA[cfg.halt].reads_out else 0)
     B, prompt_len = idx.shape
     caches, cache_bytes, all_steps = None, 0, []
     for i in range(max_new_tokens):
@@ -212,3 +227,246 @@ def _slots(fill: str, ring_size: Optional[int], budget: int) -> int:
     if not isinstance(ring_size, int) or ring_size < 1:
         raise ValueError(f"fill='ring' needs ring_size, an integer >= 1, got {ring_size!r}")
     return min(ring_size, budget)
+
+
+class StaticKVCache:
+    """Preallocated keys and values of up to max_len tokens, per layer and per loop (one slot for
+    each loop of the budget: the "latest" fill). A block of tokens is fed at a time: `begin(T)`,
+    the loop's `store` calls, `commit(steps)`. A token that ran s loops has its entry e_s copied
+    into the slots of the later loops when its block is committed (once a token, not once a loop),
+    so that a later token reads loop t's slot as it is: e_min(t, s), and no loop gathers.
+
+    Two ways to say where the block sits. `positioned=False`: at the host's count of committed
+    tokens, and the past is that many tokens (sliced: any backend's attention op). positioned=True:
+    at a device position (`at`, advanced on the device), and the past is all max_len places with the
+    ones not yet written masked out: every step has the same shapes, so one compiled graph (or a
+    captured CUDA graph) serves every token; it needs the torch backend's attention (SDPA takes the mask).
+    """
+
+    def __init__(self, n_layer: int, slots: int, batch: int, max_len: int, n_embd: int, dtype: torch.dtype,
+                 device: torch.device, positioned: bool = False):
+        shape = (n_layer, slots, batch, max_len, n_embd)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.at = torch.zeros((), dtype=torch.long, device=device)  # the block's first position (positioned)
+        self.places = torch.arange(max_len, device=device)
+        self.slot_loops = torch.arange(1, slots + 1, device=device)  # the loop each slot holds
+        self.slots, self.batch, self.max_len, self.positioned = slots, batch, max_len, positioned
+        self.length = 0  # tokens committed (host count; positioned: `at` on the device instead)
+        self.block_len = 0
+        if positioned:  # the buffers keep their addresses: a compiled step reads them in place
+            for t in (self.keys, self.values, self.at):
+                torch._dynamo.mark_static_address(t)
+
+    def begin(self, block_len: int) -> None:
+        """Open a block of block_len tokens per row: where they go, planned once for every store."""
+        if not self.positioned and self.length + block_len > self.max_len:  # positioned: the caller counts
+            raise ValueError(f"the cache holds {self.max_len} tokens; {self.length} are cached and "
+                             f"{block_len} more do not fit")
+        self.block_len = block_len
+        device = self.at.device
+        if self.positioned:
+            self.block = self.at + torch.arange(block_len, device=device)  # positions (T,), on the device
+        else:
+            self.block = torch.arange(self.length, self.length + block_len, device=device)
+        batch = torch.arange(self.batch, device=device)[:, None]
+        self.block_flat = (batch * self.max_len + self.block).reshape(-1)  # (B * T,) into (B * max_len)
+
+    def store(self, layer: int, loop: int, rows: Optional[Tensor], keys: Tensor, values: Tensor,
+              keep: Optional[Tensor] = None) -> None:
+        slot = (loop - 1) % self.slots
+        flat = self.block_flat if rows is None else self.block_flat.index_select(0, rows)
+        for buffer, new in ((self.keys, keys), (self.values, values)):
+            view = buffer[layer, slot].view(self.batch * self.max_len, -1)
+            if keep is not None:  # halted tokens keep their entries
+                new = torch.where(keep[:, None], view.index_select(0, flat), new)
+            view.index_copy_(0, flat, new)
+
+    def past(self, layer: int, loop: int) -> Optional[Past]:
+        """Every earlier token's entry for `loop` (a view); a one-token block (a decode step) reads
+        its own keys and values from here too (stored just before: no concatenation), `with_block`."""
+        with_block = self.block_len == 1
+        if not self.positioned and self.length == 0 and not with_block:
+            return None
+        span = slice(None) if self.positioned else slice(0, self.length + (1 if with_block else 0))
+        slot = (loop - 1) % self.slots
+        visible = None
+        if self.positioned:
+            visible = (self.places <= self.at if with_block else self.places < self.at).expand(self.batch, -1)
+        return Past(self.keys[layer, slot, :, span], self.values[layer, slot, :, span], visible, with_block)
+
+    def reset(self) -> None:
+        """Empty the cache for a new sequence (the buffers stay where they are)."""
+        self.at.zero_()
+        self.length = self.block_len = 0
+
+    def commit(self, steps: Optional[Tensor] = None) -> None:
+        """Close the block: its tokens ran `steps` (B, T) loops (None: every loop of the budget);
+        each token's last entry fills the slots of the loops it did not run."""
+        T = self.block_len
+        if steps is not None and self.slots > 1:
+            last = (steps.view(1, 1, self.batch, T, 1).long() - 1).clamp(min=0)  # the slot of e_s
+            not_run = self.slot_loops.view(1, -1, 1, 1, 1) > last + 1  # (1, slots, B, T, 1)
+            for buffer in (self.keys, self.values):
+                block = buffer.index_select(3, self.block)  # (layers, slots, B, T, C)
+                final = block.gather(1, last.expand(block.size(0), 1, -1, -1, block.size(-1)))
+                buffer.index_copy_(3, self.block, torch.where(not_run, final, block))
+        if self.positioned:
+            self.at.add_(T)
+        else:
+            self.length += T
+        self.block_len = 0
+
+
+class Decoder:
+    """Decode as one step per token: every loop of the new tokens (B, 1), halting included (masked
+    loops: every row runs every loop of the budget, a halted row's results discarded), the prelude's
+    and coda's blocks, the readout and sampling, all on the device over static caches. The step
+    reads nothing on the host; tokens stay on the device until the caller reads them.
+
+    compile: torch.compile the step (fullgraph; mode="reduce-overhead" on CUDA, which captures it in
+    a CUDA graph and replays it per token), with `compiler` (torch.compile's backend). It needs the
+    torch backend (the masked past).
+
+    stop_early: with halting, read after every loop whether a row still runs, so that halted rows
+    stop computing and the step ends when every row has halted (the compacted loop, reading after
+    each loop). That is a host read per loop: for the CPU, where a read waits for no device and the
+    masked loops' full budget would cost more; never with compile."""
+
+    def __init__(self, model: LoopGPT, batch: int, max_len: int, budget: int, halting: bool, temperature: float,
+                 top_k: Optional[int], compile: bool = False, compiler: str = "inductor", stop_early: bool = False):
+        cfg, weight = model.config, model.lm_head.weight
+        if compile and model.backend.name != "torch":
+            raise ValueError(f"a compiled decode step needs the 'torch' backend, got {model.backend.name!r}")
+        if compile and stop_early:
+            raise ValueError("stop_early reads the device after every loop: a compiled step cannot")
+        self.model, self.batch, self.budget, self.halting = model, batch, budget, halting
+        self.stop_early = stop_early
+        self.temperature, self.top_k = temperature, top_k
+        loop_layers = cfg.n_layer + (cfg.n_coda if halting and halting_rules.CRITERIA[cfg.halt].reads_out else 0)
+
+        def cache(layers: int, slots: int) -> Optional[StaticKVCache]:
+            return StaticKVCache(layers, slots, batch, max_len, cfg.n_embd, weight.dtype, weight.device,
+                                 positioned=compile) if layers else None
+        self.loop = cache(loop_layers, budget)
+        self.prelude, self.coda = cache(cfg.n_prelude, 1), cache(cfg.n_coda, 1)
+        self.caches = [c for c in (self.loop, self.prelude, self.coda) if c is not None]
+        # the fed token's threshold (criterion units): the latest trigger's, as halting.thresholds
+        self.threshold = torch.zeros(batch, device=weight.device)
+        mode = "reduce-overhead" if weight.device.type == "cuda" and compiler == "inductor" else None
+        self.step = torch.compile(self._step, fullgraph=True, backend=compiler, mode=mode) if compile else self._step
+
+    @classmethod
+    def for_model(cls, model: LoopGPT, batch: int, max_len: int, budget: int, halting: bool, temperature: float,
+                  top_k: Optional[int], compile: bool = False, compiler: str = "inductor",
+                  stop_early: bool = False) -> "Decoder":
+        """A decoder for this model, emptied. A compiled one holds block_size places, and the latest is
+        kept, so that the next call with the same model and arguments replays its graph."""
+        global _LATEST_COMPILED
+        if not compile:
+            return cls(model, batch, max_len, budget, halting, temperature, top_k, stop_early=stop_early)
+        weight = model.lm_head.weight
+        key = (id(model), batch, budget, halting, temperature, top_k, compiler, model.backend.name, weight.dtype,
+               weight.device)
+        if _LATEST_COMPILED is None or _LATEST_COMPILED[0] != key or _LATEST_COMPILED[1].model is not model:
+            _LATEST_COMPILED = key, cls(model, batch, model.config.block_size, budget, halting, temperature, top_k,
+                                        True, compiler)
+        decoder = _LATEST_COMPILED[1]
+        decoder.reset()
+        return decoder
+
+    def reset(self) -> None:
+        for c in self.caches:
+            c.reset()
+        self.threshold.zero_()
+
+    def prefill(self, idx: Tensor, pos: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """Run the prompt (B, T) (compacted halting loop: a few capacity reads, once); returns the
+        first new token (B, 1) and the prompt's steps (B, T)."""
+        model, cfg = self.model, self.model.config
+        B, T = idx.shape
+        for c in self.caches:
+            c.begin(T)
+        x0 = model.embed(idx, 0, pos, kv=self.prelude)
+        threshold = None
+        if self.halting:
+            per_token = halting_rules.thresholds(cfg, idx)
+            self.threshold.copy_(per_token[:, -1])
+            threshold = halting_rules.halt_bar(cfg.halt, per_token)
+        h, steps = run_loop(model, x0, self.budget, threshold, kv=self.loop)
+        return self._finish(h, steps.view(B, T))
+
+    def _step(self, token: Tensor, position: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """One new token (B, 1) at the task's position ids `position` (B, 1) or the cache's next."""
+        model, cfg = self.model, self.model.config
+        for c in self.caches:
+            c.begin(1)
+        if position is None:
+            position = self.loop.at.view(1, 1) if self.loop.positioned else \
+                torch.full((1, 1), self.loop.length, device=token.device)
+        x0 = model.embed(token, pos=position.expand(self.batch, 1), kv=self.prelude)
+        if self.halting:
+            for trigger, value in cfg.halt_thresholds_after.items():
+                self.threshold.copy_(torch.where(token[:, 0] == trigger, value, self.threshold))
+            h, steps = halting_loop(model, x0, self.budget, halting_rules.halt_bar(cfg.halt, self.threshold),
+                                    compact=self.stop_early, kv=self.loop,
+                                    reads=tuple(range(cfg.min_loops, self.budget)) if self.stop_early else None)
+        else:
+            h, steps = plain_loop(model, x0, self.budget, kv=self.loop)
+        return self._finish(h, steps.view(self.batch, 1))
+
+    def _finish(self, h: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
+        model = self.model
+        if model.config.n_coda:
+            h = blocks_with_cache(model, model.transformer.coda, h, self.coda)
+        self.loop.commit(steps if self.halting else None)  # at fixed depth every slot is written
+        for c in (self.prelude, self.coda):
+            if c is not None:
+                c.commit()
+        return sample_next_token(model.logits(h[:, -1]), self.temperature, self.top_k), steps
+
+
+_LATEST_COMPILED: Optional[tuple[tuple, Decoder]] = None  # (its arguments, the decoder): see Decoder.for_model
+
+
+@torch.no_grad()
+def generate_static(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: Optional[int] = None, *, halting: Optional[bool] = None, n_loops: Optional[int] = None,
+                    pos: Optional[Tensor] = None, compile: bool = False, compiler: str = "inductor",
+                    stop_early: Optional[bool] = None, halt: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+    """LoopGPT.generate with the Decoder: the prompt once, then one step per token while the context
+    fits block_size; past it, every further token reruns the cropped context (generate_cached's
+    restart, as nanoGPT). Returns (tokens (B, T + new), steps (B, T + new - 1)): the loops each fed
+    token ran. Equal, token for token, to generate_cached (fill "latest"). compile, compiler and
+    stop_early as Decoder; stop_early None: with halting on the CPU without compile (there a read
+    waits for nothing), else the sync-free step."""
+    check_sampling(max_new_tokens, temperature, top_k)
+    if pos is not None:
+        model._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
+    model._check_inputs(idx, None, None if pos is None else pos[:, :idx.size(1)])
+    cfg = model.config
+    halting = halting_rules.resolve(cfg, halting, model.training, halt)
+    budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
+    if not isinstance(budget, int) or budget < (cfg.min_loops if halting else 1):
+        raise ValueError(f"n_loops must be an integer >= {cfg.min_loops if halting else 1}, got {budget!r}")
+    B, T = idx.shape
+    if max_new_tokens == 0:
+        return idx, torch.zeros(B, 0, dtype=torch.int32, device=idx.device)
+    in_cache = min(max_new_tokens, cfg.block_size - T + 1)  # new tokens made while the context fits
+    if stop_early is None:
+        stop_early = halting and not compile and idx.device.type == "cpu"
+    decoder = Decoder.for_model(model, B, min(cfg.block_size, T + in_cache - 1), budget, halting, temperature, top_k,
+                                compile=compile, compiler=compiler, stop_early=stop_early)
+    token, steps = decoder.prefill(idx, None if pos is None else pos[:, :T])
+    tokens, all_steps = [token], [steps]
+    for i in range(1, in_cache):
+        token, steps = decoder.step(token, None if pos is None else pos[:, T + i - 1:T + i])
+        tokens.append(token)
+        all_steps.append(steps)
+    out = torch.cat([idx, *tokens], dim=1)
+    steps = torch.cat(all_steps, dim=1)
+    if in_cache < max_new_tokens:  # the context outgrew block_size: generate_cached's restarts
+        rest = max_new_tokens - in_cache
+        out, stats = _generate_cached(model, out, rest, temperature, top_k, halting, budget, "latest", budget, pos)
+        steps = torch.cat([steps, stats.steps[:, -rest:]], dim=1)
+    return out, steps

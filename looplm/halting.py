@@ -1,8 +1,129 @@
-"""Halting measures shared by the loop engine (looplm.engine) and the analysis tools."""
+"""Halting, in one place: the criteria, their thresholds, their scores, and when the loop reads
+how many tokens still run.
+
+A criterion scores each token after every loop; the token stops once the score passes its
+threshold (and min_loops is done), or at the loop budget. Each criterion is read one way by the
+user ("entropy below 1.5 nats", "confidence above 0.9") and one way by the loop engine: every
+score the engine and the backends' `halt_update` see is "lower is surer", so the criteria whose
+natural reading is "higher is surer" (max probability, the learned gate's probability) are
+negated here, in `score` and `halt_bar`, and nowhere else.
+
+    criterion    score (natural units)                          halts when   scored from
+    entropy      entropy of the next-token distribution (nats)  <  threshold  the readout
+    confidence   its max probability                            >  threshold  the readout
+    delta        ||h_new - h|| / max(||h||, ||h_new||)           <  threshold  the state
+    kl           KL(p_t || p_{t-1}) of the readout (nats)        <  threshold  the readout
+    gate         sigmoid(halt_gate(h_new)), learned              >  threshold  the state
+
+The readout criteria read the state out through the coda, ln_f and the head at every loop.
+"""
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from looplm.config import LoopConfig
+    from looplm.model import LoopGPT
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A halting criterion: the thresholds it allows, [low, high] (low itself only if low_allowed),
+    whether a higher score means surer, and whether it is scored from the readout."""
+
+    name: str
+    low: float
+    high: float
+    low_allowed: bool
+    higher_is_surer: bool
+    reads_out: bool
+
+    @property
+    def comparison(self) -> str:
+        """How a score passes the threshold, as the user reads it: '>' or '<'."""
+        return ">" if self.higher_is_surer else "<"
+
+
+CRITERIA: dict[str, Criterion] = {c.name: c for c in (
+    Criterion("entropy", 0.0, math.inf, True, higher_is_surer=False, reads_out=True),
+    Criterion("confidence", 0.0, 1.0, False, higher_is_surer=True, reads_out=True),
+    Criterion("delta", 0.0, math.inf, True, higher_is_surer=False, reads_out=False),
+    Criterion("kl", 0.0, math.inf, True, higher_is_surer=False, reads_out=True),
+    Criterion("gate", 0.0, 1.0, False, higher_is_surer=True, reads_out=False),
+)}
+NO_HALTING = "none"
+# The tables other modules import: criterion -> (lowest, highest, whether the lowest is allowed).
+HALT_CRITERIA: dict[str, Optional[tuple[float, float, bool]]] = {
+    NO_HALTING: None, **{c.name: (c.low, c.high, c.low_allowed) for c in CRITERIA.values()}}
+HIGHER_IS_SURER = tuple(c.name for c in CRITERIA.values() if c.higher_is_surer)
+READOUT_CRITERIA = tuple(c.name for c in CRITERIA.values() if c.reads_out)
+
+
+def check_threshold(criterion: str, value: float, what: str) -> None:
+    """Refuse a threshold the criterion cannot take (a ConfigError naming the allowed interval)."""
+    from looplm.config import ConfigError  # the config validates with this function
+    if criterion == NO_HALTING:
+        raise ConfigError(f"{what} is set but halt='none'; choose a criterion from {tuple(CRITERIA)}")
+    c = CRITERIA[criterion]
+    inside = isinstance(value, (int, float)) and not math.isnan(value) and \
+        (c.low <= value if c.low_allowed else c.low < value) and value <= c.high
+    if not inside:
+        interval = f"{'[' if c.low_allowed else '('}{c.low}, {c.high}{']' if c.high != math.inf else ')'}"
+        raise ConfigError(f"{what} for halt={criterion!r} must be in {interval}, got {value!r}")
+
+
+def describe(config: "LoopConfig") -> str:
+    """The config's halting rule as a user reads it, e.g. "entropy < 1.5"."""
+    if config.halt == NO_HALTING:
+        return "no halting"
+    return f"{config.halt} {CRITERIA[config.halt].comparison} {config.halt_threshold}"
+
+
+def resolve(config: "LoopConfig", halting: Optional[bool], training: bool, halt: Optional[bool] = None) -> bool:
+    """Whether a call halts: None halts in eval mode when the config names a criterion, never in
+    training; True or False forces it (True needs a criterion). `halt` is the keyword's former name
+    (the config's `halt` names the criterion), still taken."""
+    if halt is not None:
+        if halting is not None and bool(halting) != bool(halt):
+            raise ValueError(f"halting={halting!r} and halt={halt!r} disagree; pass halting= only")
+        halting = halt
+    if halting is None:
+        return config.halt != NO_HALTING and not training
+    if halting and config.halt == NO_HALTING:
+        raise ValueError("halting=True but the config has halt='none'; set a halting criterion")
+    return bool(halting)
+
+
+def thresholds(config: "LoopConfig", idx: Tensor, given: Optional[Tensor] = None) -> Tensor:
+    """Per-token thresholds (B, T) in the criterion's own units: `given` if any (checked), else
+    halt_threshold, replaced from each trigger token of halt_thresholds_after on (latest wins)."""
+    if given is not None:
+        if given.shape != idx.shape:
+            raise ValueError(f"thresholds must have the shape of idx {tuple(idx.shape)}, got {tuple(given.shape)}")
+        if not torch.compiler.is_compiling():  # a data-dependent check would break a compiled graph
+            extremes = torch.stack(torch.aminmax(given.float())).tolist()  # one read; NaN shows in both
+            for value in extremes:  # the allowed values are an interval: its ends decide
+                check_threshold(config.halt, value, "thresholds")
+        return given.to(device=idx.device, dtype=torch.float32)
+    thr = torch.full(idx.shape, float(config.halt_threshold), device=idx.device)
+    latest = torch.full(idx.shape, -1, device=idx.device)
+    pos = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
+    for token, value in config.halt_thresholds_after.items():
+        last_seen = torch.where(idx == token, pos, -1).cummax(dim=1).values
+        newer = last_seen > latest
+        thr = torch.where(newer, value, thr)
+        latest = torch.where(newer, last_seen, latest)
+    return thr
+
+
+def halt_bar(criterion: str, thresholds: Tensor) -> Tensor:
+    """Thresholds in the criterion's units -> (N,) float32 in the engine's lower-is-surer units."""
+    return (-thresholds if CRITERIA[criterion].higher_is_surer else thresholds).reshape(-1).float()
 
 
 def relative_change(h: Tensor, h_new: Tensor, eps: float = 1e-6) -> Tensor:
@@ -11,3 +132,55 @@ def relative_change(h: Tensor, h_new: Tensor, eps: float = 1e-6) -> Tensor:
     h, h_new = h.float(), h_new.float()
     norm = torch.linalg.vector_norm
     return norm(h_new - h, dim=-1) / torch.maximum(norm(h, dim=-1), norm(h_new, dim=-1)).clamp(min=eps)
+
+
+def gate_probability(model: "LoopGPT", h: Tensor) -> Tensor:
+    """The learned gate's halting probability of states h (..., C) -> (...,) float32."""
+    return torch.sigmoid(model.halt_gate(h).squeeze(-1).float())
+
+
+def score(model: "LoopGPT", criterion: Optional[str], h: Tensor, h_new: Tensor, logits: Optional[Tensor],
+          prev_log_p: Optional[Tensor] = None, want_entropy: bool = False
+          ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The halting score of states h -> h_new (..., C) under `criterion` (lower is surer; None: no
+    score), the readout's entropy if wanted, and its log-probabilities for the KL criterion, which
+    compares them with prev_log_p (the previous loop's; None in the first loop: no token halts).
+    logits (..., V), the readout of h_new, are needed by the readout criteria and the entropy only.
+    One softmax pass: the backend's softmax_entropy, or one log-softmax for KL."""
+    entropy = None
+    if criterion == "kl":
+        log_p = torch.log_softmax(logits.float(), dim=-1)
+        value = torch.full(log_p.shape[:-1], math.inf, device=log_p.device) if prev_log_p is None else \
+            (log_p.exp() * (log_p - prev_log_p.view_as(log_p))).sum(-1)
+        if want_entropy:
+            p = log_p.exp()
+            entropy = -torch.special.xlogy(p, p).sum(-1)
+        return value, entropy, log_p
+    if criterion in ("entropy", "confidence") or want_entropy:
+        entropy, max_prob = model.backend.op("softmax_entropy")(logits)
+    if criterion == "entropy":
+        value = entropy
+    elif criterion == "confidence":
+        value = -max_prob
+    elif criterion == "delta":
+        value = relative_change(h, h_new)
+    elif criterion == "gate":
+        value = -gate_probability(model, h_new)
+    else:
+        value = None
+    return value, entropy, None
+
+
+halt_score = score  # the name the loop engine and the parity tests use
+
+
+def capacity_reads(min_loops: int, n_loops: int) -> tuple[int, ...]:
+    """The loops after which the compacted loop reads, in one device-to-host transfer, how many
+    tokens still run (to size the next loops' rows, and to stop when none does): after loop
+    min_loops (the first a token can halt after), then each time the loop count doubles, never
+    after the last loop. At most log2(n_loops / min_loops) + 1 reads a forward, none inside a loop."""
+    reads, t = [], max(1, min_loops)
+    while t < n_loops:
+        reads.append(t)
+        t *= 2
+    return tuple(reads)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from looplm.backends import Backend, get_backend, hybrid_ops
-from looplm.config import HIGHER_IS_SURER, LoopConfig, check_threshold
+from looplm import halting as halting_rules
+from looplm.config import LoopConfig
 from looplm.engine import KVStore, LoopTrace, blocks_with_cache, run_loop
 from looplm.ops import BlockWeights
 
@@ -245,30 +246,12 @@ class LoopGPT(nn.Module):
     # ---- halting
 
     def halt_thresholds(self, idx: Tensor, thresholds: Optional[Tensor] = None) -> Tensor:
-        """Per-token thresholds (B, T) in the criterion's own units: `thresholds` if given, else
-        halt_threshold, replaced from each trigger token of halt_thresholds_after on (latest wins)."""
-        cfg = self.config
-        if thresholds is not None:
-            if thresholds.shape != idx.shape:
-                raise ValueError(f"thresholds must have the shape of idx {tuple(idx.shape)}, got "
-                                 f"{tuple(thresholds.shape)}")
-            for value in thresholds.unique().tolist():
-                check_threshold(cfg.halt, value, "thresholds")
-            return thresholds.to(device=idx.device, dtype=torch.float32)
-        thr = torch.full(idx.shape, float(cfg.halt_threshold), device=idx.device)
-        latest = torch.full(idx.shape, -1, device=idx.device)
-        pos = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
-        for token, value in cfg.halt_thresholds_after.items():
-            last_seen = torch.where(idx == token, pos, -1).cummax(dim=1).values
-            newer = last_seen > latest
-            thr = torch.where(newer, value, thr)
-            latest = torch.where(newer, last_seen, latest)
-        return thr
+        """Per-token thresholds (B, T) in the criterion's own units (`looplm.halting.thresholds`)."""
+        return halting_rules.thresholds(self.config, idx, thresholds)
 
     def halt_bar(self, idx: Tensor, thresholds: Optional[Tensor] = None) -> Tensor:
         """Per-token thresholds as halt_update takes them: (B*T,) float32, lower score is surer."""
-        thr = self.halt_thresholds(idx, thresholds)
-        return (-thr if self.config.halt in HIGHER_IS_SURER else thr).reshape(-1)
+        return halting_rules.halt_bar(self.config.halt, self.halt_thresholds(idx, thresholds))
 
     # ---- the loop
 
@@ -289,22 +272,21 @@ class LoopGPT(nn.Module):
         return h
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, n_loops: Optional[int] = None,
-                halt: Optional[bool] = None, thresholds: Optional[Tensor] = None, return_trace: bool = False,
-                pos: Optional[Tensor] = None):
+                halting: Optional[bool] = None, thresholds: Optional[Tensor] = None, return_trace: bool = False,
+                pos: Optional[Tensor] = None, halt: Optional[bool] = None):
         """nanoGPT's call: (logits, loss); logits for the last position only when targets is None.
 
         pos: position ids (B, T) in [0, n_positions) that a task gives its tokens (e.g. place values
         in addition), used instead of 0..T-1. Attention stays causal in the order of idx.
 
-        halt: None halts in eval mode when the config names a criterion, never in training; True or
-        False forces it. n_loops: the loop budget (default n_loops, or max_loops when halting).
+        halting: None halts in eval mode when the config names a criterion, never in training; True or
+        False forces it (`halt=` is its former name, still taken). n_loops: the loop budget (default
+        n_loops, or max_loops when halting). thresholds (B, T): per-token thresholds (criterion units).
         return_trace: also return a LoopTrace, as (logits, loss, trace).
         """
         cfg = self.config
         self._check_inputs(idx, targets, pos)
-        halting = (cfg.halt != "none" and not self.training) if halt is None else bool(halt)
-        if halting and cfg.halt == "none":
-            raise ValueError("halt=True but the config has halt='none'; set a halting criterion")
+        halting = halting_rules.resolve(cfg, halting, self.training, halt)
         budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
         if not isinstance(budget, int) or budget < 1:
             raise ValueError(f"n_loops must be an integer >= 1, got {budget!r}")
@@ -338,7 +320,7 @@ class LoopGPT(nn.Module):
             raise ValueError(f"idx is on {idx.device} but the model is on {device}; move one of them")
         self.backend.check_device(device)
         if not torch.compiler.is_compiling():  # a data-dependent check would break a compiled graph
-            lo, hi = (int(v) for v in torch.aminmax(idx))  # one reduction, one sync
+            lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one reduction, one read
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
         if targets is not None:
@@ -361,31 +343,36 @@ class LoopGPT(nn.Module):
             raise ValueError(f"pos is on {pos.device} but the model is on {self.lm_head.weight.device}")
         if torch.compiler.is_compiling():  # a data-dependent check would break a compiled graph
             return
-        lo, hi = (int(v) for v in torch.aminmax(pos))
+        lo, hi = torch.stack(torch.aminmax(pos)).tolist()  # one read
         if lo < 0 or hi >= n:
             raise ValueError(f"position ids must be in [0, {n}) (n_positions), got values in [{lo}, {hi}]")
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 *, use_cache: bool = True, halt: Optional[bool] = None, n_loops: Optional[int] = None,
-                 pos: Optional[Tensor] = None) -> Tensor:
+                 *, use_cache: bool = True, halting: Optional[bool] = None, n_loops: Optional[int] = None,
+                 pos: Optional[Tensor] = None, halt: Optional[bool] = None) -> Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T), nanoGPT's way. temperature=0 is greedy;
-        halt and n_loops as in forward. By default every token runs once, keys and values kept per
-        loop (`looplm.generation`, fill "latest": the same tokens as without the cache); rows whose
-        token has halted stop computing. use_cache=False reruns the whole (cropped) context per token.
+        halting (or its former name halt) and n_loops as in forward. By default the prompt runs once
+        and then each new token in one step over static per-loop K/V caches
+        (`looplm.generation.generate_static`: the same tokens as without the cache; no host read per
+        token; on CUDA with the torch backend the step is compiled and replayed as a CUDA graph; on
+        the CPU a halting step stops when every row has halted). use_cache=False reruns the whole
+        (cropped) context per token.
         pos: position ids (B, T + max_new_tokens) of the prompt and of the tokens to come, as the
         task gives them (the last column is never fed; see LoopGPT.forward)."""
+        halting = halting_rules.resolve(self.config, halting, self.training, halt)
         if use_cache:
-            from looplm.generation import generate_cached  # generation builds on this module
-            return generate_cached(self, idx, max_new_tokens, temperature, top_k, halt=halt, n_loops=n_loops,
-                                   pos=pos)[0]
+            from looplm.generation import generate_static  # generation builds on this module
+            compile = self.lm_head.weight.device.type == "cuda" and self.backend.name == "torch"
+            return generate_static(self, idx, max_new_tokens, temperature, top_k, halting=halting, n_loops=n_loops,
+                                   pos=pos, compile=compile)[0]
         check_sampling(max_new_tokens, temperature, top_k)
         if pos is not None:
             self._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
         for _ in range(max_new_tokens):
             end, start = idx.size(1), max(0, idx.size(1) - self.config.block_size)
             idx_cond = idx[:, start:]
-            logits, _ = self(idx_cond, halt=halt, n_loops=n_loops, pos=None if pos is None else pos[:, start:end])
+            logits, _ = self(idx_cond, halting=halting, n_loops=n_loops, pos=None if pos is None else pos[:, start:end])
             idx = torch.cat((idx, sample_next_token(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
 
@@ -400,13 +387,13 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int]
 
 
 def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
-    """Next token ids (B, 1) from logits (B, V): argmax at temperature 0, else sampled from the top_k."""
+    """Next token ids (B, 1) from logits (B, V): argmax at temperature 0, else sampled from the top_k.
+    On the device, with no host read (the top_k filter is a comparison, not a boolean index)."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
+        logits = torch.where(logits < v[:, [-1]], -float("inf"), logits)
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from looplm.halting import gate_probability
 from looplm.model import LoopGPT
 from looplm.train_config import LOSS_WEIGHTS, TrainConfig
 
@@ -77,7 +78,7 @@ class LoopObjective(nn.Module):
         loss = per_loop.new_zeros(())
         if not self.gate_only:
             loss = loss + sum(w * per_loop[t] for t, w in enumerate(weights) if w > 0)
-        halt_probs = torch.stack([torch.sigmoid(model.halt_gate(h).squeeze(-1).float()).reshape(-1) for h in states])
+        halt_probs = torch.stack([gate_probability(model, h).reshape(-1) for h in states])
         exit_probs = exit_distribution(halt_probs)
         expected_loss = (exit_probs * per_token).sum() / n_valid
         entropy = (-(exit_probs * exit_probs.clamp(min=1e-12).log()).sum(0) * valid).sum() / n_valid

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from tabulate import tabulate
 
-from looplm.config import HIGHER_IS_SURER
+from looplm.halting import describe as describe_halting
 from looplm.data.addition import AdditionTask
 
 if TYPE_CHECKING:
@@ -37,12 +37,12 @@ def loop_table(model, x: torch.Tensor, y: torch.Tensor, pos: Optional[torch.Tens
     are over the tokens that have a target (all of them in language modelling, the answer in addition)."""
     model.eval()
     counted = y != -1
-    _, loss_all, trace = model(x, y, halt=False, return_trace=True, pos=pos)
+    _, loss_all, trace = model(x, y, halting=False, return_trace=True, pos=pos)
     stats = dict(val_loss_all_loops=loss_all.item())
     rows = [[t + 1, f"{entropy[counted].mean().item():.3f}", f"{delta[counted].mean().item():.3f}", "-"]
             for t, (entropy, delta) in enumerate(zip(trace.entropy, trace.delta))]
     if model.config.halt != "none":
-        _, loss_halt, halted = model(x, y, halt=True, return_trace=True, pos=pos)
+        _, loss_halt, halted = model(x, y, halting=True, return_trace=True, pos=pos)
         steps = halted.steps[counted].float()
         stats.update(val_loss_halting=loss_halt.item(), mean_steps=steps.mean().item(), max_steps=int(steps.max()),
                      loop_budget=model.config.max_loops)
@@ -68,8 +68,7 @@ def training_report(result: "TrainResult", sample_tokens: int = 300, seed: int =
     table, stats = loop_table(model, x, y, pos)
     lines += [f"== per loop, on {REPORT_BATCH} validation rows", table, ""]
     if cfg.halt != "none":
-        sign = ">" if cfg.halt in HIGHER_IS_SURER else "<"
-        lines.append(f"halting ({cfg.halt} {sign} {cfg.halt_threshold}): {stats['mean_steps']:.2f} loops per token on "
+        lines.append(f"halting ({describe_halting(cfg)}): {stats['mean_steps']:.2f} loops per token on "
                      f"average (largest {stats['max_steps']}, budget {stats['loop_budget']}); val loss "
                      f"{stats['val_loss_halting']:.4f} with halting vs {stats['val_loss_all_loops']:.4f} running "
                      f"every loop")

@@ -1,9 +1,15 @@
-"""What every parity test and check imports: tolerances per dtype (one table), and where a backend's
-tests put their tensors (`device_for`), which dtypes it can be checked in here, and its skip."""
+"""What the tests share: tolerances per dtype (the one table every parity test and check imports),
+where a backend's tests put their tensors (`device_for`), which dtypes it can be checked in here and
+its skip, and a counter of the host synchronisations a piece of code makes."""
 from __future__ import annotations
+
+import contextlib
+import os
+import sys
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # (atol, rtol) for one op against the fp32 reference, inputs of unit scale.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -64,3 +70,111 @@ def backend_or_skip(name: str):
         return get_backend(name)
     except BackendUnavailable as e:
         pytest.skip(f"backend {name!r}: {e}")
+
+
+# ---- host synchronisation
+
+def _sync_ops() -> frozenset:
+    aten = torch.ops.aten
+    names = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_consecutive",
+             "unique_dim", "unique_dim_consecutive", "item", "is_nonzero", "equal", "allclose")
+    ops = set()
+    for name in names:
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            ops.update(getattr(packet, overload) for overload in packet.overloads())
+    return frozenset(ops)
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Records every op that reads device data on the host: a scalar read (`.item()`, `bool(t)`,
+    `int(t)`), an op whose output shape depends on the data (`nonzero`, `masked_select`, `unique`,
+    indexing with a boolean mask),
+    and a copy of a tensor to host memory (`.cpu()`, `.tolist()`, `.numpy()`, whose data the host
+    then reads). On a CUDA device each of these makes the host wait for the GPU; on the CPU the
+    same calls are counted, so that a test on a CPU says where a GPU would wait.
+
+        with HostSyncCounter() as syncs:
+            model(idx)
+        assert syncs.count == 0, syncs.ops
+
+    Reads made by a kernel backend's own code (files under `looplm_triton/`, `looplm_tile/` or the
+    `triton` package) are not counted: the Triton interpreter and the cuTile emulator read their
+    tensors on the host by design, which the kernels on a GPU do not; so are reads inside
+    `exclude()`. `nonzero_static` (a static shape) is not a read."""
+
+    KERNEL_CODE = (f"{os.sep}looplm_triton{os.sep}", f"{os.sep}looplm_tile{os.sep}", f"{os.sep}triton{os.sep}")
+
+    SYNC_OPS = _sync_ops()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self._excluded = 0
+        self._saved: dict[str, object] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self.ops)
+
+    def _record(self, name: str) -> None:
+        if self._excluded or self._in_kernel_code():
+            return
+        self.ops.append(name)
+
+    def _in_kernel_code(self) -> bool:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if any(part in frame.f_code.co_filename for part in self.KERNEL_CODE):
+                return True
+            frame = frame.f_back
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SYNC_OPS:
+            self._record(str(func.overloadpacket.__name__))
+        elif func.overloadpacket in (torch.ops.aten.index, torch.ops.aten.index_put, torch.ops.aten.index_put_) \
+                and any(isinstance(i, Tensor) and i.dtype == torch.bool for i in args[1] or ()):
+            self._record(f"{func.overloadpacket.__name__} with a boolean mask")  # x[mask]: a nonzero inside
+        elif func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_):
+            source = args[1] if func.overloadpacket is torch.ops.aten.copy_ else args[0]
+            target = kwargs.get("device") if func.overloadpacket is torch.ops.aten._to_copy else args[0].device
+            if isinstance(source, Tensor) and source.device.type != "cpu" and target is not None \
+                    and torch.device(target).type == "cpu":
+                self._record(f"{func.overloadpacket.__name__} to host")
+        return func(*args, **kwargs)
+
+    def __enter__(self) -> "HostSyncCounter":
+        # .numpy() and .tolist() hand the data to Python without an aten op (and .cpu() of a CPU
+        # tensor is no copy): count them where they are called.
+        for name in ("numpy", "tolist"):
+            original = getattr(Tensor, name)
+            self._saved[name] = original
+
+            def counted(tensor, *args, _name=name, _original=original, **kwargs):
+                self._record(_name)
+                with self.exclude():
+                    return _original(tensor, *args, **kwargs)
+            setattr(Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._saved.items():
+            setattr(Tensor, name, original)
+        self._saved.clear()
+        return super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def exclude(self):
+        self._excluded += 1
+        try:
+            yield
+        finally:
+            self._excluded -= 1
+
+
+
+def count_host_syncs() -> HostSyncCounter:
+    """A fresh HostSyncCounter, to use as a context manager."""
+    return HostSyncCounter()

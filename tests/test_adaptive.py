@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from looplm import LoopConfig, LoopGPT, LoopTrace
+from looplm import halting as halting_rules
 from looplm.backends import Backend, BackendUnavailable, get_backend
+from looplm.engine import run_loop
+from looplm.halting import capacity_reads
 from looplm.ops import OP_NAMES
-from looplm.testing import assert_close, device_for
+from looplm.testing import assert_close, count_host_syncs, device_for
 from tests.models import sharpen
 
 pytestmark = pytest.mark.filterwarnings("ignore:backend 'tile' runs its cuTile kernels in the CPU emulator")
@@ -171,7 +174,7 @@ def test_forward_runs_the_compacted_loop_by_default():
         model.train(training).set_backend(counting(get_backend("torch"), rows))
         model.zero_grad()
         with torch.set_grad_enabled(training):
-            _, loss, trace = model(idx, idx, halt=True, thresholds=thresholds, return_trace=True)
+            _, loss, trace = model(idx, idx, halting=True, thresholds=thresholds, return_trace=True)
         assert (trace.steps[:, ::2] == 1).all() and (trace.steps[:, 1::2] == MAX_LOOPS).all()
         assert rows["halt_update"] == active_token_loops, f"training={training}: the masked loop ran"
         if training:
@@ -208,3 +211,66 @@ def test_readout_is_computed_only_when_needed():
         with torch.no_grad():
             model.loop(model.embed(idx), idx, MAX_LOOPS, True)
         assert ("softmax_entropy" in rows) == bool(readouts), criterion  # kl takes one log-softmax instead
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton", "tile"])
+def test_halting_loop_reads_the_device_only_at_its_capacity_reads(backend):
+    """No loop waits on the host: the masked loop never reads the device, whatever halts; the
+    compacted loop reads once at each of its capacity reads (after loops 1, 2, 4 of 8), not per loop.
+    A kernel backend's own host reads (the Triton interpreter, the cuTile emulator) are not the loop's."""
+    kernel = backend in ("triton", "tile")
+    model = sharpened_model("entropy", max_loops=4 if kernel else MAX_LOOPS).set_backend(backend_or_skip(backend))
+    idx = torch.randint(0, 17, (1, 6) if kernel else (2, 12), generator=torch.Generator().manual_seed(5))
+    thresholds = mixed_thresholds("entropy", idx)
+    n_loops = model.config.max_loops
+    bar = model.halt_bar(idx, thresholds)
+    with torch.no_grad():
+        x0 = model.embed(idx)
+        for compact in (False, True):
+            with count_host_syncs() as syncs:
+                _, steps = run_loop(model, x0, n_loops, bar, compact=compact)
+            reads = capacity_reads(model.config.min_loops, n_loops) if compact else ()
+            assert len(steps.unique()) >= 2, "the test needs tokens that halt after different loops"
+            assert 0 < syncs.count <= len(reads) if compact else syncs.count == 0, (compact, syncs.ops)
+
+
+def test_host_sync_counter_counts_the_reads_a_gpu_would_wait_for():
+    x = torch.randn(8)
+    with count_host_syncs() as syncs:
+        x.sum().item()
+        bool(x[0] > 0)
+        x.nonzero()
+        x[x > 0]
+        x.unique()
+        x.tolist()
+        x.numpy()
+    assert syncs.count == 7, syncs.ops
+    with count_host_syncs() as syncs:
+        torch.nonzero_static(x > 0, size=3)
+        torch.where(x > 0, x, 0).sum()
+        x.index_select(0, torch.tensor([1, 2]))
+    assert syncs.count == 0, syncs.ops
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_halting_forward_compiles_whole_and_once(criterion):
+    """torch.compile(fullgraph=True) captures the halting forward in one graph (no graph break: no
+    host read), equal to the eager forward, and replays it as the share of halting tokens changes,
+    from none to all (a recompile is an error). Dynamo's capture is what is checked: the "eager"
+    compiler backend keeps the test fast."""
+    torch._dynamo.reset()
+    model = sharpened_model(criterion, n_layer=2, n_coda=1)
+    idx = torch.randint(0, 17, (2, 12), generator=torch.Generator().manual_seed(2))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    thresholds = mixed_thresholds(criterion, idx)
+    with torch.no_grad():
+        logits, _, trace = model(idx, halting=True, thresholds=thresholds, return_trace=True)
+        assert len(trace.steps.unique()) >= 2
+        assert_close(compiled(idx, halting=True, thresholds=thresholds)[0], logits, composed=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            every = 1.0 if halting_rules.CRITERIA[criterion].higher_is_surer else 100.0
+            for value in (NEVER[criterion], CRITERIA[criterion], every):  # none, some, every token halting early
+                uniform = torch.full(idx.shape, value)
+                assert_close(compiled(idx, halting=True, thresholds=uniform)[0],
+                             model(idx, halting=True, thresholds=uniform)[0], composed=True)
+    torch._dynamo.reset()

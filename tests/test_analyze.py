@@ -58,7 +58,7 @@ def test_analysis_writes_tables_plots_and_summary(checkpoint, tmp_path, capsys):
     inputs, targets = idx[:, :-1], idx[:, 1:]
     with torch.no_grad():
         _, _, trace = model(inputs, return_trace=True)
-        logits = [model(inputs, targets, halt=False, n_loops=t)[0][0] for t in range(1, 6)]
+        logits = [model(inputs, targets, halting=False, n_loops=t)[0][0] for t in range(1, 6)]
     assert [c["steps"] for c in chars] == trace.steps[0].tolist()
     assert max(c["steps"] for c in chars) > model.config.n_loops  # the budget is max_loops, not n_loops
     entropy = [torch.distributions.Categorical(logits=t.double()).entropy().float() for t in logits]

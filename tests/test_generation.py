@@ -7,9 +7,10 @@ import torch
 
 from looplm import LoopConfig, LoopGPT
 from looplm.backends import get_backend
-from looplm.generation import LoopKVCache, generate_cached
+from looplm.generation import Decoder, LoopKVCache, generate_cached, generate_static
+from looplm.testing import count_host_syncs
 from tests.models import sharpen
-from tests.test_adaptive import MAX_LOOPS, SHAPES, counting, sharpened_model
+from tests.test_adaptive import MAX_LOOPS, SHAPES, backend_or_skip, counting, sharpened_model
 
 
 def fixed_depth_model(**overrides) -> LoopGPT:
@@ -81,7 +82,7 @@ def test_fill_policies_read_the_documented_entries(slots):
         cache.store(0, e, rows, value, -value)
     cache.commit(steps)
     for t in range(1, budget + 1):
-        keys, values = cache.past(0, t)
+        keys, values = cache.past(0, t)[:2]
         expected = torch.clamp(torch.tensor(t), entries[0] - slots + 1, entries[0])
         assert keys[0, :, 0].tolist() == (100.0 * expected + torch.arange(4)).tolist(), f"loop {t}"
         assert torch.equal(values, -keys)
@@ -98,15 +99,19 @@ def test_thresholds_after_a_trigger_token_apply_to_the_right_tokens():
     assert torch.equal(stats.steps[1], torch.where(triggered, MAX_LOOPS, 1).int())
 
 
-def test_batched_generation_stops_computing_exited_rows():
+@pytest.mark.parametrize("generate", ["cached", "static-stop_early"])
+def test_batched_generation_stops_computing_exited_rows(generate):
     model = sharpened_model("entropy", threshold=100.0, block_size=32, halt_thresholds_after={3: 0.0})
     idx = torch.tensor([[3, 1], [1, 2]])  # row 0 thinks to the budget, row 1 stops after one loop
     rows = {}
     model.set_backend(counting(get_backend("torch"), rows))
     new = 4
-    _, stats = generate_cached(model, idx, new, temperature=0)
-    assert (stats.steps[0] == MAX_LOOPS).all() and stats.steps[1, 0] == 1
-    assert rows["mlp"] == stats.steps.sum().item() < stats.steps.numel() * MAX_LOOPS  # none for exited rows
+    if generate == "cached":
+        steps = generate_cached(model, idx, new, temperature=0)[1].steps
+    else:
+        steps = generate_static(model, idx, new, temperature=0, stop_early=True)[1]
+    assert (steps[0] == MAX_LOOPS).all() and steps[1, 0] == 1
+    assert rows["mlp"] == steps.sum().item() < steps.numel() * MAX_LOOPS  # none for exited rows
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -119,3 +124,74 @@ def test_bad_arguments_are_refused(kwargs, message):
     args = {"max_new_tokens": 3, "temperature": 0.0, **kwargs}
     with pytest.raises(ValueError, match=message):
         generate_cached(fixed_depth_model(), torch.zeros(1, 2, dtype=torch.long), **args)
+
+
+# ---- decode as one step over static caches (generate_static, the default)
+
+@pytest.mark.parametrize("halting,stop_early", [(False, False), (True, False), (True, True)],
+                         ids=["fixed", "halting-masked", "halting-stop_early"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_static_decode_equals_cached_generation(shape, halting, stop_early):
+    """The one-step decode (masked loops per token, or stopping when every row has halted) gives
+    today's cached generation token for token, and the same loops per fed token, at fixed depth
+    and with halting."""
+    model = sharpened_model("entropy", block_size=32, **SHAPES[shape]) if halting else \
+        fixed_depth_model(**SHAPES[shape])
+    idx = torch.randint(0, 17, (2, 5), generator=torch.Generator().manual_seed(4))
+    out, steps = generate_static(model, idx, 14, temperature=0, stop_early=stop_early)
+    expected, stats = generate_cached(model, idx, 14, temperature=0)
+    assert torch.equal(out, expected) and torch.equal(steps, stats.steps)
+    assert len(steps.unique()) >= (2 if halting else 1)
+    torch.manual_seed(3)
+    sampled, _ = generate_static(model, idx, 14, temperature=0.8, top_k=5, stop_early=stop_early)
+    torch.manual_seed(3)
+    assert torch.equal(sampled, generate_cached(model, idx, 14, temperature=0.8, top_k=5)[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton", "tile"])
+def test_decode_step_reads_nothing_on_the_host(backend):
+    """Per backend: no host read in a decode step, halting included; the tokens equal the cached
+    generation's. (A kernel backend's own reads in the interpreter or emulator are not counted.)"""
+    model = sharpened_model("entropy", block_size=16, max_loops=3).set_backend(backend_or_skip(backend))
+    idx = torch.randint(0, 17, (2, 4), generator=torch.Generator().manual_seed(4))
+    decoder = Decoder(model, 2, 8, budget=3, halting=True, temperature=0, top_k=None)
+    tokens = [decoder.prefill(idx, None)[0]]
+    with count_host_syncs() as syncs:
+        for _ in range(3):
+            tokens.append(decoder.step(tokens[-1], None)[0])
+    assert syncs.count == 0, syncs.ops
+    expected, stats = generate_cached(model, idx, 4, temperature=0)
+    assert torch.equal(torch.cat([idx, *tokens], dim=1), expected)
+    assert len(stats.steps.unique()) >= 2, "the test needs tokens that halt after different loops"
+
+
+@pytest.mark.parametrize("shape,new", [("1L", 200), ("2L-prelude-coda", 30), ("3L-coda2", 30)])
+@pytest.mark.parametrize("halting", [False, True], ids=["fixed", "halting"])
+def test_compiled_decode_step_is_one_graph_for_every_token(halting, shape, new):
+    """torch.compile(fullgraph=True) of the decode step: one graph, never recompiled (over 200 tokens
+    for one layer; the position and the halting state live on the device), equal to the cached
+    generation. Dynamo's capture is what is checked: the "eager" compiler backend keeps the test fast."""
+    torch._dynamo.reset()
+    model = sharpened_model("entropy", block_size=208, max_loops=3, **SHAPES[shape]) if halting else \
+        fixed_depth_model(block_size=208, n_loops=3, **SHAPES[shape])
+    idx = torch.randint(0, 17, (1, 4), generator=torch.Generator().manual_seed(5))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out, steps = generate_static(model, idx, new, temperature=0, compile=True, compiler="eager")
+    expected, stats = generate_cached(model, idx, new, temperature=0)
+    assert torch.equal(out, expected) and torch.equal(steps, stats.steps)
+    torch._dynamo.reset()
+
+
+def test_compiled_decoder_is_reused_by_the_next_call():
+    """A second generation with the same model and arguments replays the compiled step: no new
+    compile, whatever the prompt's length, and the same tokens as a fresh cache."""
+    torch._dynamo.reset()
+    model = fixed_depth_model(block_size=32, n_loops=2)
+    first = torch.randint(0, 17, (1, 4), generator=torch.Generator().manual_seed(6))
+    out = generate_static(model, first, 6, temperature=0, compile=True, compiler="eager")[0]
+    assert torch.equal(out, generate_cached(model, first, 6, temperature=0)[0])
+    second = torch.randint(0, 17, (1, 7), generator=torch.Generator().manual_seed(7))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = generate_static(model, second, 9, temperature=0, compile=True, compiler="eager")[0]
+    assert torch.equal(out, generate_cached(model, second, 9, temperature=0)[0])
+    torch._dynamo.reset()

@@ -279,10 +279,14 @@ def test_halting_is_off_in_training_unless_asked():
     idx = tokens()
     _, _, trace = model(idx, idx, return_trace=True)
     assert (trace.steps == 3).all()
-    _, _, trace = model(idx, idx, return_trace=True, halt=True)
+    _, _, trace = model(idx, idx, return_trace=True, halting=True)
     assert (trace.steps == 1).all()
-    with pytest.raises(ValueError, match="halt=True but the config has halt='none'"):
-        LoopGPT(tiny())(idx, halt=True)
+    with pytest.raises(ValueError, match="halting=True but the config has halt='none'"):
+        LoopGPT(tiny())(idx, halting=True)
+    _, _, trace = model(idx, idx, return_trace=True, halt=True)  # the keyword's former name
+    assert (trace.steps == 1).all()
+    with pytest.raises(ValueError, match="disagree"):
+        model(idx, halting=True, halt=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
