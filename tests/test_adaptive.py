@@ -219,9 +219,10 @@ def test_halting_loop_reads_the_device_only_at_its_capacity_reads(backend):
     compacted loop reads once at each of its capacity reads (after loops 1, 2, 4 of 8), not per loop.
     A kernel backend's own host reads (the Triton interpreter, the cuTile emulator) are not the loop's."""
     kernel = backend in ("triton", "tile")
-    model = sharpened_model("entropy", max_loops=4 if kernel else MAX_LOOPS).set_backend(backend_or_skip(backend))
-    idx = torch.randint(0, 17, (1, 6) if kernel else (2, 12), generator=torch.Generator().manual_seed(5))
-    thresholds = mixed_thresholds("entropy", idx)
+    backend, device = backend_or_skip(backend), device_for(backend)
+    model = sharpened_model("entropy", max_loops=4 if kernel else MAX_LOOPS).to(device).set_backend(backend)
+    idx = torch.randint(0, 17, (1, 6) if kernel else (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
+    thresholds = mixed_thresholds("entropy", idx).to(device)
     n_loops = model.config.max_loops
     bar = model.halt_bar(idx, thresholds)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 from looplm import LoopConfig, LoopGPT
 from looplm.backends import get_backend
 from looplm.generation import Decoder, LoopKVCache, generate_cached, generate_static
-from looplm.testing import count_host_syncs
+from looplm.testing import count_host_syncs, device_for
 from tests.models import sharpen
 from tests.test_adaptive import MAX_LOOPS, SHAPES, backend_or_skip, counting, sharpened_model
 
@@ -152,8 +152,9 @@ def test_static_decode_equals_cached_generation(shape, halting, stop_early):
 def test_decode_step_reads_nothing_on_the_host(backend):
     """Per backend: no host read in a decode step, halting included; the tokens equal the cached
     generation's. (A kernel backend's own reads in the interpreter or emulator are not counted.)"""
-    model = sharpened_model("entropy", block_size=16, max_loops=3).set_backend(backend_or_skip(backend))
-    idx = torch.randint(0, 17, (2, 4), generator=torch.Generator().manual_seed(4))
+    backend, device = backend_or_skip(backend), device_for(backend)
+    model = sharpened_model("entropy", block_size=16, max_loops=3).to(device).set_backend(backend)
+    idx = torch.randint(0, 17, (2, 4), generator=torch.Generator().manual_seed(4)).to(device)
     decoder = Decoder(model, 2, 8, budget=3, halting=True, temperature=0, top_k=None)
     tokens = [decoder.prefill(idx, None)[0]]
     with count_host_syncs() as syncs:
