@@ -272,3 +272,15 @@ def test_hierarchical_parity_tier1_persistent_linear_through_tensor_descriptors(
     xn = reference.layer_norm(x, nw, nb, 1e-5) if norm else x
     expected = reference.linear(xn, w, b, activation, r)
     assert_close(out, expected)
+
+
+@pytest.mark.parametrize("T,D,arch,block_m", [(256, 64, "sm_90", 64), (2048, 64, "sm_90", 128),
+                                               (2048, 128, "sm_90", 128), (4096, 64, "sm_100", 64),
+                                               (1024, 64, "sm_80", 128)])
+def test_attention_tiles_follow_sequence_length_head_size_and_architecture(T, D, arch, block_m):
+    q, k, v = _fused_qkv(2, T, 4, D)
+    (launch,) = capture(attention.attention_into, q, k, v, torch.empty_like(q), True, D ** -0.5, arch=arch)
+    assert launch.args["BLOCK_M"] == block_m
+    assert launch.grid == attention.attention_grid(2, 4, T, block_m)
+    if T <= attention.SHORT_T:  # short sequences: small query blocks, enough programs to fill the GPU
+        assert launch.grid[0] >= 2 * 4 * T // 64
