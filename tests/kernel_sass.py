@@ -37,6 +37,14 @@ def opcode_counts(sass: str) -> dict[str, int]:
     return dict(Counter(ops))
 
 
+def wide_accesses(sass: str) -> dict[str, int]:
+    """Global loads and stores by width in bits, e.g. {"LDG.128": 4, "STG.64": 1}: 16-byte vectors
+    show as .128 (a plain LDG.E is 32 bits)."""
+    found = re.findall(r"\b(LDG|STG)\.E(?:\.(?:EL|LU|EF|NA|CONSTANT|STRONG\.\w+|GPU|SYS|SYS\.\w+))*"
+                       r"(?:\.(64|128|U16|16|U8|8))?\b", sass)
+    return dict(Counter(f"{op}.{width or 32}" for op, width in found))
+
+
 def count_prefix(counts: dict[str, int], prefix: str) -> int:
     return sum(n for op, n in counts.items() if op.startswith(prefix))
 
@@ -66,12 +74,12 @@ def _variant_launches(kernel: str, shape: list, dtype: str, arch: str, flags: di
     if kernel == "layer_norm":
         N, C = shape
         x, w = torch.empty(N, C, dtype=dt, device="meta"), torch.empty(C, dtype=dt, device="meta")
-        config = flags.get("config") or layer_norm.TUNING.default_for(dt, arch)
+        config = flags.get("config") or layer_norm.default_config(C)
         return capture(layer_norm._launch, x, w, w, 1e-5, config, arch=arch)
     if kernel == "softmax_entropy":
         N, V = shape
         logits = torch.empty(N, V, dtype=dt, device="meta")
-        config = flags.get("config") or softmax_entropy.TUNING.default_for(dt, arch)
+        config = flags.get("config") or softmax_entropy.default_config(V)
         return capture(softmax_entropy._launch, logits, config, arch=arch)
     raise ValueError(f"no launch variant for kernel {kernel!r}")
 
@@ -103,7 +111,7 @@ def _compile_sass(launch, arch: str) -> dict[str, Any]:
     return {"kernel": fn.__name__, "grid": list(launch.grid), "options": dict(launch.options),
             "constexprs": {k: v for k, v in constexprs.items() if k.isupper()}, **resources,
             "shared_mem": max(resources.get("shared_mem", 0), int(compiled.metadata.shared)),
-            "ops": opcode_counts(sass)}
+            "ops": opcode_counts(sass), "accesses": wide_accesses(sass)}
 
 
 def report(kernel: str, shape: list, dtype: str, arch: str, flags: dict) -> list[dict]:

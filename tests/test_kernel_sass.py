@@ -115,3 +115,26 @@ def test_hierarchical_parity_tier0_sm90_attention_uses_hgmma_and_tma(head_size):
     assert pointers["kernel"] == "_attention_kernel"
     assert count_prefix(pointers["ops"], TMA_LOAD) == count_prefix(pointers["ops"], TMA_STORE) == 0
     assert count_prefix(pointers["ops"], HOPPER_MMA) > 0, pointers["ops"]
+
+
+@pytest.mark.parametrize("C", [384, 4096])
+def test_hierarchical_parity_tier0_layer_norm_moves_16_byte_vectors(C):
+    _compiler_or_skip()
+    (entry,) = sass_report("layer_norm", (8192, C), "bfloat16", "sm_90")
+    accesses = entry["accesses"]
+    assert accesses.get("LDG.128", 0) > 0 and accesses.get("STG.128", 0) > 0, accesses
+    assert accesses.get("LDG.64", 0) == accesses.get("STG.64", 0) == accesses.get("STG.32", 0) == 0, accesses
+    _fits(entry, "sm_90")
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_hierarchical_parity_tier0_entropy_streams_the_vocabulary_in_16_byte_vectors(arch):
+    _compiler_or_skip()
+    (entry,) = sass_report("softmax_entropy", (8192, 50304), "bfloat16", arch)
+    accesses, ops = entry["accesses"], entry["ops"]
+    if arch == "sm_90":  # chunks prefetched into shared memory (cp.async)
+        assert count_prefix(ops, ASYNC_COPY) > 0, ops
+    else:
+        assert accesses.get("LDG.128", 0) > 0, accesses
+    assert not any(k.startswith("LDG.") and k != "LDG.128" for k in accesses), accesses
+    _fits(entry, arch)
