@@ -1,9 +1,12 @@
 """y = act(x @ W^T + b) + residual: a tiled matmul with the epilogue fused.
 
-Algorithm: each block owns a BLOCK_M x BLOCK_N tile of y. Blocks run on one grid axis in groups of
-GROUP_M row tiles (Triton tutorial 03, TileGym's matmul): consecutive blocks share a column of W
-tiles and a few rows of x while they are hot in L2, instead of re-streaming x from memory for
-every pair of column tiles. It walks K in BLOCK_K steps, loading
+Algorithm: y is cut into BLOCK_M x BLOCK_N tiles. The launch is persistent (Triton tutorial 09,
+TileGym's static persistent matmul): `occupancy` blocks per SM, each walking the tiles
+`num_blocks` apart, so the next tile's loads overlap this tile's epilogue and no tail of
+short-lived blocks is left. Tiles are taken in groups of GROUP_M row tiles (Triton tutorial 03):
+tiles computed at the same time share a column of W tiles and a few rows of x while they are hot
+in L2, instead of re-streaming x from memory for every pair of column tiles. Each tile walks K in
+BLOCK_K steps, loading
 an x tile and a W tile read transposed through the load's `order=(1, 0)` (W stays in nn.Linear's
 (N, K) layout, no copy), and accumulates with `ct.mma` in fp32. The epilogue runs on the fp32
 accumulator before the single store: bias, exact GELU, residual. Ragged edges are zero-padded on
@@ -47,33 +50,40 @@ def gelu(x):
     return 0.5 * x * (1.0 + erf)
 
 
+def _tile_coordinates(tile, tiles_m, tiles_n, GROUP_M):
+    """(row tile, column tile) of the tile-th output tile in grouped order."""
+    per_group = GROUP_M * tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    group_size = min(tiles_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_size, (tile % per_group) // group_size
+
+
 @ct.kernel
 def linear_kernel(X, W, Bias, Residual, Y, HAS_BIAS: ct.Constant[bool], GELU: ct.Constant[bool],
                   HAS_RESIDUAL: ct.Constant[bool], BLOCK_M: ct.Constant[int], BLOCK_N: ct.Constant[int],
                   BLOCK_K: ct.Constant[int], GROUP_M: ct.Constant[int], LATENCY: ct.Constant[int]):
-    # Grouped ordering: GROUP_M row tiles walk each column of W tiles together.
-    block = ct.bid(0)
+    # Persistent: each block walks the output tiles num_blocks apart, in grouped order.
     tiles_m = ct.cdiv(X.shape[0], BLOCK_M)
     tiles_n = ct.cdiv(W.shape[0], BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (block // per_group) * GROUP_M
-    group_size = min(tiles_m - first_m, GROUP_M)
-    m = first_m + (block % per_group) % group_size
-    n = (block % per_group) // group_size
-    acc = ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)
-    for k in range(ct.num_tiles(X, axis=1, shape=(BLOCK_M, BLOCK_K))):
-        x = ct.load(X, index=(m, k), shape=(BLOCK_M, BLOCK_K), padding_mode=ct.PaddingMode.ZERO, latency=LATENCY)
-        w = ct.load(W, index=(k, n), shape=(BLOCK_K, BLOCK_N), order=(1, 0), padding_mode=ct.PaddingMode.ZERO,
-                    latency=LATENCY)
-        acc = ct.mma(x, w, acc)
-    if HAS_BIAS:
-        acc = acc + ct.load(Bias, index=(n,), shape=(BLOCK_N,), padding_mode=ct.PaddingMode.ZERO).astype(ct.float32)
-    if GELU:
-        acc = gelu(acc)
-    if HAS_RESIDUAL:
-        residual = ct.load(Residual, index=(m, n), shape=(BLOCK_M, BLOCK_N), padding_mode=ct.PaddingMode.ZERO)
-        acc = acc + residual.astype(ct.float32)
-    ct.store(Y, index=(m, n), tile=acc.astype(Y.dtype))
+    k_steps = ct.num_tiles(X, axis=1, shape=(BLOCK_M, BLOCK_K))
+    for tile in range(ct.bid(0), tiles_m * tiles_n, ct.num_blocks(0)):
+        m, n = _tile_coordinates(tile, tiles_m, tiles_n, GROUP_M)
+        acc = ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)
+        for k in range(k_steps):
+            x = ct.load(X, index=(m, k), shape=(BLOCK_M, BLOCK_K), padding_mode=ct.PaddingMode.ZERO,
+                        latency=LATENCY)
+            w = ct.load(W, index=(k, n), shape=(BLOCK_K, BLOCK_N), order=(1, 0), padding_mode=ct.PaddingMode.ZERO,
+                        latency=LATENCY)
+            acc = ct.mma(x, w, acc)
+        if HAS_BIAS:
+            acc = acc + ct.load(Bias, index=(n,), shape=(BLOCK_N,),
+                                padding_mode=ct.PaddingMode.ZERO).astype(ct.float32)
+        if GELU:
+            acc = gelu(acc)
+        if HAS_RESIDUAL:
+            residual = ct.load(Residual, index=(m, n), shape=(BLOCK_M, BLOCK_N), padding_mode=ct.PaddingMode.ZERO)
+            acc = acc + residual.astype(ct.float32)
+        ct.store(Y, index=(m, n), tile=acc.astype(Y.dtype))
 
 
 def _tiles(config: dict, m: int, n: int, k: int) -> tuple[int, int, int]:
@@ -88,8 +98,23 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
     block_m, block_n, block_k = _tiles(config, m, n, k)
     args = (x, weight, weight if bias is None else bias, y if residual is None else residual, y, bias is not None,
             gelu, residual is not None, block_m, block_n, block_k, config["GROUP_M"], config["LATENCY"])
-    runtime.launch((runtime.cdiv(m, block_m) * runtime.cdiv(n, block_n),), linear_kernel, args, config)
+    tiles = runtime.cdiv(m, block_m) * runtime.cdiv(n, block_n)
+    runtime.launch((persistent_blocks(x.device, tiles, config.get("occupancy") or 1),), linear_kernel, args, config)
     return y
+
+
+EMULATED_BLOCKS = 3  # without a GPU: a few blocks, each walking several tiles (the persistent loop is tested)
+CAPTURED_SMS = 132  # a launch recorded for an ahead-of-time compile (the grid does not change the code)
+
+
+def persistent_blocks(device: torch.device, tiles: int, occupancy: int) -> int:
+    """Blocks of a persistent launch: `occupancy` per SM, at most one per tile."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = CAPTURED_SMS if device.type == "meta" else EMULATED_BLOCKS
+        occupancy = occupancy if device.type == "meta" else 1
+    return max(1, min(tiles, sms * occupancy))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none",
