@@ -58,32 +58,42 @@ def _tile_coordinates(tile, tiles_m, tiles_n, GROUP_M):
     return first_m + (tile % per_group) % group_size, (tile % per_group) // group_size
 
 
+def _output_tile(X, W, Bias, Residual, Y, m, n, k_steps, HAS_BIAS, GELU, HAS_RESIDUAL, BLOCK_M, BLOCK_N, BLOCK_K,
+                 LATENCY):
+    """Tile (m, n) of y: the K loop on the tensor cores, then the epilogue and the one store."""
+    acc = ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)
+    for k in range(k_steps):
+        x = ct.load(X, index=(m, k), shape=(BLOCK_M, BLOCK_K), padding_mode=ct.PaddingMode.ZERO, latency=LATENCY)
+        w = ct.load(W, index=(k, n), shape=(BLOCK_K, BLOCK_N), order=(1, 0), padding_mode=ct.PaddingMode.ZERO,
+                    latency=LATENCY)
+        acc = ct.mma(x, w, acc)
+    if HAS_BIAS:
+        acc = acc + ct.load(Bias, index=(n,), shape=(BLOCK_N,), padding_mode=ct.PaddingMode.ZERO).astype(ct.float32)
+    if GELU:
+        acc = gelu(acc)
+    if HAS_RESIDUAL:
+        residual = ct.load(Residual, index=(m, n), shape=(BLOCK_M, BLOCK_N), padding_mode=ct.PaddingMode.ZERO)
+        acc = acc + residual.astype(ct.float32)
+    ct.store(Y, index=(m, n), tile=acc.astype(Y.dtype))
+
+
 @ct.kernel
 def linear_kernel(X, W, Bias, Residual, Y, HAS_BIAS: ct.Constant[bool], GELU: ct.Constant[bool],
-                  HAS_RESIDUAL: ct.Constant[bool], BLOCK_M: ct.Constant[int], BLOCK_N: ct.Constant[int],
-                  BLOCK_K: ct.Constant[int], GROUP_M: ct.Constant[int], LATENCY: ct.Constant[int]):
-    # Persistent: each block walks the output tiles num_blocks apart, in grouped order.
+                  HAS_RESIDUAL: ct.Constant[bool], PERSISTENT: ct.Constant[bool], BLOCK_M: ct.Constant[int],
+                  BLOCK_N: ct.Constant[int], BLOCK_K: ct.Constant[int], GROUP_M: ct.Constant[int],
+                  LATENCY: ct.Constant[int]):
     tiles_m = ct.cdiv(X.shape[0], BLOCK_M)
     tiles_n = ct.cdiv(W.shape[0], BLOCK_N)
     k_steps = ct.num_tiles(X, axis=1, shape=(BLOCK_M, BLOCK_K))
-    for tile in range(ct.bid(0), tiles_m * tiles_n, ct.num_blocks(0)):
-        m, n = _tile_coordinates(tile, tiles_m, tiles_n, GROUP_M)
-        acc = ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)
-        for k in range(k_steps):
-            x = ct.load(X, index=(m, k), shape=(BLOCK_M, BLOCK_K), padding_mode=ct.PaddingMode.ZERO,
-                        latency=LATENCY)
-            w = ct.load(W, index=(k, n), shape=(BLOCK_K, BLOCK_N), order=(1, 0), padding_mode=ct.PaddingMode.ZERO,
-                        latency=LATENCY)
-            acc = ct.mma(x, w, acc)
-        if HAS_BIAS:
-            acc = acc + ct.load(Bias, index=(n,), shape=(BLOCK_N,),
-                                padding_mode=ct.PaddingMode.ZERO).astype(ct.float32)
-        if GELU:
-            acc = gelu(acc)
-        if HAS_RESIDUAL:
-            residual = ct.load(Residual, index=(m, n), shape=(BLOCK_M, BLOCK_N), padding_mode=ct.PaddingMode.ZERO)
-            acc = acc + residual.astype(ct.float32)
-        ct.store(Y, index=(m, n), tile=acc.astype(Y.dtype))
+    if PERSISTENT:  # each block walks the output tiles num_blocks apart, in grouped order
+        for tile in range(ct.bid(0), tiles_m * tiles_n, ct.num_blocks(0)):
+            m, n = _tile_coordinates(tile, tiles_m, tiles_n, GROUP_M)
+            _output_tile(X, W, Bias, Residual, Y, m, n, k_steps, HAS_BIAS, GELU, HAS_RESIDUAL, BLOCK_M, BLOCK_N,
+                         BLOCK_K, LATENCY)
+    else:  # one tile per block
+        m, n = _tile_coordinates(ct.bid(0), tiles_m, tiles_n, GROUP_M)
+        _output_tile(X, W, Bias, Residual, Y, m, n, k_steps, HAS_BIAS, GELU, HAS_RESIDUAL, BLOCK_M, BLOCK_N, BLOCK_K,
+                     LATENCY)
 
 
 def _tiles(config: dict, m: int, n: int, k: int) -> tuple[int, int, int]:
@@ -96,11 +106,21 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
             config: dict) -> Tensor:
     (m, k), n = x.shape, weight.shape[0]
     block_m, block_n, block_k = _tiles(config, m, n, k)
+    persistent = rows_aligned(x, weight, y, residual)
     args = (x, weight, weight if bias is None else bias, y if residual is None else residual, y, bias is not None,
-            gelu, residual is not None, block_m, block_n, block_k, config["GROUP_M"], config["LATENCY"])
+            gelu, residual is not None, persistent, block_m, block_n, block_k, config["GROUP_M"], config["LATENCY"])
     tiles = runtime.cdiv(m, block_m) * runtime.cdiv(n, block_n)
-    runtime.launch((persistent_blocks(x.device, tiles, config.get("occupancy") or 1),), linear_kernel, args, config)
+    blocks = persistent_blocks(x.device, tiles, config.get("occupancy") or 1) if persistent else tiles
+    runtime.launch((blocks,), linear_kernel, args, config)
     return y
+
+
+def rows_aligned(*tensors: Optional[Tensor]) -> bool:
+    """Whether every row of these 2-D tensors (None: absent) starts 16 bytes after the last, so
+    cuTile moves whole tiles with the copy engine. Those launches are persistent; the others
+    (e.g. 65 logits a row) address element by element, and their loop of tiles spills (208 bytes
+    on sm_90 at 128 x 128), so they run one tile per block."""
+    return all(t is None or (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
 
 
 EMULATED_BLOCKS = 3  # without a GPU: a few blocks, each walking several tiles (the persistent loop is tested)
