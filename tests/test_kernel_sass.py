@@ -4,7 +4,10 @@ kernels, read from their SASS (`tests/kernel_sass.py`), no GPU needed.
 - sm_90: the linear layer's persistent kernel and attention multiply on the Hopper warpgroup
   tensor cores (HGMMA) and move their tiles with the copy engine (UTMALDG loads, UTMASTG stores);
   the pointer paths (views TMA cannot address) issue no tensor-memory copies.
-- sm_100: the linear layer's persistent kernel loads through the copy engine too.
+- sm_100: the linear layer's persistent kernel loads through the copy engine too and multiplies
+  with tcgen05 (UTC*MMA); sm_80 and sm_120 keep the pointer kernel (cp.async, mma.sync).
+- Layer norm and the entropy move 16-byte vectors (the entropy's chunks prefetched with cp.async
+  on sm_90).
 - Every default launch at the issue's shapes (linear 8192x4096x4096 +bias+residual and
   16384x1536x384 +GELU, the fused LayerNorm + linear, attention at head sizes 64 and 128, layer
   norm 8192x4096, entropy 8192x50304) compiles for sm_80, sm_90, sm_100 and sm_120 without
@@ -16,8 +19,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from tests.kernel_sass import (ASYNC_COPY, HOPPER_MMA, TMA_LOAD, TMA_STORE, count_prefix,  # noqa: E402
-                               sass_report, sass_reports)
+from tests.kernel_sass import (AMPERE_MMA, ASYNC_COPY, BLACKWELL_MMA, HOPPER_MMA, TMA_LOAD,  # noqa: E402
+                               TMA_STORE, count_prefix, sass_report, sass_reports)
 from tuning.gpus import ARCHS, COMPILE_TARGETS, resource_problem  # noqa: E402
 
 
@@ -80,6 +83,7 @@ def test_hierarchical_parity_tier0_sm100_linear_loads_through_tma():
     (matmul,) = sass_report("linear", (8192, 4096, 4096), "bfloat16", "sm_100", residual=True)
     assert matmul["kernel"] == "_linear_persistent_kernel"
     assert count_prefix(matmul["ops"], TMA_LOAD) >= 2 and count_prefix(matmul["ops"], TMA_STORE) >= 1, matmul["ops"]
+    assert count_prefix(matmul["ops"], BLACKWELL_MMA) > 0, matmul["ops"]  # tcgen05 tensor-memory MMAs
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_120"])
@@ -89,6 +93,7 @@ def test_hierarchical_parity_tier0_linear_keeps_pointers_without_deep_shared_mem
     assert matmul["kernel"] == "_linear_kernel"
     assert count_prefix(matmul["ops"], TMA_LOAD) == 0
     assert count_prefix(matmul["ops"], ASYNC_COPY) > 0, matmul["ops"]  # cp.async pipelining instead
+    assert count_prefix(matmul["ops"], AMPERE_MMA) > 0, matmul["ops"]
 
 
 def test_hierarchical_parity_tier0_sm90_linear_of_an_unaligned_width_takes_pointers():
