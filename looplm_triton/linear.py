@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from looplm.ops import ACTIVATIONS, check_kernel_dtype, check_tensors
-from looplm_triton.attention import TMA_DTYPES, TensorDescriptor, tma_compatible
+from looplm_triton.attention import TMA_DTYPES, TensorDescriptor, descriptor_strides, tma_compatible
 from looplm_triton.common import (compile_run, dot_in_fp32, launch, launch_config, recording, split_config,
                                   target_capability)
 from looplm_triton.layer_norm import row_statistics
@@ -302,9 +302,9 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, 
 
 
 def _descriptor(t: Tensor, rows: int, cols: int) -> "TensorDescriptor":
-    """A host-side descriptor of a 2-D (rows of unit stride) tensor, read or written in (rows, cols)
-    blocks."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, cols])
+    """A host-side descriptor of a 2-D tensor with rows of unit stride, read or written in (rows, cols)
+    blocks (a single row's arbitrary stride taken as the row length, as `tma_compatible` checks it)."""
+    return TensorDescriptor(t, list(t.shape), descriptor_strides(t), [rows, cols])
 
 
 def _check(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,

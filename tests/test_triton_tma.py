@@ -284,3 +284,13 @@ def test_attention_tiles_follow_sequence_length_head_size_and_architecture(T, D,
     assert launch.grid == attention.attention_grid(2, 4, T, block_m)
     if T <= attention.SHORT_T:  # short sequences: small query blocks, enough programs to fill the GPU
         assert launch.grid[0] >= 2 * 4 * T // 64
+
+
+@torch.no_grad()
+def test_hierarchical_parity_tier1_persistent_linear_of_one_strided_row():
+    # A last-position view: one row whose stride PyTorch leaves arbitrary; its descriptor takes K.
+    x = torch.randn(3, 5, 64, device=DEVICE)[:, -1:, :].reshape(3, 64)[1:2]
+    w, b = torch.randn(32, 64, device=DEVICE) * 0.125, torch.randn(32, device=DEVICE)
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
+    out = linear._launch(x, w, b, "none", None, config, tensor_descriptors=True)
+    assert_close(out, reference.linear(x, w, b))
