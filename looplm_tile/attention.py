@@ -20,7 +20,8 @@ copies); only the head dim must be contiguous. The head size is a compile-time c
 to the next power of two with zeros, which change neither q k^T nor the stored columns.
 
 Tuning knobs: BLOCK_M (query rows per block), BLOCK_N (keys per step), occupancy, KV_LATENCY
-(DRAM latency hint of the streamed k and v loads).
+(DRAM latency hint of the streamed k and v loads); without a tuning table, long sequences take
+larger tiles on the architectures listed in LONG (`default_config`).
 """
 import math
 from typing import Optional
@@ -146,11 +147,42 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     return attention_into(q, k, v, out, causal, scale)
 
 
+SHORT_T = 512
+# Long sequences (T > SHORT_T) on the architectures where a larger tile compiles for cuTile without
+# spilling (bf16, checked ahead of time): (arch, largest head size) -> config. 128 x 128 is the
+# flash-attention tile of Hopper and TileGym's first Blackwell candidate (occupancy 2 there); on
+# sm_120 TileGym runs 64 x 64 at occupancy 2. Head size 128 on sm_90 keeps 64 x 64 (its 128-row
+# tiles spill 120 to 400 bytes). Short sequences keep the default: B x H x T / 128 blocks would
+# leave an H200 half idle at T = 256.
+LONG: dict[tuple[str, int], dict] = {
+    ("sm_90", 64): {"BLOCK_M": 128, "BLOCK_N": 128, "occupancy": 1, "KV_LATENCY": 2},
+    ("sm_100", 128): {"BLOCK_M": 128, "BLOCK_N": 128, "occupancy": 2, "KV_LATENCY": 2},
+    ("sm_120", 64): {"BLOCK_M": 64, "BLOCK_N": 64, "occupancy": 2, "KV_LATENCY": 2},
+}
+
+
+def default_config(t_q: int, head_dim: int, dtype: torch.dtype, arch: Optional[str]) -> dict:
+    """The built-in config of a launch with t_q queries of head size head_dim on `arch` (None: no
+    GPU): the architecture's LONG tiles for long sequences where it has them, else TUNING's."""
+    if dtype != torch.float32 and t_q > SHORT_T:
+        for (target, max_d), config in LONG.items():
+            if target == arch and head_dim <= max_d:
+                return config
+    return TUNING.default_for(dtype, arch)
+
+
+def _arch(t: Tensor) -> Optional[str]:
+    if not t.is_cuda:
+        return None
+    from tuning.gpus import arch_for_capability
+    return arch_for_capability(torch.cuda.get_device_capability(t.device)).arch
+
+
 def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float) -> Tensor:
     """attention writing into `out` (B, H, Tq, D), which may be a strided view (e.g. of (B, T, C))."""
     batch, n_head, t_q, head_dim = q.shape
     config = tuning.lookup_config("tile", "attention", q.dtype, (batch, n_head, t_q, k.shape[2], head_dim),
-                                  runtime.default_config(TUNING, q))
+                                  default_config(t_q, head_dim, q.dtype, _arch(q)))
     q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
     _launch(q, k, v, out, causal, scale, config)
     return out

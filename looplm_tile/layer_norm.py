@@ -5,8 +5,9 @@ of two of C, as cuTile tiles are powers of two), takes the mean, masks the paddi
 centred values, takes the biased variance, and writes (x - mean) * rsqrt(var + eps) * w + b in
 x's dtype. Statistics are fp32 whatever the input dtype; x is read once and y written once.
 
-Tuning knobs: BLOCK_M (rows per block, one by default: more rows amortise the weight loads but
-hold more in registers; wide rows spill at 4), occupancy (blocks resident per SM, a compiler hint).
+Tuning knobs: BLOCK_M (rows per block: more rows amortise the weight loads and keep more bytes in
+flight but hold more in registers; wide rows spill at 4; without a table it follows the width,
+`default_config`), occupancy (blocks resident per SM, a compiler hint).
 """
 from typing import Optional
 
@@ -57,8 +58,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
     rows = x.reshape(-1, n_cols).contiguous()
     y = torch.empty_like(rows)
     if rows.numel():
-        config = tuning.lookup_config("tile", "layer_norm", x.dtype, rows.shape,
-                                      runtime.default_config(TUNING, rows))
+        config = tuning.lookup_config("tile", "layer_norm", x.dtype, rows.shape, default_config(n_cols))
         _launch(rows, weight.contiguous(), None if bias is None else bias.contiguous(), y, eps, config)
     return y.view(x.shape)
 
@@ -87,10 +87,21 @@ def _expected(x, weight, bias, y, eps) -> Tensor:
     return get_backend("reference").ops["layer_norm"](x, weight, bias, eps)
 
 
-# One row per block (Liger-Kernel, the Triton tutorial): a whole row in registers without spilling.
+ELEMENTS_PER_BLOCK = 4096  # 8 KiB of bf16 per block: one wide row, or several narrow ones
+
+
+def default_config(n_cols: int) -> dict:
+    """Rows per block for rows of n_cols, without a tuning table: whole rows (padded to a power of
+    two) up to ELEMENTS_PER_BLOCK, at most 8: one row of 4096, eight of the model's 384, so a block
+    of a narrow row still moves whole 16-byte vectors (one 768-byte row per block did not);
+    occupancy 4. Compiled without a spill for sm_80, sm_90, sm_100 and sm_120."""
+    rows = max(1, min(8, ELEMENTS_PER_BLOCK // runtime.next_power_of_2(n_cols)))
+    return {"BLOCK_M": rows, "occupancy": 4}
+
+
 TUNING = KernelTuning(
     backend="tile", kernel="layer_norm",
-    default={"BLOCK_M": 1, "occupancy": 4},
+    default=default_config(384),  # the shipped model's width
     space=[{"BLOCK_M": m, "occupancy": o} for m in (1, 2, 4, 8, 16) for o in (1, 2, 4, 8)],
     make_args=_make_args,
     run=lambda x, w, b, y, eps, config: _launch(x, w, b, y, eps, config),

@@ -1,9 +1,12 @@
 """y = act(x @ W^T + b) + residual: a tiled matmul with the epilogue fused.
 
-Algorithm: each block owns a BLOCK_M x BLOCK_N tile of y. Blocks run on one grid axis in groups of
-GROUP_M row tiles (Triton tutorial 03, TileGym's matmul): consecutive blocks share a column of W
-tiles and a few rows of x while they are hot in L2, instead of re-streaming x from memory for
-every pair of column tiles. It walks K in BLOCK_K steps, loading
+Algorithm: y is cut into BLOCK_M x BLOCK_N tiles. The launch is persistent (Triton tutorial 09,
+TileGym's static persistent matmul): `occupancy` blocks per SM, each walking the tiles
+`num_blocks` apart, so the next tile's loads overlap this tile's epilogue and no tail of
+short-lived blocks is left. Tiles are taken in groups of GROUP_M row tiles (Triton tutorial 03):
+tiles computed at the same time share a column of W tiles and a few rows of x while they are hot
+in L2, instead of re-streaming x from memory for every pair of column tiles. Each tile walks K in
+BLOCK_K steps, loading
 an x tile and a W tile read transposed through the load's `order=(1, 0)` (W stays in nn.Linear's
 (N, K) layout, no copy), and accumulates with `ct.mma` in fp32. The epilogue runs on the fp32
 accumulator before the single store: bias, exact GELU, residual. Ragged edges are zero-padded on
@@ -47,21 +50,19 @@ def gelu(x):
     return 0.5 * x * (1.0 + erf)
 
 
-@ct.kernel
-def linear_kernel(X, W, Bias, Residual, Y, HAS_BIAS: ct.Constant[bool], GELU: ct.Constant[bool],
-                  HAS_RESIDUAL: ct.Constant[bool], BLOCK_M: ct.Constant[int], BLOCK_N: ct.Constant[int],
-                  BLOCK_K: ct.Constant[int], GROUP_M: ct.Constant[int], LATENCY: ct.Constant[int]):
-    # Grouped ordering: GROUP_M row tiles walk each column of W tiles together.
-    block = ct.bid(0)
-    tiles_m = ct.cdiv(X.shape[0], BLOCK_M)
-    tiles_n = ct.cdiv(W.shape[0], BLOCK_N)
+def _tile_coordinates(tile, tiles_m, tiles_n, GROUP_M):
+    """(row tile, column tile) of the tile-th output tile in grouped order."""
     per_group = GROUP_M * tiles_n
-    first_m = (block // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     group_size = min(tiles_m - first_m, GROUP_M)
-    m = first_m + (block % per_group) % group_size
-    n = (block % per_group) // group_size
+    return first_m + (tile % per_group) % group_size, (tile % per_group) // group_size
+
+
+def _output_tile(X, W, Bias, Residual, Y, m, n, k_steps, HAS_BIAS, GELU, HAS_RESIDUAL, BLOCK_M, BLOCK_N, BLOCK_K,
+                 LATENCY):
+    """Tile (m, n) of y: the K loop on the tensor cores, then the epilogue and the one store."""
     acc = ct.zeros((BLOCK_M, BLOCK_N), dtype=ct.float32)
-    for k in range(ct.num_tiles(X, axis=1, shape=(BLOCK_M, BLOCK_K))):
+    for k in range(k_steps):
         x = ct.load(X, index=(m, k), shape=(BLOCK_M, BLOCK_K), padding_mode=ct.PaddingMode.ZERO, latency=LATENCY)
         w = ct.load(W, index=(k, n), shape=(BLOCK_K, BLOCK_N), order=(1, 0), padding_mode=ct.PaddingMode.ZERO,
                     latency=LATENCY)
@@ -76,6 +77,25 @@ def linear_kernel(X, W, Bias, Residual, Y, HAS_BIAS: ct.Constant[bool], GELU: ct
     ct.store(Y, index=(m, n), tile=acc.astype(Y.dtype))
 
 
+@ct.kernel
+def linear_kernel(X, W, Bias, Residual, Y, HAS_BIAS: ct.Constant[bool], GELU: ct.Constant[bool],
+                  HAS_RESIDUAL: ct.Constant[bool], PERSISTENT: ct.Constant[bool], BLOCK_M: ct.Constant[int],
+                  BLOCK_N: ct.Constant[int], BLOCK_K: ct.Constant[int], GROUP_M: ct.Constant[int],
+                  LATENCY: ct.Constant[int]):
+    tiles_m = ct.cdiv(X.shape[0], BLOCK_M)
+    tiles_n = ct.cdiv(W.shape[0], BLOCK_N)
+    k_steps = ct.num_tiles(X, axis=1, shape=(BLOCK_M, BLOCK_K))
+    if PERSISTENT:  # each block walks the output tiles num_blocks apart, in grouped order
+        for tile in range(ct.bid(0), tiles_m * tiles_n, ct.num_blocks(0)):
+            m, n = _tile_coordinates(tile, tiles_m, tiles_n, GROUP_M)
+            _output_tile(X, W, Bias, Residual, Y, m, n, k_steps, HAS_BIAS, GELU, HAS_RESIDUAL, BLOCK_M, BLOCK_N,
+                         BLOCK_K, LATENCY)
+    else:  # one tile per block
+        m, n = _tile_coordinates(ct.bid(0), tiles_m, tiles_n, GROUP_M)
+        _output_tile(X, W, Bias, Residual, Y, m, n, k_steps, HAS_BIAS, GELU, HAS_RESIDUAL, BLOCK_M, BLOCK_N, BLOCK_K,
+                     LATENCY)
+
+
 def _tiles(config: dict, m: int, n: int, k: int) -> tuple[int, int, int]:
     """The config's tile shape, shrunk to the problem where the problem is smaller."""
     p2 = runtime.next_power_of_2
@@ -86,10 +106,35 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
             config: dict) -> Tensor:
     (m, k), n = x.shape, weight.shape[0]
     block_m, block_n, block_k = _tiles(config, m, n, k)
+    persistent = rows_aligned(x, weight, y, residual)
     args = (x, weight, weight if bias is None else bias, y if residual is None else residual, y, bias is not None,
-            gelu, residual is not None, block_m, block_n, block_k, config["GROUP_M"], config["LATENCY"])
-    runtime.launch((runtime.cdiv(m, block_m) * runtime.cdiv(n, block_n),), linear_kernel, args, config)
+            gelu, residual is not None, persistent, block_m, block_n, block_k, config["GROUP_M"], config["LATENCY"])
+    tiles = runtime.cdiv(m, block_m) * runtime.cdiv(n, block_n)
+    blocks = persistent_blocks(x.device, tiles, config.get("occupancy") or 1) if persistent else tiles
+    runtime.launch((blocks,), linear_kernel, args, config)
     return y
+
+
+def rows_aligned(*tensors: Optional[Tensor]) -> bool:
+    """Whether every row of these 2-D tensors (None: absent) starts 16 bytes after the last, so
+    cuTile moves whole tiles with the copy engine. Those launches are persistent; the others
+    (e.g. 65 logits a row) address element by element, and their loop of tiles spills (208 bytes
+    on sm_90 at 128 x 128), so they run one tile per block."""
+    return all(t is None or (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+
+
+EMULATED_BLOCKS = 3  # without a GPU: a few blocks, each walking several tiles (the persistent loop is tested)
+CAPTURED_SMS = 132  # a launch recorded for an ahead-of-time compile (the grid does not change the code)
+
+
+def persistent_blocks(device: torch.device, tiles: int, occupancy: int) -> int:
+    """Blocks of a persistent launch: `occupancy` per SM, at most one per tile."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = CAPTURED_SMS if device.type == "meta" else EMULATED_BLOCKS
+        occupancy = occupancy if device.type == "meta" else 1
+    return max(1, min(tiles, sms * occupancy))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none",

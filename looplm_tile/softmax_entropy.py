@@ -1,22 +1,27 @@
 """Entropy (nats) and max probability of softmax(logits) per row, in one pass over the vocabulary.
 
-Algorithm: block m owns BLOCK_M rows and streams the vocabulary in BLOCK_V chunks, keeping per
-row, in fp32, the running max m, Z = sum e^(x - m) and A = sum e^(x - m) (x - m). When a chunk
-raises the max to m', both rescale by a = e^(m - m'): Z' = a Z and A' = a (A + Z (m - m')).
-At the end, with p = e^(x - m) / Z:
+Algorithm: block m owns BLOCK_M rows and streams the vocabulary in BLOCK_V chunks. The online
+softmax runs lane by lane (each column of the chunk keeps its own state, in fp32): a running max m,
+Z = sum e^(x - m) and A = sum e^(x - m) (x - m) over the logits x it has seen. A new logit folds
+in with one exponential and no reduction across the block:
+
+    x > m:  d = m - x,  Z <- e^d Z + 1,   A <- e^d (A + Z d),   m <- x
+    else:   d = x - m,  Z <- Z + e^d,     A <- A + e^d d
+
+After the loop each row's lanes are combined once, shifted to the row's max M (a = e^(m - M)):
+Z = sum a Z_lane, A = sum a (A_lane + Z_lane (m - M)). Then, with p = e^(x - M) / Z:
 
     entropy  = -sum p log p = log Z - A / Z
-    max prob = e^(m - m) / Z = 1 / Z
+    max prob = 1 / Z
 
 Keeping x - m (never x itself) in A avoids the cancellation of log Z + m - E[x] for large
 logits. The exponentials are exp2 with flush-to-zero (e^x = 2^(x log2 e)), one instruction each.
-Padding past the vocabulary loads as -inf: its e^(x - m) is 0, and the where() keeps its
-0 * -inf out of A (as 0 log 0 = 0). Any vocabulary size works, 65 or 50,304 alike. The shift is
-the true running max, 0 only while a row has seen nothing but -inf (a first chunk of -inf logits
-must not pin the max at 0).
+Padding past the vocabulary loads as -inf: its weight is 0 and the where()s keep its 0 * -inf out
+of A (as 0 log 0 = 0); a lane that has seen only -inf keeps m = -inf and Z = 0. Any vocabulary
+size works, 65 or 50,304 alike.
 
 Tuning knobs: BLOCK_M (rows per block, one by default), BLOCK_V (vocabulary chunk: larger chunks
-mean fewer rescales and loop trips, more registers), occupancy.
+mean fewer loop trips but three fp32 lanes of state per logit in registers), occupancy.
 """
 import math
 
@@ -36,24 +41,30 @@ LOG2_E = 1.0 / math.log(2.0)
 @ct.kernel
 def softmax_entropy_kernel(Logits, Entropy, MaxProb, BLOCK_M: ct.Constant[int], BLOCK_V: ct.Constant[int]):
     m_block = ct.bid(0)
-    row_max = ct.full((BLOCK_M, 1), -math.inf, dtype=ct.float32)
-    z = ct.zeros((BLOCK_M, 1), dtype=ct.float32)
-    a = ct.zeros((BLOCK_M, 1), dtype=ct.float32)
+    # Per lane (column of the chunk): running max m, Z = sum e^(x - m), A = sum e^(x - m) (x - m).
+    lane_max = ct.full((BLOCK_M, BLOCK_V), -math.inf, dtype=ct.float32)
+    lane_z = ct.zeros((BLOCK_M, BLOCK_V), dtype=ct.float32)
+    lane_a = ct.zeros((BLOCK_M, BLOCK_V), dtype=ct.float32)
     for j in range(ct.num_tiles(Logits, axis=1, shape=(BLOCK_M, BLOCK_V))):
         x = ct.load(Logits, index=(m_block, j), shape=(BLOCK_M, BLOCK_V), padding_mode=ct.PaddingMode.NEG_INF)
         x = x.astype(ct.float32)
-        new_max = ct.maximum(row_max, ct.max(x, axis=1, keepdims=True))
-        # The shift is the true running max; 0 only while a row has seen nothing but -inf (rows
-        # past the end, or a first chunk of -inf logits), which keeps the arithmetic finite
-        # without ever pinning the max at 0.
-        shift = ct.where(new_max == -math.inf, 0.0, new_max)
-        shifted = x - shift
-        e = ct.exp2(shifted * LOG2_E, flush_to_zero=True)
-        rescale = ct.exp2((row_max - shift) * LOG2_E, flush_to_zero=True)
-        a = rescale * (a + ct.where(z > 0.0, z * (row_max - shift), 0.0)) + \
-            ct.sum(ct.where(e > 0.0, e * shifted, 0.0), axis=1, keepdims=True)
-        z = rescale * z + ct.sum(e, axis=1, keepdims=True)
-        row_max = new_max
+        grows = x > lane_max
+        # d <= 0: how far the old max lies below the new one, or the logit below the max; -inf for
+        # a -inf logit (its weight is then 0), also while the lane has seen nothing else.
+        d = ct.where(x == -math.inf, -math.inf, ct.where(grows, lane_max - x, x - lane_max))
+        e = ct.exp2(d * LOG2_E, flush_to_zero=True)
+        e_d = ct.where(e > 0.0, e * d, 0.0)
+        z_d = ct.where(lane_z > 0.0, lane_z * d, 0.0)
+        lane_a = ct.where(grows, e * (lane_a + z_d), lane_a + e_d)
+        lane_z = ct.where(grows, e * lane_z + 1.0, lane_z + e)
+        lane_max = ct.where(grows, x, lane_max)
+    # Combine each row's lanes once, shifted to the row's max (0 for a row of only -inf).
+    row_max = ct.max(lane_max, axis=1, keepdims=True)
+    shift = ct.where(row_max == -math.inf, 0.0, row_max)
+    offset = lane_max - shift  # <= 0, -inf for an empty lane
+    scale = ct.exp2(offset * LOG2_E, flush_to_zero=True)
+    z = ct.sum(scale * lane_z, axis=1, keepdims=True)
+    a = ct.sum(scale * (lane_a + ct.where(lane_z > 0.0, lane_z * offset, 0.0)), axis=1, keepdims=True)
     z = ct.where(z > 0.0, z, 1.0)
     entropy = ct.log(z) - a / z
     ct.store(Entropy, index=(m_block,), tile=entropy.reshape((BLOCK_M,)))
@@ -82,8 +93,7 @@ def softmax_entropy(logits: Tensor) -> tuple[Tensor, Tensor]:
     entropy = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
     max_prob = torch.empty_like(entropy)
     if rows.shape[0]:
-        config = tuning.lookup_config("tile", "softmax_entropy", logits.dtype, rows.shape,
-                                      runtime.default_config(TUNING, rows))
+        config = tuning.lookup_config("tile", "softmax_entropy", logits.dtype, rows.shape, default_config(vocab))
         _launch(rows, entropy, max_prob, config)
     return entropy.view(logits.shape[:-1]), max_prob.view(logits.shape[:-1])
 
@@ -112,12 +122,20 @@ def _expected(logits, entropy, max_prob) -> tuple[Tensor, Tensor]:
     return get_backend("reference").ops["softmax_entropy"](logits)
 
 
-# One row per block by default; many rows per block stay in the space for small vocabularies.
+def default_config(vocab: int) -> dict:
+    """Rows and chunk for a vocabulary of `vocab`, without a tuning table: chunks of up to 2048
+    logits (three fp32 lanes of state each: 4096 spill 8 to 56 bytes at occupancy 4), one row of a
+    large vocabulary per block, 8 rows of a small one (65 characters), occupancy 4. Compiled
+    without a spill for sm_80, sm_90, sm_100 and sm_120."""
+    block_v = min(2048, runtime.next_power_of_2(vocab))
+    return {"BLOCK_M": max(1, min(8, 1024 // block_v)), "BLOCK_V": block_v, "occupancy": 4}
+
+
 TUNING = KernelTuning(
     backend="tile", kernel="softmax_entropy",
-    default={"BLOCK_M": 1, "BLOCK_V": 4096, "occupancy": 4},
+    default=default_config(50304),  # the GPT-2 vocabulary
     space=[{"BLOCK_M": bm, "BLOCK_V": bv, "occupancy": occ}
-           for bm in (1, 2, 4, 8, 16) for bv in (256, 512, 1024, 2048, 4096) for occ in (1, 2, 4, 8)
+           for bm in (1, 2, 4, 8, 16) for bv in (128, 256, 512, 1024, 2048, 4096) for occ in (1, 2, 4, 8)
            if bm * bv <= 16384],
     make_args=_make_args,
     run=lambda logits, entropy, max_prob, config: _launch(logits, entropy, max_prob, config),

@@ -13,8 +13,11 @@ fp32 inputs multiply as three TF32 products (tf32x3: fp32 accuracy on the tensor
 fp32 dots on CUDA cores spill at any useful tile). The head size is a compile-time constant
 (padded to a power of two, at least 16, the dot minimum; no mask along it when it is one). On a
 GPU exp2 is one `ex2.approx.ftz` instruction. Programs run on one grid axis, (query block, batch x
-head) flattened, heaviest query blocks first: CUDA caps grid axes 1 and 2 at 65535, which B x H may
-exceed.
+head) flattened (CUDA caps grid axes 1 and 2 at 65535, which B x H may exceed), head by head and,
+within a head, the heaviest (latest) query blocks first under causal masking: the long blocks
+start early and the short ones fill the tail of each wave, while the programs running at once
+still share a few heads' keys and values in L2 (all heads' heaviest blocks first would balance
+the last wave a little better but stream every head's K and V from memory at once).
 
 Two load paths, one algorithm (`_online_softmax_step`), chosen per launch by
 `use_tensor_descriptors(capability, q, k, v, out)`, a plain function of the GPU's compute capability
@@ -35,7 +38,8 @@ and the tensors:
   unless asked): q, k, v and the output are addressed through their strides, masked at the edges.
   sm_100 compiles the descriptor kernel but spills at some head sizes (see TMA_MAJORS).
 
-Knobs: BLOCK_M, BLOCK_N, num_warps, num_stages (both paths take the same configuration).
+Knobs: BLOCK_M, BLOCK_N, num_warps, num_stages (both paths take the same configuration); without
+a tuning table the tiles follow the sequence length, head size and architecture (`default_config`).
 """
 from __future__ import annotations
 
@@ -200,7 +204,23 @@ def _attention_tma_kernel(q_desc, k_desc, v_desc, o_desc, n_heads, Tq, Tk, qk_sc
     o_desc.store([batch, head, start_m, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
 
 
+# Tiles by sequence length and head size (`default_config`). Short sequences (the model's T = 256)
+# want small query blocks: 128-row blocks leave B x H x 2 programs, fewer than two per SM of an
+# H200, where 64 x 32 with 8 warps and 3 stages ran 2.7x faster than 128 x 64 (measured, bf16,
+# 16x6x256x256x64). Long ones take the large tiles of Triton tutorial 06 on Hopper (8 warps only
+# with 128 x 128, its rule) or, at head size 128, 128 x 64 (128 x 128 needs 230 KiB of stages);
+# sm_100's pointer kernel spills 16 bytes at 128 x 64, head size 64, under Triton 3.6, so it takes
+# 64 x 64 with 4 warps there. Each was compiled for its architecture under Triton 3.6 and 3.9
+# without a spill.
+SHORT: Config = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
 DEFAULT: Config = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+LONG: dict[tuple[str, int], Config] = {  # (arch, largest head size) -> tiles for T > SHORT_T
+    ("sm_90", 64): {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    ("sm_90", 256): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    ("sm_100", 64): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    ("sm_100", 256): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+}
+SHORT_T = 512
 # fp32 (tf32x3: three products per dot) needs smaller tiles to stay out of local memory.
 FP32_DEFAULT: Config = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
 INTERPRETER_CONFIG: Config = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
@@ -208,6 +228,20 @@ SPACE: list[Config] = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stage
                        for bm in (32, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)
                        if bn <= bm and not (bm == 32 and w == 8)]
 SPACE += [FP32_DEFAULT] if FP32_DEFAULT not in SPACE else []
+
+
+def default_config(Tq: int, D: int, dtype: torch.dtype, arch: Optional[str]) -> Config:
+    """The built-in tiles of a launch with Tq queries of head size D on `arch` ("sm_90"; None:
+    no GPU): SHORT up to SHORT_T queries, else the architecture's LONG tiles for the head size,
+    else DEFAULT; fp32 always FP32_DEFAULT."""
+    if dtype == torch.float32:
+        return FP32_DEFAULT
+    if Tq <= SHORT_T:
+        return SHORT
+    for (target, max_d), config in LONG.items():
+        if target == arch and D <= max_d:
+            return config
+    return DEFAULT
 
 
 def attention_grid(batch: int, heads: int, Tq: int, block_m: int) -> tuple[int]:
@@ -281,8 +315,10 @@ def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, s
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if config is None:
-        default = FP32_DEFAULT if q.dtype == torch.float32 else DEFAULT
-        config = launch_config("attention", q.dtype, (B, H, Tq, Tk, D), default, INTERPRETER_CONFIG)
+        capability = target_capability(q.device)
+        arch = None if capability is None else f"sm_{capability[0]}{capability[1]}"
+        config = launch_config("attention", q.dtype, (B, H, Tq, Tk, D), default_config(Tq, D, q.dtype, arch),
+                               INTERPRETER_CONFIG)
     if B * H * Tq == 0:
         return out
     if tensor_descriptors is None:
@@ -354,6 +390,7 @@ def _compile(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -> dic
     return compile_variant(shape, dtype, config, arch)
 
 
-TUNING = KernelTuning(backend="triton", kernel="attention", default=DEFAULT, space=SPACE, make_args=_make_args,
+# The tuner's yardstick is the shipped model's launch (T = 256): SHORT on every architecture.
+TUNING = KernelTuning(backend="triton", kernel="attention", default=SHORT, space=SPACE, make_args=_make_args,
                       run=_run, compile=_compile, shape_key=_shape_key, expected=_expected,
                       dtype_defaults={"float32": FP32_DEFAULT})

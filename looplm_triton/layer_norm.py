@@ -1,11 +1,12 @@
 """LayerNorm over the last dimension, forward; and the per-row statistics `layer_norm_linear` uses.
 
-Each program normalises BLOCK_M rows (one by default, as in the Triton tutorial and Liger-Kernel)
-held whole in registers (BLOCK_C = C rounded up to a power of two): mean, then the biased
+Each program normalises BLOCK_M rows held whole in registers (BLOCK_C = C rounded up to a power of two): mean, then the biased
 variance of the centred row, both in fp32, then scale and shift: one read and one write of x.
 With STATS_ONLY the program writes each row's mean and 1/std (8 bytes a row) instead of y, so
 that the linear kernel can normalise x tiles as it loads them. Row offsets are 64-bit: N x C may
-exceed 2^31 elements. Knobs: BLOCK_M (rows per program), num_warps.
+exceed 2^31 elements. Knobs: BLOCK_M (rows per program), num_warps; without a tuning table they
+follow the width (`default_config`): several narrow rows per program, so every load is a 16-byte
+vector and a program keeps about 8 KiB in flight; one wide row over 8 warps.
 """
 from __future__ import annotations
 
@@ -48,11 +49,27 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, n
         tl.store(y_ptr + offsets[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-DEFAULT: Config = {"BLOCK_M": 1, "num_warps": 4}
 INTERPRETER_CONFIG: Config = {"BLOCK_M": 64, "num_warps": 4}
 # Small rows (C = 64..384) do better with a few rows and few warps per program; wide ones with one.
 SPACE: list[Config] = [{"BLOCK_M": m, "num_warps": w} for m in (1, 2, 4, 8) for w in (1, 2, 4, 8, 16)
                        if not (m >= 4 and w == 16)]
+ELEMENTS_PER_PROGRAM = 4096  # a program's tile: 8 KiB of bf16 in flight, whatever the width
+ELEMENTS_PER_THREAD = 16  # two 16-byte vectors of bf16 (four of fp32) per thread and row tile
+
+
+def default_config(C: int) -> Config:
+    """Rows per program and warps for rows of C channels, without a tuning table: whole rows
+    (padded to a power of two) up to ELEMENTS_PER_PROGRAM per program, so that narrow rows (the
+    model's 384) still move 16-byte vectors and a program has several rows in flight instead of one
+    768-byte row; ELEMENTS_PER_THREAD per thread, 1 to 8 warps (a wide row, 4096, takes 8 warps as in
+    Triton's layer-norm tutorial)."""
+    block_c = triton.next_power_of_2(C)
+    rows = max(1, min(8, ELEMENTS_PER_PROGRAM // block_c))
+    warps = max(1, min(8, rows * block_c // (32 * ELEMENTS_PER_THREAD)))
+    return {"BLOCK_M": rows, "num_warps": warps}
+
+
+DEFAULT: Config = default_config(384)  # the shipped model's width, the tuner's yardstick
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, config: Config,
@@ -86,7 +103,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
                          f"{None if bias is None else tuple(bias.shape)}")
     _check_width(C)
     shape = (x.numel() // C, C)
-    return _launch(x, weight, bias, eps, launch_config("layer_norm", x.dtype, shape, DEFAULT, INTERPRETER_CONFIG))
+    return _launch(x, weight, bias, eps, launch_config("layer_norm", x.dtype, shape, default_config(C),
+                                                       INTERPRETER_CONFIG))
 
 
 def _check_width(C: int) -> None:
@@ -98,7 +116,7 @@ def row_statistics(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(mean, 1/std) of each row of x (..., C) in fp32, flattened to (rows,): 8 bytes a row."""
     C = x.shape[-1]
     _check_width(C)
-    config = launch_config("layer_norm", x.dtype, (x.numel() // C, C), DEFAULT, INTERPRETER_CONFIG)
+    config = launch_config("layer_norm", x.dtype, (x.numel() // C, C), default_config(C), INTERPRETER_CONFIG)
     return _launch(x, x.new_empty(0), None, eps, config, stats_only=True)
 
 

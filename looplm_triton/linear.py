@@ -1,10 +1,25 @@
 """Linear layer with a fused epilogue, and optionally a LayerNorm applied as x is loaded, forward.
 
-out = act(norm(x) @ W^T + bias) + residual for x (M, K), W (N, K): a tiled matmul in which each
-program owns a BLOCK_M x BLOCK_N tile of the output, walks K in BLOCK_K steps accumulating in fp32,
-and applies bias, exact-erf GELU and the residual add before its one store. Programs are grouped
-GROUP_M tiles down the M axis (Triton tutorial 03) so that neighbouring programs reuse the same W
-tiles, and the same x rows, while they are hot in L2.
+out = act(norm(x) @ W^T + bias) + residual for x (M, K), W (N, K), in BLOCK_M x BLOCK_N output
+tiles, each accumulated in fp32 over K in BLOCK_K steps, then bias, exact-erf GELU and the residual
+add applied before the tile's one store. Tiles are visited in groups of GROUP_M down the M axis
+(Triton tutorial 03) so that tiles computed at the same time share W tiles, and x rows, in L2.
+
+Two kernels, one algorithm, chosen per launch by `use_tensor_descriptors(capability, ...)`:
+- Persistent, with tensor descriptors (TMA), on sm_90 and sm_100, for bf16/fp16 tensors the copy
+  engine can address (Triton tutorial 09): one program per SM (`persistent_programs`) walks the
+  tiles `num_programs` apart in the grouped order, so the next tile's loads overlap this tile's
+  epilogue and no launch tail of short-lived programs is left; the copy engine moves x and W tiles
+  into shared memory (pipelined over num_stages, no address arithmetic or masks in the threads:
+  rows and columns past the edge read as zeros and are dropped on store), the tensor cores read
+  them from there (wgmma on sm_90, tcgen05 on sm_100). The epilogue runs on EPILOGUE_SUBTILE
+  column slices of the accumulator, each stored through its own descriptor: half the registers and
+  half the shared staging buffer of a whole-tile epilogue, so the stages stay deep.
+- One program per tile, by pointers, everywhere else (sm_80, sm_120, fp32, views TMA cannot
+  address, the interpreter unless asked): masked loads and stores through the strides.
+The descriptors are host-side `TensorDescriptor`s passed by value, as attention's are: a
+`tl.make_tensor_descriptor` in the kernel would need a process-wide allocator
+(`triton.set_allocator`) that a library cannot set without taking it from its user.
 
 norm (`layer_norm_linear`, the block's QKV and MLP-up projections): a first, bandwidth-bound pass
 (`layer_norm.row_statistics`) writes each row's mean and 1/std, 8 bytes a row; the matmul loads
@@ -13,7 +28,9 @@ activations never go to memory and no tile recomputes a statistic.
 
 fp32 operands are multiplied exactly (no TF32), so fp32 results match the reference closely.
 Offsets of rows are 64-bit (M x K may exceed 2^31 elements).
-Knobs: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages.
+Knobs: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages (the tuning table's, for both
+kernels); the launcher also takes EPILOGUE_SUBTILE (column slices of the epilogue, persistent
+kernel only; default 2 when BLOCK_N >= 128, else 1) when a config names it.
 """
 from __future__ import annotations
 
@@ -25,9 +42,39 @@ import triton.language as tl
 from torch import Tensor
 
 from looplm.ops import ACTIVATIONS, check_kernel_dtype, check_tensors
-from looplm_triton.common import compile_run, dot_in_fp32, launch, launch_config, split_config
+from looplm_triton.attention import TMA_DTYPES, TensorDescriptor, descriptor_strides, tma_compatible
+from looplm_triton.common import (compile_run, dot_in_fp32, launch, launch_config, recording, split_config,
+                                  target_capability)
 from looplm_triton.layer_norm import row_statistics
 from tuning.spec import Config, KernelTuning
+
+
+@triton.jit
+def _tile_coordinates(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of the tile-th output tile in grouped order: GROUP_M row tiles walk
+    each column of W tiles together while it is hot in L2."""
+    per_group = GROUP_M * tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_size, (tile % per_group) // group_size
+
+
+@triton.jit
+def _gelu(x):
+    """Exact GELU, x * Phi(x), of an fp32 tile."""
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _normalise(x, mean, rstd, norm_w_ptr, norm_b_ptr, offs_k, K, NORM_HAS_BIAS: tl.constexpr):
+    """LayerNorm of an x tile (rows' mean and 1/std given), rounded to x's dtype as the LayerNorm
+    output would be stored."""
+    k_mask = offs_k < K
+    gamma = tl.load(norm_w_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    normed = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :]
+    if NORM_HAS_BIAS:
+        normed += tl.load(norm_b_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    return normed.to(x.dtype)
 
 
 @triton.jit
@@ -36,16 +83,7 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, norm_w_ptr, no
                    HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                    NORM: tl.constexpr, NORM_HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped ordering: GROUP_M row-tiles share each column of W tiles while it is hot in L2.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
-
+    pid_m, pid_n = _tile_coordinates(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -63,11 +101,7 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, norm_w_ptr, no
         x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_cols + (k0 + offs_k)[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if NORM:
-            gamma = tl.load(norm_w_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            normed = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :]
-            if NORM_HAS_BIAS:
-                normed += tl.load(norm_b_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            x = normed.to(x_ptr.dtype.element_ty)  # rounded as the LayerNorm output would be stored
+            x = _normalise(x, mean, rstd, norm_w_ptr, norm_b_ptr, k0 + offs_k, K, NORM_HAS_BIAS)
         if DOT_IN_FP32:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -75,8 +109,8 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, norm_w_ptr, no
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if APPLY_GELU:  # exact: x * Phi(x)
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    if APPLY_GELU:
+        acc = _gelu(acc)
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :], mask=mask,
@@ -86,11 +120,87 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, norm_w_ptr, no
              mask=mask)
 
 
-# Large MMA tiles, grouped ordering (Triton tutorial 03); BLOCK_K 32 keeps three stages of bf16 or
-# fp32 operands within sm_120's 99 KiB of shared memory.
+@triton.jit
+def _epilogue_slice(acc, off_m, off_n, bias_ptr, residual_desc, out_desc, N, HAS_BIAS: tl.constexpr,
+                    APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SLICE_N: tl.constexpr):
+    """Bias, GELU and residual on one (BLOCK_M, SLICE_N) slice of the accumulator, then its store."""
+    if HAS_BIAS:
+        offs_n = off_n + tl.arange(0, SLICE_N)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if APPLY_GELU:
+        acc = _gelu(acc)
+    if HAS_RESIDUAL:
+        acc += residual_desc.load([off_m, off_n]).to(tl.float32)
+    out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+
+
+@triton.jit
+def _linear_persistent_kernel(x_desc, w_desc, bias_ptr, residual_desc, out_desc, norm_w_ptr, norm_b_ptr, mean_ptr,
+                              rstd_ptr, M, N, K,
+                              HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                              NORM: tl.constexpr, NORM_HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, FLATTEN: tl.constexpr):
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    first = tl.program_id(0)
+    stride = tl.num_programs(0)
+    # The epilogue recomputes its tile's coordinates from a counter of its own (tutorial 09): the
+    # software pipeliner then need not carry the main loop's values across into the epilogue.
+    epilogue_tile = first - stride
+    for tile in tl.range(first, tiles_m * tiles_n, stride, flatten=FLATTEN):
+        pid_m, pid_n = _tile_coordinates(tile, tiles_m, tiles_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        if NORM:
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            mean = tl.load(mean_ptr + offs_m, mask=offs_m < M, other=0.0)
+            rstd = tl.load(rstd_ptr + offs_m, mask=offs_m < M, other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k_step in range(k_steps):
+            off_k = k_step * BLOCK_K
+            x = x_desc.load([off_m, off_k])
+            w = w_desc.load([off_n, off_k])
+            if NORM:
+                x = _normalise(x, mean, rstd, norm_w_ptr, norm_b_ptr, off_k + tl.arange(0, BLOCK_K), K,
+                               NORM_HAS_BIAS)
+            if DOT_IN_FP32:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w.T, acc, input_precision="ieee")
+
+        epilogue_tile += stride
+        pid_m, pid_n = _tile_coordinates(epilogue_tile, tiles_m, tiles_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        SLICE_N: tl.constexpr = BLOCK_N // EPILOGUE_SUBTILE
+        if EPILOGUE_SUBTILE == 2:
+            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, SLICE_N)), (0, 2, 1)))
+            _epilogue_slice(left, off_m, off_n, bias_ptr, residual_desc, out_desc, N, HAS_BIAS, APPLY_GELU,
+                            HAS_RESIDUAL, SLICE_N)
+            _epilogue_slice(right, off_m, off_n + SLICE_N, bias_ptr, residual_desc, out_desc, N, HAS_BIAS,
+                            APPLY_GELU, HAS_RESIDUAL, SLICE_N)
+        else:
+            _epilogue_slice(acc, off_m, off_n, bias_ptr, residual_desc, out_desc, N, HAS_BIAS, APPLY_GELU,
+                            HAS_RESIDUAL, SLICE_N)
+
+
+# The pointer kernel's default (sm_80, sm_120, fp32): large MMA tiles, grouped ordering; BLOCK_K 32
+# keeps three stages of bf16 or fp32 operands within sm_120's 99 KiB of shared memory.
 DEFAULT: Config = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+# The persistent TMA kernel's on Hopper and Blackwell: tutorial 09's published fp16/bf16 Hopper
+# configuration (128 x 256 x 64, two warpgroups, three stages: 144 KiB of operand stages plus a
+# 32 KiB epilogue slice), which the H200 measurements also crowned at 4096x384x384.
+PERSISTENT_DEFAULT: Config = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
+                              "num_stages": 3}
+ARCH_DEFAULTS: dict[str, Config] = {"sm_90": PERSISTENT_DEFAULT, "sm_100": PERSISTENT_DEFAULT}
 INTERPRETER_CONFIG: Config = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
                               "num_stages": 1}
+# The tuning space: the H200 measurements' candidates (tutorial 03's shapes) and those of tutorial
+# 09's Hopper space (BLOCK_M 128, BLOCK_N 128/256, BLOCK_K 64/128, 3-4 stages, 4 or 8 warps) that fit
+# sm_90's 227 KiB with the persistent kernel's stages and epilogue slices (128x256x64 at 4 stages
+# and 128x256x128 need 256 to 352 KiB).
 SPACE: list[Config] = [
     {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": w, "num_stages": s}
     for bm, bn, bk, w, s in [
@@ -98,8 +208,36 @@ SPACE: list[Config] = [
         (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 4),
         (128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 3),
         (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+        (128, 128, 64, 4, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3),
     ]
 ]
+
+# Which launches take the persistent TMA kernel: sm_90 (wgmma) and sm_100 (tcgen05), both with 227
+# KiB of shared memory for deep stages. sm_120 keeps the pointer kernel: its 99 KiB hold no more
+# than two stages of the tiles the persistent kernel wants.
+TMA_MAJORS = (9, 10)
+# SMs of each compile target's reference GPU (A100, H100/H200, B200, RTX 5070): the grid of a
+# launch recorded for an ahead-of-time compile, where no GPU says.
+SMS_OF_ARCH = {8: 108, 9: 132, 10: 148, 12: 48}
+
+
+def use_tensor_descriptors(capability: Optional[tuple[int, int]], *tensors: Optional[Tensor]) -> bool:
+    """Whether a launch on a GPU of compute `capability` (None: no GPU, as in the interpreter)
+    takes the persistent kernel with tensor descriptors: on sm_90 and sm_100, for bf16/fp16
+    tensors (None: absent) the copy engine can address (16-byte aligned base and row stride)."""
+    return (capability is not None and capability[0] in TMA_MAJORS and TensorDescriptor is not None
+            and all(t is None or (t.dtype in TMA_DTYPES and tma_compatible(t)) for t in tensors))
+
+
+def persistent_programs(device: torch.device, tiles: int) -> int:
+    """Programs of a persistent launch: one per SM (each holds up to 227 KiB of stages), at most one
+    per tile. Launches recorded for an ahead-of-time compile take the target's reference GPU."""
+    capability = target_capability(device)
+    if device.type == "cuda" and not recording():
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = SMS_OF_ARCH.get(capability[0], 132) if capability is not None else 4
+    return max(1, min(tiles, sms))
 
 
 def grid(M: int, N: int, config: Config) -> tuple[int]:
@@ -107,9 +245,17 @@ def grid(M: int, N: int, config: Config) -> tuple[int]:
     return (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
 
 
+def default_config(device: torch.device, dtype: torch.dtype) -> Config:
+    """The built-in configuration of a launch on `device`: its architecture's (ARCH_DEFAULTS, the
+    persistent kernel's tiles) or the pointer kernel's DEFAULT. A launch that takes the pointer
+    kernel with an architecture's default takes DEFAULT instead (`_launch`)."""
+    capability = target_capability(device)
+    return DEFAULT if capability is None else TUNING.default_for(dtype, f"sm_{capability[0]}{capability[1]}")
+
+
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, residual: Optional[Tensor],
             config: Config, norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
-            eps: float = 1e-5) -> Tensor:
+            eps: float = 1e-5, tensor_descriptors: Optional[bool] = None) -> Tensor:
     K = x.shape[-1]
     N = weight.shape[0]
     x2 = x.reshape(-1, K)
@@ -127,15 +273,38 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, 
     mean = rstd = out  # read only with a norm
     if norm_weight is not None:
         mean, rstd = row_statistics(x2, eps)
+    if tensor_descriptors is None:
+        tensor_descriptors = use_tensor_descriptors(target_capability(x.device), x2, weight, res2, out)
+    if not tensor_descriptors and config in ARCH_DEFAULTS.values():
+        config = DEFAULT  # those tiles are the persistent kernel's; the pointer kernel would spill with them
     block_sizes, options = split_config(config)
-    launch(_linear_kernel, grid(M, N, config),
-           x2, weight, bias if bias is not None else weight, res2 if res2 is not None else out, out,
-           norm_weight if norm_weight is not None else weight, norm_bias if norm_bias is not None else weight,
-           mean, rstd, M, N, K, x2.stride(0), weight.stride(0), res2.stride(0) if res2 is not None else 0,
-           out.stride(0), HAS_BIAS=bias is not None, APPLY_GELU=activation == "gelu", HAS_RESIDUAL=res2 is not None,
-           NORM=norm_weight is not None, NORM_HAS_BIAS=norm_bias is not None, DOT_IN_FP32=dot_in_fp32(),
-           **block_sizes, **options)
+    subtile = block_sizes.pop("EPILOGUE_SUBTILE", 2 if block_sizes["BLOCK_N"] >= 128 else 1)
+    flags = dict(HAS_BIAS=bias is not None, APPLY_GELU=activation == "gelu", HAS_RESIDUAL=res2 is not None,
+                 NORM=norm_weight is not None, NORM_HAS_BIAS=norm_bias is not None, DOT_IN_FP32=dot_in_fp32())
+    bias_arg = bias if bias is not None else weight
+    norm_w_arg = norm_weight if norm_weight is not None else weight
+    norm_b_arg = norm_bias if norm_bias is not None else weight
+    if tensor_descriptors:
+        if TensorDescriptor is None:
+            raise RuntimeError(f"linear: tensor descriptors need Triton 3.4 or newer; this is {triton.__version__}")
+        bm, bn, bk = block_sizes["BLOCK_M"], block_sizes["BLOCK_N"], block_sizes["BLOCK_K"]
+        out_desc = _descriptor(out, bm, bn // subtile)
+        programs = persistent_programs(x.device, grid(M, N, config)[0])
+        launch(_linear_persistent_kernel, (programs,), _descriptor(x2, bm, bk), _descriptor(weight, bn, bk), bias_arg,
+               _descriptor(res2, bm, bn // subtile) if res2 is not None else out_desc, out_desc, norm_w_arg,
+               norm_b_arg, mean, rstd, M, N, K, **flags, EPILOGUE_SUBTILE=subtile, FLATTEN=True, **block_sizes,
+               **options)
+    else:
+        launch(_linear_kernel, grid(M, N, config), x2, weight, bias_arg, res2 if res2 is not None else out, out,
+               norm_w_arg, norm_b_arg, mean, rstd, M, N, K, x2.stride(0), weight.stride(0),
+               res2.stride(0) if res2 is not None else 0, out.stride(0), **flags, **block_sizes, **options)
     return out.view(*x.shape[:-1], N)
+
+
+def _descriptor(t: Tensor, rows: int, cols: int) -> "TensorDescriptor":
+    """A host-side descriptor of a 2-D tensor with rows of unit stride, read or written in (rows, cols)
+    blocks (a single row's arbitrary stride taken as the row length, as `tma_compatible` checks it)."""
+    return TensorDescriptor(t, list(t.shape), descriptor_strides(t), [rows, cols])
 
 
 def _check(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
@@ -156,7 +325,8 @@ def _check(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], activatio
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none",
            residual: Optional[Tensor] = None) -> Tensor:
     _check("linear", x, weight, bias, activation, residual)
-    config = launch_config("linear", x.dtype, _shape_key(x, weight), DEFAULT, INTERPRETER_CONFIG)
+    config = launch_config("linear", x.dtype, _shape_key(x, weight), default_config(x.device, x.dtype),
+                           INTERPRETER_CONFIG)
     return _launch(x, weight, bias, activation, residual, config)
 
 
@@ -170,7 +340,8 @@ def layer_norm_linear(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor
     if norm_weight.shape != (K,) or (norm_bias is not None and norm_bias.shape != (K,)):
         raise ValueError(f"layer_norm_linear: norm weight and bias must have shape ({K},), got "
                          f"{tuple(norm_weight.shape)} and {None if norm_bias is None else tuple(norm_bias.shape)}")
-    config = launch_config("layer_norm_linear", x.dtype, _norm_shape_key(x), DEFAULT, INTERPRETER_CONFIG)
+    config = launch_config("layer_norm_linear", x.dtype, _norm_shape_key(x), default_config(x.device, x.dtype),
+                           INTERPRETER_CONFIG)
     return _launch(x, weight, bias, activation, None, config, norm_weight, norm_bias, eps)
 
 
@@ -212,7 +383,8 @@ def _compile(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -> dic
 
 
 TUNING = KernelTuning(backend="triton", kernel="linear", default=DEFAULT, space=SPACE, make_args=_make_args,
-                      run=_run, compile=_compile, shape_key=_shape_key, expected=_expected)
+                      run=_run, compile=_compile, shape_key=_shape_key, expected=_expected,
+                      arch_defaults=ARCH_DEFAULTS)
 
 
 # ---- tuning of LayerNorm + linear (block.py's entry). Shape (M rows, K channels): one configuration
@@ -247,4 +419,5 @@ def _compile_norm(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -
 
 LAYER_NORM_LINEAR_TUNING = KernelTuning(backend="triton", kernel="layer_norm_linear", default=DEFAULT, space=SPACE,
                                         make_args=_make_norm_args, run=_run_norm, compile=_compile_norm,
-                                        shape_key=_norm_shape_key, expected=_expected_norm)
+                                        shape_key=_norm_shape_key, expected=_expected_norm,
+                                        arch_defaults=ARCH_DEFAULTS)

@@ -1,4 +1,5 @@
-"""Triton attention's tensor-descriptor (TMA) load path, on sm_90.
+"""The tensor-descriptor (TMA) load paths of Triton attention (sm_90) and of the linear layer's
+persistent kernel (sm_90 and sm_100).
 
 - Which path a launch takes: a function of the compute capability and the tensors (dtype, the
   16-byte alignment of the first element and the strides), checked on meta and CPU tensors.
@@ -21,7 +22,7 @@ pytest.importorskip("triton")
 
 import reference  # noqa: E402
 from looplm.testing import assert_close, device_for  # noqa: E402
-from looplm_triton import attention  # noqa: E402
+from looplm_triton import attention, linear  # noqa: E402
 from looplm_triton.common import capture, captured_launches, target_capability  # noqa: E402
 from tuning.gpus import ARCHS as ARCH_LIMITS, resource_problem  # noqa: E402
 
@@ -209,3 +210,87 @@ def test_hierarchical_parity_tier1_descriptors_on_fused_qkv_store_only_their_col
     attention.attention_into(q, k, v, out, True, 0.3, tensor_descriptors=True)
     assert_close(out, reference.attention(q, k, v, True, 0.3))
     assert wide[..., D:].isnan().all()  # the copy engine dropped the block's columns past D
+
+
+# ---- the linear layer's persistent kernel with tensor descriptors
+
+@pytest.mark.parametrize("capability,expected", [(HOPPER, True), (BLACKWELL, True), (AMPERE, False), (RTX_50, False),
+                                                 (None, False)])
+def test_linear_path_follows_the_architecture(capability, expected):
+    x, w = torch.empty(64, 384, dtype=torch.bfloat16, device="meta"), torch.empty(1152, 384, dtype=torch.bfloat16,
+                                                                                   device="meta")
+    assert linear.use_tensor_descriptors(capability, x, w, None) is expected
+    assert not linear.use_tensor_descriptors(capability, x.float(), w.float(), None)  # fp32: exact dots by pointers
+    odd = torch.empty(64, 65, dtype=torch.bfloat16, device="meta")  # rows of 130 bytes
+    assert not linear.use_tensor_descriptors(capability, x, w, odd)
+
+
+def test_sm90_linear_launch_is_persistent_with_sliced_epilogue_descriptors():
+    M, N, K = 1000, 1152, 384
+    x, w, b = (torch.empty(*s, dtype=torch.bfloat16, device="meta") for s in ((M, K), (N, K), (N,)))
+    residual = torch.empty(M, N, dtype=torch.bfloat16, device="meta")
+    (launch,) = capture(linear._launch, x, w, b, "none", residual, linear.PERSISTENT_DEFAULT, arch="sm_90")
+    assert _kernel_name(launch) == "_linear_persistent_kernel"
+    bm, bn, bk = (linear.PERSISTENT_DEFAULT[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    tiles = -(-M // bm) * -(-N // bn)
+    assert launch.grid == (min(tiles, linear.SMS_OF_ARCH[9]),)
+    assert list(launch.args["x_desc"].block_shape) == [bm, bk]
+    assert list(launch.args["w_desc"].block_shape) == [bn, bk]
+    assert launch.args["EPILOGUE_SUBTILE"] == 2
+    for name in ("out_desc", "residual_desc"):
+        assert list(launch.args[name].block_shape) == [bm, bn // 2]
+    # A launch the pointer kernel takes with the architecture's default gets the pointer default.
+    narrow = torch.empty(65, K, dtype=torch.bfloat16, device="meta")
+    (launch,) = capture(linear._launch, x, narrow, None, "none", None, linear.PERSISTENT_DEFAULT, arch="sm_90")
+    assert _kernel_name(launch) == "_linear_kernel"
+    assert launch.args["BLOCK_N"] == linear.DEFAULT["BLOCK_N"]
+
+
+PERSISTENT_CASES = [  # (M, N, K, activation, residual, norm, config)
+    (70, 200, 72, "gelu", True, False, None),  # ragged in every dimension, both epilogue slices
+    (130, 96, 40, "none", False, True, None),  # the LayerNorm applied as x loads
+    (33, 64, 64, "none", True, True, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4,
+                                      "num_stages": 1, "EPILOGUE_SUBTILE": 2}),
+    (300, 136, 24, "gelu", False, False, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 3,
+                                          "num_warps": 4, "num_stages": 1, "EPILOGUE_SUBTILE": 1}),
+]
+
+
+@pytest.mark.parametrize("M,N,K,activation,residual,norm,config", PERSISTENT_CASES)
+@torch.no_grad()
+def test_hierarchical_parity_tier1_persistent_linear_through_tensor_descriptors(M, N, K, activation, residual, norm,
+                                                                                config):
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] not in linear.TMA_MAJORS:
+        pytest.skip("this GPU runs the linear layer by pointers")
+    x = torch.randn(M, K, device=DEVICE)
+    w, b = torch.randn(N, K, device=DEVICE) * K ** -0.5, torch.randn(N, device=DEVICE)
+    r = torch.randn(M, N, device=DEVICE) if residual else None
+    nw, nb = (torch.randn(K, device=DEVICE), torch.randn(K, device=DEVICE)) if norm else (None, None)
+    # In the interpreter, a few programs walk many tiles each (the persistent loop is exercised).
+    out = linear._launch(x, w, b, activation, r, config or linear.INTERPRETER_CONFIG, nw, nb, 1e-5,
+                         tensor_descriptors=True)
+    xn = reference.layer_norm(x, nw, nb, 1e-5) if norm else x
+    expected = reference.linear(xn, w, b, activation, r)
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("T,D,arch,block_m", [(256, 64, "sm_90", 64), (2048, 64, "sm_90", 128),
+                                               (2048, 128, "sm_90", 128), (4096, 64, "sm_100", 64),
+                                               (1024, 64, "sm_80", 128)])
+def test_attention_tiles_follow_sequence_length_head_size_and_architecture(T, D, arch, block_m):
+    q, k, v = _fused_qkv(2, T, 4, D)
+    (launch,) = capture(attention.attention_into, q, k, v, torch.empty_like(q), True, D ** -0.5, arch=arch)
+    assert launch.args["BLOCK_M"] == block_m
+    assert launch.grid == attention.attention_grid(2, 4, T, block_m)
+    if T <= attention.SHORT_T:  # short sequences: small query blocks, enough programs to fill the GPU
+        assert launch.grid[0] >= 2 * 4 * T // 64
+
+
+@torch.no_grad()
+def test_hierarchical_parity_tier1_persistent_linear_of_one_strided_row():
+    # A last-position view: one row whose stride PyTorch leaves arbitrary; its descriptor takes K.
+    x = torch.randn(3, 5, 64, device=DEVICE)[:, -1:, :].reshape(3, 64)[1:2]
+    w, b = torch.randn(32, 64, device=DEVICE) * 0.125, torch.randn(32, device=DEVICE)
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
+    out = linear._launch(x, w, b, "none", None, config, tensor_descriptors=True)
+    assert_close(out, reference.linear(x, w, b))
