@@ -5,7 +5,7 @@ of a run's compiled launches, and reading a cubin's resources with cuobjdump.
 A backend's `launch` asks `recording()`; inside `captured_launches(arch)` it hands its launch record
 (whatever that backend compiles from: a Triton `Launch`, a cuTile tuple) to `record` instead of
 running it, and its launchers may ask `recording_arch()` to choose for the architecture compiled
-for (e.g. tensor descriptors on sm_90). `looplm_triton.common` and `looplm_tile.runtime` re-export
+for (e.g. tensor descriptors on sm_90), and `multiprocessors(device)` to size a persistent grid. `looplm_triton.common` and `looplm_tile.runtime` re-export
 these names for their kernel modules.
 """
 from __future__ import annotations
@@ -63,6 +63,19 @@ def recording_arch() -> Optional[str]:
 def record(launch: Any) -> None:
     """Add one launch record to the current recording."""
     _recording.launches.append(launch)
+
+
+def multiprocessors(device) -> Optional[int]:
+    """SMs a persistent launch on `device` (a torch.device) spreads its programs over: inside a
+    recording, those of the recorded architecture's reference GPU (`tuning.gpus.reference_sms`); on
+    a GPU, its own; None elsewhere (an interpreter or emulator, which picks its own count)."""
+    if recording():
+        from tuning.gpus import reference_sms
+        return reference_sms(recording_arch())
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return None
 
 
 def capture(run: Callable[..., Any], *args: Any, arch: Optional[str] = None, **kwargs: Any) -> list:

@@ -124,17 +124,13 @@ def rows_aligned(*tensors: Optional[Tensor]) -> bool:
 
 
 EMULATED_BLOCKS = 3  # without a GPU: a few blocks, each walking several tiles (the persistent loop is tested)
-CAPTURED_SMS = 132  # a launch recorded for an ahead-of-time compile (the grid does not change the code)
 
 
 def persistent_blocks(device: torch.device, tiles: int, occupancy: int) -> int:
-    """Blocks of a persistent launch: `occupancy` per SM, at most one per tile."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = CAPTURED_SMS if device.type == "meta" else EMULATED_BLOCKS
-        occupancy = occupancy if device.type == "meta" else 1
-    return max(1, min(tiles, sms * occupancy))
+    """Blocks of a persistent launch: `occupancy` per SM (`multiprocessors`: a recorded launch takes
+    its target's reference GPU), at most one per tile; EMULATED_BLOCKS in the emulator."""
+    sms = runtime.multiprocessors(device)
+    return max(1, min(tiles, EMULATED_BLOCKS if sms is None else sms * occupancy))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none",
