@@ -1,6 +1,6 @@
 """Kernel plumbing both kernel backends share: grid limits, recording launches instead of running
 them (for an ahead-of-time compile of exactly what a launcher launches), picking the most demanding
-of a run's compiled launches, and reading a cubin's resources with cuobjdump.
+of a run's compiled launches, and reading a cubin's resources and machine code with cuobjdump.
 
 A backend's `launch` asks `recording()`; inside `captured_launches(arch)` it hands its launch record
 (whatever that backend compiles from: a Triton `Launch`, a cuTile tuple) to `record` instead of
@@ -120,6 +120,15 @@ def parse_resource_usage(report: str) -> dict[str, int]:
     return {RESOURCE_FIELDS[k]: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", report)}
 
 
+def _dump(cubin: bytes, tool: str, *options: str) -> list[str]:
+    """cuobjdump's output for each of `options` ("-res-usage", "-elf", "-sass") on `cubin`."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return [subprocess.run([tool, option, f.name], check=True, capture_output=True, text=True).stdout
+                for option in options]
+
+
 def cubin_resources(cubin: bytes, tool: Optional[str] = None) -> dict[str, int]:
     """{"registers", "stack", "shared_mem", "local_mem", "threads"} of the one kernel in `cubin`, as far
     as cuobjdump tells ("threads": the block size the cubin requires, where it says); {} without
@@ -127,13 +136,15 @@ def cubin_resources(cubin: bytes, tool: Optional[str] = None) -> dict[str, int]:
     tool = tool or cuobjdump()
     if tool is None:
         return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
-        elf = subprocess.run([tool, "-elf", f.name], capture_output=True, text=True).stdout
+    usage, elf = _dump(cubin, tool, "-res-usage", "-elf")
     resources = parse_resource_usage(usage)
     block = re.search(r"EIATTR_REQNTID\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)", elf)
     if block:
         resources["threads"] = int(block.group(1), 16) * int(block.group(2), 16) * int(block.group(3), 16)
     return resources
+
+
+def disassemble(cubin: bytes, tool: Optional[str] = None) -> str:
+    """The SASS (machine code) of `cubin`, as `cuobjdump -sass` prints it; "" without cuobjdump."""
+    tool = tool or cuobjdump()
+    return _dump(cubin, tool, "-sass")[0] if tool else ""
