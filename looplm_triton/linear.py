@@ -350,15 +350,16 @@ def _expected(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 def compile_variant(shape: tuple, dtype: torch.dtype, config: Config, arch: str, *, activation: str = "none",
-                    residual: bool = False, norm: bool = False) -> dict:
+                    residual: bool = False, bias: bool = True, norm: bool = False) -> dict:
     """Compile, for `arch`, the launches of one variant at shape (M, N, K) as its launcher makes them."""
     M, N, K = shape
-    x, weight, bias = _make_args(shape, dtype, "meta")
+    x, weight, bias_tensor = _make_args(shape, dtype, "meta")
+    bias_arg = bias_tensor if bias else None
     if norm:
         norm_w, norm_b = torch.empty(K, dtype=dtype, device="meta"), torch.empty(K, dtype=dtype, device="meta")
-        return compile_run(_launch, arch, x, weight, bias, activation, None, config, norm_w, norm_b)
+        return compile_run(_launch, arch, x, weight, bias_arg, activation, None, config, norm_w, norm_b)
     res = torch.empty(M, N, dtype=dtype, device="meta") if residual else None
-    return compile_run(_launch, arch, x, weight, bias, activation, res, config)
+    return compile_run(_launch, arch, x, weight, bias_arg, activation, res, config)
 
 
 def _compile(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -> dict:
