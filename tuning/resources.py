@@ -24,11 +24,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from tabulate import tabulate
 
+from looplm.backends import KERNEL_PACKAGES
 from looplm.cli import CLIError, run_cli
 from looplm.fileio import atomic_write_text
 from tuning.buckets import MODEL_SHAPES, ModelShape
 from tuning.gpus import ARCHS, COMPILE_TARGETS, occupancy, resource_problem, spilled_bytes
-from tuning.search import BACKEND_PACKAGES
 
 GPU_MODEL = MODEL_SHAPES["shakespeare-gpt2"]  # the shakespeare model's dims with both vocabularies below
 VOCABS = (65, 50304)
@@ -94,7 +94,7 @@ def kernel_launches(backend: str, m: ModelShape = GPU_MODEL, vocabs: Sequence[in
     """Every distinct default launch of `backend`'s kernels in a forward pass of model shape `m`. The
     Triton backend adds its fused LayerNorm + linear (cuTile's is a layer norm and a linear launch)
     and attention's pointer path, which views TMA cannot address take."""
-    modules = {name: importlib.import_module(f"{BACKEND_PACKAGES[backend]}.{name}")
+    modules = {name: importlib.import_module(f"{KERNEL_PACKAGES[backend]}.{name}")
                for name in ("attention", "halt_update", "layer_norm", "linear", "softmax_entropy")}
     rows, C, H = m.batch * m.context, m.n_embd, m.n_head
     out: list[Launch] = []
@@ -121,7 +121,7 @@ def kernel_launches(backend: str, m: ModelShape = GPU_MODEL, vocabs: Sequence[in
     return out
 
 
-LAUNCHES = {backend: functools.partial(kernel_launches, backend) for backend in BACKEND_PACKAGES}
+LAUNCHES = {backend: functools.partial(kernel_launches, backend) for backend in KERNEL_PACKAGES}
 
 
 def measure(launches: Sequence[Launch], archs: Sequence[str], dtype: torch.dtype, workers: int = 2) -> list[dict]:
