@@ -217,6 +217,7 @@ SPACE: list[Config] = [
 TMA_MAJORS = (9, 10)
 INTERPRETED_PROGRAMS = 4  # a persistent launch in the interpreter: a few programs, each walking several tiles
 
+
 def use_tensor_descriptors(capability: Optional[tuple[int, int]], *tensors: Optional[Tensor]) -> bool:
     """Whether a launch on a GPU of compute `capability` (None: no GPU, as in the interpreter)
     takes the persistent kernel with tensor descriptors: on sm_90 and sm_100, for bf16/fp16
