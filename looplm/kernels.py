@@ -17,7 +17,10 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 # CUDA's grid limits: x up to 2^31 - 1 blocks, y and z up to 65535.
 MAX_GRID = (2 ** 31 - 1, 65535, 65535)
@@ -65,10 +68,10 @@ def record(launch: Any) -> None:
     _recording.launches.append(launch)
 
 
-def multiprocessors(device) -> Optional[int]:
-    """SMs a persistent launch on `device` (a torch.device) spreads its programs over: inside a
-    recording, those of the recorded architecture's reference GPU (`tuning.gpus.reference_sms`); on
-    a GPU, its own; None elsewhere (an interpreter or emulator, which picks its own count)."""
+def multiprocessors(device: torch.device) -> Optional[int]:
+    """SMs a persistent launch on `device` spreads its programs over: inside a recording, those of
+    the recorded architecture's reference GPU (`tuning.gpus.reference_sms`); on a GPU, its own; None
+    elsewhere (an interpreter or emulator, which picks its own count)."""
     if recording():
         from tuning.gpus import reference_sms
         return reference_sms(recording_arch())
