@@ -155,6 +155,9 @@ def _from_module(module: str, attr: str) -> Callable:
     return call
 
 
+# The kernel backends and the packages that hold their kernels, one module per op (the tuner and the
+# tier-0 resource table find each op's kernel and tuning there).
+KERNEL_PACKAGES = {"triton": "looplm_triton", "tile": "looplm_tile"}
 # Ops whose kernel lives in another op's module (it shares that module's tiles and epilogue).
 KERNEL_MODULE_OF = {"layer_norm_linear": "linear"}
 
@@ -189,6 +192,6 @@ def cuda_problem(min_capability: tuple[int, int] = (8, 0)) -> Optional[str]:
 
 register_backend("torch", probe=lambda: Availability(True, "native", "PyTorch ops"), load=_load_torch)
 register_backend("reference", probe=lambda: Availability(True, "native", "fp32 oracle"), load=_load_reference)
-register_backend("triton", probe=_from_module("looplm_triton", "probe"), load=_from_module("looplm_triton", "load"))
-register_backend("tile", probe=_from_module("looplm_tile", "probe"), load=_from_module("looplm_tile", "load"))
+for _name, _package in KERNEL_PACKAGES.items():
+    register_backend(_name, probe=_from_module(_package, "probe"), load=_from_module(_package, "load"))
 

@@ -1,11 +1,11 @@
 """Kernel plumbing both kernel backends share: grid limits, recording launches instead of running
 them (for an ahead-of-time compile of exactly what a launcher launches), picking the most demanding
-of a run's compiled launches, and reading a cubin's resources with cuobjdump.
+of a run's compiled launches, and reading a cubin's resources and machine code with cuobjdump.
 
 A backend's `launch` asks `recording()`; inside `captured_launches(arch)` it hands its launch record
 (whatever that backend compiles from: a Triton `Launch`, a cuTile tuple) to `record` instead of
 running it, and its launchers may ask `recording_arch()` to choose for the architecture compiled
-for (e.g. tensor descriptors on sm_90). `looplm_triton.common` and `looplm_tile.runtime` re-export
+for (e.g. tensor descriptors on sm_90), and `multiprocessors(device)` to size a persistent grid. `looplm_triton.common` and `looplm_tile.runtime` re-export
 these names for their kernel modules.
 """
 from __future__ import annotations
@@ -17,7 +17,10 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 # CUDA's grid limits: x up to 2^31 - 1 blocks, y and z up to 65535.
 MAX_GRID = (2 ** 31 - 1, 65535, 65535)
@@ -65,6 +68,19 @@ def record(launch: Any) -> None:
     _recording.launches.append(launch)
 
 
+def multiprocessors(device: torch.device) -> Optional[int]:
+    """SMs a persistent launch on `device` spreads its programs over: inside a recording, those of
+    the recorded architecture's reference GPU (`tuning.gpus.reference_sms`); on a GPU, its own; None
+    elsewhere (an interpreter or emulator, which picks its own count)."""
+    if recording():
+        from tuning.gpus import reference_sms
+        return reference_sms(recording_arch())
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return None
+
+
 def capture(run: Callable[..., Any], *args: Any, arch: Optional[str] = None, **kwargs: Any) -> list:
     """The launches `run(*args, **kwargs)` makes for `arch`, recorded, not run (pass meta tensors)."""
     with captured_launches(arch) as launches:
@@ -107,6 +123,15 @@ def parse_resource_usage(report: str) -> dict[str, int]:
     return {RESOURCE_FIELDS[k]: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", report)}
 
 
+def _dump(cubin: bytes, tool: str, *options: str) -> list[str]:
+    """cuobjdump's output for each of `options` ("-res-usage", "-elf", "-sass") on `cubin`."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return [subprocess.run([tool, option, f.name], check=True, capture_output=True, text=True).stdout
+                for option in options]
+
+
 def cubin_resources(cubin: bytes, tool: Optional[str] = None) -> dict[str, int]:
     """{"registers", "stack", "shared_mem", "local_mem", "threads"} of the one kernel in `cubin`, as far
     as cuobjdump tells ("threads": the block size the cubin requires, where it says); {} without
@@ -114,13 +139,15 @@ def cubin_resources(cubin: bytes, tool: Optional[str] = None) -> dict[str, int]:
     tool = tool or cuobjdump()
     if tool is None:
         return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
-        elf = subprocess.run([tool, "-elf", f.name], capture_output=True, text=True).stdout
+    usage, elf = _dump(cubin, tool, "-res-usage", "-elf")
     resources = parse_resource_usage(usage)
     block = re.search(r"EIATTR_REQNTID\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)", elf)
     if block:
         resources["threads"] = int(block.group(1), 16) * int(block.group(2), 16) * int(block.group(3), 16)
     return resources
+
+
+def disassemble(cubin: bytes, tool: Optional[str] = None) -> str:
+    """The SASS (machine code) of `cubin`, as `cuobjdump -sass` prints it; "" without cuobjdump."""
+    tool = tool or cuobjdump()
+    return _dump(cubin, tool, "-sass")[0] if tool else ""

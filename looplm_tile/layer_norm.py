@@ -72,12 +72,6 @@ def _make_args(shape: tuple, dtype: torch.dtype, device) -> tuple:
     return x, weight, bias, torch.empty_like(x), 1e-5
 
 
-def compile_signature(shape: tuple, dtype: torch.dtype, config: dict) -> list:
-    """The parameter constraints of the launch at shape (rows, C), as the JIT derives them."""
-    ((_, kernel, args, _),) = runtime.capture(_launch, *_make_args(shape, dtype, "meta"), config)
-    return runtime.signature_of(kernel, args)
-
-
 def _compile(shape: tuple, dtype: torch.dtype, config: dict, arch: str) -> dict:
     return runtime.compile_run(_launch, arch, *_make_args(shape, dtype, "meta"), config)
 

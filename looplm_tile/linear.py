@@ -124,17 +124,13 @@ def rows_aligned(*tensors: Optional[Tensor]) -> bool:
 
 
 EMULATED_BLOCKS = 3  # without a GPU: a few blocks, each walking several tiles (the persistent loop is tested)
-CAPTURED_SMS = 132  # a launch recorded for an ahead-of-time compile (the grid does not change the code)
 
 
 def persistent_blocks(device: torch.device, tiles: int, occupancy: int) -> int:
-    """Blocks of a persistent launch: `occupancy` per SM, at most one per tile."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = CAPTURED_SMS if device.type == "meta" else EMULATED_BLOCKS
-        occupancy = occupancy if device.type == "meta" else 1
-    return max(1, min(tiles, sms * occupancy))
+    """Blocks of a persistent launch: `occupancy` per SM (`multiprocessors`: a recorded launch takes
+    its target's reference GPU), at most one per tile; EMULATED_BLOCKS in the emulator."""
+    sms = runtime.multiprocessors(device)
+    return max(1, min(tiles, EMULATED_BLOCKS if sms is None else sms * occupancy))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none",
@@ -175,19 +171,19 @@ def _make_args(shape: tuple, dtype: torch.dtype, device) -> tuple:
     return x, weight, bias, None, torch.empty(m, n, dtype=dtype, device=device), False
 
 
-def compile_signature(shape: tuple, dtype: torch.dtype, config: dict, has_bias: bool = True, gelu: bool = False,
-                      has_residual: bool = False) -> list:
-    """The parameter constraints of the launch at shape (M, N, K), as the JIT derives them."""
+def compile_variant(shape: tuple, dtype: torch.dtype, config: dict, arch: str, *, activation: str = "none",
+                    residual: bool = False, bias: bool = True) -> dict:
+    """Compile, for `arch`, the launch of one variant at shape (M, N, K) as its launcher makes it
+    (the flags of the Triton kernel's `compile_variant`, less its fused norm)."""
     m, n, k = shape
-    x, weight, bias, _, y, _ = _make_args(shape, dtype, "meta")
-    residual = torch.empty(m, n, dtype=dtype, device="meta") if has_residual else None
-    ((_, kernel, args, _),) = runtime.capture(_launch, x, weight, bias if has_bias else None, residual, y, gelu,
-                                              config)
-    return runtime.signature_of(kernel, args)
+    x, weight, bias_tensor, _, y, _ = _make_args(shape, dtype, "meta")
+    res = torch.empty(m, n, dtype=dtype, device="meta") if residual else None
+    return runtime.compile_run(_launch, arch, x, weight, bias_tensor if bias else None, res, y, activation == "gelu",
+                               config)
 
 
 def _compile(shape: tuple, dtype: torch.dtype, config: dict, arch: str) -> dict:
-    return runtime.compile_run(_launch, arch, *_make_args(shape, dtype, "meta"), config)
+    return compile_variant(shape, dtype, config, arch)
 
 
 def _expected(x, weight, bias, residual, y, gelu) -> Tensor:

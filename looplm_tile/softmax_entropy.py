@@ -107,12 +107,6 @@ def _make_args(shape: tuple, dtype: torch.dtype, device) -> tuple:
     return logits, entropy, torch.empty_like(entropy)
 
 
-def compile_signature(shape: tuple, dtype: torch.dtype, config: dict) -> list:
-    """The parameter constraints of the launch at shape (rows, V), as the JIT derives them."""
-    ((_, kernel, args, _),) = runtime.capture(_launch, *_make_args(shape, dtype, "meta"), config)
-    return runtime.signature_of(kernel, args)
-
-
 def _compile(shape: tuple, dtype: torch.dtype, config: dict, arch: str) -> dict:
     return runtime.compile_run(_launch, arch, *_make_args(shape, dtype, "meta"), config)
 

@@ -62,18 +62,21 @@ def describe_argument(value: Any) -> Any:
     raise TypeError(f"cannot describe a launch argument of type {type(value).__name__}")
 
 
-def compile_launch(launch, arch: str) -> dict[str, int]:
+def compile_launch(launch, arch: str, sass: bool = False) -> dict[str, Any]:
     """Compile one recorded launch (`common.Launch`) for `arch`, specialised as the JIT would;
-    returns its resources (see `cubin_resources`) plus "threads" per block."""
+    returns its resources (see `cubin_resources`) plus "threads" per block, spills from ptxas's
+    report, its bulk tensor copies (`tma_copies`) and, with `sass`, "sass": the cubin's machine code
+    (`looplm.kernels.disassemble`), for what a caller wants to read in it."""
     fn = getattr(launch.kernel, "fn", launch.kernel)  # the Python function behind a JITFunction/InterpretedFunction
     request = dict(module=fn.__module__, name=fn.__name__, arch=arch,
-                   args={name: describe_argument(v) for name, v in launch.args.items()}, options=dict(launch.options))
+                   args={name: describe_argument(v) for name, v in launch.args.items()}, options=dict(launch.options),
+                   sass=sass)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _ask_worker(request)
     return _compile_by_name(**request)
 
 
-def _ask_worker(request: dict) -> dict[str, int]:
+def _ask_worker(request: dict) -> dict[str, Any]:
     worker = getattr(_WORKERS, "process", None)
     if worker is None or worker.poll() is not None:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -148,7 +151,7 @@ def specialise(kernel, args: dict, backend) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
-def _compile_by_name(module: str, name: str, arch: str, args: dict, options: dict) -> dict:
+def _compile_by_name(module: str, name: str, arch: str, args: dict, options: dict, sass: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -171,6 +174,8 @@ def _compile_by_name(module: str, name: str, arch: str, args: dict, options: dic
     resources["shared_mem"] = max(resources.get("shared_mem", 0), int(compiled.metadata.shared))
     resources["threads"] = 32 * int(compiled.metadata.num_warps)
     resources.update(tma_copies(compiled.asm["ptx"]))
+    if sass:
+        resources["sass"] = kernels.disassemble(compiled.asm["cubin"], tool=triton.knobs.nvidia.cuobjdump.path)
     return resources
 
 

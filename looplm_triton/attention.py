@@ -50,14 +50,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # Triton before 3.4: the pointer path only
-    TensorDescriptor = None
-
 from looplm.ops import check_kernel_dtype, check_tensors
-from looplm_triton.common import (LOG2E, compile_run, dot_in_fp32, fast_exp2, launch, launch_config, split_config,
-                                  target_capability)
+from looplm_triton.common import (LOG2E, compile_run, dot_in_fp32, fast_exp2, launch, launch_config, make_descriptor,
+                                  split_config, target_capability, tma_addressable)
 from tuning.spec import Config, KernelTuning
 
 MAX_HEAD_SIZE = 256
@@ -261,35 +256,6 @@ def head_block(D: int) -> int:
 # configuration it spills (16 to 36 bytes) at head sizes 32 and 128, where its pointer path does not;
 # sm_120's small shared memory suits the pointer path's default. Both keep pointers.
 TMA_MAJORS = (9,)
-TMA_DTYPES = (torch.bfloat16, torch.float16)
-TMA_ALIGNMENT = 16  # bytes: the copy engine's rule for the base address and every stride but the last
-TMA_MAX_STRIDE = 2 ** 40  # bytes
-
-
-def _byte_address(t: Tensor) -> int:
-    # A meta tensor (an ahead-of-time compile) has no address; its allocation is taken as aligned,
-    # as the compile's specialisation takes it (looplm_triton.aot.describe_argument).
-    return t.storage_offset() * t.element_size() if t.is_meta else t.data_ptr()
-
-
-def descriptor_strides(t: Tensor) -> list[int]:
-    """The strides of a (B, H, T, D) view as its descriptor gets them: a dimension of size 1 is never
-    stepped along, so its stride (which PyTorch leaves arbitrary there) becomes the extent of the
-    dimensions inside it, as in a contiguous tensor."""
-    strides = list(t.stride())
-    for i in range(t.dim() - 2, -1, -1):
-        if t.shape[i] == 1:
-            strides[i] = strides[i + 1] * t.shape[i + 1]
-    return strides
-
-
-def tma_compatible(t: Tensor) -> bool:
-    """Whether the copy engine can address `t` through a descriptor: a non-empty tensor with unit
-    stride along its last dimension, its first element and every other stride 16-byte aligned."""
-    size = t.element_size()
-    strides = descriptor_strides(t)
-    return (t.numel() > 0 and strides[-1] == 1 and _byte_address(t) % TMA_ALIGNMENT == 0
-            and all(s * size % TMA_ALIGNMENT == 0 and 0 < s * size < TMA_MAX_STRIDE for s in strides[:-1]))
 
 
 def use_tensor_descriptors(capability: Optional[tuple[int, int]], *tensors: Tensor) -> bool:
@@ -297,14 +263,7 @@ def use_tensor_descriptors(capability: Optional[tuple[int, int]], *tensors: Tens
     as in the interpreter) loads and stores `tensors` through tensor descriptors (TMA): on sm_90, for
     16-bit tensors that are all `tma_compatible`; otherwise the pointer path, which takes any strides.
     fp32 keeps pointers: its tf32x3 dots spill with descriptors at its sm_90 default."""
-    return (capability is not None and capability[0] in TMA_MAJORS and TensorDescriptor is not None
-            and all(t.dtype in TMA_DTYPES and tma_compatible(t) for t in tensors))
-
-
-def make_descriptor(t: Tensor, rows: int, block_d: int) -> "TensorDescriptor":
-    """A host-side descriptor of a (B, H, T, D) view with its own strides, read and written in
-    (1, 1, rows, block_d) blocks (block_d >= D: the columns past D read as zeros)."""
-    return TensorDescriptor(t, list(t.shape), descriptor_strides(t), [1, 1, rows, block_d])
+    return capability is not None and capability[0] in TMA_MAJORS and tma_addressable(*tensors)
 
 
 def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float,
@@ -329,13 +288,11 @@ def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, s
     common = dict(CAUSAL=causal, DOT_IN_FP32=dot_in_fp32(),
                   PRECISION="tf32x3" if q.dtype == torch.float32 and not dot_in_fp32() else "ieee",
                   BLOCK_D=block_d, **block_sizes, **options)
-    if tensor_descriptors:
-        if TensorDescriptor is None:
-            raise RuntimeError(f"attention: tensor descriptors need Triton 3.4 or newer; this is {triton.__version__}")
+    if tensor_descriptors:  # (1, 1, rows, block_d) blocks of the (B, H, T, D) views; columns past D read as zeros
         block_m, block_n = block_sizes["BLOCK_M"], block_sizes["BLOCK_N"]
-        launch(_attention_tma_kernel, grid, make_descriptor(q, block_m, block_d), make_descriptor(k, block_n, block_d),
-               make_descriptor(v, block_n, block_d), make_descriptor(out, block_m, block_d), H, Tq, Tk,
-               scale * LOG2E, **common)
+        q_desc, k_desc, v_desc, o_desc = (make_descriptor(t, [1, 1, rows, block_d], "attention")
+                                          for t, rows in ((q, block_m), (k, block_n), (v, block_n), (out, block_m)))
+        launch(_attention_tma_kernel, grid, q_desc, k_desc, v_desc, o_desc, H, Tq, Tk, scale * LOG2E, **common)
     else:
         launch(_attention_kernel, grid, q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                *out.stride()[:3], H, Tq, Tk, scale * LOG2E, HEAD_DIM=D, **common)

@@ -17,14 +17,22 @@ import triton
 import triton.language as tl
 
 import tuning
-from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, most_demanding, record, recording, \
-    recording_arch
+from torch import Tensor
+
+from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, most_demanding, multiprocessors, record, \
+    recording, recording_arch
 from looplm_triton.aot import LAUNCH_KNOBS, capability, compile_launch
 from tuning.spec import Config
 
-__all__ = ["BACKEND", "INTERPRETED", "MAX_GRID", "Launch", "LOG2E", "LOG2E_CONST", "capture", "captured_launches",
-           "check_grid", "compile_run", "dot_in_fp32", "fast_exp2", "launch", "launch_config", "recording",
-           "split_config", "target_capability"]
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton before 3.4: pointer kernels only
+    TensorDescriptor = None
+
+__all__ = ["BACKEND", "INTERPRETED", "MAX_GRID", "Launch", "LOG2E", "LOG2E_CONST", "TMA_DTYPES", "TensorDescriptor",
+           "capture", "captured_launches", "check_grid", "compile_run", "descriptor_strides", "dot_in_fp32",
+           "fast_exp2", "launch", "launch_config", "make_descriptor", "multiprocessors", "recording", "split_config", "target_capability",
+           "tma_addressable", "tma_compatible"]
 
 BACKEND = "triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -91,6 +99,55 @@ def compile_run(run: Callable[..., Any], arch: str, *args: Any, **kwargs: Any) -
     (most registers, then most shared memory), with "launches": how many kernels it compiled."""
     return most_demanding(compile_launch(launch_, arch) for launch_ in capture(run, *args, arch=arch, **kwargs))
 
+
+# ---- tensor descriptors (TMA): what the copy engine can address, and the host-side descriptors
+
+TMA_DTYPES = (torch.bfloat16, torch.float16)  # the kernels' descriptor paths; fp32 keeps pointers
+TMA_ALIGNMENT = 16  # bytes: the copy engine's rule for the base address and every stride but the last
+TMA_MAX_STRIDE = 2 ** 40  # bytes
+
+
+def _byte_address(t: Tensor) -> int:
+    # A meta tensor (an ahead-of-time compile) has no address; its allocation is taken as aligned,
+    # as the compile's specialisation takes it (looplm_triton.aot.describe_argument).
+    return t.storage_offset() * t.element_size() if t.is_meta else t.data_ptr()
+
+
+def descriptor_strides(t: Tensor) -> list[int]:
+    """The strides of `t` as its descriptor gets them: a dimension of size 1 is never stepped along,
+    so its stride (which PyTorch leaves arbitrary there) becomes the extent of the dimensions inside
+    it, as in a contiguous tensor."""
+    strides = list(t.stride())
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
+    return strides
+
+
+def tma_compatible(t: Tensor) -> bool:
+    """Whether the copy engine can address `t` through a descriptor: a non-empty tensor with unit
+    stride along its last dimension, its first element and every other stride 16-byte aligned."""
+    size = t.element_size()
+    strides = descriptor_strides(t)
+    return (t.numel() > 0 and strides[-1] == 1 and _byte_address(t) % TMA_ALIGNMENT == 0
+            and all(s * size % TMA_ALIGNMENT == 0 and 0 < s * size < TMA_MAX_STRIDE for s in strides[:-1]))
+
+
+def tma_addressable(*tensors: Optional[Tensor]) -> bool:
+    """Whether a kernel's descriptor path can take all of `tensors` (None: an absent operand): this
+    Triton has tensor descriptors and each is a bf16/fp16 tensor that is `tma_compatible`."""
+    return TensorDescriptor is not None and all(
+        t is None or (t.dtype in TMA_DTYPES and tma_compatible(t)) for t in tensors)
+
+
+def make_descriptor(t: Tensor, block_shape: list[int], op: str) -> "TensorDescriptor":
+    """A host-side descriptor of `t` with its own strides (`descriptor_strides`), read or written in
+    `block_shape` blocks (the copy engine zero-fills what lies past the edges on a load and drops it
+    on a store). Passed by value as a kernel argument: a `tl.make_tensor_descriptor` in the kernel
+    would need a process-wide allocator (`triton.set_allocator`) a library cannot set for its user."""
+    if TensorDescriptor is None:
+        raise RuntimeError(f"{op}: tensor descriptors need Triton 3.4 or newer; this is {triton.__version__}")
+    return TensorDescriptor(t, list(t.shape), descriptor_strides(t), list(block_shape))
 
 
 # ---- shared device code

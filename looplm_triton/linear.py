@@ -42,9 +42,8 @@ import triton.language as tl
 from torch import Tensor
 
 from looplm.ops import ACTIVATIONS, check_kernel_dtype, check_tensors
-from looplm_triton.attention import TMA_DTYPES, TensorDescriptor, descriptor_strides, tma_compatible
-from looplm_triton.common import (compile_run, dot_in_fp32, launch, launch_config, recording, split_config,
-                                  target_capability)
+from looplm_triton.common import (compile_run, dot_in_fp32, launch, launch_config, make_descriptor, multiprocessors,
+                                  split_config, target_capability, tma_addressable)
 from looplm_triton.layer_norm import row_statistics
 from tuning.spec import Config, KernelTuning
 
@@ -216,28 +215,21 @@ SPACE: list[Config] = [
 # KiB of shared memory for deep stages. sm_120 keeps the pointer kernel: its 99 KiB hold no more
 # than two stages of the tiles the persistent kernel wants.
 TMA_MAJORS = (9, 10)
-# SMs of each compile target's reference GPU (A100, H100/H200, B200, RTX 5070): the grid of a
-# launch recorded for an ahead-of-time compile, where no GPU says.
-SMS_OF_ARCH = {8: 108, 9: 132, 10: 148, 12: 48}
+INTERPRETED_PROGRAMS = 4  # a persistent launch in the interpreter: a few programs, each walking several tiles
 
 
 def use_tensor_descriptors(capability: Optional[tuple[int, int]], *tensors: Optional[Tensor]) -> bool:
     """Whether a launch on a GPU of compute `capability` (None: no GPU, as in the interpreter)
     takes the persistent kernel with tensor descriptors: on sm_90 and sm_100, for bf16/fp16
     tensors (None: absent) the copy engine can address (16-byte aligned base and row stride)."""
-    return (capability is not None and capability[0] in TMA_MAJORS and TensorDescriptor is not None
-            and all(t is None or (t.dtype in TMA_DTYPES and tma_compatible(t)) for t in tensors))
+    return capability is not None and capability[0] in TMA_MAJORS and tma_addressable(*tensors)
 
 
 def persistent_programs(device: torch.device, tiles: int) -> int:
     """Programs of a persistent launch: one per SM (each holds up to 227 KiB of stages), at most one
-    per tile. Launches recorded for an ahead-of-time compile take the target's reference GPU."""
-    capability = target_capability(device)
-    if device.type == "cuda" and not recording():
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = SMS_OF_ARCH.get(capability[0], 132) if capability is not None else 4
-    return max(1, min(tiles, sms))
+    per tile (`multiprocessors`: a recorded launch takes its target's reference GPU); 4 in the
+    interpreter."""
+    return max(1, min(tiles, multiprocessors(device) or INTERPRETED_PROGRAMS))
 
 
 def grid(M: int, N: int, config: Config) -> tuple[int]:
@@ -285,26 +277,18 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, 
     norm_w_arg = norm_weight if norm_weight is not None else weight
     norm_b_arg = norm_bias if norm_bias is not None else weight
     if tensor_descriptors:
-        if TensorDescriptor is None:
-            raise RuntimeError(f"linear: tensor descriptors need Triton 3.4 or newer; this is {triton.__version__}")
         bm, bn, bk = block_sizes["BLOCK_M"], block_sizes["BLOCK_N"], block_sizes["BLOCK_K"]
-        out_desc = _descriptor(out, bm, bn // subtile)
+        out_desc = make_descriptor(out, [bm, bn // subtile], "linear")
+        residual_desc = make_descriptor(res2, [bm, bn // subtile], "linear") if res2 is not None else out_desc
         programs = persistent_programs(x.device, grid(M, N, config)[0])
-        launch(_linear_persistent_kernel, (programs,), _descriptor(x2, bm, bk), _descriptor(weight, bn, bk), bias_arg,
-               _descriptor(res2, bm, bn // subtile) if res2 is not None else out_desc, out_desc, norm_w_arg,
-               norm_b_arg, mean, rstd, M, N, K, **flags, EPILOGUE_SUBTILE=subtile, FLATTEN=True, **block_sizes,
-               **options)
+        launch(_linear_persistent_kernel, (programs,), make_descriptor(x2, [bm, bk], "linear"),
+               make_descriptor(weight, [bn, bk], "linear"), bias_arg, residual_desc, out_desc, norm_w_arg, norm_b_arg,
+               mean, rstd, M, N, K, **flags, EPILOGUE_SUBTILE=subtile, FLATTEN=True, **block_sizes, **options)
     else:
         launch(_linear_kernel, grid(M, N, config), x2, weight, bias_arg, res2 if res2 is not None else out, out,
                norm_w_arg, norm_b_arg, mean, rstd, M, N, K, x2.stride(0), weight.stride(0),
                res2.stride(0) if res2 is not None else 0, out.stride(0), **flags, **block_sizes, **options)
     return out.view(*x.shape[:-1], N)
-
-
-def _descriptor(t: Tensor, rows: int, cols: int) -> "TensorDescriptor":
-    """A host-side descriptor of a 2-D tensor with rows of unit stride, read or written in (rows, cols)
-    blocks (a single row's arbitrary stride taken as the row length, as `tma_compatible` checks it)."""
-    return TensorDescriptor(t, list(t.shape), descriptor_strides(t), [rows, cols])
 
 
 def _check(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
@@ -367,15 +351,16 @@ def _expected(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 def compile_variant(shape: tuple, dtype: torch.dtype, config: Config, arch: str, *, activation: str = "none",
-                    residual: bool = False, norm: bool = False) -> dict:
+                    residual: bool = False, bias: bool = True, norm: bool = False) -> dict:
     """Compile, for `arch`, the launches of one variant at shape (M, N, K) as its launcher makes them."""
     M, N, K = shape
-    x, weight, bias = _make_args(shape, dtype, "meta")
+    x, weight, bias_tensor = _make_args(shape, dtype, "meta")
+    bias_arg = bias_tensor if bias else None
     if norm:
         norm_w, norm_b = torch.empty(K, dtype=dtype, device="meta"), torch.empty(K, dtype=dtype, device="meta")
-        return compile_run(_launch, arch, x, weight, bias, activation, None, config, norm_w, norm_b)
+        return compile_run(_launch, arch, x, weight, bias_arg, activation, None, config, norm_w, norm_b)
     res = torch.empty(M, N, dtype=dtype, device="meta") if residual else None
-    return compile_run(_launch, arch, x, weight, bias, activation, res, config)
+    return compile_run(_launch, arch, x, weight, bias_arg, activation, res, config)
 
 
 def _compile(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -> dict:

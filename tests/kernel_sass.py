@@ -2,25 +2,21 @@
 instructions, plus the cubin's resources. No GPU needed.
 
 A launcher is called on meta tensors inside `looplm_triton.common.captured_launches(arch)`, and
-every launch it records is compiled for `arch` as the JIT specialises it (`looplm_triton.aot`);
-the cubin is disassembled with the `cuobjdump` Triton ships and its opcodes are counted.
-
-Compiles run in a process without Triton's interpreter (under it kernels are not compilable):
-`sass_reports(...)` in a test starts `python -m tests.kernel_sass`, which reads one JSON request a
-line, compiles and answers with JSON. By hand:
-
-    echo '["linear", [8192, 4096, 4096], "bfloat16", "sm_90", {}]' | python -m tests.kernel_sass
+every launch it records is compiled for `arch` as the JIT specialises it, with its machine code
+(`looplm_triton.aot.compile_launch(..., sass=True)`, which under Triton's interpreter compiles in a
+worker process of its own); here its opcodes are counted.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import torch
+
+from looplm_triton.aot import compile_launch
 
 # The instruction families tier 0 looks for, by the opcode prefix SASS gives them.
 HOPPER_MMA = "HGMMA"  # wgmma.mma_async: warpgroup matrix multiply (sm_90)
@@ -49,11 +45,9 @@ def count_prefix(counts: dict[str, int], prefix: str) -> int:
     return sum(n for op, n in counts.items() if op.startswith(prefix))
 
 
-# ---- the worker side (no interpreter)
+# ---- compiling the launches of a variant
 
 def _variant_launches(kernel: str, shape: list, dtype: str, arch: str, flags: dict) -> list:
-    import torch
-
     from looplm_triton import attention, layer_norm, linear, softmax_entropy
     from looplm_triton.common import capture
 
@@ -84,69 +78,32 @@ def _variant_launches(kernel: str, shape: list, dtype: str, arch: str, flags: di
     raise ValueError(f"no launch variant for kernel {kernel!r}")
 
 
-def _compile_sass(launch, arch: str) -> dict[str, Any]:
-    """Compile one recorded launch for `arch`; its resources, kernel name and SASS opcode counts."""
-    import importlib
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-
-    from looplm_triton import aot
-
-    fn = getattr(launch.kernel, "fn", launch.kernel)
-    kernel = getattr(importlib.import_module(fn.__module__), fn.__name__)
-    described = {name: aot.describe_argument(v) for name, v in launch.args.items()}
-    target = GPUTarget("cuda", aot.capability(arch), 32)
-    signature, constexprs, attrs = aot.specialise(kernel, described, make_backend(target))
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=target, options=dict(launch.options))
-    cubin = compiled.asm["cubin"]
-    resources = aot.cubin_resources(cubin)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", f.name], check=True,
-                              capture_output=True, text=True).stdout
-    return {"kernel": fn.__name__, "grid": list(launch.grid), "options": dict(launch.options),
-            "constexprs": {k: v for k, v in constexprs.items() if k.isupper()}, **resources,
-            "shared_mem": max(resources.get("shared_mem", 0), int(compiled.metadata.shared)),
-            "ops": opcode_counts(sass), "accesses": wide_accesses(sass)}
-
-
 def report(kernel: str, shape: list, dtype: str, arch: str, flags: dict) -> list[dict]:
-    """One entry per launch the launcher makes for this variant (see `_compile_sass`)."""
-    return [_compile_sass(launch, arch) for launch in _variant_launches(kernel, shape, dtype, arch, flags)]
+    """One entry per launch the launcher makes for this variant: the kernel's name, grid and launch
+    options, its compiled resources, SASS opcode counts ("ops") and global accesses by width."""
+    entries = []
+    for launch in _variant_launches(kernel, shape, dtype, arch, flags):
+        compiled = compile_launch(launch, arch, sass=True)
+        sass = compiled.pop("sass")
+        entries.append({"kernel": getattr(launch.kernel, "fn", launch.kernel).__name__, "grid": list(launch.grid),
+                        "options": dict(launch.options), **compiled, "ops": opcode_counts(sass),
+                        "accesses": wide_accesses(sass)})
+    return entries
 
 
-_REPORTS: dict[str, list[dict]] = {}  # one process's answers, by request
+_REPORTS: dict[str, list[dict]] = {}  # the session's answers, by request
+_COMPILERS = ThreadPoolExecutor(max_workers=2)  # two compiles at a time: each thread has its own compile worker
 
 
 def sass_reports(jobs: list[tuple]) -> list[list[dict]]:
-    """`report(...)` of each (kernel, shape, dtype, arch, flags) job, computed in one fresh process
-    started without Triton's interpreter (two compiles at a time) and kept for the session."""
+    """`report(...)` of each (kernel, shape, dtype, arch, flags) job, kept for the session."""
     keys = [json.dumps([kernel, list(shape), dtype, arch, flags], sort_keys=True)
             for kernel, shape, dtype, arch, flags in jobs]
     missing = sorted({key for key in keys if key not in _REPORTS})
-    if missing:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        done = subprocess.run([sys.executable, "-m", "tests.kernel_sass"], input="\n".join(missing), env=env,
-                              capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            raise RuntimeError(f"compiling {missing} failed:\n{done.stderr[-4000:]}")
-        _REPORTS.update(zip(missing, json.loads(done.stdout.splitlines()[-1])))
+    _REPORTS.update(zip(missing, _COMPILERS.map(lambda key: report(*json.loads(key)), missing)))
     return [_REPORTS[key] for key in keys]
 
 
 def sass_report(kernel: str, shape: tuple, dtype: str, arch: str, **flags: Any) -> list[dict]:
     """`report(...)` of one launch variant, as `sass_reports` computes it."""
     return sass_reports([(kernel, shape, dtype, arch, flags)])[0]
-
-
-if __name__ == "__main__":
-    from concurrent.futures import ThreadPoolExecutor
-
-    requests = [json.loads(line) for line in sys.stdin.read().splitlines() if line.strip()]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        answers = list(pool.map(lambda request: report(*request), requests))
-    print(json.dumps(answers))

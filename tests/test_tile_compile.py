@@ -9,7 +9,7 @@ pytest.importorskip("cuda.tile")
 from looplm_tile import runtime  # noqa: E402
 from tuning.buckets import MODEL_SHAPES  # noqa: E402
 from tuning.gpus import ARCHS  # noqa: E402
-from tuning.resources import tile_launches  # noqa: E402
+from tuning.resources import kernel_launches  # noqa: E402
 
 KERNELS = ("layer_norm", "linear", "attention", "softmax_entropy", "halt_update")
 # The GPU model's launches (both vocabularies) for every target; the CPU model's (smaller tiles) once, for the oldest.
@@ -20,7 +20,7 @@ TARGETS = [("gpu", arch) for arch in runtime.ARCHES] + [("cpu", "sm_80")]
 @pytest.mark.parametrize("model, arch", TARGETS)
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_hierarchical_parity_tier0_compiles(kernel, model, arch):
-    launches = [launch for launch in tile_launches(*MODELS[model]) if launch.kernel == kernel]
+    launches = [launch for launch in kernel_launches("tile", *MODELS[model]) if launch.kernel == kernel]
     assert launches
     for launch in launches:
         config = launch.config(torch.bfloat16, arch)

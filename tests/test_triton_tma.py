@@ -22,11 +22,11 @@ pytest.importorskip("triton")
 
 import reference  # noqa: E402
 from looplm.testing import assert_close, device_for  # noqa: E402
-from looplm_triton import attention, linear  # noqa: E402
+from looplm_triton import attention, common, linear  # noqa: E402
 from looplm_triton.common import capture, captured_launches, target_capability  # noqa: E402
-from tuning.gpus import ARCHS as ARCH_LIMITS, resource_problem  # noqa: E402
+from tuning.gpus import ARCHS as ARCH_LIMITS, reference_sms, resource_problem  # noqa: E402
 
-pytestmark = pytest.mark.skipif(attention.TensorDescriptor is None,
+pytestmark = pytest.mark.skipif(common.TensorDescriptor is None,
                                 reason="this Triton has no triton.tools.tensor_descriptor (added in 3.4)")
 
 DEVICE = device_for("triton").type  # the interpreter's CPU, or the GPU the kernels run on natively
@@ -58,33 +58,33 @@ def test_tensors_tma_cannot_address_take_the_pointer_path():
     out = torch.empty(2, 6, 16, 64, dtype=torch.bfloat16, device="meta")
     assert attention.use_tensor_descriptors(HOPPER, q, k, v, out)
     shifted = torch.empty(2, 6, 16, 65, dtype=torch.bfloat16, device="meta")[..., 1:]  # first element at 2 bytes
-    assert not attention.tma_compatible(shifted)
+    assert not common.tma_compatible(shifted)
     assert not attention.use_tensor_descriptors(HOPPER, q, shifted, v, out)
     narrow = torch.empty(2, 6, 16, 4, dtype=torch.bfloat16, device="meta")  # rows 8 bytes apart
-    assert not attention.tma_compatible(narrow)
+    assert not common.tma_compatible(narrow)
     odd_row = torch.empty(2, 6, 16, 72, dtype=torch.bfloat16, device="meta")[..., :68]  # 144-byte rows: fine
-    assert attention.tma_compatible(odd_row)
-    assert not attention.tma_compatible(torch.empty(2, 6, 16, 70, dtype=torch.bfloat16, device="meta")[..., :64])
+    assert common.tma_compatible(odd_row)
+    assert not common.tma_compatible(torch.empty(2, 6, 16, 70, dtype=torch.bfloat16, device="meta")[..., :64])
     transposed = torch.empty(2, 6, 64, 16, dtype=torch.bfloat16, device="meta").transpose(2, 3)  # D not unit stride
-    assert not attention.tma_compatible(transposed)
-    assert not attention.tma_compatible(torch.empty(2, 6, 0, 64, dtype=torch.bfloat16, device="meta"))
+    assert not common.tma_compatible(transposed)
+    assert not common.tma_compatible(torch.empty(2, 6, 0, 64, dtype=torch.bfloat16, device="meta"))
     fp32 = [t.float() for t in (q, k, v, out)]  # tf32x3 spills with descriptors: fp32 keeps pointers
-    assert all(attention.tma_compatible(t) for t in fp32)
+    assert all(common.tma_compatible(t) for t in fp32)
     assert not attention.use_tensor_descriptors(HOPPER, *fp32)
 
 
 def test_alignment_of_real_tensors_is_read_from_their_address():
     buffer = torch.zeros(1, 2, 8, 72, dtype=torch.bfloat16)
     assert buffer.data_ptr() % 16 == 0  # PyTorch's CPU allocations are at least 16-byte aligned
-    assert attention.tma_compatible(buffer[..., :64])
-    assert not attention.tma_compatible(buffer[..., 4:68])  # 8 bytes in
+    assert common.tma_compatible(buffer[..., :64])
+    assert not common.tma_compatible(buffer[..., 4:68])  # 8 bytes in
 
 
 def test_a_dimension_of_size_one_takes_the_contiguous_stride():
     # PyTorch leaves the stride of a size-1 dimension arbitrary; it is never stepped along.
     t = torch.empty(64, dtype=torch.bfloat16, device="meta").as_strided((1, 2, 1, 8), (3, 8, 5, 1))
-    assert attention.descriptor_strides(t) == [16, 8, 8, 1]
-    assert attention.tma_compatible(t)
+    assert common.descriptor_strides(t) == [16, 8, 8, 1]
+    assert common.tma_compatible(t)
 
 
 def test_the_recorded_architecture_is_the_target_capability():
@@ -206,7 +206,7 @@ def test_hierarchical_parity_tier1_descriptors_on_fused_qkv_store_only_their_col
     q, k, v = _fused_qkv(B, T, H, D, torch.float32, DEVICE)
     wide = torch.full((B, T, H, 64), math.nan, device=DEVICE)  # each head's row 64 wide, D of it written
     out = wide[..., :D].transpose(1, 2)
-    assert attention.tma_compatible(out) and all(attention.tma_compatible(t) for t in (q, k, v))
+    assert common.tma_compatible(out) and all(common.tma_compatible(t) for t in (q, k, v))
     attention.attention_into(q, k, v, out, True, 0.3, tensor_descriptors=True)
     assert_close(out, reference.attention(q, k, v, True, 0.3))
     assert wide[..., D:].isnan().all()  # the copy engine dropped the block's columns past D
@@ -233,7 +233,7 @@ def test_sm90_linear_launch_is_persistent_with_sliced_epilogue_descriptors():
     assert _kernel_name(launch) == "_linear_persistent_kernel"
     bm, bn, bk = (linear.PERSISTENT_DEFAULT[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     tiles = -(-M // bm) * -(-N // bn)
-    assert launch.grid == (min(tiles, linear.SMS_OF_ARCH[9]),)
+    assert launch.grid == (min(tiles, reference_sms("sm_90")),)
     assert list(launch.args["x_desc"].block_shape) == [bm, bk]
     assert list(launch.args["w_desc"].block_shape) == [bn, bk]
     assert launch.args["EPILOGUE_SUBTILE"] == 2

@@ -176,7 +176,7 @@ def _fake_package(monkeypatch, **modules):
         module = types.ModuleType(f"fakebackend.{op}")
         module.__dict__.update(attrs)
         monkeypatch.setitem(sys.modules, f"fakebackend.{op}", module)
-    monkeypatch.setitem(search.BACKEND_PACKAGES, "triton", "fakebackend")
+    monkeypatch.setitem(search.KERNEL_PACKAGES, "triton", "fakebackend")
 
 
 def test_discover_skips_missing_modules_and_tunings_with_a_note(monkeypatch):

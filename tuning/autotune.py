@@ -23,10 +23,11 @@ from typing import Optional, Sequence
 import torch
 from tabulate import tabulate
 
+from looplm.backends import KERNEL_PACKAGES
 from looplm.cli import CLIError, run_cli
 from tuning import gpus, lookup, table
 from tuning.buckets import DTYPES, MODEL_SHAPES, TUNED_DTYPES, format_shape, model_shape, parse_shape
-from tuning.search import BACKEND_PACKAGES, IsolatedRunner, Task, discover, plan, run_tasks
+from tuning.search import IsolatedRunner, Task, discover, plan, run_tasks
 from tuning.spec import is_torch
 from tuning.timing import TIMERS
 
@@ -38,7 +39,7 @@ class AutotuneError(CLIError):
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tuning.autotune", description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", required=True, metavar="NAME", help=f"short GPU name: {', '.join(sorted(gpus.GPUS))}")
-    p.add_argument("--backend", choices=[*BACKEND_PACKAGES, "all"], default="all")
+    p.add_argument("--backend", choices=[*KERNEL_PACKAGES, "all"], default="all")
     p.add_argument("--kernels", nargs="+", metavar="KERNEL", help="op or kernel names (default: all)")
     shapes = p.add_mutually_exclusive_group()
     shapes.add_argument("--shapes", nargs="+", metavar="AxB", type=parse_shape,
@@ -143,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     target = gpus.gpu(args.gpu)
     models = [] if args.shapes else [model_shape(spec) for spec in args.config]
-    backends = list(BACKEND_PACKAGES) if args.backend == "all" else [args.backend]
+    backends = list(KERNEL_PACKAGES) if args.backend == "all" else [args.backend]
     if args.dry_run:
         limits = target.limits
     else:

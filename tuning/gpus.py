@@ -38,6 +38,11 @@ ARCHS: dict[str, ArchLimits] = {a.arch: a for a in (
     ArchLimits("sm_120", (12, 0), 99 * 1024, 100 * 1024, max_warps_per_sm=48),
 )}
 RESERVED_SHARED_PER_BLOCK = 1024
+
+# SMs of each compile target's reference GPU (A100, H100/H200, B200, RTX 5070): how many programs a
+# persistent launch recorded for an ahead-of-time compile spreads over, where no GPU says (the grid
+# does not change the compiled code). An architecture without one takes its major version's.
+REFERENCE_SMS = {"sm_80": 108, "sm_90": 132, "sm_100": 148, "sm_120": 48}
 REGISTER_ALLOCATION_UNIT = 256  # registers are granted to a warp in units of 256 (8 per thread)
 
 
@@ -101,6 +106,15 @@ def arch_for_capability(capability: tuple[int, int]) -> ArchLimits:
         raise UnknownGpu(f"no limits known for compute capability {capability[0]}.{capability[1]}; "
                          f"known: {', '.join(f'{a.capability[0]}.{a.capability[1]}' for a in ARCHS.values())}")
     return max(same_major, key=lambda a: a.capability)
+
+
+def reference_sms(arch: Optional[str]) -> int:
+    """SMs of `arch`'s reference GPU (REFERENCE_SMS, by major version for an architecture not listed
+    there); None, no particular GPU, and an unknown major take an H100/H200's."""
+    found = re.fullmatch(r"sm_(\d+?)\da?", arch or "")
+    major = int(found.group(1)) if found else None
+    return next((sms for target, sms in REFERENCE_SMS.items() if ARCHS[target].capability[0] == major),
+                REFERENCE_SMS["sm_90"])
 
 
 def threads_of(resources: Mapping[str, Any], config: Mapping[str, Any]) -> Optional[int]:

@@ -13,6 +13,8 @@ and the occupancy they imply (tuning.gpus.occupancy). Tier 0 fails on any spill 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from tabulate import tabulate
 
+from looplm.backends import KERNEL_PACKAGES
 from looplm.cli import CLIError, run_cli
 from looplm.fileio import atomic_write_text
 from tuning.buckets import MODEL_SHAPES, ModelShape
@@ -77,67 +80,48 @@ class Launch:
         return self.tuning.default_for(dtype, arch)
 
 
-def triton_launches(m: ModelShape = GPU_MODEL, vocabs: Sequence[int] = VOCABS) -> list[Launch]:
-    """Every distinct default launch of the Triton kernels in a forward pass of model shape `m`."""
-    from looplm_triton import attention, halt_update, layer_norm, linear, softmax_entropy
+def linear_variants(m: ModelShape, vocabs: Sequence[int]) -> list[tuple[str, tuple, dict]]:
+    """The linear layers of a forward pass of model shape `m`: (variant, shape (M, N, K), the flags
+    both backends' `linear.compile_variant` take)."""
+    rows, C = m.batch * m.context, m.n_embd
+    return [("qkv", (rows, 3 * C, C), {}), ("proj +residual", (rows, C, C), {"residual": True}),
+            ("fc +gelu", (rows, 4 * C, C), {"activation": "gelu"}),
+            ("fc2 +residual", (rows, C, 4 * C), {"residual": True}),
+            *((f"lm_head V={v}", (rows, v, C), {"bias": False}) for v in vocabs)]
 
+
+def kernel_launches(backend: str, m: ModelShape = GPU_MODEL, vocabs: Sequence[int] = VOCABS) -> list[Launch]:
+    """Every distinct default launch of `backend`'s kernels in a forward pass of model shape `m`. The
+    Triton backend adds its fused LayerNorm + linear (cuTile's is a layer norm and a linear launch)
+    and attention's pointer path, which views TMA cannot address take."""
+    modules = {name: importlib.import_module(f"{KERNEL_PACKAGES[backend]}.{name}")
+               for name in ("attention", "halt_update", "layer_norm", "linear", "softmax_entropy")}
     rows, C, H = m.batch * m.context, m.n_embd, m.n_head
     out: list[Launch] = []
 
     def add(tuning, variant, shape, compile_fn=None):
         fn = compile_fn or (lambda dt, arch, config, s=shape, t=tuning: t.compile(s, dt, config, arch))
-        out.append(Launch("triton", tuning.kernel, variant, shape, tuning, fn))
+        out.append(Launch(backend, tuning.kernel, variant, shape, tuning, fn))
 
-    add(layer_norm.TUNING, "", (rows, C))
-    for name, shape, flags in (("qkv", (rows, 3 * C, C), {}), ("proj +residual", (rows, C, C), {"residual": True}),
-                               ("fc +gelu", (rows, 4 * C, C), {"activation": "gelu"}),
-                               ("fc2 +residual", (rows, C, 4 * C), {"residual": True}),
-                               *((f"lm_head V={v}", (rows, v, C), {}) for v in vocabs)):
+    linear = modules["linear"]
+    add(modules["layer_norm"].TUNING, "", (rows, C))
+    for name, shape, flags in linear_variants(m, vocabs):
         add(linear.TUNING, name, shape,
             lambda dt, arch, config, s=shape, f=flags: linear.compile_variant(s, dt, config, arch, **f))
-    add(linear.LAYER_NORM_LINEAR_TUNING, "ln_2 + fc +gelu", (rows, C))
-    attention_shape = (m.batch, H, m.context, m.context, C // H)
-    add(attention.TUNING, "causal", attention_shape)  # TMA on sm_90, pointers elsewhere
-    add(attention.TUNING, "causal pointers", attention_shape,  # what views TMA cannot take run on
-        lambda dt, arch, config, s=attention_shape: attention.compile_variant(s, dt, config, arch, False))
+    if backend == "triton":
+        add(linear.LAYER_NORM_LINEAR_TUNING, "ln_2 + fc +gelu", (rows, C))
+    attention, attention_shape = modules["attention"], (m.batch, H, m.context, m.context, C // H)
+    add(attention.TUNING, "causal", attention_shape)  # Triton: TMA on sm_90, pointers elsewhere
+    if backend == "triton":
+        add(attention.TUNING, "causal pointers", attention_shape,
+            lambda dt, arch, config, s=attention_shape: attention.compile_variant(s, dt, config, arch, False))
     for v in vocabs:
-        add(softmax_entropy.TUNING, f"V={v}", (rows, v))
-    add(halt_update.TUNING, "", (rows, C))
+        add(modules["softmax_entropy"].TUNING, f"V={v}", (rows, v))
+    add(modules["halt_update"].TUNING, "", (rows, C))
     return out
 
 
-def tile_launches(m: ModelShape = GPU_MODEL, vocabs: Sequence[int] = VOCABS) -> list[Launch]:
-    """Every distinct default launch of the cuTile kernels in a forward pass of model shape `m`."""
-    from looplm_tile import attention, halt_update, layer_norm, linear, runtime, softmax_entropy
-
-    rows, C, H = m.batch * m.context, m.n_embd, m.n_head
-    kernels = {"layer_norm": layer_norm.layer_norm_kernel, "linear": linear.linear_kernel,
-               "attention": attention.attention_kernel, "softmax_entropy": softmax_entropy.softmax_entropy_kernel,
-               "halt_update": halt_update.halt_update_kernel}
-    out: list[Launch] = []
-
-    def add(module, variant, shape, **flags):
-        kernel = kernels[module.TUNING.kernel]
-
-        def compile_(dt, arch, config):  # the same signature tier 0 compiles (and caches)
-            return runtime.compile_cubin(kernel, module.compile_signature(shape, dt, config, **flags), arch, config)
-        out.append(Launch("tile", module.TUNING.kernel, variant, shape, module.TUNING, compile_))
-
-    add(layer_norm, "", (rows, C))
-    add(linear, "qkv", (rows, 3 * C, C))
-    add(linear, "proj +residual", (rows, C, C), has_residual=True)
-    add(linear, "fc +gelu", (rows, 4 * C, C), gelu=True)
-    add(linear, "fc2 +residual", (rows, C, 4 * C), has_residual=True)
-    for v in vocabs:
-        add(linear, f"lm_head V={v}", (rows, v, C), has_bias=False)
-    add(attention, "causal", (m.batch, H, m.context, m.context, C // H))
-    for v in vocabs:
-        add(softmax_entropy, f"V={v}", (rows, v))
-    add(halt_update, "", (rows, C))
-    return out
-
-
-LAUNCHES = {"triton": triton_launches, "tile": tile_launches}
+LAUNCHES = {backend: functools.partial(kernel_launches, backend) for backend in KERNEL_PACKAGES}
 
 
 def measure(launches: Sequence[Launch], archs: Sequence[str], dtype: torch.dtype, workers: int = 2) -> list[dict]:

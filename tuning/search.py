@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
+from looplm.backends import KERNEL_PACKAGES
 from looplm.ops import OP_NAMES
 from looplm.testing import tolerance
 from tuning.buckets import ModelShape, OpCall, Shape, bucket, calls_by_key, describe_call, materialize
@@ -32,7 +33,6 @@ from tuning.gpus import ArchLimits, resource_problem
 from tuning.spec import TORCH_IMPL, Config, KernelTuning, candidate_errors, is_torch
 from tuning.timing import Timer
 
-BACKEND_PACKAGES = {"triton": "looplm_triton", "tile": "looplm_tile"}
 REASON_CHARS = 300
 
 
@@ -74,7 +74,7 @@ def discover(backends: Sequence[str], names: Optional[Sequence[str]] = None,
     name is in `names`; and a note for each module or TUNING that is missing or broken."""
     kernels, notes = [], []
     for backend in backends:
-        package = BACKEND_PACKAGES[backend]
+        package = KERNEL_PACKAGES[backend]
         for op in ops:
             module = f"{package}.{op}"
             try:
