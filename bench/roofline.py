@@ -58,8 +58,9 @@ def _p2(n: int) -> int:
 def default_config(backend: str, op: str, arch: str) -> dict:
     """The default bf16 configuration of a kernel on `arch`, read from its module."""
     import importlib
-    package = {"triton": "looplm_triton", "tile": "looplm_tile"}[backend]
-    module = importlib.import_module(f"{package}.{op}")
+
+    from looplm.backends import KERNEL_PACKAGES
+    module = importlib.import_module(f"{KERNEL_PACKAGES[backend]}.{op}")
     return dict(module.TUNING.default_for("bfloat16", arch))
 
 

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from looplm.backends import Backend
-from looplm.config import ConfigError, LoopConfig
+from looplm.config import LoopConfig
 from looplm.fileio import atomic_write_bytes, fsync_dir, remove_stale_temps
 from looplm.model import LoopGPT
 
