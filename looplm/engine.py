@@ -172,20 +172,25 @@ class _Rows:
         """The slots' rows of a per-token tensor x (N, ...; a scratch row after them is left out)."""
         return x[:self.count] if self.idx is None else x.index_select(0, self.idx)
 
-    def causal_mask(self, visible: Optional[Tensor], P: int) -> Tensor:
-        """(B, 1, L, P + T) bool: the keys each packed query sees, the past's `visible` (B, P) ones
-        (None: all P) and the block's up to its own position. Made once per set of slots and P
-        when every past key is visible."""
-        if visible is None and P in self._masks:
-            return self._masks[P]
+    def causal_mask(self, visible: Optional[Tensor], P: int, dtype: torch.dtype) -> Tensor:
+        """(B, 1, L, P + T): the keys each packed query sees, the past's `visible` (B, P) ones
+        (None: all P) and the block's up to its own position. When every past key is visible, made
+        once per set of slots, P and dtype, as the additive mask (0 or -inf, in the queries' dtype)
+        that SDPA would otherwise rebuild from a bool mask at every call; else bool."""
+        key = (P, dtype)
+        if visible is None and key in self._masks:
+            return self._masks[key]
         keys = torch.arange(self.T, device=self.positions.device)
         mask = keys <= self.positions[..., None]  # (B, L, T)
         if P:
             seen = torch.ones(self.B, P, dtype=torch.bool, device=mask.device) if visible is None else visible
             mask = torch.cat([seen[:, None, :].expand(-1, self.L, -1), mask], dim=-1)
-        if visible is None:
-            self._masks[P] = mask[:, None]
-        return mask[:, None]
+        if visible is not None:
+            return mask[:, None]
+        additive = torch.zeros(mask[:, None].shape, dtype=dtype, device=mask.device).masked_fill_(
+            ~mask[:, None], float("-inf"))  # every place sees at least its own key: no row is all -inf
+        self._masks[key] = additive
+        return additive
 
 
 def _write(buffer: Tensor, rows: _Rows, new: Tensor, keep: Optional[Tensor] = None) -> Tensor:
@@ -275,7 +280,7 @@ def _attend(backend, q: Tensor, rows: _Rows, qkv: Tensor, past: Optional[Past], 
             return rows_of(F.scaled_dot_product_attention(heads(q.view(B, T, C)), heads(k), heads(v),
                                                           attn_mask=mask), None)
         queries = q.index_select(0, rows.queries_at).view(B, rows.L, C)
-        mask = rows.causal_mask(None if past is None else past.visible, P)
+        mask = rows.causal_mask(None if past is None else past.visible, P, q.dtype)
         return rows_of(F.scaled_dot_product_attention(heads(queries), heads(k), heads(v), attn_mask=mask),
                        rows.out_at)
     if masked_past:
@@ -323,9 +328,8 @@ class _Core:
         their inputs x0."""
         model = self.model
         if not self.split:  # every token, the fused block op
-            B, T, _ = self.shape
-            return model.update(h, model.core(model.inject(h, x0, torch.full((B, T), t, device=h.device))))
-        x = model.inject(h, x0, torch.full((rows.count,), t, device=h.device))
+            return model.update(h, model.core(model.inject(h, x0, t)))
+        x = model.inject(h, x0, t)
         for layer, blk in enumerate(model.transformer.core):
             x = block_on_rows(model, blk, layer, x, rows, self.layers, keep, self.kv, t)
         return model.update(h, x)
