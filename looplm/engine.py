@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from looplm import torch_ops
-from looplm.halting import READOUT_CRITERIA, capacity_reads, halt_score, relative_change
+from looplm.halting import READOUT_CRITERIA, capacity_reads, first_scored_loop, halt_score, relative_change
 from looplm.ops import residual_branch
 
 if TYPE_CHECKING:
@@ -412,6 +412,7 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
     core, rows = _Core(model, x0, kv, split=True), _Rows(B, T, device)
     observer = TraceObserver(trace, N, device) if trace is not None else None
     needs_readout = trace is not None or cfg.halt in READOUT_CRITERIA
+    first_scored = first_scored_loop(cfg.halt, cfg.min_loops)
     if reads is None:
         reads = capacity_reads(cfg.min_loops, n_loops)
     reads = frozenset(reads) if compact and not _capture_safe() else frozenset()
@@ -428,10 +429,13 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
             core.layers.detach()  # the kept keys and values' included
         keep = None if t <= cfg.min_loops else ~slot_active  # before min_loops no token has halted
         h_new = core(slot_h, slot_x0, rows, keep, t)
-        logits = core.readout(h_new, rows, keep, t) if needs_readout else None
-        score, entropy, log_p = halt_score(model, cfg.halt, slot_h, h_new, logits,
-                                           None if prev_log_p is None else rows.gather(prev_log_p),
-                                           trace is not None)
+        if t < first_scored and observer is None:  # no token can halt yet: no readout, no score
+            score, entropy, log_p = slot_threshold, None, None  # (halt_update reads no score before min_loops)
+        else:
+            logits = core.readout(h_new, rows, keep, t) if needs_readout else None
+            score, entropy, log_p = halt_score(model, cfg.halt, slot_h, h_new, logits,
+                                               None if prev_log_p is None else rows.gather(prev_log_p),
+                                               trace is not None)
         h_new, still_active, slot_steps = backend.op("halt_update")(
             slot_h, h_new, slot_active, slot_steps, score.reshape(-1), slot_threshold, t, cfg.min_loops, n_loops)
         if observer is not None:
