@@ -5,7 +5,8 @@
         rows = the token slots this loop computes (every token, or a compacted set)
         x = inject(h, x0, t)[rows]
         for each core layer:  x = block(x) on rows, reading every token's keys and values
-        h_new = update(h[rows], x);  readout / score only if the criterion or the trace needs it
+        h_new = update(h[rows], x);  readout / score only if the criterion or the trace needs it,
+                                     and not before a token may halt (halting.first_scored_loop)
         h[rows], active[rows], steps[rows] = halt_update(...)
 
 Three pieces, each read alone: `plain_loop` (every token every loop), `halting_loop` (per-token
@@ -55,7 +56,7 @@ whole sequence. With halting (or a K/V store, for generation) the block is split
 `layer_norm_linear` (LN1 + QKV, LN2 + fc + GELU), `attention` and `linear` (proj and fc2 with the
 residual in the epilogue), so each backend's kernels run on the loop's slots only. Attention of a
 compacted set: on the torch backend (PyTorch's SDPA, which takes a mask) the slots' queries, packed
-per batch row, with their causal mask; on a kernel backend every query of the block (the halted
+per batch row, with their causal mask (made once per set of slots, additive); on a kernel backend every query of the block (the halted
 tokens' from the layer's buffer), causal, and the slots' rows of the result.
 
 Cost per loop: keys, values and the trace are written in place into preallocated buffers (out of
