@@ -218,12 +218,15 @@ def _with_scratch(x: Tensor) -> Tensor:
 
 
 class _Layers:
-    """Per block (core layers, then coda layers): its weights, read once per run, and every token's
-    latest queries, keys and values, (N, 3C) as the QKV projection gives them (one write per loop;
-    the queries are read by the kernel backends' attention of a compacted set)."""
+    """Per block (core layers, then coda layers): its weights, read once per run, and, when
+    `buffered`, every token's latest queries, keys and values, (N, 3C) as the QKV projection gives
+    them (one write per loop; the queries are read by the kernel backends' attention of a compacted
+    set). Without halting every token runs every loop, so a loop's own QKV rows are the whole
+    block's and no buffer is kept."""
 
-    def __init__(self, blocks: list["Block"]):
+    def __init__(self, blocks: list["Block"], buffered: bool):
         self.weights = [blk.weights() for blk in blocks]
+        self.buffered = buffered
         self.qkv: list[Optional[Tensor]] = [None] * len(blocks)
 
     def detach(self) -> None:
@@ -236,12 +239,15 @@ def block_on_rows(model: "LoopGPT", blk: "Block", layer: int, x: Tensor, rows: _
     slots `keep` marks: halted tokens), attention reads every token's."""
     backend, w, C = model.backend, layers.weights[layer], x.size(-1)
     qkv = backend.op("layer_norm_linear")(x, w.ln1_w, w.ln1_b, w.attn_w, w.attn_b)
-    # the first loop computes every token
-    layers.qkv[layer] = _with_scratch(qkv) if layers.qkv[layer] is None else _write(layers.qkv[layer], rows, qkv, keep)
+    if layers.buffered:  # the first loop computes every token
+        layers.qkv[layer] = _with_scratch(qkv) if layers.qkv[layer] is None else \
+            _write(layers.qkv[layer], rows, qkv, keep)
+    elif not rows.every or keep is not None:
+        raise ValueError("a compacted or masked loop needs the layers' K/V buffers (_Layers(buffered=True))")
     if kv is not None:
         kv.store(layer, loop, rows.idx, qkv[:, C:2 * C], qkv[:, 2 * C:], keep)
     past = kv.past(layer, loop) if kv is not None else None
-    y = _attend(backend, qkv[:, :C], rows, layers.qkv[layer], past, blk.n_head)
+    y = _attend(backend, qkv[:, :C], rows, layers.qkv[layer] if layers.buffered else qkv, past, blk.n_head)
     p, linear = model._dropout_p(), backend.op("linear")
     x = residual_branch(linear, y, w.proj_w, w.proj_b, x, p)
     hidden = backend.op("layer_norm_linear")(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")
@@ -318,11 +324,11 @@ class _Core:
     """One loop's computation for a set of slots: inject, the core layers, update, and the readout
     when wanted. Holds what lives across loops: the per-layer K/V buffers and the inputs."""
 
-    def __init__(self, model: "LoopGPT", x0: Tensor, kv: Optional[KVStore], split: bool):
+    def __init__(self, model: "LoopGPT", x0: Tensor, kv: Optional[KVStore], split: bool, halting: bool):
         self.model, self.kv, self.split = model, kv, split
         self.shape = x0.shape
         self.x0 = x0.reshape(-1, x0.size(-1)) if split else x0
-        self.layers = _Layers([*model.transformer.core, *model.transformer.coda])
+        self.layers = _Layers([*model.transformer.core, *model.transformer.coda], buffered=halting)
 
     def __call__(self, h: Tensor, x0: Tensor, rows: _Rows, keep: Optional[Tensor], t: int) -> Tensor:
         """The slots' states after loop t from h (R, C) (every token: (B, T, C) when not split) and
@@ -371,7 +377,7 @@ def plain_loop(model: "LoopGPT", x0: Tensor, n_loops: int, *, trace: Optional[Lo
     """Every token runs every loop: the fused block op, or (with a K/V store) the split ops."""
     B, T, C = x0.shape
     N, split = B * T, kv is not None
-    core, rows = _Core(model, x0, kv, split), _Rows(B, T, x0.device)
+    core, rows = _Core(model, x0, kv, split, halting=False), _Rows(B, T, x0.device)
     observer = TraceObserver(trace, N, x0.device) if trace is not None else None
     every_active = torch.ones(N, dtype=torch.bool, device=x0.device)
     h = model.initial_state(x0)
@@ -410,7 +416,7 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
     cfg, backend = model.config, model.backend
     B, T, C = x0.shape
     N, device = B * T, x0.device
-    core, rows = _Core(model, x0, kv, split=True), _Rows(B, T, device)
+    core, rows = _Core(model, x0, kv, split=True, halting=True), _Rows(B, T, device)
     observer = TraceObserver(trace, N, device) if trace is not None else None
     needs_readout = trace is not None or cfg.halt in READOUT_CRITERIA
     first_scored = first_scored_loop(cfg.halt, cfg.min_loops)
@@ -471,7 +477,7 @@ def blocks_with_cache(model: "LoopGPT", blocks, x: Tensor, kv: KVStore) -> Tenso
     """Untied blocks (prelude, coda) on the block of new tokens x (B, T, C), every token running,
     attending to the earlier tokens' keys and values in `kv` (one entry each, loop 1) and storing theirs."""
     B, T, C = x.shape
-    rows, layers, x = _Rows(B, T, x.device), _Layers(list(blocks)), x.reshape(B * T, C)
+    rows, layers, x = _Rows(B, T, x.device), _Layers(list(blocks), buffered=False), x.reshape(B * T, C)
     for layer, blk in enumerate(blocks):
         x = block_on_rows(model, blk, layer, x, rows, layers, None, kv, 1)
     return x.view(B, T, C)
