@@ -56,8 +56,9 @@ whole sequence. With halting (or a K/V store, for generation) the block is split
 `layer_norm_linear` (LN1 + QKV, LN2 + fc + GELU), `attention` and `linear` (proj and fc2 with the
 residual in the epilogue), so each backend's kernels run on the loop's slots only. Attention of a
 compacted set: on the torch backend (PyTorch's SDPA, which takes a mask) the slots' queries, packed
-per batch row, with their causal mask (made once per set of slots, additive); on a kernel backend every query of the block (the halted
-tokens' from the layer's buffer), causal, and the slots' rows of the result.
+per batch row, with their causal mask (additive, made once per set of slots); on a kernel backend
+every query of the block (the halted tokens' from the layer's buffer), causal, and the slots' rows
+of the result.
 
 Cost per loop: keys, values and the trace are written in place into preallocated buffers (out of
 place while autograd records, which needs the old values), each with one scratch row that takes the
