@@ -3,8 +3,10 @@
     OMP_NUM_THREADS=1 pytest bench/test_bench_adaptive.py --benchmark-only
 
 halting efficiency: LoopLM 1Lx8 (B=4, T=128, C=128), an eval forward where exactly a given share
-of the tokens (picked by per-token thresholds) stops after loop 1 and the rest think to loop 8,
-against the fixed-depth forward. Efficiency = (speed-up over fixed depth) / (loop reduction).
+of the tokens (picked by per-token thresholds) stops after loop 1 (min_loops 1; one case stops half
+after loop 4, min_loops 4) and the rest think to loop 8, against the fixed-depth forward (the fused
+block over every token, no readout). Efficiency = (speed-up over fixed depth) / (loop reduction):
+1.0 when the time falls as fast as the loops run do.
 generation: greedy tokens/s of `LoopGPT.generate` (one decode step per token over static per-loop
 K/V caches), LoopLM 1Lx4, C=128, 128 new tokens, against Hugging Face transformers' GPT-2 of 4
 layers with its KV cache (the optional `bench` extra), at batch 1 and 16.
@@ -63,16 +65,22 @@ def record(benchmark, op: str, shape: dict, **notes) -> None:
     benchmark.extra_info.update(info.to_extra_info())
 
 
-def halting_model(criterion: str) -> LoopGPT:
+def halting_model(criterion: str, min_loops: int = 1) -> LoopGPT:
     torch.manual_seed(0)
-    config = LoopConfig(**{**HALTING.to_dict(), "halt": criterion})
+    config = LoopConfig(**{**HALTING.to_dict(), "halt": criterion, "min_loops": min_loops})
     return LoopGPT(config).eval()
 
 
-@pytest.mark.parametrize("halted", [0.5, 0.9])
-@pytest.mark.parametrize("criterion", ["delta", "entropy"])
-def test_bench_halting_efficiency(benchmark, criterion, halted):
-    m, B, T = halting_model(criterion), 4, 128
+# (criterion, share of tokens that stop, the loop they stop after = min_loops): the issue's CPU
+# cases stop after loop 1; the last has the GPU target's form (half stop at loop 4), at CPU size.
+HALTING_CASES = [pytest.param(criterion, halted, 1, id=f"{criterion}-{halted}")
+                 for criterion in ("delta", "entropy") for halted in (0.5, 0.9)]
+HALTING_CASES.append(pytest.param("entropy", 0.5, 4, id="entropy-0.5-min_loops4"))
+
+
+@pytest.mark.parametrize("criterion, halted, min_loops", HALTING_CASES)
+def test_bench_halting_efficiency(benchmark, criterion, halted, min_loops):
+    m, B, T = halting_model(criterion, min_loops), 4, 128
     idx = torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(0))
     stops = torch.zeros(B * T, dtype=torch.bool)
     stops[torch.randperm(B * T, generator=torch.Generator().manual_seed(1))[:round(halted * B * T)]] = True
@@ -83,7 +91,7 @@ def test_bench_halting_efficiency(benchmark, criterion, halted):
         trace = LoopTrace(steps=torch.empty(0))
         compacted = m.loop(m.embed(idx), idx, LOOPS, True, thresholds, trace)
         masked = m.loop(m.embed(idx), idx, LOOPS, True, thresholds, compact=False)
-        assert torch.equal(trace.steps.view(-1), torch.where(stops, 1, LOOPS).int())
+        assert torch.equal(trace.steps.view(-1), torch.where(stops, min_loops, LOOPS).int())
         assert_close(compacted, masked, composed=True)
         mean_steps = trace.steps.float().mean().item()
 
@@ -101,7 +109,7 @@ def test_bench_halting_efficiency(benchmark, criterion, halted):
     speedup, cpu_speedup = medians["fixed"] / medians["adaptive"], cpu["fixed"] / cpu["adaptive"]
     reduction = LOOPS / mean_steps
     record(benchmark, "halting_efficiency", dict(B=B, T=T, C=HALTING.n_embd, loops=LOOPS, halted=halted,
-                                                 criterion=criterion),
+                                                 criterion=criterion, min_loops=min_loops),
            fixed_ms=round(1e3 * medians["fixed"], 2), adaptive_ms=round(1e3 * medians["adaptive"], 2),
            speedup=round(speedup, 3), loop_reduction=round(reduction, 3), efficiency=round(speedup / reduction, 3),
            fixed_cpu_ms=round(1e3 * cpu["fixed"], 2), adaptive_cpu_ms=round(1e3 * cpu["adaptive"], 2),

@@ -5,7 +5,8 @@
         rows = the token slots this loop computes (every token, or a compacted set)
         x = inject(h, x0, t)[rows]
         for each core layer:  x = block(x) on rows, reading every token's keys and values
-        h_new = update(h[rows], x);  readout / score only if the criterion or the trace needs it
+        h_new = update(h[rows], x);  readout / score only if the criterion or the trace needs it,
+                                     and not before a token may halt (halting.first_scored_loop)
         h[rows], active[rows], steps[rows] = halt_update(...)
 
 Three pieces, each read alone: `plain_loop` (every token every loop), `halting_loop` (per-token
@@ -55,8 +56,9 @@ whole sequence. With halting (or a K/V store, for generation) the block is split
 `layer_norm_linear` (LN1 + QKV, LN2 + fc + GELU), `attention` and `linear` (proj and fc2 with the
 residual in the epilogue), so each backend's kernels run on the loop's slots only. Attention of a
 compacted set: on the torch backend (PyTorch's SDPA, which takes a mask) the slots' queries, packed
-per batch row, with their causal mask; on a kernel backend every query of the block (the halted
-tokens' from the layer's buffer), causal, and the slots' rows of the result.
+per batch row, with their causal mask (additive, made once per set of slots); on a kernel backend
+every query of the block (the halted tokens' from the layer's buffer), causal, and the slots' rows
+of the result.
 
 Cost per loop: keys, values and the trace are written in place into preallocated buffers (out of
 place while autograd records, which needs the old values), each with one scratch row that takes the
@@ -74,7 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from looplm import torch_ops
-from looplm.halting import READOUT_CRITERIA, capacity_reads, halt_score, relative_change
+from looplm.halting import READOUT_CRITERIA, capacity_reads, first_scored_loop, halt_score, relative_change
 from looplm.ops import residual_branch
 
 if TYPE_CHECKING:
@@ -172,20 +174,25 @@ class _Rows:
         """The slots' rows of a per-token tensor x (N, ...; a scratch row after them is left out)."""
         return x[:self.count] if self.idx is None else x.index_select(0, self.idx)
 
-    def causal_mask(self, visible: Optional[Tensor], P: int) -> Tensor:
-        """(B, 1, L, P + T) bool: the keys each packed query sees, the past's `visible` (B, P) ones
-        (None: all P) and the block's up to its own position. Made once per set of slots and P
-        when every past key is visible."""
-        if visible is None and P in self._masks:
-            return self._masks[P]
+    def causal_mask(self, visible: Optional[Tensor], P: int, dtype: torch.dtype) -> Tensor:
+        """(B, 1, L, P + T): the keys each packed query sees, the past's `visible` (B, P) ones
+        (None: all P) and the block's up to its own position. When every past key is visible, made
+        once per set of slots, P and dtype, as the additive mask (0 or -inf, in the queries' dtype)
+        that SDPA would otherwise rebuild from a bool mask at every call; else bool."""
+        key = (P, dtype)
+        if visible is None and key in self._masks:
+            return self._masks[key]
         keys = torch.arange(self.T, device=self.positions.device)
         mask = keys <= self.positions[..., None]  # (B, L, T)
         if P:
             seen = torch.ones(self.B, P, dtype=torch.bool, device=mask.device) if visible is None else visible
             mask = torch.cat([seen[:, None, :].expand(-1, self.L, -1), mask], dim=-1)
-        if visible is None:
-            self._masks[P] = mask[:, None]
-        return mask[:, None]
+        if visible is not None:
+            return mask[:, None]
+        additive = torch.zeros(mask[:, None].shape, dtype=dtype, device=mask.device).masked_fill_(
+            ~mask[:, None], float("-inf"))  # every place sees at least its own key: no row is all -inf
+        self._masks[key] = additive
+        return additive
 
 
 def _write(buffer: Tensor, rows: _Rows, new: Tensor, keep: Optional[Tensor] = None) -> Tensor:
@@ -212,12 +219,15 @@ def _with_scratch(x: Tensor) -> Tensor:
 
 
 class _Layers:
-    """Per block (core layers, then coda layers): its weights, read once per run, and every token's
-    latest queries, keys and values, (N, 3C) as the QKV projection gives them (one write per loop;
-    the queries are read by the kernel backends' attention of a compacted set)."""
+    """Per block (core layers, then coda layers): its weights, read once per run, and, when
+    `buffered`, every token's latest queries, keys and values, (N, 3C) as the QKV projection gives
+    them (one write per loop; the queries are read by the kernel backends' attention of a compacted
+    set). Without halting every token runs every loop, so a loop's own QKV rows are the whole
+    block's and no buffer is kept."""
 
-    def __init__(self, blocks: list["Block"]):
+    def __init__(self, blocks: list["Block"], buffered: bool):
         self.weights = [blk.weights() for blk in blocks]
+        self.buffered = buffered
         self.qkv: list[Optional[Tensor]] = [None] * len(blocks)
 
     def detach(self) -> None:
@@ -230,12 +240,15 @@ def block_on_rows(model: "LoopGPT", blk: "Block", layer: int, x: Tensor, rows: _
     slots `keep` marks: halted tokens), attention reads every token's."""
     backend, w, C = model.backend, layers.weights[layer], x.size(-1)
     qkv = backend.op("layer_norm_linear")(x, w.ln1_w, w.ln1_b, w.attn_w, w.attn_b)
-    # the first loop computes every token
-    layers.qkv[layer] = _with_scratch(qkv) if layers.qkv[layer] is None else _write(layers.qkv[layer], rows, qkv, keep)
+    if layers.buffered:  # the first loop computes every token
+        layers.qkv[layer] = _with_scratch(qkv) if layers.qkv[layer] is None else \
+            _write(layers.qkv[layer], rows, qkv, keep)
+    elif not rows.every or keep is not None:
+        raise ValueError("a compacted or masked loop needs the layers' K/V buffers (_Layers(buffered=True))")
     if kv is not None:
         kv.store(layer, loop, rows.idx, qkv[:, C:2 * C], qkv[:, 2 * C:], keep)
     past = kv.past(layer, loop) if kv is not None else None
-    y = _attend(backend, qkv[:, :C], rows, layers.qkv[layer], past, blk.n_head)
+    y = _attend(backend, qkv[:, :C], rows, layers.qkv[layer] if layers.buffered else qkv, past, blk.n_head)
     p, linear = model._dropout_p(), backend.op("linear")
     x = residual_branch(linear, y, w.proj_w, w.proj_b, x, p)
     hidden = backend.op("layer_norm_linear")(x, w.ln2_w, w.ln2_b, w.fc_w, w.fc_b, activation="gelu")
@@ -275,7 +288,7 @@ def _attend(backend, q: Tensor, rows: _Rows, qkv: Tensor, past: Optional[Past], 
             return rows_of(F.scaled_dot_product_attention(heads(q.view(B, T, C)), heads(k), heads(v),
                                                           attn_mask=mask), None)
         queries = q.index_select(0, rows.queries_at).view(B, rows.L, C)
-        mask = rows.causal_mask(None if past is None else past.visible, P)
+        mask = rows.causal_mask(None if past is None else past.visible, P, q.dtype)
         return rows_of(F.scaled_dot_product_attention(heads(queries), heads(k), heads(v), attn_mask=mask),
                        rows.out_at)
     if masked_past:
@@ -312,20 +325,19 @@ class _Core:
     """One loop's computation for a set of slots: inject, the core layers, update, and the readout
     when wanted. Holds what lives across loops: the per-layer K/V buffers and the inputs."""
 
-    def __init__(self, model: "LoopGPT", x0: Tensor, kv: Optional[KVStore], split: bool):
+    def __init__(self, model: "LoopGPT", x0: Tensor, kv: Optional[KVStore], split: bool, halting: bool):
         self.model, self.kv, self.split = model, kv, split
         self.shape = x0.shape
         self.x0 = x0.reshape(-1, x0.size(-1)) if split else x0
-        self.layers = _Layers([*model.transformer.core, *model.transformer.coda])
+        self.layers = _Layers([*model.transformer.core, *model.transformer.coda], buffered=halting)
 
     def __call__(self, h: Tensor, x0: Tensor, rows: _Rows, keep: Optional[Tensor], t: int) -> Tensor:
         """The slots' states after loop t from h (R, C) (every token: (B, T, C) when not split) and
         their inputs x0."""
         model = self.model
         if not self.split:  # every token, the fused block op
-            B, T, _ = self.shape
-            return model.update(h, model.core(model.inject(h, x0, torch.full((B, T), t, device=h.device))))
-        x = model.inject(h, x0, torch.full((rows.count,), t, device=h.device))
+            return model.update(h, model.core(model.inject(h, x0, t)))
+        x = model.inject(h, x0, t)
         for layer, blk in enumerate(model.transformer.core):
             x = block_on_rows(model, blk, layer, x, rows, self.layers, keep, self.kv, t)
         return model.update(h, x)
@@ -366,7 +378,7 @@ def plain_loop(model: "LoopGPT", x0: Tensor, n_loops: int, *, trace: Optional[Lo
     """Every token runs every loop: the fused block op, or (with a K/V store) the split ops."""
     B, T, C = x0.shape
     N, split = B * T, kv is not None
-    core, rows = _Core(model, x0, kv, split), _Rows(B, T, x0.device)
+    core, rows = _Core(model, x0, kv, split, halting=False), _Rows(B, T, x0.device)
     observer = TraceObserver(trace, N, x0.device) if trace is not None else None
     every_active = torch.ones(N, dtype=torch.bool, device=x0.device)
     h = model.initial_state(x0)
@@ -405,9 +417,10 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
     cfg, backend = model.config, model.backend
     B, T, C = x0.shape
     N, device = B * T, x0.device
-    core, rows = _Core(model, x0, kv, split=True), _Rows(B, T, device)
+    core, rows = _Core(model, x0, kv, split=True, halting=True), _Rows(B, T, device)
     observer = TraceObserver(trace, N, device) if trace is not None else None
     needs_readout = trace is not None or cfg.halt in READOUT_CRITERIA
+    first_scored = first_scored_loop(cfg.halt, cfg.min_loops)
     if reads is None:
         reads = capacity_reads(cfg.min_loops, n_loops)
     reads = frozenset(reads) if compact and not _capture_safe() else frozenset()
@@ -424,10 +437,13 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
             core.layers.detach()  # the kept keys and values' included
         keep = None if t <= cfg.min_loops else ~slot_active  # before min_loops no token has halted
         h_new = core(slot_h, slot_x0, rows, keep, t)
-        logits = core.readout(h_new, rows, keep, t) if needs_readout else None
-        score, entropy, log_p = halt_score(model, cfg.halt, slot_h, h_new, logits,
-                                           None if prev_log_p is None else rows.gather(prev_log_p),
-                                           trace is not None)
+        if t < first_scored and observer is None:  # no token can halt yet: no readout, no score
+            score, entropy, log_p = slot_threshold, None, None  # (halt_update reads no score before min_loops)
+        else:
+            logits = core.readout(h_new, rows, keep, t) if needs_readout else None
+            score, entropy, log_p = halt_score(model, cfg.halt, slot_h, h_new, logits,
+                                               None if prev_log_p is None else rows.gather(prev_log_p),
+                                               trace is not None)
         h_new, still_active, slot_steps = backend.op("halt_update")(
             slot_h, h_new, slot_active, slot_steps, score.reshape(-1), slot_threshold, t, cfg.min_loops, n_loops)
         if observer is not None:
@@ -462,7 +478,7 @@ def blocks_with_cache(model: "LoopGPT", blocks, x: Tensor, kv: KVStore) -> Tenso
     """Untied blocks (prelude, coda) on the block of new tokens x (B, T, C), every token running,
     attending to the earlier tokens' keys and values in `kv` (one entry each, loop 1) and storing theirs."""
     B, T, C = x.shape
-    rows, layers, x = _Rows(B, T, x.device), _Layers(list(blocks)), x.reshape(B * T, C)
+    rows, layers, x = _Rows(B, T, x.device), _Layers(list(blocks), buffered=False), x.reshape(B * T, C)
     for layer, blk in enumerate(blocks):
         x = block_on_rows(model, blk, layer, x, rows, layers, None, kv, 1)
     return x.view(B, T, C)

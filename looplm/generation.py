@@ -151,6 +151,23 @@ class _Caches:
         return sum(c.nbytes for c in (self.loop, self.prelude, self.coda) if c is not None)
 
 
+def _checked_call(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
+                  pos: Optional[Tensor], halting: Optional[bool], n_loops: Optional[int], halt: Optional[bool]
+                  ) -> tuple[bool, int]:
+    """Check a generation call's arguments (a clear error for each bad one); returns whether it
+    halts and its loop budget, as LoopGPT.forward decides them."""
+    check_sampling(max_new_tokens, temperature, top_k)
+    if pos is not None:
+        model._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
+    model._check_inputs(idx, None, None if pos is None else pos[:, :idx.size(1)])
+    cfg = model.config
+    halting = halting_rules.resolve(cfg, halting, model.training, halt)
+    budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
+    if not isinstance(budget, int) or budget < (cfg.min_loops if halting else 1):
+        raise ValueError(f"n_loops must be an integer >= {cfg.min_loops if halting else 1}, got {budget!r}")
+    return halting, budget
+
+
 @torch.no_grad()
 def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, *, fill: str = "latest", ring_size: Optional[int] = None,
@@ -163,15 +180,7 @@ def generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatur
     halts in eval mode when its config names a criterion, within max_loops; else n_loops loops.
     pos: position ids (B, T + max_new_tokens) of the prompt and the tokens to come, as LoopGPT.generate.
     """
-    check_sampling(max_new_tokens, temperature, top_k)
-    if pos is not None:
-        model._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
-    model._check_inputs(idx, None, None if pos is None else pos[:, :idx.size(1)])
-    cfg = model.config
-    halting = halting_rules.resolve(cfg, halting, model.training, halt)
-    budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
-    if not isinstance(budget, int) or budget < (cfg.min_loops if halting else 1):
-        raise ValueError(f"n_loops must be an integer >= {cfg.min_loops if halting else 1}, got {budget!r}")
+    halting, budget = _checked_call(model, idx, max_new_tokens, temperature, top_k, pos, halting, n_loops, halt)
     slots = _slots(fill, ring_size, budget)
     return _generate_cached(model, idx, max_new_tokens, temperature, top_k, halting, budget, fill, slots, pos)
 
@@ -440,15 +449,8 @@ def generate_static(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatur
     token ran. Equal, token for token, to generate_cached (fill "latest"). compile, compiler and
     stop_early as Decoder; stop_early None: with halting on the CPU without compile (there a read
     waits for nothing), else the sync-free step."""
-    check_sampling(max_new_tokens, temperature, top_k)
-    if pos is not None:
-        model._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
-    model._check_inputs(idx, None, None if pos is None else pos[:, :idx.size(1)])
+    halting, budget = _checked_call(model, idx, max_new_tokens, temperature, top_k, pos, halting, n_loops, halt)
     cfg = model.config
-    halting = halting_rules.resolve(cfg, halting, model.training, halt)
-    budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
-    if not isinstance(budget, int) or budget < (cfg.min_loops if halting else 1):
-        raise ValueError(f"n_loops must be an integer >= {cfg.min_loops if halting else 1}, got {budget!r}")
     B, T = idx.shape
     if max_new_tokens == 0:
         return idx, torch.zeros(B, 0, dtype=torch.int32, device=idx.device)

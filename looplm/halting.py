@@ -174,6 +174,13 @@ def score(model: "LoopGPT", criterion: Optional[str], h: Tensor, h_new: Tensor, 
 halt_score = score  # the name the loop engine and the parity tests use
 
 
+def first_scored_loop(criterion: str, min_loops: int) -> int:
+    """The first loop whose score (and readout) the halting rule can use: min_loops, the first a
+    token may halt after; for KL the loop before, whose distribution the score compares with.
+    Earlier loops skip the readout and the score unless a trace wants them."""
+    return max(1, min_loops - (1 if criterion == "kl" else 0))
+
+
 def capacity_reads(min_loops: int, n_loops: int) -> tuple[int, ...]:
     """The loops after which the compacted loop reads, in one device-to-host transfer, how many
     tokens still run (to size the next loops' rows, and to stop when none does): after loop

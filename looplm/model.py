@@ -208,13 +208,19 @@ class LoopGPT(nn.Module):
             return torch.randn_like(x0) * self.config.state_noise_std
         return torch.zeros_like(x0)
 
-    def inject(self, h: Tensor, x0: Tensor, loop_index: Tensor) -> Tensor:
-        """The core's input at loop `loop_index` (B, T): each token's own loop count."""
+    def inject(self, h: Tensor, x0: Tensor, loop_index: Union[int, Tensor]) -> Tensor:
+        """The core's input at loop `loop_index`: an int when every token is at that loop (the loop
+        engine's case: one encoding row for all, and no per-token index to build when there is no
+        step encoding), or each token's own loop count (B, T)."""
         cfg = self.config
         u = h if cfg.inject == "none" else h + (x0 if cfg.inject == "add" else self.ln_inject(x0))
+        if cfg.step_encoding == "none":
+            return u
+        if isinstance(loop_index, int):
+            loop_index = torch.tensor(loop_index, device=h.device)
         if cfg.step_encoding == "learned":
             u = u + self.step_emb((loop_index - 1).clamp(max=cfg.n_loops - 1))
-        elif cfg.step_encoding == "sinusoidal":
+        else:
             u = u + sinusoidal_encoding(loop_index, cfg.n_embd).to(u.dtype)
         return u
 

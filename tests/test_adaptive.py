@@ -213,6 +213,25 @@ def test_readout_is_computed_only_when_needed():
         assert ("softmax_entropy" in rows) == bool(readouts), criterion  # kl takes one log-softmax instead
 
 
+@pytest.mark.parametrize("criterion", ["entropy", "kl"])
+def test_no_readout_before_a_token_may_halt(criterion):
+    """Before min_loops (for KL, the loop before it) the loop reads nothing out and scores nothing,
+    and that changes no result: the forward equals one whose trace makes it read out every loop."""
+    min_loops, budget = 3, 5
+    model = sharpened_model(criterion, min_loops=min_loops)
+    idx = torch.randint(0, 17, (2, 12), generator=torch.Generator().manual_seed(0))
+    thresholds = torch.full(idx.shape, NEVER[criterion])  # no token halts: every loop's readout is counted
+    readouts, logits = [], model.logits
+    model.logits = lambda h: readouts.append(h.size(0)) or logits(h)
+    with torch.no_grad():
+        plain = model(idx, halting=True, n_loops=budget, thresholds=thresholds)[0]
+        loop_readouts = len(readouts) - 1  # less the final head's
+        traced = model(idx, halting=True, n_loops=budget, thresholds=thresholds, return_trace=True)[0]
+    assert loop_readouts == budget - halting_rules.first_scored_loop(criterion, min_loops) + 1
+    assert loop_readouts == budget - min_loops + 1 + (criterion == "kl")
+    assert torch.equal(plain, traced)
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference", "triton", "tile"])
 def test_halting_loop_reads_the_device_only_at_its_capacity_reads(backend):
     """No loop waits on the host: the masked loop never reads the device, whatever halts; the
