@@ -7,11 +7,11 @@ import torch
 
 from looplm import LoopConfig, LoopGPT, LoopTrace
 from looplm import halting as halting_rules
-from looplm.backends import Backend, BackendUnavailable, get_backend
+from looplm.backends import Backend, get_backend
 from looplm.engine import run_loop
 from looplm.halting import capacity_reads
 from looplm.ops import OP_NAMES
-from looplm.testing import assert_close, count_host_syncs, device_for
+from looplm.testing import assert_close, backend_or_skip, count_host_syncs, device_for
 from tests.models import sharpen
 
 pytestmark = pytest.mark.filterwarnings("ignore:backend 'tile' runs its cuTile kernels in the CPU emulator")
@@ -26,15 +26,6 @@ SHAPES = {  # n_layer 1, 2 and 3, with prelude and coda
     "2L-prelude-coda": dict(n_layer=2, n_prelude=1, n_coda=1),
     "3L-coda2": dict(n_layer=3, n_coda=2),
 }
-
-
-def backend_or_skip(name: str) -> Backend:
-    """The backend, or a skip saying why it is unavailable here (its documented error); anything
-    else fails the test."""
-    try:
-        return get_backend(name)
-    except BackendUnavailable as e:
-        pytest.skip(f"backend {name!r}: {e}")
 
 
 def sharpened_model(criterion: str = "entropy", threshold: float | None = None, **overrides) -> LoopGPT:

@@ -8,9 +8,9 @@ import torch
 from looplm import LoopConfig, LoopGPT
 from looplm.backends import get_backend
 from looplm.generation import Decoder, LoopKVCache, generate_cached, generate_static
-from looplm.testing import count_host_syncs, device_for
+from looplm.testing import backend_or_skip, count_host_syncs, device_for
 from tests.models import sharpen
-from tests.test_adaptive import MAX_LOOPS, SHAPES, backend_or_skip, counting, sharpened_model
+from tests.test_adaptive import MAX_LOOPS, SHAPES, counting, sharpened_model
 
 
 def fixed_depth_model(**overrides) -> LoopGPT:
