@@ -327,7 +327,6 @@ class _Core:
 
     def __init__(self, model: "LoopGPT", x0: Tensor, kv: Optional[KVStore], split: bool, halting: bool):
         self.model, self.kv, self.split = model, kv, split
-        self.shape = x0.shape
         self.x0 = x0.reshape(-1, x0.size(-1)) if split else x0
         self.layers = _Layers([*model.transformer.core, *model.transformer.coda], buffered=halting)
 
