@@ -6,7 +6,7 @@ threshold (and min_loops is done), or at the loop budget. Each criterion is read
 user ("entropy below 1.5 nats", "confidence above 0.9") and one way by the loop engine: every
 score the engine and the backends' `halt_update` see is "lower is surer", so the criteria whose
 natural reading is "higher is surer" (max probability, the learned gate's probability) are
-negated here, in `score` and `halt_bar`, and nowhere else.
+negated here, in `halt_score` and `halt_bar`, and nowhere else.
 
     criterion    score (natural units)                          halts when   scored from
     entropy      entropy of the next-token distribution (nats)  <  threshold  the readout
@@ -139,9 +139,9 @@ def gate_probability(model: "LoopGPT", h: Tensor) -> Tensor:
     return torch.sigmoid(model.halt_gate(h).squeeze(-1).float())
 
 
-def score(model: "LoopGPT", criterion: Optional[str], h: Tensor, h_new: Tensor, logits: Optional[Tensor],
-          prev_log_p: Optional[Tensor] = None, want_entropy: bool = False
-          ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+def halt_score(model: "LoopGPT", criterion: Optional[str], h: Tensor, h_new: Tensor, logits: Optional[Tensor],
+               prev_log_p: Optional[Tensor] = None, want_entropy: bool = False
+               ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """The halting score of states h -> h_new (..., C) under `criterion` (lower is surer; None: no
     score), the readout's entropy if wanted, and its log-probabilities for the KL criterion, which
     compares them with prev_log_p (the previous loop's; None in the first loop: no token halts).
@@ -169,9 +169,6 @@ def score(model: "LoopGPT", criterion: Optional[str], h: Tensor, h_new: Tensor, 
     else:
         value = None
     return value, entropy, None
-
-
-halt_score = score  # the name the loop engine and the parity tests use
 
 
 def first_scored_loop(criterion: str, min_loops: int) -> int:
