@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from looplm import halting as halting_rules
+from looplm.config import LoopConfig
 from looplm.engine import Past, blocks_with_cache, halting_loop, plain_loop, run_loop
 from looplm.model import LoopGPT, check_sampling, sample_next_token
 
@@ -151,6 +152,12 @@ class _Caches:
         return sum(c.nbytes for c in (self.loop, self.prelude, self.coda) if c is not None)
 
 
+def _loop_layers(cfg: LoopConfig, halting: bool) -> int:
+    """The layers of the loop's K/V cache: the core's, then the coda's when the halting criterion
+    reads each loop's state out through the coda (the in-loop readout stores their keys and values)."""
+    return cfg.n_layer + (cfg.n_coda if halting and halting_rules.CRITERIA[cfg.halt].reads_out else 0)
+
+
 def _checked_call(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
                   pos: Optional[Tensor], halting: Optional[bool], n_loops: Optional[int], halt: Optional[bool]
                   ) -> tuple[bool, int]:
@@ -190,7 +197,7 @@ def _generate_cached(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperatu
                      ) -> tuple[Tensor, GenerationStats]:
     """generate_cached's tokens, its arguments checked; idx may be longer than block_size (a restart)."""
     cfg = model.config
-    loop_layers = cfg.n_layer + (cfg.n_coda if halting and halting_rules.CRITERIA[cfg.halt].reads_out else 0)
+    loop_layers = _loop_layers(cfg, halting)
     B, prompt_len = idx.shape
     caches, cache_bytes, all_steps = None, 0, []
     for i in range(max_new_tokens):
@@ -352,7 +359,7 @@ class Decoder:
         self.model, self.batch, self.budget, self.halting = model, batch, budget, halting
         self.stop_early = stop_early
         self.temperature, self.top_k = temperature, top_k
-        loop_layers = cfg.n_layer + (cfg.n_coda if halting and halting_rules.CRITERIA[cfg.halt].reads_out else 0)
+        loop_layers = _loop_layers(cfg, halting)
 
         def cache(layers: int, slots: int) -> Optional[StaticKVCache]:
             return StaticKVCache(layers, slots, batch, max_len, cfg.n_embd, weight.dtype, weight.device,
