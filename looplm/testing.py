@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from looplm.backends import Backend, BackendUnavailable, get_backend
 
 # (atol, rtol) for one op against the fp32 reference, inputs of unit scale.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -37,22 +40,20 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype | None = N
 
 # ---- where a backend's tests run
 
-def device_for(backend) -> torch.device:
+def device_for(backend: str | Backend) -> torch.device:
     """The device a test puts its tensors (and models) on for `backend` (a name or a Backend): the
     one its kernels need (CUDA for a native kernel backend, the CPU for Triton's interpreter or the
     cuTile emulator); for the PyTorch backends, which run anywhere, CUDA when there is one."""
-    from looplm.backends import get_backend
     device_type = get_backend(backend).device_type
     if device_type is not None:
         return torch.device(device_type)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def dtype_problem(backend, dtype: torch.dtype, matmul: bool) -> str | None:
+def dtype_problem(backend: str | Backend, dtype: torch.dtype, matmul: bool) -> str | None:
     """Why `backend` cannot be checked in `dtype` here, or None. Triton's interpreter computes
     `tl.dot` wrongly on bf16/fp16 operands (triton issue 11584): ops with a matmul are checked in
     those dtypes natively on a GPU; loads, stores and elementwise work are checked everywhere."""
-    from looplm.backends import get_backend
     b = get_backend(backend)
     if matmul and b.name == "triton" and b.mode == "interpreted" and dtype != torch.float32:
         return (f"Triton's interpreter computes tl.dot wrongly on {dtype} operands (triton issue 11584); "
@@ -60,12 +61,11 @@ def dtype_problem(backend, dtype: torch.dtype, matmul: bool) -> str | None:
     return None
 
 
-def backend_or_skip(name: str):
+def backend_or_skip(name: str) -> Backend:
     """The backend `name`, or a pytest skip saying why it is unavailable here (its documented error);
     anything else fails the test."""
-    import pytest
+    import pytest  # a test helper: the library itself does not need pytest
 
-    from looplm.backends import BackendUnavailable, get_backend
     try:
         return get_backend(name)
     except BackendUnavailable as e:
@@ -166,13 +166,13 @@ class HostSyncCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
     @contextlib.contextmanager
-    def exclude(self):
+    def exclude(self) -> Iterator[None]:
+        """Reads made inside this block are not counted."""
         self._excluded += 1
         try:
             yield
         finally:
             self._excluded -= 1
-
 
 
 def count_host_syncs() -> HostSyncCounter:
