@@ -167,12 +167,8 @@ def _checked_call(model: LoopGPT, idx: Tensor, max_new_tokens: int, temperature:
     if pos is not None:
         model._check_positions(pos, (idx.size(0), idx.size(1) + max_new_tokens))
     model._check_inputs(idx, None, None if pos is None else pos[:, :idx.size(1)])
-    cfg = model.config
-    halting = halting_rules.resolve(cfg, halting, model.training, halt)
-    budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
-    if not isinstance(budget, int) or budget < (cfg.min_loops if halting else 1):
-        raise ValueError(f"n_loops must be an integer >= {cfg.min_loops if halting else 1}, got {budget!r}")
-    return halting, budget
+    halting = halting_rules.resolve(model.config, halting, model.training, halt)
+    return halting, halting_rules.loop_budget(model.config, halting, n_loops)
 
 
 @torch.no_grad()

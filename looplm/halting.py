@@ -99,6 +99,16 @@ def resolve(config: "LoopConfig", halting: Optional[bool], training: bool, halt:
     return bool(halting)
 
 
+def loop_budget(config: "LoopConfig", halting: bool, n_loops: Optional[int]) -> int:
+    """A call's loop budget: n_loops if given (checked), else max_loops when it halts, n_loops when not."""
+    budget = n_loops if n_loops is not None else (config.max_loops if halting else config.n_loops)
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"n_loops must be an integer >= 1, got {budget!r}")
+    if halting and budget < config.min_loops:
+        raise ValueError(f"n_loops ({budget}) is below min_loops ({config.min_loops})")
+    return budget
+
+
 def thresholds(config: "LoopConfig", idx: Tensor, given: Optional[Tensor] = None) -> Tensor:
     """Per-token thresholds (B, T) in the criterion's own units: `given` if any (checked), else
     halt_threshold, replaced from each trigger token of halt_thresholds_after on (latest wins)."""

@@ -293,11 +293,7 @@ class LoopGPT(nn.Module):
         cfg = self.config
         self._check_inputs(idx, targets, pos)
         halting = halting_rules.resolve(cfg, halting, self.training, halt)
-        budget = n_loops if n_loops is not None else (cfg.max_loops if halting else cfg.n_loops)
-        if not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"n_loops must be an integer >= 1, got {budget!r}")
-        if halting and budget < cfg.min_loops:
-            raise ValueError(f"n_loops ({budget}) is below min_loops ({cfg.min_loops})")
+        budget = halting_rules.loop_budget(cfg, halting, n_loops)
         trace = LoopTrace(steps=torch.empty(0)) if return_trace else None
         if not self.training:
             hybrid_ops(self.backend, "the model is in eval mode")
