@@ -15,7 +15,8 @@ negated here, in `halt_score` and `halt_bar`, and nowhere else.
     kl           KL(p_t || p_{t-1}) of the readout (nats)        <  threshold  the readout
     gate         sigmoid(halt_gate(h_new)), learned              >  threshold  the state
 
-The readout criteria read the state out through the coda, ln_f and the head at every loop.
+The readout criteria read the state out through the coda, ln_f and the head at every loop from
+`first_scored_loop` on (earlier, no token may halt yet).
 """
 from __future__ import annotations
 
