@@ -5,8 +5,8 @@ of a run's compiled launches, and reading a cubin's resources and machine code w
 A backend's `launch` asks `recording()`; inside `captured_launches(arch)` it hands its launch record
 (whatever that backend compiles from: a Triton `Launch`, a cuTile tuple) to `record` instead of
 running it, and its launchers may ask `recording_arch()` to choose for the architecture compiled
-for (e.g. tensor descriptors on sm_90), and `multiprocessors(device)` to size a persistent grid. `looplm_triton.common` and `looplm_tile.runtime` re-export
-these names for their kernel modules.
+for (e.g. tensor descriptors on sm_90), and `multiprocessors(device)` to size a persistent grid.
+`looplm_triton.common` and `looplm_tile.runtime` re-export these names for their kernel modules.
 """
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ except ImportError:  # Triton before 3.4: pointer kernels only
 
 __all__ = ["BACKEND", "INTERPRETED", "MAX_GRID", "Launch", "LOG2E", "LOG2E_CONST", "TMA_DTYPES", "TensorDescriptor",
            "capture", "captured_launches", "check_grid", "compile_run", "descriptor_strides", "dot_in_fp32",
-           "fast_exp2", "launch", "launch_config", "make_descriptor", "multiprocessors", "recording", "split_config", "target_capability",
-           "tma_addressable", "tma_compatible"]
+           "fast_exp2", "launch", "launch_config", "make_descriptor", "multiprocessors", "recording", "split_config",
+           "target_capability", "tma_addressable", "tma_compatible"]
 
 BACKEND = "triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -96,7 +96,8 @@ def launch(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
 
 def compile_run(run: Callable[..., Any], arch: str, *args: Any, **kwargs: Any) -> dict:
     """Compile for `arch` every launch `run` makes and return the resources of the most demanding
-    (most registers, then most shared memory), with "launches": how many kernels it compiled."""
+    (`most_demanding`: local memory first, then registers, then shared memory), with "launches": how
+    many kernels it compiled."""
     return most_demanding(compile_launch(launch_, arch) for launch_ in capture(run, *args, arch=arch, **kwargs))
 
 
