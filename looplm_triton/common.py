@@ -32,7 +32,7 @@ except ImportError:  # Triton before 3.4: pointer kernels only
 __all__ = ["BACKEND", "INTERPRETED", "MAX_GRID", "Launch", "LOG2E", "LOG2E_CONST", "TMA_DTYPES", "TensorDescriptor",
            "capture", "captured_launches", "check_grid", "compile_run", "descriptor_strides", "dot_in_fp32",
            "fast_exp2", "launch", "launch_config", "make_descriptor", "multiprocessors", "recording", "split_config",
-           "target_capability", "tma_addressable", "tma_compatible"]
+           "target_arch", "target_capability", "tma_addressable", "tma_compatible"]
 
 BACKEND = "triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -76,6 +76,12 @@ def target_capability(device: torch.device) -> Optional[tuple[int, int]]:
     if device.type == "cuda" and not INTERPRETED:
         return torch.cuda.get_device_capability(device)
     return None
+
+
+def target_arch(device: torch.device) -> Optional[str]:
+    """`target_capability` as the architecture's name ("sm_90"), for a default chosen by architecture."""
+    capability = target_capability(device)
+    return None if capability is None else f"sm_{capability[0]}{capability[1]}"
 
 
 def dot_in_fp32() -> bool:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from looplm.ops import ACTIVATIONS, check_kernel_dtype, check_tensors
 from looplm_triton.common import (compile_run, dot_in_fp32, launch, launch_config, make_descriptor, multiprocessors,
-                                  split_config, target_capability, tma_addressable)
+                                  split_config, target_arch, target_capability, tma_addressable)
 from looplm_triton.layer_norm import row_statistics
 from tuning.spec import Config, KernelTuning
 
@@ -241,8 +241,8 @@ def default_config(device: torch.device, dtype: torch.dtype) -> Config:
     """The built-in configuration of a launch on `device`: its architecture's (ARCH_DEFAULTS, the
     persistent kernel's tiles) or the pointer kernel's DEFAULT. A launch that takes the pointer
     kernel with an architecture's default takes DEFAULT instead (`_launch`)."""
-    capability = target_capability(device)
-    return DEFAULT if capability is None else TUNING.default_for(dtype, f"sm_{capability[0]}{capability[1]}")
+    arch = target_arch(device)
+    return DEFAULT if arch is None else TUNING.default_for(dtype, arch)
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, residual: Optional[Tensor],
