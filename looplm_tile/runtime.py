@@ -22,7 +22,7 @@ from cuda.tile.compilation import (ArrayConstraint, CallingConvention, ConstantC
                                    ScalarConstraint, export_kernel)
 
 from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, cubin_resources, most_demanding, \
-    multiprocessors, record, recording
+    multiprocessors, persistent_programs, record, recording
 from looplm_tile import emulator
 from looplm_tile.emulator import tile_dtype
 from tuning.gpus import COMPILE_TARGETS
@@ -31,7 +31,7 @@ ARCHES = COMPILE_TARGETS
 HINTS = ("occupancy", "num_ctas")  # config knobs that are compiler hints rather than kernel arguments
 __all__ = ["ARCHES", "HINTS", "MAX_GRID", "array", "array_of", "capture", "captured_launches", "cdiv", "check_grid",
            "compile_cubin", "compile_run", "constant", "default_config", "hints_of", "launch", "multiprocessors",
-           "next_power_of_2", "resource_usage", "scalar", "signature_of", "with_hints"]
+           "next_power_of_2", "persistent_programs", "resource_usage", "scalar", "signature_of", "with_hints"]
 INT32_MAX = 2 ** 31 - 1
 
 

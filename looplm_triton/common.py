@@ -19,8 +19,8 @@ import triton.language as tl
 import tuning
 from torch import Tensor
 
-from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, most_demanding, multiprocessors, record, \
-    recording, recording_arch
+from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, most_demanding, multiprocessors, \
+    persistent_programs, record, recording, recording_arch
 from looplm_triton.aot import LAUNCH_KNOBS, capability, compile_launch
 from tuning.spec import Config
 
@@ -31,7 +31,8 @@ except ImportError:  # Triton before 3.4: pointer kernels only
 
 __all__ = ["BACKEND", "INTERPRETED", "MAX_GRID", "Launch", "LOG2E", "LOG2E_CONST", "TMA_DTYPES", "TensorDescriptor",
            "capture", "captured_launches", "check_grid", "compile_run", "descriptor_strides", "dot_in_fp32",
-           "fast_exp2", "launch", "launch_config", "make_descriptor", "multiprocessors", "recording", "split_config",
+           "fast_exp2", "launch", "launch_config", "make_descriptor", "multiprocessors", "persistent_programs",
+           "recording", "split_config",
            "target_arch", "target_capability", "tma_addressable", "tma_compatible"]
 
 BACKEND = "triton"
