@@ -30,6 +30,7 @@ from looplm import fileio
 from looplm.checkpoint import CheckpointWriteError, load_checkpoint, load_train_state, save_checkpoint
 from looplm.cli import run_cli
 from looplm.train import LogError, main, train
+from tests.test_checkpoint import forget_digests
 from tests.test_train import tiny_run
 
 
@@ -115,12 +116,6 @@ def test_resume_may_change_training_knobs_and_repeat_the_model_keys(run_dir, tmp
     assert result.iter_num == 6 and result.model.config.n_embd == 16
 
 
-def drop_digests(checkpoint: Path) -> None:
-    doc = json.loads((checkpoint / "config.json").read_text())
-    del doc["sha256"]
-    (checkpoint / "config.json").write_text(json.dumps(doc))
-
-
 def edit_train_state(checkpoint: Path, **changes) -> None:
     state = torch.load(checkpoint / "train_state.pt", weights_only=True)
     for key, value in changes.items():
@@ -141,7 +136,7 @@ def test_a_foreign_train_state_is_refused_before_the_logs_are_touched(run_dir, t
     resume = argv_of(tmp_path, init_from="resume", max_iters=6)
     state_file = last / "train_state.pt"
     assert f"{state_file} is damaged or another checkpoint's" in cli_refusal(resume, capsys)
-    drop_digests(last)  # as a checkpoint saved before digests were recorded
+    forget_digests(last)  # as a checkpoint saved before digests were recorded
     before = snapshot(run_dir)
     assert f"{state_file}: field 'iter_num' is 2 but {last / 'config.json'} records iter_num 4" in cli_refusal(
         resume, capsys)
