@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from tabulate import tabulate
 
+from bench.harness import KERNEL_BACKENDS
 from bench.test_bench_adaptive import interleaved_medians
 from bench.test_bench_kernels import make_args
 from bench.workloads import CPU_SMALL, KERNEL_SHAPES, SHAKESPEARE, build_model, calibrate_halting, op_cost, \
@@ -42,7 +43,6 @@ from looplm import available_backends, get_backend
 from looplm.cli import CLIError, run_cli
 from looplm.fileio import atomic_write_text
 
-KERNEL_BACKENDS = ("triton", "tile")
 ROUNDS = 5
 CALL_SECONDS = 1e-3  # each timed call repeats the op until it takes about this long
 

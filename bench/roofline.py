@@ -14,8 +14,8 @@ flight (Little's law: bytes in flight per SM against bandwidth x latency / SMs),
 over an assumed L2 bandwidth (what bounds a matmul whose tiles are too small), FLOPs over the bf16
 peak scaled by the useful share of the padded tiles, exponentials over the SFU rate; divided by
 the wave utilisation (blocks over the slots of the last wave). Its percent of the roofline
-(bench.report's: compulsory bytes and FLOPs over the peaks) is what `python -m bench.report --static RUN.json` puts beside
-the measured one.
+(bench.report's: compulsory bytes and FLOPs over the peaks) is what
+`python -m bench.report --static RUN.json` puts beside the measured one.
 """
 from __future__ import annotations
 
@@ -211,7 +211,8 @@ def markdown(rows: Sequence[dict], measured: Optional[dict] = None) -> str:
         "panels under grouped ordering, a head's K and V)",
         "- not modelled: instruction issue, pipeline bubbles, TMA; above 100% would mean the kernel moves fewer "
         "bytes than bench/workloads.py counts",
-        "- a measured column appears only where the benchmarks ran on that GPU (`python -m bench.report --static RUN.json`)", "",
+        "- a measured column appears only where the benchmarks ran on that GPU "
+        "(`python -m bench.report --static RUN.json`)", "",
         tabulate(table, headers, tablefmt="github"), ""])
 
 

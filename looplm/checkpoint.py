@@ -35,7 +35,7 @@ from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from looplm.backends import Backend
 from looplm.config import LoopConfig
-from looplm.fileio import atomic_write_bytes, fsync_dir, remove_stale_temps
+from looplm.fileio import atomic_write_bytes, fsync_dir, remove_paths, remove_stale_temps
 from looplm.model import LoopGPT
 
 WEIGHTS_FILE = "model.safetensors"
@@ -76,12 +76,7 @@ def remove_stale_saves(path: Union[str, Path]) -> list[Path]:
     returns them. A checkpoint path has one writer: the trainer that owns its out_dir."""
     path = Path(path)
     stale = sorted(Path(p) for p in glob.glob(glob.escape(str(path.parent / temp_dir_prefix(path))) + "*"))
-    for temp in stale:
-        if temp.is_dir():
-            shutil.rmtree(temp, ignore_errors=True)
-        else:
-            temp.unlink(missing_ok=True)
-    return stale + remove_stale_temps(path)
+    return remove_paths(stale) + remove_stale_temps(path)
 
 
 def sha256(data: bytes) -> str:

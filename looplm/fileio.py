@@ -79,11 +79,15 @@ def stale_temps(path: PathLike) -> list[Path]:
 def remove_stale_temps(path: PathLike) -> list[Path]:
     """Remove what interrupted writes to `path` left beside it; returns what was removed. Only for a
     path with one writer: another process's write in progress would lose its temporary file."""
-    removed = stale_temps(path)
-    for temp in removed:
-        if temp.is_dir():
-            shutil.rmtree(temp, ignore_errors=True)
+    return remove_paths(stale_temps(path))
+
+
+def remove_paths(paths: list[Path]) -> list[Path]:
+    """Remove each of `paths`, file or folder (one already gone is fine); returns `paths`."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
         else:
             with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
-    return removed
+                path.unlink()
+    return paths

@@ -5,8 +5,8 @@ of a run's compiled launches, and reading a cubin's resources and machine code w
 A backend's `launch` asks `recording()`; inside `captured_launches(arch)` it hands its launch record
 (whatever that backend compiles from: a Triton `Launch`, a cuTile tuple) to `record` instead of
 running it, and its launchers may ask `recording_arch()` to choose for the architecture compiled
-for (e.g. tensor descriptors on sm_90), and `multiprocessors(device)` to size a persistent grid. `looplm_triton.common` and `looplm_tile.runtime` re-export
-these names for their kernel modules.
+for (e.g. tensor descriptors on sm_90), and `persistent_programs` to size a persistent grid.
+`looplm_triton.common` and `looplm_tile.runtime` re-export these names for their kernel modules.
 """
 from __future__ import annotations
 
@@ -79,6 +79,14 @@ def multiprocessors(device: torch.device) -> Optional[int]:
         import torch
         return torch.cuda.get_device_properties(device).multi_processor_count
     return None
+
+
+def persistent_programs(device: torch.device, tiles: int, per_sm: int = 1, without_gpu: int = 4) -> int:
+    """Programs of a persistent launch over `tiles` output tiles: `per_sm` on each SM
+    (`multiprocessors`: a recorded launch takes its target's reference GPU), at most one per tile;
+    `without_gpu` in an interpreter or emulator (a few, each walking several tiles)."""
+    sms = multiprocessors(device)
+    return max(1, min(tiles, without_gpu if sms is None else sms * per_sm))
 
 
 def capture(run: Callable[..., Any], *args: Any, arch: Optional[str] = None, **kwargs: Any) -> list:

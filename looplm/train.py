@@ -61,6 +61,10 @@ from looplm.train_config import (DTYPES, HALTING_KEYS, TrainConfig, model_key_co
                                  parse_args, read_config_file, split_config)
 
 METRICS_FIELDS = ("iter", "n_loops", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
+# What a run writes in out_dir: its logs (RunLog), its checkpoints and its report.
+LOG_FILES = ("log.jsonl", "metrics.csv")
+CHECKPOINTS = ("last", "best")
+REPORT_FILE = "report.txt"
 
 
 # ---- the task
@@ -166,7 +170,7 @@ class RunLog:
     """log.jsonl (every record) and metrics.csv (one row per evaluation) in out_dir."""
 
     def __init__(self, out_dir: Path, resume_iter: Optional[int]):
-        self.jsonl, self.csv = out_dir / "log.jsonl", out_dir / "metrics.csv"
+        self.jsonl, self.csv = (out_dir / name for name in LOG_FILES)
         if resume_iter is None:
             atomic_write_text(self.jsonl, "")
             atomic_write_text(self.csv, ",".join(METRICS_FIELDS) + "\n")
@@ -191,10 +195,6 @@ class RunLog:
 
 
 # ---- a run's out_dir
-
-LOG_FILES = ("log.jsonl", "metrics.csv")
-CHECKPOINTS = ("last", "best")
-REPORT_FILE = "report.txt"
 
 
 def run_files(out_dir: Path) -> list[str]:
@@ -395,7 +395,7 @@ def train(cfg: TrainConfig, model_keys: Optional[dict[str, Any]] = None) -> Trai
     autocast = (torch.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
     out_dir = Path(cfg.out_dir)
-    last_dir, best_dir = out_dir / "last", out_dir / "best"
+    last_dir, best_dir = (out_dir / name for name in CHECKPOINTS)
     if ddp.master:
         prepare_out_dir(out_dir)
 
@@ -597,7 +597,7 @@ def main(argv: Optional[list[str]] = None) -> TrainResult:
         from looplm.report import training_report
         result.report = training_report(result, sample_tokens=cfg.sample_tokens, seed=cfg.seed)
         print(result.report)
-        atomic_write_text(result.out_dir / "report.txt", result.report + "\n")
+        atomic_write_text(result.out_dir / REPORT_FILE, result.report + "\n")
     return result
 
 

@@ -171,18 +171,11 @@ def default_config(t_q: int, head_dim: int, dtype: torch.dtype, arch: Optional[s
     return TUNING.default_for(dtype, arch)
 
 
-def _arch(t: Tensor) -> Optional[str]:
-    if not t.is_cuda:
-        return None
-    from tuning.gpus import arch_for_capability
-    return arch_for_capability(torch.cuda.get_device_capability(t.device)).arch
-
-
 def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float) -> Tensor:
     """attention writing into `out` (B, H, Tq, D), which may be a strided view (e.g. of (B, T, C))."""
     batch, n_head, t_q, head_dim = q.shape
     config = tuning.lookup_config("tile", "attention", q.dtype, (batch, n_head, t_q, k.shape[2], head_dim),
-                                  default_config(t_q, head_dim, q.dtype, _arch(q)))
+                                  default_config(t_q, head_dim, q.dtype, runtime.arch_of(q)))
     q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
     _launch(q, k, v, out, causal, scale, config)
     return out

@@ -110,7 +110,8 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
     args = (x, weight, weight if bias is None else bias, y if residual is None else residual, y, bias is not None,
             gelu, residual is not None, persistent, block_m, block_n, block_k, config["GROUP_M"], config["LATENCY"])
     tiles = runtime.cdiv(m, block_m) * runtime.cdiv(n, block_n)
-    blocks = persistent_blocks(x.device, tiles, config.get("occupancy") or 1) if persistent else tiles
+    blocks = (runtime.persistent_programs(x.device, tiles, config.get("occupancy") or 1, EMULATED_BLOCKS)
+              if persistent else tiles)
     runtime.launch((blocks,), linear_kernel, args, config)
     return y
 
@@ -124,13 +125,6 @@ def rows_aligned(*tensors: Optional[Tensor]) -> bool:
 
 
 EMULATED_BLOCKS = 3  # without a GPU: a few blocks, each walking several tiles (the persistent loop is tested)
-
-
-def persistent_blocks(device: torch.device, tiles: int, occupancy: int) -> int:
-    """Blocks of a persistent launch: `occupancy` per SM (`multiprocessors`: a recorded launch takes
-    its target's reference GPU), at most one per tile; EMULATED_BLOCKS in the emulator."""
-    sms = runtime.multiprocessors(device)
-    return max(1, min(tiles, EMULATED_BLOCKS if sms is None else sms * occupancy))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none",

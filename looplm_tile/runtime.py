@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import io
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -22,16 +22,17 @@ from cuda.tile.compilation import (ArrayConstraint, CallingConvention, ConstantC
                                    ScalarConstraint, export_kernel)
 
 from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, cubin_resources, most_demanding, \
-    multiprocessors, record, recording
+    multiprocessors, persistent_programs, record, recording
 from looplm_tile import emulator
 from looplm_tile.emulator import tile_dtype
 from tuning.gpus import COMPILE_TARGETS
 
 ARCHES = COMPILE_TARGETS
 HINTS = ("occupancy", "num_ctas")  # config knobs that are compiler hints rather than kernel arguments
-__all__ = ["ARCHES", "HINTS", "MAX_GRID", "array", "array_of", "capture", "captured_launches", "cdiv", "check_grid",
-           "compile_cubin", "compile_run", "constant", "default_config", "hints_of", "launch", "multiprocessors",
-           "next_power_of_2", "resource_usage", "scalar", "signature_of", "with_hints"]
+__all__ = ["ARCHES", "HINTS", "MAX_GRID", "arch_of", "array", "array_of", "capture", "captured_launches", "cdiv",
+           "check_grid", "compile_cubin", "compile_run", "constant", "default_config", "hints_of", "launch",
+           "multiprocessors", "next_power_of_2", "persistent_programs", "resource_usage", "scalar", "signature_of",
+           "with_hints"]
 INT32_MAX = 2 ** 31 - 1
 
 
@@ -49,11 +50,15 @@ def _arch_of_device(index: int) -> str:
     return arch_for_capability(torch.cuda.get_device_capability(index)).arch
 
 
+def arch_of(t: torch.Tensor) -> Optional[str]:
+    """The architecture ("sm_90") a launch on `t`'s device runs on; None off a GPU (the emulator)."""
+    return _arch_of_device(t.device.index or 0) if t.is_cuda else None
+
+
 def default_config(tuning, t: torch.Tensor) -> dict:
     """The kernel's built-in default for a launch on `t`'s device: its architecture's own where it
     has one (tile shapes that fit an sm_80 or sm_120 without spilling differ from Hopper's)."""
-    arch = _arch_of_device(t.device.index or 0) if t.is_cuda else None
-    return tuning.default_for(t.dtype, arch)
+    return tuning.default_for(t.dtype, arch_of(t))
 
 
 def hints_of(config: dict) -> dict:

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from looplm.ops import check_kernel_dtype, check_tensors
 from looplm_triton.common import (LOG2E, compile_run, dot_in_fp32, fast_exp2, launch, launch_config, make_descriptor,
-                                  split_config, target_capability, tma_addressable)
+                                  split_config, target_arch, target_capability, tma_addressable)
 from tuning.spec import Config, KernelTuning
 
 MAX_HEAD_SIZE = 256
@@ -274,10 +274,8 @@ def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, s
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if config is None:
-        capability = target_capability(q.device)
-        arch = None if capability is None else f"sm_{capability[0]}{capability[1]}"
-        config = launch_config("attention", q.dtype, (B, H, Tq, Tk, D), default_config(Tq, D, q.dtype, arch),
-                               INTERPRETER_CONFIG)
+        config = launch_config("attention", q.dtype, (B, H, Tq, Tk, D),
+                               default_config(Tq, D, q.dtype, target_arch(q.device)), INTERPRETER_CONFIG)
     if B * H * Tq == 0:
         return out
     if tensor_descriptors is None:

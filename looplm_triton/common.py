@@ -19,8 +19,8 @@ import triton.language as tl
 import tuning
 from torch import Tensor
 
-from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, most_demanding, multiprocessors, record, \
-    recording, recording_arch
+from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, most_demanding, multiprocessors, \
+    persistent_programs, record, recording, recording_arch
 from looplm_triton.aot import LAUNCH_KNOBS, capability, compile_launch
 from tuning.spec import Config
 
@@ -31,8 +31,9 @@ except ImportError:  # Triton before 3.4: pointer kernels only
 
 __all__ = ["BACKEND", "INTERPRETED", "MAX_GRID", "Launch", "LOG2E", "LOG2E_CONST", "TMA_DTYPES", "TensorDescriptor",
            "capture", "captured_launches", "check_grid", "compile_run", "descriptor_strides", "dot_in_fp32",
-           "fast_exp2", "launch", "launch_config", "make_descriptor", "multiprocessors", "recording", "split_config", "target_capability",
-           "tma_addressable", "tma_compatible"]
+           "fast_exp2", "launch", "launch_config", "make_descriptor", "multiprocessors", "persistent_programs",
+           "recording", "split_config",
+           "target_arch", "target_capability", "tma_addressable", "tma_compatible"]
 
 BACKEND = "triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -78,6 +79,12 @@ def target_capability(device: torch.device) -> Optional[tuple[int, int]]:
     return None
 
 
+def target_arch(device: torch.device) -> Optional[str]:
+    """`target_capability` as the architecture's name ("sm_90"), for a default chosen by architecture."""
+    capability = target_capability(device)
+    return None if capability is None else f"sm_{capability[0]}{capability[1]}"
+
+
 def dot_in_fp32() -> bool:
     """Whether tl.dot operands go up to fp32: only when the interpreter really runs the kernel."""
     return INTERPRETED and not recording()
@@ -96,7 +103,8 @@ def launch(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
 
 def compile_run(run: Callable[..., Any], arch: str, *args: Any, **kwargs: Any) -> dict:
     """Compile for `arch` every launch `run` makes and return the resources of the most demanding
-    (most registers, then most shared memory), with "launches": how many kernels it compiled."""
+    (`most_demanding`: local memory first, then registers, then shared memory), with "launches": how
+    many kernels it compiled."""
     return most_demanding(compile_launch(launch_, arch) for launch_ in capture(run, *args, arch=arch, **kwargs))
 
 

@@ -1,12 +1,12 @@
 """LayerNorm over the last dimension, forward; and the per-row statistics `layer_norm_linear` uses.
 
-Each program normalises BLOCK_M rows held whole in registers (BLOCK_C = C rounded up to a power of two): mean, then the biased
-variance of the centred row, both in fp32, then scale and shift: one read and one write of x.
-With STATS_ONLY the program writes each row's mean and 1/std (8 bytes a row) instead of y, so
-that the linear kernel can normalise x tiles as it loads them. Row offsets are 64-bit: N x C may
-exceed 2^31 elements. Knobs: BLOCK_M (rows per program), num_warps; without a tuning table they
-follow the width (`default_config`): several narrow rows per program, so every load is a 16-byte
-vector and a program keeps about 8 KiB in flight; one wide row over 8 warps.
+Each program normalises BLOCK_M rows held whole in registers (BLOCK_C = C rounded up to a power of
+two): mean, then the biased variance of the centred row, both in fp32, then scale and shift: one
+read and one write of x. With STATS_ONLY the program writes each row's mean and 1/std (8 bytes a
+row) instead of y, so that the linear kernel can normalise x tiles as it loads them. Row offsets
+are 64-bit: N x C may exceed 2^31 elements. Knobs: BLOCK_M (rows per program), num_warps; without
+a tuning table they follow the width (`default_config`): several narrow rows per program, so every
+load is a 16-byte vector and a program keeps about 8 KiB in flight; one wide row over 8 warps.
 """
 from __future__ import annotations
 

@@ -42,8 +42,8 @@ import triton.language as tl
 from torch import Tensor
 
 from looplm.ops import ACTIVATIONS, check_kernel_dtype, check_tensors
-from looplm_triton.common import (compile_run, dot_in_fp32, launch, launch_config, make_descriptor, multiprocessors,
-                                  split_config, target_capability, tma_addressable)
+from looplm_triton.common import (compile_run, dot_in_fp32, launch, launch_config, make_descriptor,
+                                  persistent_programs, split_config, target_arch, target_capability, tma_addressable)
 from looplm_triton.layer_norm import row_statistics
 from tuning.spec import Config, KernelTuning
 
@@ -215,7 +215,6 @@ SPACE: list[Config] = [
 # KiB of shared memory for deep stages. sm_120 keeps the pointer kernel: its 99 KiB hold no more
 # than two stages of the tiles the persistent kernel wants.
 TMA_MAJORS = (9, 10)
-INTERPRETED_PROGRAMS = 4  # a persistent launch in the interpreter: a few programs, each walking several tiles
 
 
 def use_tensor_descriptors(capability: Optional[tuple[int, int]], *tensors: Optional[Tensor]) -> bool:
@@ -223,13 +222,6 @@ def use_tensor_descriptors(capability: Optional[tuple[int, int]], *tensors: Opti
     takes the persistent kernel with tensor descriptors: on sm_90 and sm_100, for bf16/fp16
     tensors (None: absent) the copy engine can address (16-byte aligned base and row stride)."""
     return capability is not None and capability[0] in TMA_MAJORS and tma_addressable(*tensors)
-
-
-def persistent_programs(device: torch.device, tiles: int) -> int:
-    """Programs of a persistent launch: one per SM (each holds up to 227 KiB of stages), at most one
-    per tile (`multiprocessors`: a recorded launch takes its target's reference GPU); 4 in the
-    interpreter."""
-    return max(1, min(tiles, multiprocessors(device) or INTERPRETED_PROGRAMS))
 
 
 def grid(M: int, N: int, config: Config) -> tuple[int]:
@@ -241,8 +233,8 @@ def default_config(device: torch.device, dtype: torch.dtype) -> Config:
     """The built-in configuration of a launch on `device`: its architecture's (ARCH_DEFAULTS, the
     persistent kernel's tiles) or the pointer kernel's DEFAULT. A launch that takes the pointer
     kernel with an architecture's default takes DEFAULT instead (`_launch`)."""
-    capability = target_capability(device)
-    return DEFAULT if capability is None else TUNING.default_for(dtype, f"sm_{capability[0]}{capability[1]}")
+    arch = target_arch(device)
+    return DEFAULT if arch is None else TUNING.default_for(dtype, arch)
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, residual: Optional[Tensor],
@@ -280,7 +272,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, 
         bm, bn, bk = block_sizes["BLOCK_M"], block_sizes["BLOCK_N"], block_sizes["BLOCK_K"]
         out_desc = make_descriptor(out, [bm, bn // subtile], "linear")
         residual_desc = make_descriptor(res2, [bm, bn // subtile], "linear") if res2 is not None else out_desc
-        programs = persistent_programs(x.device, grid(M, N, config)[0])
+        programs = persistent_programs(x.device, grid(M, N, config)[0])  # one per SM: its stages fill 227 KiB
         launch(_linear_persistent_kernel, (programs,), make_descriptor(x2, [bm, bk], "linear"),
                make_descriptor(weight, [bn, bk], "linear"), bias_arg, residual_desc, out_desc, norm_w_arg, norm_b_arg,
                mean, rstd, M, N, K, **flags, EPILOGUE_SUBTILE=subtile, FLATTEN=True, **block_sizes, **options)

@@ -17,12 +17,12 @@ S_lane (m - M)); then, with p = e^(y - M) / S,
 
 The differences y - m are taken in the logits' own units before the exponential's scale (e^d =
 2^(d log2 e)), so logits far from 0 (1e4) lose nothing to rounding. All in fp32 whatever the
-logits' dtype; e^(y - m) <= 1 keeps any magnitude finite, and zero
-probabilities (including -inf logits and padding) contribute 0, never 0 * inf: a -inf logit is
-skipped (its d is -inf, its weight 0), and a lane that has seen only -inf keeps m = -inf and S = 0.
-On a GPU each exponential is one `ex2.approx.ftz`. Loads are 16-byte vectors (8 bf16 logits) per
-thread. Knobs: BLOCK_M, BLOCK_V, num_warps (BLOCK_V is capped at the vocabulary rounded up to a power of
-two); without a tuning table they follow the vocabulary (`default_config`).
+logits' dtype; e^(y - m) <= 1 keeps any magnitude finite, and zero probabilities (including -inf
+logits and padding) contribute 0, never 0 * inf: a -inf logit is skipped (its d is -inf, its
+weight 0), and a lane that has seen only -inf keeps m = -inf and S = 0. On a GPU each exponential
+is one `ex2.approx.ftz`. Loads are 16-byte vectors (8 bf16 logits) per thread. Knobs: BLOCK_M,
+BLOCK_V, num_warps (BLOCK_V is capped at the vocabulary rounded up to a power of two); without a
+tuning table they follow the vocabulary (`default_config`).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from looplm.ops import check_kernel_dtype
 from looplm_triton.common import (LOG2E_CONST, compile_run, dot_in_fp32, fast_exp2, launch, launch_config, split_config,
                                   target_capability)
 from tuning.spec import Config, KernelTuning
+
 
 @triton.jit
 def _softmax_entropy_kernel(logits_ptr, entropy_ptr, max_prob_ptr, n_rows, n_cols, stride_row,

@@ -14,6 +14,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
 import torch
 
 from looplm_triton.aot import compile_launch
@@ -25,6 +26,19 @@ BLACKWELL_MMA = "UTC"  # tcgen05.mma (UTCHMMA, UTCQMMA...): sm_100's tensor-memo
 TMA_LOAD = "UTMALDG"  # cp.async.bulk.tensor global -> shared
 TMA_STORE = "UTMASTG"  # cp.async.bulk.tensor shared -> global
 ASYNC_COPY = "LDGSTS"  # cp.async (sm_80 style pipelined loads)
+
+
+def compiler_or_skip(disassembler: bool = False) -> None:
+    """Skip the calling test unless Triton finds ptxas (and, with `disassembler`, cuobjdump) to
+    compile for a GPU ahead of time."""
+    import triton
+    tools = "ptxas/cuobjdump" if disassembler else "ptxas"
+    try:
+        found = triton.knobs.nvidia.ptxas.path and (not disassembler or triton.knobs.nvidia.cuobjdump.path)
+    except Exception as e:  # Triton raises when it finds no ptxas
+        pytest.skip(f"no {tools} to compile for a GPU ahead of time: {e}")
+    if not found:
+        pytest.skip(f"no {tools} to compile for a GPU ahead of time")
 
 
 def opcode_counts(sass: str) -> dict[str, int]:

@@ -11,8 +11,7 @@ import torch
 from looplm import LoopConfig, LoopGPT
 from looplm import checkpoint as ckpt_module
 from looplm.checkpoint import (CheckpointError, CheckpointWriteError, backup_path, import_nanogpt, load_checkpoint,
-                               load_train_state, read_checkpoint_doc,
-                               read_config, save_checkpoint, transplant_layer)
+                               load_train_state, read_checkpoint_doc, read_config, save_checkpoint, transplant_layer)
 from looplm.testing import assert_close
 from tests.nanogpt_arch import GPT, GPTConfig
 

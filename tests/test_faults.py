@@ -28,8 +28,9 @@ from looplm import ConfigError, LoopConfig, LoopGPT
 from looplm import checkpoint as ckpt_module
 from looplm import fileio
 from looplm.checkpoint import CheckpointWriteError, load_checkpoint, load_train_state, save_checkpoint
-from looplm.cli import run_cli
 from looplm.train import LogError, main, train
+from tests.test_checkpoint import forget_digests
+from tests.test_cli import refusal
 from tests.test_train import tiny_run
 
 
@@ -38,13 +39,11 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def cli_refusal(argv: list[str], capsys) -> str:
-    """looplm.train's main through run_cli: -> its one line on stderr, after checking exit status 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv, prog="looplm.train")
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert err.startswith("looplm.train: error: ") and len(err.strip().splitlines()) == 1, err
+def cli_refusal(argv: list[str], capsys, cli_main=main, prog: str = "looplm.train") -> str:
+    """A CLI's main (looplm.train's by default) through run_cli (tests.test_cli.refusal): -> its one
+    line on stderr, after checking exit status 2."""
+    err = refusal(cli_main, argv, capsys, prog)
+    assert len(err.strip().splitlines()) == 1, err
     return err
 
 
@@ -115,12 +114,6 @@ def test_resume_may_change_training_knobs_and_repeat_the_model_keys(run_dir, tmp
     assert result.iter_num == 6 and result.model.config.n_embd == 16
 
 
-def drop_digests(checkpoint: Path) -> None:
-    doc = json.loads((checkpoint / "config.json").read_text())
-    del doc["sha256"]
-    (checkpoint / "config.json").write_text(json.dumps(doc))
-
-
 def edit_train_state(checkpoint: Path, **changes) -> None:
     state = torch.load(checkpoint / "train_state.pt", weights_only=True)
     for key, value in changes.items():
@@ -141,7 +134,7 @@ def test_a_foreign_train_state_is_refused_before_the_logs_are_touched(run_dir, t
     resume = argv_of(tmp_path, init_from="resume", max_iters=6)
     state_file = last / "train_state.pt"
     assert f"{state_file} is damaged or another checkpoint's" in cli_refusal(resume, capsys)
-    drop_digests(last)  # as a checkpoint saved before digests were recorded
+    forget_digests(last)  # as a checkpoint saved before digests were recorded
     before = snapshot(run_dir)
     assert f"{state_file}: field 'iter_num' is 2 but {last / 'config.json'} records iter_num 4" in cli_refusal(
         resume, capsys)
@@ -405,10 +398,7 @@ def test_bit_rot_in_a_checkpoint_is_one_line(run_dir, capsys):
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x01
     weights.write_bytes(bytes(data))
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(sample.main, [str(run_dir / "best"), "--num_samples=1", "--max_new_tokens=2"], prog="looplm.sample")
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    err = cli_refusal([run_dir / "best", "--num_samples=1", "--max_new_tokens=2"], capsys, sample.main, "looplm.sample")
     assert f"looplm.sample: error: {weights} is damaged or another checkpoint's" in err
 
 
@@ -475,10 +465,7 @@ def test_ill_typed_checkpoint_fields_are_named_by_eval_addition(run_dir, capsys,
         parent = parent[key]
     parent[path[-1]] = value
     config.write_text(json.dumps(doc))
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(eval_addition.main, [str(run_dir / "best"), "--limit=1"], prog="looplm.eval_addition")
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    err = cli_refusal([run_dir / "best", "--limit=1"], capsys, eval_addition.main, "looplm.eval_addition")
     assert f"looplm.eval_addition: error: {run_dir / 'best'}/{message}" in err
 
 

@@ -20,7 +20,7 @@ import torch
 
 import reference
 from looplm import LoopConfig, LoopGPT, LoopTrace
-from looplm.backends import Backend
+from looplm.backends import KERNEL_PACKAGES, Backend
 from looplm.config import HIGHER_IS_SURER
 from looplm.engine import halt_score
 from looplm.ops import OP_NAMES, BlockWeights, signature_mismatch
@@ -28,8 +28,8 @@ from looplm.testing import assert_close, backend_or_skip, device_for, dtype_prob
 
 pytestmark = pytest.mark.filterwarnings("ignore:backend 'tile' runs its cuTile kernels in the CPU emulator")
 
-BACKENDS = ("torch", "triton", "tile")
-KERNEL_BACKENDS = ("triton", "tile")
+KERNEL_BACKENDS = tuple(KERNEL_PACKAGES)
+BACKENDS = ("torch", *KERNEL_BACKENDS)
 CRITERIA = ("entropy", "confidence", "delta", "kl", "gate")
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),

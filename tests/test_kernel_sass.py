@@ -20,18 +20,8 @@ import pytest
 pytest.importorskip("triton")
 
 from tests.kernel_sass import (AMPERE_MMA, ASYNC_COPY, BLACKWELL_MMA, HOPPER_MMA, TMA_LOAD,  # noqa: E402
-                               TMA_STORE, count_prefix, sass_report, sass_reports)
+                               TMA_STORE, compiler_or_skip, count_prefix, sass_report, sass_reports)
 from tuning.gpus import ARCHS, COMPILE_TARGETS, resource_problem  # noqa: E402
-
-
-def _compiler_or_skip() -> None:
-    import triton
-    try:
-        found = triton.knobs.nvidia.ptxas.path and triton.knobs.nvidia.cuobjdump.path
-    except Exception as e:  # Triton raises when it finds no ptxas
-        pytest.skip(f"no ptxas/cuobjdump to compile for a GPU ahead of time: {e}")
-    if not found:
-        pytest.skip("no ptxas/cuobjdump to compile for a GPU ahead of time")
 
 
 def _fits(entry: dict, arch: str) -> None:
@@ -53,7 +43,7 @@ ISSUE_LAUNCHES = [  # (kernel, shape, flags): the shapes issue 20 measured on th
 
 @pytest.mark.parametrize("arch", COMPILE_TARGETS)
 def test_hierarchical_parity_tier0_issue_shapes_fit_without_spilling(arch):
-    _compiler_or_skip()
+    compiler_or_skip(disassembler=True)
     reports = sass_reports([(kernel, shape, "bfloat16", arch, flags) for kernel, shape, flags in ISSUE_LAUNCHES])
     for (kernel, shape, _), entries in zip(ISSUE_LAUNCHES, reports):
         assert entries, (kernel, shape)
@@ -63,7 +53,7 @@ def test_hierarchical_parity_tier0_issue_shapes_fit_without_spilling(arch):
 
 @pytest.mark.parametrize("flags", [{"residual": True}, {"activation": "gelu", "norm": True}])
 def test_hierarchical_parity_tier0_sm90_linear_is_persistent_on_tma_and_wgmma(flags):
-    _compiler_or_skip()
+    compiler_or_skip(disassembler=True)
     shape = (8192, 4096, 4096) if flags.get("residual") else (16384, 1536, 384)
     entries = sass_report("linear", shape, "bfloat16", "sm_90", **flags)
     (matmul,) = [e for e in entries if e["kernel"] != "_layer_norm_kernel"]  # the norm adds its statistics pass
@@ -79,7 +69,7 @@ def test_hierarchical_parity_tier0_sm90_linear_is_persistent_on_tma_and_wgmma(fl
 
 
 def test_hierarchical_parity_tier0_sm100_linear_loads_through_tma():
-    _compiler_or_skip()
+    compiler_or_skip(disassembler=True)
     (matmul,) = sass_report("linear", (8192, 4096, 4096), "bfloat16", "sm_100", residual=True)
     assert matmul["kernel"] == "_linear_persistent_kernel"
     assert count_prefix(matmul["ops"], TMA_LOAD) >= 2 and count_prefix(matmul["ops"], TMA_STORE) >= 1, matmul["ops"]
@@ -88,7 +78,7 @@ def test_hierarchical_parity_tier0_sm100_linear_loads_through_tma():
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_120"])
 def test_hierarchical_parity_tier0_linear_keeps_pointers_without_deep_shared_memory(arch):
-    _compiler_or_skip()
+    compiler_or_skip(disassembler=True)
     (matmul,) = sass_report("linear", (8192, 4096, 4096), "bfloat16", arch, residual=True)
     assert matmul["kernel"] == "_linear_kernel"
     assert count_prefix(matmul["ops"], TMA_LOAD) == 0
@@ -97,7 +87,7 @@ def test_hierarchical_parity_tier0_linear_keeps_pointers_without_deep_shared_mem
 
 
 def test_hierarchical_parity_tier0_sm90_linear_of_an_unaligned_width_takes_pointers():
-    _compiler_or_skip()
+    compiler_or_skip(disassembler=True)
     # The lm_head of a 65-character vocabulary: output rows of 130 bytes, which TMA cannot address.
     (matmul,) = sass_report("linear", (4096, 65, 384), "bfloat16", "sm_90")
     assert matmul["kernel"] == "_linear_kernel"
@@ -108,7 +98,7 @@ def test_hierarchical_parity_tier0_sm90_linear_of_an_unaligned_width_takes_point
 
 @pytest.mark.parametrize("head_size", [64, 128])
 def test_hierarchical_parity_tier0_sm90_attention_uses_hgmma_and_tma(head_size):
-    _compiler_or_skip()
+    compiler_or_skip(disassembler=True)
     shape = (16, 32, 1024, 1024, 64) if head_size == 64 else (8, 16, 2048, 2048, 128)  # as ISSUE_LAUNCHES
     (entry,) = sass_report("attention", shape, "bfloat16", "sm_90")
     assert entry["kernel"] == "_attention_tma_kernel"
@@ -124,7 +114,7 @@ def test_hierarchical_parity_tier0_sm90_attention_uses_hgmma_and_tma(head_size):
 
 @pytest.mark.parametrize("C", [384, 4096])
 def test_hierarchical_parity_tier0_layer_norm_moves_16_byte_vectors(C):
-    _compiler_or_skip()
+    compiler_or_skip(disassembler=True)
     (entry,) = sass_report("layer_norm", (8192, C), "bfloat16", "sm_90")
     accesses = entry["accesses"]
     assert accesses.get("LDG.128", 0) > 0 and accesses.get("STG.128", 0) > 0, accesses
@@ -134,7 +124,7 @@ def test_hierarchical_parity_tier0_layer_norm_moves_16_byte_vectors(C):
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_hierarchical_parity_tier0_entropy_streams_the_vocabulary_in_16_byte_vectors(arch):
-    _compiler_or_skip()
+    compiler_or_skip(disassembler=True)
     (entry,) = sass_report("softmax_entropy", (8192, 50304), "bfloat16", arch)
     accesses, ops = entry["accesses"], entry["ops"]
     if arch == "sm_90":  # chunks prefetched into shared memory (cp.async)

@@ -24,6 +24,7 @@ import reference  # noqa: E402
 from looplm.testing import assert_close, device_for  # noqa: E402
 from looplm_triton import attention, common, linear  # noqa: E402
 from looplm_triton.common import capture, captured_launches, target_capability  # noqa: E402
+from tests.kernel_sass import compiler_or_skip  # noqa: E402
 from tuning.gpus import ARCHS as ARCH_LIMITS, reference_sms, resource_problem  # noqa: E402
 
 pytestmark = pytest.mark.skipif(common.TensorDescriptor is None,
@@ -140,22 +141,12 @@ def test_a_head_size_below_its_block_reads_zero_columns():
 
 # ---- tier 0: the compiled kernel uses the copy engine
 
-def _compiler_or_skip() -> None:
-    import triton
-    try:
-        ptxas = triton.knobs.nvidia.ptxas.path
-    except Exception as e:  # Triton raises when it finds no ptxas
-        pytest.skip(f"no ptxas to compile for a GPU ahead of time: {e}")
-    if not ptxas:
-        pytest.skip("no ptxas to compile for a GPU ahead of time")
-
-
 SHIPPED = (16, 6, 256, 256, 64)  # the shipped GPU model's attention: batch 16, 6 heads, context 256, head 64
 
 
 @pytest.mark.parametrize("head_size", [64, 16, 128, 256])  # the shipped model's first
 def test_hierarchical_parity_tier0_tma_kernel_issues_bulk_tensor_copies(head_size):
-    _compiler_or_skip()
+    compiler_or_skip()
     arch, shape = "sm_90", SHIPPED[:4] + (head_size,)
     config = attention.TUNING.default_for(torch.bfloat16, arch)
     resources = attention.compile_variant(shape, torch.bfloat16, config, arch)
@@ -169,7 +160,7 @@ def test_hierarchical_parity_tier0_tma_kernel_issues_bulk_tensor_copies(head_siz
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_100", "sm_120"])
 def test_hierarchical_parity_tier0_no_tma_where_the_gpu_has_none(arch):
-    _compiler_or_skip()
+    compiler_or_skip()
     config = attention.TUNING.default_for(torch.bfloat16, arch)
     resources = attention.compile_variant(SHIPPED, torch.bfloat16, config, arch)
     assert resources["tma_loads"] == resources["tma_stores"] == 0, resources

@@ -217,8 +217,9 @@ def reset() -> None:
 def prefer_torch_where_tuned(op: str, kernel_op: Callable, tuning: Optional[KernelTuning]) -> Callable:
     """`kernel_op` (a kernel backend's op `op`), sending each call whose bucket the table says PyTorch
     wins to the "torch" backend's op instead. The one place a backend "runs the winner"; on a machine
-    without CUDA (or for an op without a tuning entry) this is `kernel_op` itself."""
-    if tuning is None or tuning.shape_key is None:
+    without CUDA (or for an op without a tuning entry) this is `kernel_op` itself, so that a call
+    there costs nothing more."""
+    if tuning is None or tuning.shape_key is None or not _cuda_available():
         return kernel_op
     from looplm.ops import SIGNATURES
     from looplm.torch_ops import OPS as TORCH_OPS
@@ -234,12 +235,10 @@ def prefer_torch_where_tuned(op: str, kernel_op: Callable, tuning: Optional[Kern
 
     @functools.wraps(kernel_op)
     def run(*args: Any, **kwargs: Any) -> Any:
-        if _cuda_available():
-            lookup = _device_lookup(torch.cuda.current_device())
-            if lookup is not None and lookup.torch_wins:  # else no bucket of any kernel goes to PyTorch
-                first = args[0] if args else next(iter(kwargs.values()))
-                if runs_torch(tuning.backend, tuning.kernel, first.dtype,
-                              tuple(int(d) for d in shape_of(args, kwargs))):
-                    return torch_op(*args, **kwargs)
+        lookup = _device_lookup(torch.cuda.current_device())
+        if lookup is not None and lookup.torch_wins:  # else no bucket of any kernel goes to PyTorch
+            first = args[0] if args else next(iter(kwargs.values()))
+            if runs_torch(tuning.backend, tuning.kernel, first.dtype, tuple(int(d) for d in shape_of(args, kwargs))):
+                return torch_op(*args, **kwargs)
         return kernel_op(*args, **kwargs)
     return run
