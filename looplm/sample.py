@@ -22,7 +22,8 @@ import torch
 
 from looplm.checkpoint import load_checkpoint, read_checkpoint_doc
 from looplm.cli import ArgumentParser, CLIError, run_cli
-from looplm.config import HALT_CRITERIA, HIGHER_IS_SURER, LoopConfig
+from looplm import halting
+from looplm.config import HALT_CRITERIA, LoopConfig
 from looplm.data import addition
 from looplm.data.shakespeare import CharTokenizer, corpus_text
 from looplm.model import LoopGPT
@@ -129,13 +130,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
     if cfg.halt == "none":
         print(f"loops per token: {cfg.n_loops} for every token (no halting)")
     elif counted.numel():
-        sign = ">" if cfg.halt in HIGHER_IS_SURER else "<"
         covered = steps[0].numel()
         scope = "" if covered == args.max_new_tokens else (
             f" (the first {covered} of {args.max_new_tokens} new tokens per sample: those generated within one "
             f"context window of {cfg.block_size})")
         per_sample = ", ".join(f"{s.float().mean().item():.2f}" for s in steps)
-        print(f"loops per token, halting on {cfg.halt} {sign} {cfg.halt_threshold} within {cfg.max_loops}: "
+        print(f"loops per token, halting on {halting.describe(cfg)} within {cfg.max_loops}: "
               f"mean {counted.mean().item():.2f}{scope}; per sample: {per_sample}")
     else:
         print(f"loops per token: not measured (the prompt fills the context window of {cfg.block_size})",
