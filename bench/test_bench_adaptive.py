@@ -16,7 +16,7 @@ the benchmark's extra_info, so that a noisy shared machine slows both alike, and
 thread's CPU time (`*_cpu_ms`, `efficiency_cpu`, `ratio_cpu`), which other work on the machine
 disturbs less. The halting cases also record the host reads of one adaptive forward
 (`host_syncs`, looplm.testing.HostSyncCounter: the input check's, the given thresholds' and the
-loop's capacity reads) and the decode cases those of the whole generation (`host_syncs`: none per
+loop's one read at its end, with the capacity plan of the forward before) and the decode cases those of the whole generation (`host_syncs`: none per
 token). pytest-benchmark's own table shows the LoopLM variant.
 """
 from __future__ import annotations
@@ -100,6 +100,7 @@ def test_bench_halting_efficiency(benchmark, criterion, halted, min_loops):
 
         def adaptive():
             return m(idx, idx, halting=True, thresholds=thresholds)
+        adaptive()  # records the capacity plan that the forwards timed here follow
         with count_host_syncs() as syncs:
             adaptive()
         cpu = {"fixed": float("nan"), "adaptive": float("nan")}

@@ -33,23 +33,30 @@ so reads need no clamping and writes to tokens never collide (the masked ones al
 row); for attention each batch row's slots are laid side by side, L a row (the most any row holds),
 and the places past a row's count read a clamped slot and are dropped.
 
-When the set shrinks. Shapes that follow the active share need a count, and a count is a read. The
-compacted loop (the default) reads, in one transfer of two integers, how many tokens still run (and
-the most in one batch row) after the loops of `halting.capacity_reads`: after min_loops (the first
-loop a token can halt after), then each time the loop count doubles (loops 1, 2, 4 of 8: three reads
-a forward, where the engine used to read after every loop: on an H200, 14 synchronisations and 46
-copies a forward). Each read re-plans the slots on the device (`torch.nonzero_static`, sized by the read count)
-and is also where the loop stops once no token runs. As the active set only shrinks, a set made at
-loop t serves every later loop. Between reads the slots keep their own states, flags, step counts,
-thresholds and inputs (no gather or scatter per loop); the per-token buffers take them at a read,
-at the end, or every loop when a trace or the per-loop states want them. The compute follows the
-active share with at most a doubling's delay: exactly, when tokens halt after the first loop.
+When the set shrinks. Shapes that follow the active share need a count, and a count is a read.
+A model keeps, per input shape (B, T, n_loops), a capacity plan (`halting.CapacityPlan`): how many
+tokens ran after each loop in its latest forward, and the most in one batch row. A forward with a
+plan takes its slots from it, re-planning on the device (`torch.nonzero_static`, sized by the plan)
+after each loop where the planned count falls by a quarter or more, and reads the device once, at
+its end, in one transfer: the counts that make the next plan, and a flag raised where the active
+tokens outnumbered the slots (a token left out). That forward is rerun, reading as below, and
+the plans that follow get a slack (1/16 of each count, doubling up to 1/2): the spare slots point
+at the scratch row and compute nothing kept. A forward without a plan (the first of its shape, or
+one with a trace, per-loop states or a K/V store) reads, in one transfer of two integers, how many
+tokens still run (and the most in one batch row) after the loops of `halting.capacity_reads`: after
+min_loops (the first loop a token can halt after), then each time the loop count doubles (loops 1,
+2, 4 of 8: three reads a forward, where the engine used to read after every loop: on an H200, 14
+synchronisations and 46 copies a forward). Each read re-plans the slots on the device and is also
+where the loop stops once no token runs. As the active set only shrinks, a set made at loop t
+serves every later loop. Between re-plans the slots keep their own states, flags, step counts,
+thresholds and inputs (no gather or scatter per loop); the per-token buffers take them at a
+re-plan, at the end, or every loop when a trace or the per-loop states want them. The compute
+follows the active share of the previous forward, or with at most a doubling's delay when read.
 The masked loop (compact=False, and always under torch.compile or CUDA-graph capture) never reads:
 every token is a slot in every loop, with the masked writes; the graph it makes is one static graph
-whatever halts, but its compute does not fall. (Both at once, a graph whose compute falls, would
-size each loop's slots from the previous forward's counts and read one overflow flag after the
-forward, rerunning the rare forward that overflowed: not built.) A trace or the per-loop states are
-trimmed at the end, with one read, to the loops some token ran.
+whatever halts, but its compute does not fall. (A captured graph whose compute falls would take a
+plan's slots, static, and check the overflow flag after each replay: not built.) A trace or the
+per-loop states are trimmed at the end, with one read, to the loops some token ran.
 
 Without halting every token runs every loop: the core is the backends' fused `block` op over the
 whole sequence. With halting (or a K/V store, for generation) the block is split into the ops
@@ -76,7 +83,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from looplm import torch_ops
-from looplm.halting import READOUT_CRITERIA, capacity_reads, first_scored_loop, halt_score, relative_change
+from looplm.halting import (READOUT_CRITERIA, CapacityPlans, capacity_reads, first_scored_loop, halt_score,
+                            relative_change, running_counts)
 from looplm.ops import residual_branch
 
 if TYPE_CHECKING:
@@ -132,32 +140,45 @@ class KVStore(Protocol):
 
 
 class _Rows:
-    """The token slots a loop computes: every token in order (idx None), or the distinct flat
-    indices idx (R,) into (B, T), in token order. For attention on the torch backend, the slots laid
-    out per batch row, L places a row: `queries_at` (B * L,) the slot each place reads (clamped
-    for the places past the row's count), `out_at` (R,) each slot's place, `positions` (B, L)."""
+    """The token slots a loop computes: every token in order (idx None), or the flat indices idx (R,)
+    into (B, T) of distinct tokens, in token order, then (a plan's spare slots) the scratch row N.
+    For attention on the torch backend, the slots laid out per batch row, L places a row:
+    `queries_at` (B * L,) the slot each place reads (clamped for the places past the row's count),
+    `out_at` (R,) each slot's place, `positions` (B, L)."""
 
     def __init__(self, B: int, T: int, device: torch.device, active: Optional[Tensor] = None, count: int = 0,
-                 most_in_row: int = 0):
-        """Every token (active None), or the `count` tokens that `active` (N,) bool marks, of which
-        a batch row holds at most `most_in_row` (the host's read of the mask: the shapes)."""
+                 most_in_row: int = 0, planned: bool = False):
+        """Every token (active None), or the tokens that `active` (N,) bool marks, in `count` slots of
+        which a batch row holds at most `most_in_row`: the host's read of the mask, or (planned) a
+        `halting.CapacityPlan`'s slots, which may exceed the marked tokens (the spare slots, `spare`,
+        point at the scratch row N and compute nothing kept) or fall short of them (`overflow`, a
+        device bool: a token was left out, and the forward's result is wrong)."""
         self.B, self.T, self._device = B, T, device
-        self.idx = None if active is None else torch.nonzero_static(active, size=count).squeeze(1)
-        self.count = B * T if active is None else count
+        N = B * T
+        self.idx = None if active is None else \
+            torch.nonzero_static(active, size=count, fill_value=N).squeeze(1)
+        self.read_at = self.idx  # idx, with the spare slots reading token N - 1 of a buffer of N rows
+        self.count = N if active is None else count
+        self.overflow: Optional[Tensor] = None
         self._masks: dict = {}
         self._targets = self.idx
         if active is None:
             return
-        idx, L = self.idx, most_in_row
-        batch = idx // T
-        per_row = active.view(B, T).sum(1)  # (a bincount of `batch` would read its maximum on a GPU)
+        L = most_in_row
+        per_row = active.view(B, T).sum(1)  # (a bincount of the rows would read its maximum on a GPU)
+        if planned:
+            self.read_at = self.idx.clamp(max=N - 1)
+            self.overflow = (per_row.sum() > count) | (per_row.amax() > L)
+        batch = self.read_at // T
         first = torch.cumsum(per_row, 0) - per_row  # slots are in token order: a row's are consecutive
         rank = torch.arange(L, device=device)
         real = rank < per_row[:, None]  # (B, L)
         slot = torch.where(real, first[:, None] + rank, 0).clamp(max=max(self.count - 1, 0))
         self.L, self.queries_at = L, slot.reshape(-1)
-        self.positions = torch.where(real, idx.index_select(0, self.queries_at).view(B, L) % T, 0)
+        self.positions = torch.where(real, self.read_at.index_select(0, self.queries_at).view(B, L) % T, 0)
         self.out_at = batch * L + torch.arange(self.count, device=device) - first.index_select(0, batch)
+        if planned:  # a spare slot's place, or an overflowed row's, is any place: its output is dropped
+            self.out_at = self.out_at.clamp(0, B * L - 1)
 
     @property
     def every(self) -> bool:
@@ -171,8 +192,11 @@ class _Rows:
         return self._targets
 
     def gather(self, x: Tensor) -> Tensor:
-        """The slots' rows of a per-token tensor x (N, ...; a scratch row after them is left out)."""
-        return x[:self.count] if self.idx is None else x.index_select(0, self.idx)
+        """The slots' rows of a per-token tensor x (N, ...), or of a buffer with a scratch row (N + 1,
+        ...: the spare slots read the scratch row)."""
+        if self.idx is None:
+            return x[:self.count]
+        return x.index_select(0, self.idx if x.size(0) > self.B * self.T else self.read_at)
 
     def causal_mask(self, visible: Optional[Tensor], P: int, dtype: torch.dtype) -> Tensor:
         """(B, 1, L, P + T): the keys each packed query sees, the past's `visible` (B, P) ones
@@ -295,7 +319,7 @@ def _attend(backend, q: Tensor, rows: _Rows, qkv: Tensor, past: Optional[Past], 
         raise ValueError(f"backend {backend.name!r}: a K/V store with masked entries needs the torch backend's "
                          "attention; give the store the visible length instead")
     queries = q if rows.every else qkv[:, :C]  # a compacted set: every query, the halted tokens' from the buffer
-    return rows_of(attention(heads(queries.view(B, T, C)), heads(k), heads(v), causal=True), rows.idx)
+    return rows_of(attention(heads(queries.view(B, T, C)), heads(k), heads(v), causal=True), rows.read_at)
 
 
 class TraceObserver:
@@ -356,7 +380,8 @@ class _Core:
 def run_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Optional[Tensor] = None, *,
              compact: bool = True, trace: Optional[LoopTrace] = None, states: Optional[list[Tensor]] = None,
              grad_loops: Optional[int] = None, kv: Optional[KVStore] = None,
-             reads: Optional[tuple[int, ...]] = None) -> tuple[Tensor, Tensor]:
+             reads: Optional[tuple[int, ...]] = None, plans: Optional[CapacityPlans] = None
+             ) -> tuple[Tensor, Tensor]:
     """Loop the core from x0 (B, T, C); returns the final state (B, T, C) and the steps (B*T,) int32.
 
     threshold (B*T,) float32, in the lower-is-surer units of `halting.halt_bar`, turns halting on;
@@ -364,11 +389,12 @@ def run_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Optional[Ten
     halted tokens' results (the reference semantics; same result; no host read). trace and states
     as LoopGPT.loop; `kv` receives every key and value computed and supplies the earlier tokens'.
     reads: the loops after which the compacted loop reads the active count (default
-    `halting.capacity_reads`)."""
+    `halting.capacity_reads`); plans: the capacity plans that let it read once a forward instead
+    (`halting_loop`)."""
     if threshold is None:
         return plain_loop(model, x0, n_loops, trace=trace, states=states, grad_loops=grad_loops, kv=kv)
     return halting_loop(model, x0, n_loops, threshold, compact=compact, trace=trace, states=states,
-                        grad_loops=grad_loops, kv=kv, reads=reads)
+                        grad_loops=grad_loops, kv=kv, reads=reads, plans=plans)
 
 
 def plain_loop(model: "LoopGPT", x0: Tensor, n_loops: int, *, trace: Optional[LoopTrace] = None,
@@ -408,11 +434,14 @@ def _capture_safe() -> bool:
 def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, *, compact: bool = True,
                  trace: Optional[LoopTrace] = None, states: Optional[list[Tensor]] = None,
                  grad_loops: Optional[int] = None, kv: Optional[KVStore] = None,
-                 reads: Optional[tuple[int, ...]] = None) -> tuple[Tensor, Tensor]:
+                 reads: Optional[tuple[int, ...]] = None, plans: Optional[CapacityPlans] = None
+                 ) -> tuple[Tensor, Tensor]:
     """Per-token halting on threshold (B*T,) (lower-is-surer units). The slots are every token until
     a capacity read (compacted loop: after the loops `reads`, default `halting.capacity_reads`), then
     the tokens active at the latest read; compact=False, or under torch.compile / graph capture,
-    every token throughout, with no read at all."""
+    every token throughout, with no read at all. With `plans` (and no trace, states or K/V store),
+    a forward whose shape has a plan takes its slots from it and reads once, at the end (see the
+    module docstring); every such forward records the plan of the next."""
     cfg, backend = model.config, model.backend
     B, T, C = x0.shape
     N, device = B * T, x0.device
@@ -420,16 +449,22 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
     observer = TraceObserver(trace, N, device) if trace is not None else None
     needs_readout = trace is not None or cfg.halt in READOUT_CRITERIA
     first_scored = first_scored_loop(cfg.halt, cfg.min_loops)
-    if reads is None:
-        reads = capacity_reads(cfg.min_loops, n_loops)
-    reads = frozenset(reads) if compact and not _capture_safe() else frozenset()
-    h = model.initial_state(x0).reshape(N, C)
-    active = torch.ones(N, dtype=torch.bool, device=device)
-    steps = torch.zeros(N, dtype=torch.int32, device=device)
+    read_loops = capacity_reads(cfg.min_loops, n_loops) if reads is None else reads
+    read_loops = frozenset(read_loops) if compact and not _capture_safe() else frozenset()
+    planning = plans is not None and bool(read_loops) and trace is None and states is None and kv is None
+    plan = plans.get((B, T, n_loops)) if planning else None
+    shrinks = plan.shrinks(N, T) if plan is not None else {}
+    if plan is not None:
+        read_loops = frozenset()
+    overflows: list[Tensor] = []  # a planned set's device flags: it left out a running token
+    # Per-token buffers, each with a scratch row N (the spare slots' and the masked writes' target).
+    h = _with_scratch(model.initial_state(x0).reshape(N, C))
+    active = _with_scratch(torch.ones(N, dtype=torch.bool, device=device))
+    steps = torch.zeros(N + 1, dtype=torch.int32, device=device)
     prev_log_p = None  # every token's last distribution, for the KL criterion only
     # The slots' own states, flags, counts, thresholds and inputs: kept between capacity reads, and
     # written to the per-token buffers at a read, at the end, or every loop for a trace or the states.
-    slot_h, slot_active, slot_steps, slot_threshold, slot_x0 = h, active, steps, threshold, core.x0
+    slot_h, slot_active, slot_steps, slot_threshold, slot_x0 = h[:N], active[:N], steps[:N], threshold, core.x0
     for t in range(1, n_loops + 1):
         if grad_loops is not None and t == n_loops - grad_loops + 1:
             h, slot_h = h.detach(), slot_h.detach()  # truncated backprop: earlier loops' graph is cut,
@@ -446,24 +481,43 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
         h_new, still_active, slot_steps = backend.op("halt_update")(
             slot_h, h_new, slot_active, slot_steps, score.reshape(-1), slot_threshold, t, cfg.min_loops, n_loops)
         if observer is not None:
-            observer.loop_done(rows, active, slot_h, h_new, entropy, keep, (B, T))
+            observer.loop_done(rows, active[:N], slot_h, h_new, entropy, keep, (B, T))
         if log_p is not None:
             log_p = log_p.reshape(-1, log_p.size(-1))
             prev_log_p = _with_scratch(log_p) if prev_log_p is None else _write(prev_log_p, rows, log_p, keep)
         slot_h, slot_active = h_new, still_active
-        if observer is not None or states is not None or t in reads or t == n_loops:
+        if observer is not None or states is not None or t in read_loops or t in shrinks or t == n_loops:
             h, active = _write(h, rows, slot_h), _write(active, rows, slot_active)
             steps = _write(steps, rows, slot_steps)
         if states is not None:
-            states.append(h.view(B, T, C) if torch.is_grad_enabled() else h.view(B, T, C).clone())
-        if t in reads:
-            running, most_in_row = torch.stack([active.sum(), active.view(B, T).sum(1).max()]).tolist()  # the read
-            if running == 0:
-                break
-            if running < rows.count:
-                rows = _Rows(B, T, device, active, running, most_in_row)
-                slot_h, slot_active, slot_steps, slot_threshold, slot_x0 = (
-                    rows.gather(x) for x in (h, active, steps, threshold, core.x0))
+            states.append(h[:N].view(B, T, C) if torch.is_grad_enabled() else h[:N].view(B, T, C).clone())
+        if t in read_loops:
+            count, most_in_row = torch.stack([active.sum(), active[:N].view(B, T).sum(1).max()]).tolist()  # the read
+        elif t in shrinks:
+            count, most_in_row = shrinks[t]
+        else:
+            continue
+        if count == 0:
+            if plan is not None:
+                overflows.append(active.any())
+            break
+        if count < rows.count:
+            rows = _Rows(B, T, device, active[:N], count, most_in_row, planned=plan is not None)
+            if rows.overflow is not None:
+                overflows.append(rows.overflow)
+            slot_h, slot_active, slot_steps, slot_threshold, slot_x0 = (
+                rows.gather(x) for x in (h, active, steps, threshold, core.x0))
+    h, steps = h[:N], steps[:N]
+    if planning:  # the forward's one read: the counts for the next plan, and whether this one fell short
+        flag = torch.stack(overflows).any().view(1) if overflows else torch.zeros(1, dtype=torch.bool, device=device)
+        read = torch.cat([flag.long(), running_counts(steps.view(B, T), n_loops).view(-1)]).tolist()
+        overflowed, counts = bool(read[0]), read[1:]
+        if overflowed:  # rerun, reading the counts as it goes (exact), and plan from that run
+            h, steps = halting_loop(model, x0, n_loops, threshold, compact=compact, grad_loops=grad_loops,
+                                    reads=reads)
+            counts = running_counts(steps.view(B, T), n_loops).view(-1).tolist()
+        plans.record((B, T, n_loops), counts[:n_loops - 1], counts[n_loops - 1:], overflowed)
+        return h.view(B, T, C), steps
     if observer is not None or states is not None:
         loops_run = int(steps.max())  # one read: the loops some token ran (no loop runs after the last halts)
     if states is not None:

@@ -199,3 +199,65 @@ def capacity_reads(min_loops: int, n_loops: int) -> tuple[int, ...]:
         reads.append(t)
         t *= 2
     return tuple(reads)
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    """The compacted loop's slots for a forward of one shape, planned from how many tokens ran in
+    an earlier one instead of read mid-forward: `running[t - 1]` tokens still ran after loop t, at
+    most `most_in_row[t - 1]` in one batch row (t = 1 .. n_loops - 1). `slack` widens each count
+    (a fraction) after a forward ran more tokens than its plan had slots for."""
+
+    running: tuple[int, ...]
+    most_in_row: tuple[int, ...]
+    slack: float = 0.0
+
+    def shrinks(self, n_tokens: int, row_len: int) -> dict[int, tuple[int, int]]:
+        """loop t -> (slots, slots per batch row) after the loops where the planned slots fall to
+        3/4 of the current ones or fewer (a re-plan costs a few small ops; it must pay for them),
+        or to none (the loop stops). Both counts are widened by the slack, capped at the tokens."""
+        def widened(count: int, cap: int) -> int:
+            return min(cap, count + math.ceil(self.slack * count))
+
+        plan, slots = {}, n_tokens
+        for t, (running, most) in enumerate(zip(self.running, self.most_in_row), start=1):
+            count = widened(running, n_tokens)
+            if count == 0:
+                plan[t] = (0, 0)
+                break
+            if 4 * count <= 3 * slots:
+                plan[t], slots = (count, widened(most, row_len)), count
+        return plan
+
+
+class CapacityPlans:
+    """The latest capacity plan of each forward shape (B, T, n_loops), kept by a model between
+    forwards. One read at the end of each forward (`running_counts`) records the next plan; a
+    forward that ran more tokens than its plan had slots for is rerun by the engine and widens
+    the slack of the plans that follow (1/16, doubling up to 1/2)."""
+
+    MAX_SLACK = 0.5
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[int, int, int], CapacityPlan] = {}
+
+    def get(self, key: tuple[int, int, int]) -> Optional[CapacityPlan]:
+        return self._plans.get(key)
+
+    def record(self, key: tuple[int, int, int], running: list[int], most_in_row: list[int],
+               overflowed: bool) -> None:
+        slack = self._plans[key].slack if key in self._plans else 0.0
+        if overflowed:
+            slack = min(self.MAX_SLACK, max(1 / 16, 2 * slack))
+        self._plans[key] = CapacityPlan(tuple(running), tuple(most_in_row), slack)
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+def running_counts(steps: Tensor, n_loops: int) -> Tensor:
+    """From every token's loop count steps (B, T): how many tokens still ran after each loop t =
+    1 .. n_loops - 1, and the most in one batch row: (2, n_loops - 1) int64, on steps' device."""
+    after = torch.arange(1, n_loops, device=steps.device)
+    per_row = (steps[None] > after[:, None, None]).sum(-1)  # (n_loops - 1, B)
+    return torch.stack([per_row.sum(1), per_row.amax(1) if per_row.size(1) else per_row.sum(1)])

@@ -155,6 +155,7 @@ class LoopGPT(nn.Module):
             self.step_size_logit = nn.Parameter(torch.zeros(C))  # alpha = sigmoid(.) starts at 1/2
         if config.halt == "gate":
             self.halt_gate = nn.Linear(C, 1)
+        self.capacity_plans = halting_rules.CapacityPlans()  # the halting loop's slots per input shape (looplm.engine)
 
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
@@ -274,7 +275,7 @@ class LoopGPT(nn.Module):
         the compacted loop is checked against."""
         threshold = self.halt_bar(idx, thresholds) if halting else None
         h, _ = run_loop(self, x0, n_loops, threshold, compact=compact, trace=trace, states=states,
-                        grad_loops=grad_loops)
+                        grad_loops=grad_loops, plans=self.capacity_plans)
         return h
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, n_loops: Optional[int] = None,

@@ -9,7 +9,7 @@ from looplm import LoopConfig, LoopGPT, LoopTrace
 from looplm import halting as halting_rules
 from looplm.backends import Backend, get_backend
 from looplm.engine import run_loop
-from looplm.halting import capacity_reads
+from looplm.halting import CapacityPlan, CapacityPlans, capacity_reads, running_counts
 from looplm.ops import OP_NAMES
 from looplm.testing import assert_close, backend_or_skip, count_host_syncs, device_for
 from tests.models import sharpen
@@ -243,6 +243,58 @@ def test_halting_loop_reads_the_device_only_at_its_capacity_reads(backend):
             reads = capacity_reads(model.config.min_loops, n_loops) if compact else ()
             assert len(steps.unique()) >= 2, "the test needs tokens that halt after different loops"
             assert 0 < syncs.count <= len(reads) if compact else syncs.count == 0, (compact, syncs.ops)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton", "tile"])
+def test_planned_halting_reads_once_a_forward_and_reruns_what_overflows(backend):
+    """With the plan the forward before recorded, the compacted loop takes its slots from the plan
+    and reads the device once a forward, at its end, with the masked loop's result. A forward that
+    runs more tokens than its plan has slots for is found out by that read, rerun reading as it
+    goes (the same result again), and widens the plans that follow."""
+    kernel = backend in ("triton", "tile")
+    backend, device = backend_or_skip(backend), device_for(backend)
+    model = sharpened_model("entropy", max_loops=4 if kernel else MAX_LOOPS).to(device).set_backend(backend)
+    idx = torch.randint(0, 17, (1, 6) if kernel else (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
+    n_loops, key = model.config.max_loops, (*idx.shape, model.config.max_loops)
+    most_halt = torch.full(idx.shape, 2.75)  # most tokens stop after loop 1, the rest after 2 to 8
+    fewer_halt = most_halt.clone()
+    fewer_halt[:, ::3] = NEVER["entropy"]
+    most_halt, fewer_halt = (model.halt_bar(idx, x.to(device)) for x in (most_halt, fewer_halt))
+    plans, reads = CapacityPlans(), capacity_reads(model.config.min_loops, n_loops)
+    with torch.no_grad():
+        x0 = model.embed(idx)
+        for bar in (most_halt, fewer_halt):
+            h_ref, steps_ref = run_loop(model, x0, n_loops, bar, compact=False)
+            with count_host_syncs() as syncs:  # no plan yet, or one with too few slots
+                h, steps = run_loop(model, x0, n_loops, bar, plans=plans)
+            assert 1 < syncs.count <= 2 * len(reads) + 2, syncs.ops
+            assert torch.equal(steps, steps_ref)
+            assert_close(h, h_ref, composed=True)
+            assert plans.get(key).shrinks(idx.numel(), idx.size(1)), "the test needs a plan whose slots shrink"
+            with count_host_syncs() as syncs:  # the plan fits: one read
+                h, steps = run_loop(model, x0, n_loops, bar, plans=plans)
+            assert syncs.count == 1, syncs.ops
+            assert torch.equal(steps, steps_ref)
+            assert_close(h, h_ref, composed=True)
+    assert plans.get(key).slack == 1 / 16, "the second set of thresholds overflowed the first's plan"
+
+
+def test_capacity_plan_shrinks_by_a_quarter_or_to_none_and_widens_after_an_overflow():
+    plan = CapacityPlan(running=(100, 90, 70, 40, 40, 0, 0), most_in_row=(30, 28, 20, 12, 12, 0, 0))
+    assert plan.shrinks(100, 32) == {3: (70, 20), 4: (40, 12), 6: (0, 0)}
+    wide = CapacityPlan(plan.running, plan.most_in_row, slack=1 / 8)  # 70 -> 79 slots: not 3/4 of 100
+    assert wide.shrinks(100, 32) == {4: (45, 14), 6: (0, 0)}
+    plans, key = CapacityPlans(), (4, 32, 8)
+    plans.record(key, [5], [2], overflowed=False)
+    assert plans.get(key).slack == 0
+    for slack in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1 / 2):
+        plans.record(key, [5], [2], overflowed=True)
+        assert plans.get(key) == CapacityPlan((5,), (2,), slack)
+
+
+def test_running_counts_per_loop_and_most_in_a_row():
+    steps = torch.tensor([[1, 3, 3, 2], [4, 4, 1, 1]], dtype=torch.int32)
+    assert running_counts(steps, 4).tolist() == [[5, 4, 2], [3, 2, 2]]  # after loops 1, 2, 3
 
 
 def test_host_sync_counter_counts_the_reads_a_gpu_would_wait_for():
