@@ -224,12 +224,19 @@ def _write(buffer: Tensor, rows: _Rows, new: Tensor, keep: Optional[Tensor] = No
     needs the old values). A buffer with a scratch row (N + 1 rows: `_with_scratch`) takes masked
     writes: the slots that keep (R,) bool marks write into the scratch row instead of their token's."""
     N = rows.B * rows.T
+    if rows.every and keep is None:  # every token: a plain copy (none at all without a scratch row)
+        if buffer.size(0) == N:
+            return new
+        if torch.is_grad_enabled():
+            return torch.cat([new, buffer[N:]])
+        buffer[:N].copy_(new)
+        return buffer
     if buffer.size(0) > N:
         at = rows.targets if keep is None else torch.where(keep, N, rows.targets)
     elif keep is not None:
         raise ValueError("a masked write needs a buffer with a scratch row")
-    elif rows.every:
-        return new
+    elif rows.overflow is not None:
+        raise ValueError("a planned set of slots writes to buffers with a scratch row only (its spare slots')")
     else:
         at = rows.idx
     if torch.is_grad_enabled():

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
+from looplm import torch_ops
+
 if TYPE_CHECKING:
     from looplm.config import LoopConfig
     from looplm.model import LoopGPT
@@ -164,8 +166,7 @@ def halt_score(model: "LoopGPT", criterion: Optional[str], h: Tensor, h_new: Ten
         value = torch.full(log_p.shape[:-1], math.inf, device=log_p.device) if prev_log_p is None else \
             (log_p.exp() * (log_p - prev_log_p.view_as(log_p))).sum(-1)
         if want_entropy:
-            p = log_p.exp()
-            entropy = -torch.special.xlogy(p, p).sum(-1)
+            entropy = torch_ops.entropy_of(log_p, log_p.exp())
         return value, entropy, log_p
     if criterion in ("entropy", "confidence") or want_entropy:
         entropy, max_prob = model.backend.op("softmax_entropy")(logits)
