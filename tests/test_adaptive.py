@@ -277,6 +277,10 @@ def test_planned_halting_reads_once_a_forward_and_reruns_what_overflows(backend)
             assert torch.equal(steps, steps_ref)
             assert_close(h, h_ref, composed=True)
     assert plans.get(key).slack == 1 / 16, "the second set of thresholds overflowed the first's plan"
+    assert model.capacity_plans.get(key) is None
+    with torch.no_grad():
+        model(idx, halting=True)  # the model's forward keeps its own plans
+    assert model.capacity_plans.get(key) is not None
 
 
 def test_capacity_plan_shrinks_by_a_quarter_or_to_none_and_widens_after_an_overflow():
