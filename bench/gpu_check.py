@@ -12,7 +12,8 @@ block), each on the "torch" backend, PyTorch's SDPA with the flash and the cuDNN
 attention), and the kernel backends that run natively here; and a device-to-device copy, whose
 bandwidth is the ceiling a memory-bound kernel is measured against. model: the eval forward of
 LoopLM 1Lx12 (B=64, T=256) on each backend, fixed depth and with half the tokens halting at loop
-4; greedy decode at batch 1 and 16 against Hugging Face GPT-2 of equal depth and width with its KV
+4 (its notes: the halting efficiency, the backend's speed-up over its fixed depth divided by the
+loop reduction); greedy decode at batch 1 and 16 against Hugging Face GPT-2 of equal depth and width with its KV
 cache, where transformers is installed.
 
 Variants of one case run in interleaved rounds (bench.test_bench_adaptive.interleaved_medians), each
@@ -225,6 +226,7 @@ def run_model(device: torch.device, budget: Budget, dry_run: bool,
     idx = token_batch(workload, workload.batch, workload.seq, device)
     targets = idx.roll(-1, dims=1)
     tokens = workload.batch * workload.seq
+    fixed_depth: dict[str, float] = {}
     with torch.inference_mode():
         for halting in (False, True):
             case = f"eval forward B={workload.batch} T={workload.seq} halting {'on' if halting else 'off'}"
@@ -240,9 +242,16 @@ def run_model(device: torch.device, budget: Budget, dry_run: bool,
             def forward(backend: str, h: bool = halting, m=model):
                 return lambda: m.set_backend(backend)(idx, targets, halt=h)
             times = _timed_or_error({b: forward(b) for b in backends}, device, rows, case)
+            if not halting:
+                fixed_depth = times
             for backend, seconds in times.items():
+                row_notes = dict(notes)
+                if halting and backend in fixed_depth:  # issue 21's measure: speed-up / loop reduction
+                    row_notes["efficiency"] = round(fixed_depth[backend] / seconds * notes["mean_steps"]
+                                                    / config.n_loops, 3)
                 rows.append({"case": case, "variant": backend, "ms": 1e3 * seconds,
-                             "vs_torch": times["torch"] / seconds, "tokens_per_s": tokens / seconds, "notes": notes})
+                             "vs_torch": times["torch"] / seconds, "tokens_per_s": tokens / seconds,
+                             "notes": row_notes})
         model = build_model(workload, "torch", device).eval()
         new_tokens = 4 if dry_run else 128
         peer = gpt2_peer(model.config, device, next(model.parameters()).dtype)
