@@ -21,6 +21,7 @@ The readout criteria read the state out through the coda, ln_f and the head at e
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -233,14 +234,15 @@ class CapacityPlan:
 
 class CapacityPlans:
     """The latest capacity plan of each forward shape (B, T, n_loops), kept by a model between
-    forwards. One read at the end of each forward (`running_counts`) records the next plan; a
-    forward that ran more tokens than its plan had slots for is rerun by the engine and widens
-    the slack of the plans that follow (1/16, doubling up to 1/2)."""
+    forwards (the MAX_SHAPES used last). One read at the end of each forward (`running_counts`)
+    records the next plan; a forward that ran more tokens than its plan had slots for is rerun by
+    the engine and widens the slack of the plans that follow (1/16, doubling up to 1/2)."""
 
     MAX_SLACK = 0.5
+    MAX_SHAPES = 64  # uncached generation grows T by one a token: keep the recent shapes only
 
     def __init__(self) -> None:
-        self._plans: dict[tuple[int, int, int], CapacityPlan] = {}
+        self._plans: OrderedDict[tuple[int, int, int], CapacityPlan] = OrderedDict()
 
     def get(self, key: tuple[int, int, int]) -> Optional[CapacityPlan]:
         return self._plans.get(key)
@@ -251,6 +253,9 @@ class CapacityPlans:
         if overflowed:
             slack = min(self.MAX_SLACK, max(1 / 16, 2 * slack))
         self._plans[key] = CapacityPlan(tuple(running), tuple(most_in_row), slack)
+        self._plans.move_to_end(key)
+        if len(self._plans) > self.MAX_SHAPES:
+            self._plans.popitem(last=False)
 
     def clear(self) -> None:
         self._plans.clear()

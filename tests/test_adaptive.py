@@ -294,6 +294,9 @@ def test_capacity_plan_shrinks_by_a_quarter_or_to_none_and_widens_after_an_overf
     for slack in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1 / 2):
         plans.record(key, [5], [2], overflowed=True)
         assert plans.get(key) == CapacityPlan((5,), (2,), slack)
+    for T in range(1, CapacityPlans.MAX_SHAPES + 1):  # the oldest shape goes first
+        plans.record((3, T, 8), [1], [1], overflowed=False)
+    assert plans.get(key) is None and plans.get((3, 1, 8)) is not None
 
 
 def test_running_counts_per_loop_and_most_in_a_row():
