@@ -28,9 +28,9 @@ Static shapes, no waiting on the host. A loop computes a fixed set of slots (`_R
 or the flat indices of the tokens that were active when the set was made, in token order. Which of
 its slots are still active is a device mask, never read by the host: a slot whose token has halted
 since computes like the others and its results are discarded (masked writes: `keep`), so a loop's
-shapes do not depend on which tokens halt inside it. Slots of the compacted set are distinct tokens,
-so reads need no clamping and writes to tokens never collide (the masked ones all go to a scratch
-row); for attention each batch row's slots are laid side by side, L a row (the most any row holds),
+shapes do not depend on which tokens halt inside it. Slots of the compacted set are distinct tokens
+(then, from a plan, spare slots that stand for the scratch row and never run), so writes to tokens
+never collide (the masked ones and the spare slots' all go to a scratch row); for attention each batch row's slots are laid side by side, L a row (the most any row holds),
 and the places past a row's count read a clamped slot and are dropped.
 
 When the set shrinks. Shapes that follow the active share need a count, and a count is a read.
@@ -150,9 +150,9 @@ class _Rows:
                  most_in_row: int = 0, planned: bool = False):
         """Every token (active None), or the tokens that `active` (N,) bool marks, in `count` slots of
         which a batch row holds at most `most_in_row`: the host's read of the mask, or (planned) a
-        `halting.CapacityPlan`'s slots, which may exceed the marked tokens (the spare slots, `spare`,
-        point at the scratch row N and compute nothing kept) or fall short of them (`overflow`, a
-        device bool: a token was left out, and the forward's result is wrong)."""
+        `halting.CapacityPlan`'s slots, which may exceed the marked tokens (the spare slots point at
+        the scratch row N, read a clamped row and compute nothing kept) or fall short of them
+        (`overflow`, a device bool: a token was left out, and the forward's result is wrong)."""
         self.B, self.T, self._device = B, T, device
         N = B * T
         self.idx = None if active is None else \
