@@ -150,25 +150,29 @@ class _Rows:
                  most_in_row: int = 0, planned: bool = False):
         """Every token (active None), or the tokens that `active` (N,) bool marks, in `count` slots of
         which a batch row holds at most `most_in_row`: the host's read of the mask, or (planned) a
-        `halting.CapacityPlan`'s slots, which may exceed the marked tokens (the spare slots point at
-        the scratch row N, read a clamped row and compute nothing kept) or fall short of them
-        (`overflow`, a device bool: a token was left out, and the forward's result is wrong)."""
+        `halting.CapacityPlan`'s slots. Those may exceed the marked tokens (the spare slots point at
+        the scratch row N, read a clamped row and compute nothing kept) or fall short of them: the
+        tokens past a row's `most_in_row`, then past `count`, in token order, are left out (`taken`
+        (N,) marks the tokens that have a slot, `left_out` counts the others, both on the device)."""
         self.B, self.T, self._device = B, T, device
         N = B * T
-        self.idx = None if active is None else \
-            torch.nonzero_static(active, size=count, fill_value=N).squeeze(1)
-        self.read_at = self.idx  # idx, with the spare slots reading token N - 1 of a buffer of N rows
         self.count = N if active is None else count
-        self.overflow: Optional[Tensor] = None
+        self.idx, self.taken, self.left_out = None, None, None
         self._masks: dict = {}
+        if active is not None and planned:
+            within = active & (torch.cumsum(active.view(B, T), 1) <= most_in_row).view(-1)
+            self.idx = torch.nonzero_static(within, size=count, fill_value=N).squeeze(1)
+            self.taken = torch.zeros(N + 1, dtype=torch.bool, device=device).index_fill_(0, self.idx, True)[:N]
+            self.left_out = active.sum() - self.taken.sum()
+            active = self.taken
+        elif active is not None:
+            self.idx = torch.nonzero_static(active, size=count).squeeze(1)
+        self.read_at = self.idx if not planned else self.idx.clamp(max=N - 1)  # a spare slot reads row N - 1
         self._targets = self.idx
         if active is None:
             return
         L = most_in_row
         per_row = active.view(B, T).sum(1)  # (a bincount of the rows would read its maximum on a GPU)
-        if planned:
-            self.read_at = self.idx.clamp(max=N - 1)
-            self.overflow = (per_row.sum() > count) | (per_row.amax() > L)
         batch = self.read_at // T
         first = torch.cumsum(per_row, 0) - per_row  # slots are in token order: a row's are consecutive
         rank = torch.arange(L, device=device)
@@ -177,7 +181,7 @@ class _Rows:
         self.L, self.queries_at = L, slot.reshape(-1)
         self.positions = torch.where(real, self.read_at.index_select(0, self.queries_at).view(B, L) % T, 0)
         self.out_at = batch * L + torch.arange(self.count, device=device) - first.index_select(0, batch)
-        if planned:  # a spare slot's place, or an overflowed row's, is any place: its output is dropped
+        if planned:  # a spare slot's place is any place: its output is dropped
             self.out_at = self.out_at.clamp(0, B * L - 1)
 
     @property
@@ -235,7 +239,7 @@ def _write(buffer: Tensor, rows: _Rows, new: Tensor, keep: Optional[Tensor] = No
         at = rows.targets if keep is None else torch.where(keep, N, rows.targets)
     elif keep is not None:
         raise ValueError("a masked write needs a buffer with a scratch row")
-    elif rows.overflow is not None:
+    elif rows.taken is not None:
         raise ValueError("a planned set of slots writes to buffers with a scratch row only (its spare slots')")
     else:
         at = rows.idx
@@ -456,14 +460,17 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
     observer = TraceObserver(trace, N, device) if trace is not None else None
     needs_readout = trace is not None or cfg.halt in READOUT_CRITERIA
     first_scored = first_scored_loop(cfg.halt, cfg.min_loops)
+    capture = _capture_safe()
     read_loops = capacity_reads(cfg.min_loops, n_loops) if reads is None else reads
-    read_loops = frozenset(read_loops) if compact and not _capture_safe() else frozenset()
-    planning = plans is not None and bool(read_loops) and trace is None and states is None and kv is None
-    plan = plans.get((B, T, n_loops)) if planning else None
+    read_loops = frozenset(read_loops) if compact and not capture else frozenset()
+    plannable = plans is not None and compact and trace is None and states is None and kv is None
+    frozen = plannable and plans.frozen
+    plan = plans.get((B, T, n_loops)) if plannable and (frozen or not capture) else None
+    recording = plannable and not frozen and not capture and (plan is not None or bool(read_loops))
     shrinks = plan.shrinks(N, T) if plan is not None else {}
     if plan is not None:
         read_loops = frozenset()
-    overflows: list[Tensor] = []  # a planned set's device flags: it left out a running token
+    left_out: list[Tensor] = []  # per planned set of slots, the running tokens it had no slot for
     # Per-token buffers, each with a scratch row N (the spare slots' and the masked writes' target).
     h = _with_scratch(model.initial_state(x0).reshape(N, C))
     active = _with_scratch(torch.ones(N, dtype=torch.bool, device=device))
@@ -505,20 +512,23 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
         else:
             continue
         if count == 0:
-            if plan is not None:
-                overflows.append(active.any())
+            if plan is not None:  # the plan has every token stopped here: any still running stop too
+                left_out.append(active.sum())
             break
         if count < rows.count:
             rows = _Rows(B, T, device, active[:N], count, most_in_row, planned=plan is not None)
-            if rows.overflow is not None:
-                overflows.append(rows.overflow)
+            if rows.taken is not None:  # the tokens without a slot stop here, as if they had halted
+                left_out.append(rows.left_out)
+                active = torch.cat([rows.taken, active[N:]])
             slot_h, slot_active, slot_steps, slot_threshold, slot_x0 = (
                 rows.gather(x) for x in (h, active, steps, threshold, core.x0))
     h, steps = h[:N], steps[:N]
-    if planning:  # the forward's one read: the counts for the next plan, and whether this one fell short
-        flag = torch.stack(overflows).any().view(1) if overflows else torch.zeros(1, dtype=torch.bool, device=device)
-        read = torch.cat([flag.long(), running_counts(steps.view(B, T), n_loops).view(-1)]).tolist()
-        overflowed, counts = bool(read[0]), read[1:]
+    if frozen and left_out:  # no read: the count waits on the device for `LoopGPT.capacity_dropped`
+        model.capacity_dropped.add_(torch.stack(left_out).sum())
+    if recording:  # the forward's one read: the counts for the next plan, and whether this one fell short
+        dropped = torch.stack(left_out).sum().view(1) if left_out else torch.zeros(1, dtype=torch.long, device=device)
+        read = torch.cat([dropped, running_counts(steps.view(B, T), n_loops).view(-1)]).tolist()
+        overflowed, counts = read[0] > 0, read[1:]
         if overflowed:  # rerun, reading the counts as it goes (exact), and plan from that run
             h, steps = halting_loop(model, x0, n_loops, threshold, compact=compact, grad_loops=grad_loops,
                                     reads=reads)

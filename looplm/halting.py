@@ -236,13 +236,29 @@ class CapacityPlans:
     """The latest capacity plan of each forward shape (B, T, n_loops), kept by a model between
     forwards (the MAX_SHAPES used last). One read at the end of each forward (`running_counts`)
     records the next plan; a forward that ran more tokens than its plan had slots for is rerun by
-    the engine and widens the slack of the plans that follow (1/16, doubling up to 1/2)."""
+    the engine and widens the slack of the plans that follow (1/16, doubling up to 1/2).
+
+    Frozen (`freeze()`), the plans stop changing and a forward never reads the device, also under
+    torch.compile and CUDA-graph capture, where it would otherwise run every token every loop: its
+    compute falls as the plan says. A token that finds no slot stops where it found none, as if it
+    had halted there (as a mixture of experts drops the tokens past an expert's capacity), and is
+    counted on the device in `LoopGPT.capacity_dropped`, for the caller to read when it chooses."""
 
     MAX_SLACK = 0.5
     MAX_SHAPES = 64  # uncached generation grows T by one a token: keep the recent shapes only
 
     def __init__(self) -> None:
         self._plans: OrderedDict[tuple[int, int, int], CapacityPlan] = OrderedDict()
+        self.frozen = False
+
+    def freeze(self) -> "CapacityPlans":
+        """Keep the plans as they are, and let forwards of their shapes read nothing."""
+        self.frozen = True
+        return self
+
+    def unfreeze(self) -> "CapacityPlans":
+        self.frozen = False
+        return self
 
     def get(self, key: tuple[int, int, int]) -> Optional[CapacityPlan]:
         return self._plans.get(key)

@@ -156,6 +156,8 @@ class LoopGPT(nn.Module):
         if config.halt == "gate":
             self.halt_gate = nn.Linear(C, 1)
         self.capacity_plans = halting_rules.CapacityPlans()  # the halting loop's slots per input shape (looplm.engine)
+        # Tokens a frozen capacity plan left without a slot (they stopped early), summed on the device.
+        self.register_buffer("capacity_dropped", torch.zeros((), dtype=torch.int64), persistent=False)
 
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections

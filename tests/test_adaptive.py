@@ -283,6 +283,90 @@ def test_planned_halting_reads_once_a_forward_and_reruns_what_overflows(backend)
     assert model.capacity_plans.get(key) is not None
 
 
+def frozen_plan_case(kernel: bool = False):
+    """A model with a plan recorded where most tokens stop after loop 1, frozen, and thresholds
+    under which every third token never stops: more tokens run than the plan has slots for."""
+    model = sharpened_model("entropy", max_loops=4 if kernel else MAX_LOOPS)
+    idx = torch.randint(0, 17, (1, 6) if kernel else (2, 12), generator=torch.Generator().manual_seed(5))
+    most_halt = torch.full(idx.shape, 2.75)
+    fewer_halt = most_halt.clone()
+    fewer_halt[:, ::3] = NEVER["entropy"]
+    with torch.no_grad():
+        model(idx, halting=True, thresholds=most_halt)
+    model.capacity_plans.freeze()
+    return model, idx, most_halt, fewer_halt
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton", "tile"])
+def test_frozen_plan_reads_nothing_and_stops_the_tokens_it_has_no_slot_for(backend):
+    """Frozen, the plan's forward never reads the device. Where its slots fit, it is the masked
+    loop; where they do not, the tokens without a slot stop at that loop with the state they had
+    there, the others run on, and the device counts the stopped ones."""
+    kernel = backend in ("triton", "tile")
+    backend, device = backend_or_skip(backend), device_for(backend)
+    model, idx, most_halt, fewer_halt = frozen_plan_case(kernel)
+    model.to(device).set_backend(backend)
+    n_loops, plans = model.config.max_loops, model.capacity_plans
+    plan = plans.get((*idx.shape, n_loops))
+    first_shrink = min(plan.shrinks(idx.numel(), idx.size(1)))
+    slots, slots_in_row = plan.shrinks(idx.numel(), idx.size(1))[first_shrink]
+    with torch.no_grad():
+        x0 = model.embed(idx.to(device))
+        for thresholds in (most_halt, fewer_halt):
+            bar = model.halt_bar(idx, thresholds.to(device))
+            states: list[torch.Tensor] = []
+            h_ref, steps_ref = run_loop(model, x0, n_loops, bar, compact=False, states=states)
+            model.capacity_dropped.zero_()
+            with count_host_syncs() as syncs:
+                h, steps = run_loop(model, x0, n_loops, bar, plans=plans)
+            assert syncs.count == 0, syncs.ops
+            if thresholds is most_halt:  # the plan's own forward: its slots fit
+                assert torch.equal(steps, steps_ref) and int(model.capacity_dropped) == 0
+                assert_close(h, h_ref, composed=True)
+                continue
+            # Up to the first shrink both runs are one; there the plan keeps, in token order, at
+            # most slots_in_row tokens of a row and slots in all, and the rest stop.
+            running = (steps_ref > first_shrink).view(idx.shape).cpu()
+            within = (running & (running.cumsum(1) <= slots_in_row)).view(-1)
+            kept = torch.zeros_like(within)
+            kept[within.nonzero().view(-1)[:slots]] = True
+            stopped = running.view(-1) & ~kept
+            assert stopped.any(), "the test needs tokens the plan has no slot for"
+            assert (steps.cpu()[stopped] == first_shrink).all()
+            assert int(model.capacity_dropped) >= int(stopped.sum())
+            h, before = h.reshape(-1, h.size(-1)).cpu(), states[first_shrink - 1].reshape(-1, h.size(-1)).cpu()
+            assert_close(h[stopped], before[stopped], composed=True, msg="a stopped token keeps its state")
+    assert plans.get((*idx.shape, n_loops)) == plan, "a frozen plan does not change"
+
+
+def test_frozen_plan_compiles_whole_once_and_its_compute_falls():
+    """Under torch.compile(fullgraph=True), a frozen plan's forward is one graph (no host read),
+    equal to the eager one, replayed unchanged as the share of halting tokens changes; it runs the
+    readout on the plan's slots, fewer than the tokens (without a plan a compiled forward runs
+    every token every loop)."""
+    torch._dynamo.reset()
+    model, idx, most_halt, fewer_halt = frozen_plan_case()
+    cases = [most_halt, fewer_halt, torch.full(idx.shape, NEVER["entropy"])]  # fitting, not, none halting
+    with torch.no_grad():
+        eager = []
+        for thresholds in cases:
+            model.capacity_dropped.zero_()
+            eager.append((model(idx, halting=True, thresholds=thresholds)[0], int(model.capacity_dropped)))
+        assert eager[0][1] == 0 and eager[1][1] > 0
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for thresholds, (logits, dropped) in zip(cases, eager):
+                model.capacity_dropped.zero_()
+                assert_close(compiled(idx, halting=True, thresholds=thresholds)[0], logits, composed=True)
+                assert int(model.capacity_dropped) == dropped
+    torch._dynamo.reset()
+    rows, logits = [], model.logits
+    model.logits = lambda h: rows.append(h.size(0)) or logits(h)
+    with torch.no_grad():
+        model(idx, halting=True, thresholds=most_halt)
+    assert min(rows) < idx.numel() / 2, rows
+
+
 def test_capacity_plan_shrinks_by_a_quarter_or_to_none_and_widens_after_an_overflow():
     plan = CapacityPlan(running=(100, 90, 70, 40, 40, 0, 0), most_in_row=(30, 28, 20, 12, 12, 0, 0))
     assert plan.shrinks(100, 32) == {3: (70, 20), 4: (40, 12), 6: (0, 0)}
