@@ -4,13 +4,15 @@ of a run's compiled launches, and reading a cubin's resources and machine code w
 
 A backend's `launch` asks `recording()`; inside `captured_launches(arch)` it hands its launch record
 (whatever that backend compiles from: a Triton `Launch`, a cuTile tuple) to `record` instead of
-running it, and its launchers may ask `recording_arch()` to choose for the architecture compiled
-for (e.g. tensor descriptors on sm_90), and `persistent_programs` to size a persistent grid.
+running it. Launchers ask `launch_arch(device)` for the architecture a launch compiles for (the
+recorded one inside a recording, the GPU's own on CUDA) to choose their defaults by it (e.g.
+attention's larger tiles on sm_90), and `persistent_programs` to size a persistent grid.
 `looplm_triton.common` and `looplm_tile.runtime` re-export these names for their kernel modules.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -66,6 +68,32 @@ def recording_arch() -> Optional[str]:
 def record(launch: Any) -> None:
     """Add one launch record to the current recording."""
     _recording.launches.append(launch)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(index: int) -> str:
+    import torch
+
+    from tuning.gpus import UnknownGpu, arch_for_capability
+    capability = torch.cuda.get_device_capability(index)
+    try:
+        return arch_for_capability(capability).arch
+    except UnknownGpu:  # no limits listed for it (e.g. sm_75): its own name, which no default is keyed by
+        return f"sm_{capability[0]}{capability[1]}"
+
+
+def launch_arch(device: torch.device) -> Optional[str]:
+    """The architecture ("sm_90") a launch on `device` compiles for, which launchers choose their
+    defaults by: inside `captured_launches(arch)`, the recorded `arch` (an ahead-of-time compile on
+    meta tensors); on a CUDA device, the GPU's own, as the closest architecture `tuning.gpus` lists
+    (an sm_103 takes sm_100's defaults; cached per device); None elsewhere (an interpreter or
+    emulator on CPU tensors)."""
+    if recording():
+        return recording_arch()
+    if device.type == "cuda":
+        import torch
+        return _device_arch(torch.cuda.current_device() if device.index is None else device.index)
+    return None
 
 
 def multiprocessors(device: torch.device) -> Optional[int]:

@@ -216,3 +216,13 @@ def test_a_kernel_op_calls_the_torch_op_where_the_table_says_pytorch_wins(on_gpu
     assert triton_halt_update(*args(50, 100)) == "torch" and calls == [(50, 100)]  # bucket 64x128: PyTorch won
     h, active, steps = triton_halt_update(*args(3, 8))  # a bucket a kernel config won: the kernel runs
     assert torch.equal(steps, torch.ones(3, dtype=torch.int32)) and calls == [(50, 100)]
+
+
+def test_no_table_applies_while_launches_are_recorded_for_an_ahead_of_time_compile(on_gpu):
+    """A compile for a named architecture takes that architecture's defaults, not this GPU's table."""
+    from looplm.kernels import captured_launches
+    user, _, _ = on_gpu
+    write(user / "rtx5070.json", RTX5070, [entry((4096, 512), 8)])
+    with captured_launches("sm_120"):
+        assert tuning.lookup_config("triton", "layer_norm", torch.bfloat16, (4096, 384), DEFAULT) is DEFAULT
+    assert tuning.lookup_config("triton", "layer_norm", torch.bfloat16, (4096, 384), DEFAULT)["BLOCK_M"] == 8

@@ -7,6 +7,9 @@ Precedence, for (backend, kernel, dtype, bucket of the shape):
      architecture (an H100 without a table of its own runs on the H200's; one warning says so);
      a table of another architecture never applies;
   4. the kernel's built-in default (its architecture's own where it has one).
+While launches are recorded for an ahead-of-time compile (`looplm.kernels.captured_launches(arch)`)
+no table applies: the compile is for the architecture named there, not for this device, and takes
+its defaults.
 Each fallback is logged once (per-launch details at INFO). A table that is corrupt, of a newer
 schema, or whose config does not have the kernel's knobs is skipped with a warning: a launch never
 fails because of a table (a bug in the lookup itself is raised, not hidden). Tables are read once
@@ -24,6 +27,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from looplm.kernels import recording
 from tuning import table as tables
 from tuning.buckets import bucket, format_shape, nearest_bucket
 from tuning.spec import TORCH_IMPL, Config, KernelTuning, is_torch
@@ -180,7 +184,7 @@ def runs_torch(backend: str, kernel: str, dtype: Any, shape: tuple) -> bool:
 
 def _lookup(backend: str, kernel: str, dtype: Any, shape: tuple, default: Optional[Config]) -> Optional[Config]:
     """The table's config for this launch (default None: any knobs), else `default`."""
-    if not _cuda_available():
+    if not _cuda_available() or recording():
         return default
     index = torch.cuda.current_device()
     key = (index, backend, kernel, dtype, tuple(shape), None if default is None else tuple(sorted(default)))
