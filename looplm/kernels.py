@@ -117,6 +117,40 @@ def persistent_programs(device: torch.device, tiles: int, per_sm: int = 1, witho
     return max(1, min(tiles, without_gpu if sms is None else sms * per_sm))
 
 
+# ---- the order of causal attention's programs (both backends' attention kernels spell it)
+#
+# Under causal masking query block i of a head reads keys up to its own position, so the latest
+# blocks cost the most. Programs are handed to SMs in grid order, so the order decides how well
+# the last wave is packed: heads are taken in sections, and within a section every head's heaviest
+# block comes first, then every head's next heaviest, and so on (longest first, as FlashAttention-3's
+# scheduler orders them). A section holds as many heads as SECTION_KV_BYTES of their keys and
+# values allow, so that the section finishing and the one starting (about 2 x 16 MiB) stay in the
+# 40-50 MB L2 of an A100 / H100 / H200 while every block of their heads reads them; one section of
+# all heads would stream every head's K and V from memory at once. `python -m bench.roofline
+# --causal-order` simulates the orders at the issue's shapes.
+SECTION_KV_BYTES = 16 * 2 ** 20
+
+
+def attention_section(heads: int, kv_bytes_per_head: int, budget: int = SECTION_KV_BYTES) -> int:
+    """Heads per section of causal attention's program order for `heads` (batch x head) heads
+    whose K and V take `kv_bytes_per_head` each: the fewest sections whose K and V fit `budget`,
+    the heads split evenly among them (a short last section would restart the longest-first order
+    in the tail)."""
+    most = max(1, min(heads, budget // max(1, kv_bytes_per_head)))
+    sections = -(-heads // most)
+    return -(-heads // sections)
+
+
+def attention_program(pid: int, m_blocks: int, heads: int, section: int) -> tuple[int, int]:
+    """(batch x head, query block) of program `pid` in the order above, with `m_blocks` query
+    blocks per head and `section` heads per section; the kernels compute the same in device code."""
+    per_section = section * m_blocks
+    first_head = pid // per_section * section
+    in_section = pid % per_section
+    heads_here = min(section, heads - first_head)
+    return first_head + in_section % heads_here, m_blocks - 1 - in_section // heads_here
+
+
 def capture(run: Callable[..., Any], *args: Any, arch: Optional[str] = None, **kwargs: Any) -> list:
     """The launches `run(*args, **kwargs)` makes for `arch`, recorded, not run (pass meta tensors)."""
     with captured_launches(arch) as launches:
