@@ -16,6 +16,9 @@ peak scaled by the useful share of the padded tiles, exponentials over the SFU r
 the wave utilisation (blocks over the slots of the last wave). Its percent of the roofline
 (bench.report's: compulsory bytes and FLOPs over the peaks) is what
 `python -m bench.report --static RUN.json` puts beside the measured one.
+
+`python -m bench.roofline --causal-order` prints a list-scheduling simulation of the order causal
+attention hands its programs out in (`causal_schedule`), which chose the kernels' order.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Kernel plumbing both kernel backends share: grid limits, recording launches instead of running
 them (for an ahead-of-time compile of exactly what a launcher launches), picking the most demanding
-of a run's compiled launches, and reading a cubin's resources and machine code with cuobjdump.
+of a run's compiled launches, the architecture a launch compiles for, the order causal attention
+hands its programs out in, and reading a cubin's resources and machine code with cuobjdump.
 
 A backend's `launch` asks `recording()`; inside `captured_launches(arch)` it hands its launch record
 (whatever that backend compiles from: a Triton `Launch`, a cuTile tuple) to `record` instead of
@@ -127,7 +128,7 @@ def persistent_programs(device: torch.device, tiles: int, per_sm: int = 1, witho
 # values allow, so that the section finishing and the one starting (about 2 x 16 MiB) stay in the
 # 40-50 MB L2 of an A100 / H100 / H200 while every block of their heads reads them; one section of
 # all heads would stream every head's K and V from memory at once. `python -m bench.roofline
-# --causal-order` simulates the orders at the issue's shapes.
+# --causal-order` simulates the orders (bench.roofline.CAUSAL_ORDER_SHAPES).
 SECTION_KV_BYTES = 16 * 2 ** 20
 
 
