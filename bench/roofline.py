@@ -16,6 +16,9 @@ peak scaled by the useful share of the padded tiles, exponentials over the SFU r
 the wave utilisation (blocks over the slots of the last wave). Its percent of the roofline
 (bench.report's: compulsory bytes and FLOPs over the peaks) is what
 `python -m bench.report --static RUN.json` puts beside the measured one.
+
+`python -m bench.roofline --causal-order` prints a list-scheduling simulation of the order causal
+attention hands its programs out in (`causal_schedule`), which chose the kernels' order.
 """
 from __future__ import annotations
 
@@ -227,3 +230,132 @@ def measured_percent(data: dict) -> dict:
         if use is not None and m.info.suite == "kernel":
             out[(peak.name, m.info.case, m.info.backend)] = use
     return out
+
+
+# ---- causal attention: how the order of the programs packs the SMs (a list-scheduling simulation)
+#
+# Under causal masking query block i of a head reads keys up to its own position, so blocks differ in
+# cost up to T / BLOCK_M-fold, and the order the grid hands them out in decides how ragged the last
+# wave is. The simulation below hands the programs, in grid order, each to the first SM slot that
+# frees up (what the GPU's block scheduler does), with a cost proportional to the keys the program
+# reads; it leaves out everything else (memory stalls, L2 misses), and reports, beside the makespan,
+# the K and V bytes of the heads that are live at once (a head from its first program's start to its
+# last program's end), which is what L2 must hold for the re-reads of K and V to hit.
+
+CAUSAL_ORDER_SHAPES = [  # (batch x heads, T, head size): issue 20's model shapes and the H200's measured ones
+    *((heads, t, 64) for heads in (4 * 16, 64 * 6) for t in (1024, 2048, 4096)),
+    (16 * 32, 1024, 64), (8 * 16, 2048, 128), (4 * 16, 4096, 128),
+]
+CAUSAL_ORDER_SMS = 132  # an H100 / H200, one block of the long-sequence tiles per SM
+
+
+def causal_block_keys(t: int, block_m: int, block_n: int) -> list[int]:
+    """The keys each query block of a causal head (Tq = Tk = t) reads, in whole BLOCK_N tiles: its cost."""
+    return [min(t, _cdiv((i + 1) * block_m, block_n) * block_n) for i in range(_cdiv(t, block_m))]
+
+
+def list_schedule(costs: Sequence[float], slots: int) -> list[tuple[float, float]]:
+    """(start, end) of each program when they are handed out in order, each to the slot that frees
+    first (greedy list scheduling on `slots` identical slots)."""
+    import heapq
+    free = [(0.0, slot) for slot in range(slots)]
+    times = []
+    for cost in costs:
+        start, slot = heapq.heappop(free)
+        times.append((start, start + cost))
+        heapq.heappush(free, (start + cost, slot))
+    return times
+
+
+@dataclass(frozen=True)
+class Schedule:
+    makespan: float  # in keys read by one program slot
+    ideal: float  # the lower bound: all work spread evenly, or the longest program, whichever is more
+    live_kv_bytes: float  # the most K and V bytes of heads live at once
+
+    @property
+    def over_ideal(self) -> float:
+        return self.makespan / self.ideal
+
+
+def causal_schedule(heads: int, t: int, d: int, block_m: int, block_n: int, section: int,
+                    slots: int = CAUSAL_ORDER_SMS, itemsize: int = ITEMSIZE) -> Schedule:
+    """The simulated schedule of a causal attention launch over `heads` (batch x head) heads of T = `t`
+    with BLOCK_M x BLOCK_N tiles, in the kernels' order (`looplm.kernels.attention_program`) with
+    `section` heads per section: 1 is head by head, `heads` longest first across all heads."""
+    from looplm.kernels import attention_program
+    keys = causal_block_keys(t, block_m, block_n)
+    programs = [attention_program(pid, len(keys), heads, section) for pid in range(heads * len(keys))]
+    times = list_schedule([keys[block] for _, block in programs], slots)
+    live: dict[int, list[float]] = {}
+    for (head, _), (start, end) in zip(programs, times):
+        span = live.setdefault(head, [start, end])
+        span[0], span[1] = min(span[0], start), max(span[1], end)
+    events = sorted([(s, 1) for s, _ in live.values()] + [(e, -1) for _, e in live.values()])
+    now = most = 0
+    for _, step in events:  # an end sorts before a start at the same time
+        now += step
+        most = max(most, now)
+    return Schedule(makespan=max(end for _, end in times), ideal=max(heads * sum(keys) / slots, max(keys)),
+                    live_kv_bytes=most * 2 * t * d * itemsize)
+
+
+def causal_order_rows(shapes: Sequence[tuple[int, int, int]] = CAUSAL_ORDER_SHAPES) -> list[dict]:
+    """For each shape and each kernel backend's sm_90 default tiles there: the three orders' schedules."""
+    import importlib
+
+    import torch
+
+    from looplm.backends import KERNEL_PACKAGES
+    from looplm.kernels import attention_section
+    rows = []
+    for heads, t, d in shapes:
+        for backend, package in KERNEL_PACKAGES.items():
+            try:
+                module = importlib.import_module(f"{package}.attention")
+            except ImportError:
+                continue
+            config = module.default_config(t, d, torch.bfloat16, "sm_90")
+            bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+            section = attention_section(heads, 2 * t * d * ITEMSIZE)
+            rows.append({"heads": heads, "T": t, "D": d, "backend": backend, "tiles": (bm, bn), "section": section,
+                         **{order: causal_schedule(heads, t, d, bm, bn, s) for order, s in
+                            (("head_by_head", 1), ("all_heads", heads), ("sections", section))}})
+    return rows
+
+
+CAUSAL_ORDER_COMMAND = "python -m bench.roofline --causal-order"
+
+
+def causal_order_markdown(rows: Sequence[dict]) -> str:
+    from tabulate import tabulate
+
+    def cell(s: Schedule) -> str:
+        return f"{s.over_ideal:.3f} ({s.live_kv_bytes / 2 ** 20:.0f} MiB)"
+    table = [[r["heads"], r["T"], r["D"], r["backend"], "x".join(map(str, r["tiles"])), cell(r["head_by_head"]),
+              cell(r["all_heads"]), f"{cell(r['sections'])}, {r['section']} heads"] for r in rows]
+    return "\n".join([
+        "# Causal attention: makespan of the program orders over the ideal (a simulation, not a measurement)", "",
+        f"- command: `{CAUSAL_ORDER_COMMAND}`; {CAUSAL_ORDER_SMS} SMs (an H100 / H200), one program per SM at a "
+        "time, each SM taking the next program in grid order when it frees; cost = keys read; bf16, each "
+        "backend's sm_90 default tiles at that T and head size",
+        "- ideal: all work spread evenly over the SMs, or the longest program if that is longer; in brackets the "
+        "most K and V bytes of heads live at once (first program started, last not finished)",
+        "- orders: head by head (each head's heaviest block first); longest first across all heads; longest first "
+        "within sections of heads whose K and V fit in L2 (looplm.kernels.attention_section, the kernels' order)",
+        "", tabulate(table, ["B x H", "T", "D", "backend", "tiles", "head by head", "all heads", "L2 sections"],
+                         tablefmt="github"), ""])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m bench.roofline", description="Design estimates without a GPU.")
+    p.add_argument("--causal-order", action="store_true", required=True,
+                   help="simulate the order of causal attention's programs at issue 20's shapes")
+    p.parse_args(argv)
+    print(causal_order_markdown(causal_order_rows()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

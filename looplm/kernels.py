@@ -1,16 +1,19 @@
 """Kernel plumbing both kernel backends share: grid limits, recording launches instead of running
 them (for an ahead-of-time compile of exactly what a launcher launches), picking the most demanding
-of a run's compiled launches, and reading a cubin's resources and machine code with cuobjdump.
+of a run's compiled launches, the architecture a launch compiles for, the order causal attention
+hands its programs out in, and reading a cubin's resources and machine code with cuobjdump.
 
 A backend's `launch` asks `recording()`; inside `captured_launches(arch)` it hands its launch record
 (whatever that backend compiles from: a Triton `Launch`, a cuTile tuple) to `record` instead of
-running it, and its launchers may ask `recording_arch()` to choose for the architecture compiled
-for (e.g. tensor descriptors on sm_90), and `persistent_programs` to size a persistent grid.
+running it. Launchers ask `launch_arch(device)` for the architecture a launch compiles for (the
+recorded one inside a recording, the GPU's own on CUDA) to choose their defaults by it (e.g.
+attention's larger tiles on sm_90), and `persistent_programs` to size a persistent grid.
 `looplm_triton.common` and `looplm_tile.runtime` re-export these names for their kernel modules.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -68,6 +71,32 @@ def record(launch: Any) -> None:
     _recording.launches.append(launch)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_arch(index: int) -> str:
+    import torch
+
+    from tuning.gpus import UnknownGpu, arch_for_capability
+    capability = torch.cuda.get_device_capability(index)
+    try:
+        return arch_for_capability(capability).arch
+    except UnknownGpu:  # no limits listed for it (e.g. sm_75): its own name, which no default is keyed by
+        return f"sm_{capability[0]}{capability[1]}"
+
+
+def launch_arch(device: torch.device) -> Optional[str]:
+    """The architecture ("sm_90") a launch on `device` compiles for, which launchers choose their
+    defaults by: inside `captured_launches(arch)`, the recorded `arch` (an ahead-of-time compile on
+    meta tensors); on a CUDA device, the GPU's own, as the closest architecture `tuning.gpus` lists
+    (an sm_103 takes sm_100's defaults; cached per device); None elsewhere (an interpreter or
+    emulator on CPU tensors)."""
+    if recording():
+        return recording_arch()
+    if device.type == "cuda":
+        import torch
+        return _device_arch(torch.cuda.current_device() if device.index is None else device.index)
+    return None
+
+
 def multiprocessors(device: torch.device) -> Optional[int]:
     """SMs a persistent launch on `device` spreads its programs over: inside a recording, those of
     the recorded architecture's reference GPU (`tuning.gpus.reference_sms`); on a GPU, its own; None
@@ -87,6 +116,40 @@ def persistent_programs(device: torch.device, tiles: int, per_sm: int = 1, witho
     `without_gpu` in an interpreter or emulator (a few, each walking several tiles)."""
     sms = multiprocessors(device)
     return max(1, min(tiles, without_gpu if sms is None else sms * per_sm))
+
+
+# ---- the order of causal attention's programs (both backends' attention kernels spell it)
+#
+# Under causal masking query block i of a head reads keys up to its own position, so the latest
+# blocks cost the most. Programs are handed to SMs in grid order, so the order decides how well
+# the last wave is packed: heads are taken in sections, and within a section every head's heaviest
+# block comes first, then every head's next heaviest, and so on (longest first, as FlashAttention-3's
+# scheduler orders them). A section holds as many heads as SECTION_KV_BYTES of their keys and
+# values allow, so that the section finishing and the one starting (about 2 x 16 MiB) stay in the
+# 40-50 MB L2 of an A100 / H100 / H200 while every block of their heads reads them; one section of
+# all heads would stream every head's K and V from memory at once. `python -m bench.roofline
+# --causal-order` simulates the orders (bench.roofline.CAUSAL_ORDER_SHAPES).
+SECTION_KV_BYTES = 16 * 2 ** 20
+
+
+def attention_section(heads: int, kv_bytes_per_head: int, budget: int = SECTION_KV_BYTES) -> int:
+    """Heads per section of causal attention's program order for `heads` (batch x head) heads
+    whose K and V take `kv_bytes_per_head` each: the fewest sections whose K and V fit `budget`,
+    the heads split evenly among them (a short last section would restart the longest-first order
+    in the tail)."""
+    most = max(1, min(heads, budget // max(1, kv_bytes_per_head)))
+    sections = -(-heads // most)
+    return -(-heads // sections)
+
+
+def attention_program(pid: int, m_blocks: int, heads: int, section: int) -> tuple[int, int]:
+    """(batch x head, query block) of program `pid` in the order above, with `m_blocks` query
+    blocks per head and `section` heads per section; the kernels compute the same in device code."""
+    per_section = section * m_blocks
+    first_head = pid // per_section * section
+    in_section = pid % per_section
+    heads_here = min(section, heads - first_head)
+    return first_head + in_section % heads_here, m_blocks - 1 - in_section // heads_here
 
 
 def capture(run: Callable[..., Any], *args: Any, arch: Optional[str] = None, **kwargs: Any) -> list:

@@ -21,8 +21,8 @@ import cuda.tile as ct
 from cuda.tile.compilation import (ArrayConstraint, CallingConvention, ConstantConstraint, KernelSignature,
                                    ScalarConstraint, export_kernel)
 
-from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, cubin_resources, most_demanding, \
-    multiprocessors, persistent_programs, record, recording
+from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, cubin_resources, launch_arch, \
+    most_demanding, multiprocessors, persistent_programs, record, recording
 from looplm_tile import emulator
 from looplm_tile.emulator import tile_dtype
 from tuning.gpus import COMPILE_TARGETS
@@ -44,20 +44,16 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@functools.lru_cache(maxsize=None)
-def _arch_of_device(index: int) -> str:
-    from tuning.gpus import arch_for_capability
-    return arch_for_capability(torch.cuda.get_device_capability(index)).arch
-
-
 def arch_of(t: torch.Tensor) -> Optional[str]:
-    """The architecture ("sm_90") a launch on `t`'s device runs on; None off a GPU (the emulator)."""
-    return _arch_of_device(t.device.index or 0) if t.is_cuda else None
+    """The architecture ("sm_90") a launch on `t`'s device compiles for (`looplm.kernels.launch_arch`):
+    the recorded one inside `captured_launches(arch)`, so that an ahead-of-time compile takes that
+    architecture's defaults; the GPU's own on CUDA; None in the emulator."""
+    return launch_arch(t.device)
 
 
 def default_config(tuning, t: torch.Tensor) -> dict:
-    """The kernel's built-in default for a launch on `t`'s device: its architecture's own where it
-    has one (tile shapes that fit an sm_80 or sm_120 without spilling differ from Hopper's)."""
+    """The kernel's built-in default for a launch on `t`'s device (`arch_of`): its architecture's own
+    where it has one (tile shapes that fit an sm_80 or sm_120 without spilling differ from Hopper's)."""
     return tuning.default_for(t.dtype, arch_of(t))
 
 

@@ -19,8 +19,8 @@ import triton.language as tl
 import tuning
 from torch import Tensor
 
-from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, most_demanding, multiprocessors, \
-    persistent_programs, record, recording, recording_arch
+from looplm.kernels import MAX_GRID, capture, captured_launches, check_grid, launch_arch, most_demanding, \
+    multiprocessors, persistent_programs, record, recording, recording_arch
 from looplm_triton.aot import LAUNCH_KNOBS, capability, compile_launch
 from tuning.spec import Config
 
@@ -80,9 +80,10 @@ def target_capability(device: torch.device) -> Optional[tuple[int, int]]:
 
 
 def target_arch(device: torch.device) -> Optional[str]:
-    """`target_capability` as the architecture's name ("sm_90"), for a default chosen by architecture."""
-    capability = target_capability(device)
-    return None if capability is None else f"sm_{capability[0]}{capability[1]}"
+    """The architecture ("sm_90") launches on `device` compile for, for a default chosen by
+    architecture: `looplm.kernels.launch_arch` (the recording's, else the GPU's own), None where the
+    interpreter runs them."""
+    return None if INTERPRETED and not recording() else launch_arch(device)
 
 
 def dot_in_fp32() -> bool:

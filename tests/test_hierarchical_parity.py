@@ -197,6 +197,17 @@ def test_hierarchical_parity_tier1_attention_strided_views_and_scale(backend):
     assert_close(backend.ops["attention"](q, k, v, True, 0.3), reference.attention(q, k, v, True, 0.3))
 
 
+@pytest.mark.parametrize("section", [1, 4, 6])
+def test_hierarchical_parity_tier1_attention_in_any_section_of_heads(kernel_backend, monkeypatch, section):
+    """The causal program order (looplm.kernels.attention_program) over 2 x 3 heads in sections of
+    one head (head by head), of four (a short last section of two) and of all six: every query
+    block of every head is computed once, in its own head."""
+    attention = importlib.import_module(f"looplm_{kernel_backend.name}.attention")
+    monkeypatch.setattr(attention, "attention_section", lambda heads, kv_bytes_per_head: section)
+    q, k, v = (randn(2, 3, 70, 32, device=device_for(kernel_backend)) for _ in range(3))
+    assert_close(kernel_backend.ops["attention"](q, k, v, True), reference.attention(q, k, v, True))
+
+
 def test_hierarchical_parity_tier1_attention_into_strided_output(kernel_backend):
     """The block's path: head views of its qkv projection in, a (B, T, H, D) buffer's view out."""
     attention = importlib.import_module(f"looplm_{kernel_backend.name}.attention")

@@ -28,3 +28,64 @@ def test_hierarchical_parity_tier0_compiles(kernel, model, arch):
         assert resources["cubin_bytes"] > 0, launch.variant
         if "shared_mem" in resources:
             assert resources["shared_mem"] <= ARCHS[arch].shared_mem_per_block, (launch.variant, resources)
+
+
+# ---- the launcher's own default, chosen for the architecture compiled for
+
+LONG_T = 2048  # past attention.SHORT_T: the architectures listed in attention.LONG take larger tiles
+
+
+def _recorded_config(run, *args, arch):
+    """The config of the one launch `run(*args)` makes, recorded for `arch` (meta tensors)."""
+    (launch,) = runtime.capture(run, *args, arch=arch)
+    return launch[3]
+
+
+def _meta(*shape):
+    return torch.empty(*shape, dtype=torch.bfloat16, device="meta")
+
+
+def test_an_ahead_of_time_compile_for_sm90_at_a_long_sequence_takes_attentions_sm90_long_tiles():
+    from looplm_tile import attention
+    q = _meta(2, 4, LONG_T, 64)
+    args = (q, q, q, torch.empty_like(q), True, 0.125)
+    assert _recorded_config(attention.attention_into, *args, arch="sm_90") == attention.LONG[("sm_90", 64)]
+    # sm_80 is not in LONG: it keeps its architecture's default, which is not sm_90's
+    sm80 = _recorded_config(attention.attention_into, *args, arch="sm_80")
+    assert sm80 == attention.TUNING.default_for(torch.bfloat16, "sm_80") != attention.LONG[("sm_90", 64)]
+    resources = runtime.compile_run(attention.attention_into, "sm_90", *args)  # what is compiled is that launch
+    assert resources["cubin_bytes"] > 0 and resources["launches"] == 1
+
+
+@pytest.mark.parametrize("arch", runtime.ARCHES)
+@pytest.mark.parametrize("kernel", ["linear", "halt_update"])
+def test_a_launchers_default_follows_the_architecture_compiled_for(kernel, arch):
+    import importlib
+    module = importlib.import_module(f"looplm_tile.{kernel}")
+    n, c = 256, 384
+    if kernel == "linear":
+        args = (_meta(n, c), _meta(3 * c, c))
+    else:
+        flags = torch.empty(n, dtype=torch.bool, device="meta")
+        args = (_meta(n, c), _meta(n, c), flags, torch.empty(n, dtype=torch.int32, device="meta"),
+                *torch.empty(2, n, device="meta"), 3, 2, 12)
+    expected = module.TUNING.default_for(torch.bfloat16, arch)
+    assert _recorded_config(getattr(module, kernel), *args, arch=arch) == expected
+
+
+def test_both_backends_take_the_architecture_from_one_place(monkeypatch):
+    """looplm.kernels.launch_arch: the recorded architecture inside a recording, the GPU's own (as
+    the closest listed architecture) on CUDA, None on the CPU; cuTile's arch_of and Triton's
+    target_arch both answer it."""
+    pytest.importorskip("triton")
+    from looplm import kernels
+    from looplm_triton.common import target_arch
+    meta = _meta(1)
+    for arch in runtime.ARCHES:
+        with runtime.captured_launches(arch):
+            assert runtime.arch_of(meta) == target_arch(meta.device) == kernels.launch_arch(meta.device) == arch
+    assert runtime.arch_of(torch.empty(1)) is None and target_arch(torch.device("cpu")) is None
+    capabilities = {0: (9, 0), 1: (10, 3), 2: (7, 5)}  # an H200, a later Blackwell, a Turing
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capabilities[index])
+    monkeypatch.setattr(kernels, "_device_arch", kernels._device_arch.__wrapped__)  # no answers cached across tests
+    assert [kernels.launch_arch(torch.device("cuda", i)) for i in capabilities] == ["sm_90", "sm_100", "sm_75"]

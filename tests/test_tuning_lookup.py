@@ -1,4 +1,5 @@
 """Launch-time lookup: precedence, refusal of bad tables, never another GPU's table in silence, CPU."""
+import contextlib
 import logging
 
 import pytest
@@ -197,22 +198,77 @@ def test_where_pytorch_won_the_kernel_config_is_still_its_fastest_and_runs_torch
         {"BLOCK_M": 16, "num_warps": 8}
 
 
-def test_a_kernel_op_calls_the_torch_op_where_the_table_says_pytorch_wins(on_gpu, monkeypatch):
-    """The backend runs the winner: the op sends the buckets PyTorch won to the "torch" backend's op."""
+def kernel_won(bucket):
+    """A halt_update entry where a kernel configuration won."""
+    return {**entry(bucket, 1, kernel="halt_update"),
+            "best": {"config": {"BLOCK_N": 4, "BLOCK_C": 8, "num_warps": 1}, "median_ms": 0.1}}
+
+
+def halt_update_args(n, c, device):
+    """halt_update's arguments for n tokens of width c on `device`: fake tensors (shapes, dtypes and a
+    device, no data) for a CUDA device this machine need not have."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() if device != "cpu" else contextlib.nullcontext():
+        state = torch.zeros(n, c, dtype=torch.bfloat16, device=device)  # bf16 state, fp32 scores
+        return (state, state, torch.ones(n, dtype=torch.bool, device=device),
+                torch.zeros(n, dtype=torch.int32, device=device), torch.zeros(n, device=device),
+                torch.ones(n, device=device), 1, 1, 2)
+
+
+@pytest.fixture
+def routed_halt_update(on_gpu, monkeypatch):
+    """The Triton backend's halt_update op, its kernel and the PyTorch op replaced by recorders:
+    (op, calls), calls holding ("kernel" | "torch", device, shape) per call."""
     from looplm.backends import kernel_ops
     from looplm.torch_ops import OPS as TORCH_OPS
-    user, _, _ = on_gpu
-    kernel_won = {**entry((4, 8), 1, kernel="halt_update"),
-                  "best": {"config": {"BLOCK_N": 4, "BLOCK_C": 8, "num_warps": 1}, "median_ms": 0.1}}
-    write(user / "rtx5070.json", RTX5070, [torch_won((64, 128), kernel="halt_update"), kernel_won])
+    from looplm_triton import halt_update
     calls = []
-    monkeypatch.setitem(TORCH_OPS, "halt_update", lambda *a, **k: calls.append(a[0].shape) or "torch")
-    triton_halt_update = kernel_ops("looplm_triton")["halt_update"]
+    monkeypatch.setitem(TORCH_OPS, "halt_update", lambda *a, **k: calls.append(("torch", str(a[0].device),
+                                                                                 tuple(a[0].shape))))
+    monkeypatch.setattr(halt_update, "halt_update", lambda *a, **k: calls.append(("kernel", str(a[0].device),
+                                                                                   tuple(a[0].shape))))
+    return kernel_ops("looplm_triton")["halt_update"], calls
 
-    def args(n, c):
-        state = torch.zeros(n, c, dtype=torch.bfloat16)  # the table's entry is for bf16 state, fp32 scores
-        return (state, state, torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.int32), torch.zeros(n),
-                torch.ones(n), 1, 1, 2)
-    assert triton_halt_update(*args(50, 100)) == "torch" and calls == [(50, 100)]  # bucket 64x128: PyTorch won
-    h, active, steps = triton_halt_update(*args(3, 8))  # a bucket a kernel config won: the kernel runs
-    assert torch.equal(steps, torch.ones(3, dtype=torch.int32)) and calls == [(50, 100)]
+
+def test_a_kernel_op_calls_the_torch_op_where_the_table_says_pytorch_wins(on_gpu, routed_halt_update):
+    """The backend runs the winner: the op sends the buckets PyTorch won to the "torch" backend's op."""
+    user, _, _ = on_gpu
+    op, calls = routed_halt_update
+    write(user / "rtx5070.json", RTX5070, [torch_won((64, 128), kernel="halt_update"), kernel_won((4, 8))])
+    op(*halt_update_args(50, 100, "cuda:0"))  # bucket 64x128: PyTorch won
+    op(*halt_update_args(3, 8, "cuda:0"))  # a bucket a kernel config won
+    op(*halt_update_args(50, 100, "cpu"))  # CPU tensors: the interpreter's kernel, whatever a GPU's table says
+    assert calls == [("torch", "cuda:0", (50, 100)), ("kernel", "cuda:0", (3, 8)), ("kernel", "cpu", (50, 100))]
+
+
+def test_each_call_is_routed_by_the_table_of_the_gpu_its_tensors_live_on(on_gpu, routed_halt_update, monkeypatch):
+    """With two GPUs, a call on cuda:1 follows cuda:1's table whatever the current device is; the
+    routing never asks for the current device."""
+    user, _, _ = on_gpu
+    op, calls = routed_halt_update
+    monkeypatch.setattr(lookup, "_device_info", {0: RTX5070, 1: H100}.__getitem__)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("the routing asked for the current device"))
+    write(user / "rtx5070.json", RTX5070, [torch_won((64, 128), kernel="halt_update"), kernel_won((4, 8))])
+    write(user / "h100.json", H100, [kernel_won((64, 128)), torch_won((4, 8), kernel="halt_update")])
+    for device in ("cuda:0", "cuda:1"):
+        op(*halt_update_args(50, 100, device))
+        op(*halt_update_args(3, 8, device))
+    assert calls == [("torch", "cuda:0", (50, 100)), ("kernel", "cuda:0", (3, 8)),
+                     ("kernel", "cuda:1", (50, 100)), ("torch", "cuda:1", (3, 8))]
+
+
+def test_without_cuda_a_kernel_op_is_not_wrapped(monkeypatch):
+    from looplm_triton import halt_update
+    monkeypatch.setattr(lookup, "_cuda_available", lambda: False)
+    op = halt_update.halt_update
+    assert lookup.prefer_torch_where_tuned("halt_update", op, halt_update.TUNING) is op
+
+
+def test_no_table_applies_while_launches_are_recorded_for_an_ahead_of_time_compile(on_gpu):
+    """A compile for a named architecture takes that architecture's defaults, not this GPU's table."""
+    from looplm.kernels import captured_launches
+    user, _, _ = on_gpu
+    write(user / "rtx5070.json", RTX5070, [entry((4096, 512), 8)])
+    with captured_launches("sm_120"):
+        assert tuning.lookup_config("triton", "layer_norm", torch.bfloat16, (4096, 384), DEFAULT) is DEFAULT
+    assert tuning.lookup_config("triton", "layer_norm", torch.bfloat16, (4096, 384), DEFAULT)["BLOCK_M"] == 8

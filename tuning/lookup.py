@@ -7,6 +7,9 @@ Precedence, for (backend, kernel, dtype, bucket of the shape):
      architecture (an H100 without a table of its own runs on the H200's; one warning says so);
      a table of another architecture never applies;
   4. the kernel's built-in default (its architecture's own where it has one).
+While launches are recorded for an ahead-of-time compile (`looplm.kernels.captured_launches(arch)`)
+no table applies: the compile is for the architecture named there, not for this device, and takes
+its defaults.
 Each fallback is logged once (per-launch details at INFO). A table that is corrupt, of a newer
 schema, or whose config does not have the kernel's knobs is skipped with a warning: a launch never
 fails because of a table (a bug in the lookup itself is raised, not hidden). Tables are read once
@@ -24,6 +27,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from looplm.kernels import recording
 from tuning import table as tables
 from tuning.buckets import bucket, format_shape, nearest_bucket
 from tuning.spec import TORCH_IMPL, Config, KernelTuning, is_torch
@@ -172,17 +176,20 @@ def lookup_config(backend: str, kernel: str, dtype: Any, shape: tuple, default: 
     return config
 
 
-def runs_torch(backend: str, kernel: str, dtype: Any, shape: tuple) -> bool:
-    """Whether this GPU's table says the PyTorch op beats every configuration of the kernel for this
-    launch's bucket (then the backend calls the "torch" backend's op instead)."""
-    return is_torch(_lookup(backend, kernel, dtype, shape, None))
+def runs_torch(backend: str, kernel: str, dtype: Any, shape: tuple, device: Optional[int] = None) -> bool:
+    """Whether the table of CUDA device `device` (an index; None: the current device) says the
+    PyTorch op beats every configuration of the kernel for this launch's bucket (then the backend
+    calls the "torch" backend's op instead)."""
+    return is_torch(_lookup(backend, kernel, dtype, shape, None, device))
 
 
-def _lookup(backend: str, kernel: str, dtype: Any, shape: tuple, default: Optional[Config]) -> Optional[Config]:
-    """The table's config for this launch (default None: any knobs), else `default`."""
-    if not _cuda_available():
+def _lookup(backend: str, kernel: str, dtype: Any, shape: tuple, default: Optional[Config],
+            device: Optional[int] = None) -> Optional[Config]:
+    """The table's config for a launch on CUDA device `device` (None: the current one; default
+    None: any knobs), else `default`."""
+    if not _cuda_available() or recording():
         return default
-    index = torch.cuda.current_device()
+    index = torch.cuda.current_device() if device is None else device
     key = (index, backend, kernel, dtype, tuple(shape), None if default is None else tuple(sorted(default)))
     try:
         config = _answers[key]
@@ -216,14 +223,18 @@ def reset() -> None:
 
 def prefer_torch_where_tuned(op: str, kernel_op: Callable, tuning: Optional[KernelTuning]) -> Callable:
     """`kernel_op` (a kernel backend's op `op`), sending each call whose bucket the table says PyTorch
-    wins to the "torch" backend's op instead. The one place a backend "runs the winner"; on a machine
-    without CUDA (or for an op without a tuning entry) this is `kernel_op` itself, so that a call
-    there costs nothing more."""
+    wins to the "torch" backend's op instead. The one place a backend "runs the winner". The table
+    is that of the GPU the call's first tensor lives on (every op's first parameter is a tensor, and
+    all of a call's tensors share its device); a call on CPU tensors runs the kernel (in its
+    interpreter or emulator, which no table timed). On a machine without CUDA (or for an op without
+    a tuning entry) this is `kernel_op` itself, so that a call there costs nothing more; on a GPU
+    whose tables send no bucket to PyTorch, a call costs a device check and a dict lookup."""
     if tuning is None or tuning.shape_key is None or not _cuda_available():
         return kernel_op
     from looplm.ops import SIGNATURES
     from looplm.torch_ops import OPS as TORCH_OPS
     torch_op, signature = TORCH_OPS[op], SIGNATURES[op]
+    first_name = next(iter(signature.parameters))
 
     def shape_of(args: tuple, kwargs: dict) -> tuple:
         try:  # a shape_key takes the op's own parameters, so the call's arguments as they came
@@ -235,10 +246,13 @@ def prefer_torch_where_tuned(op: str, kernel_op: Callable, tuning: Optional[Kern
 
     @functools.wraps(kernel_op)
     def run(*args: Any, **kwargs: Any) -> Any:
-        lookup = _device_lookup(torch.cuda.current_device())
-        if lookup is not None and lookup.torch_wins:  # else no bucket of any kernel goes to PyTorch
-            first = args[0] if args else next(iter(kwargs.values()))
-            if runs_torch(tuning.backend, tuning.kernel, first.dtype, tuple(int(d) for d in shape_of(args, kwargs))):
-                return torch_op(*args, **kwargs)
+        first = args[0] if args else kwargs[first_name]
+        device = first.device
+        if device.type == "cuda":
+            lookup = _device_lookup(device.index)
+            if lookup is not None and lookup.torch_wins:  # else no bucket of any kernel goes to PyTorch
+                shape = tuple(int(d) for d in shape_of(args, kwargs))
+                if runs_torch(tuning.backend, tuning.kernel, first.dtype, shape, device.index):
+                    return torch_op(*args, **kwargs)
         return kernel_op(*args, **kwargs)
     return run
