@@ -6,7 +6,8 @@ halting efficiency: LoopLM 1Lx8 (B=4, T=128, C=128), an eval forward where exact
 of the tokens (picked by per-token thresholds) stops after loop 1 (min_loops 1; one case stops half
 after loop 4, min_loops 4) and the rest think to loop 8, against the fixed-depth forward (the fused
 block over every token, no readout). Efficiency = (speed-up over fixed depth) / (loop reduction):
-1.0 when the time falls as fast as the loops run do.
+1.0 when the time falls as fast as the loops run do. The `compiled` cases compile both forwards
+(torch.compile, inductor) and run the adaptive one on a frozen capacity plan (looplm.halting).
 generation: greedy tokens/s of `LoopGPT.generate` (one decode step per token over static per-loop
 K/V caches), LoopLM 1Lx4, C=128, 128 new tokens, against Hugging Face transformers' GPT-2 of 4
 layers with its KV cache (the optional `bench` extra), at batch 1 and 16.
@@ -78,23 +79,40 @@ HALTING_CASES = [pytest.param(criterion, halted, 1, id=f"{criterion}-{halted}")
 HALTING_CASES.append(pytest.param("entropy", 0.5, 4, id="entropy-0.5-min_loops4"))
 
 
-@pytest.mark.parametrize("criterion, halted, min_loops", HALTING_CASES)
-def test_bench_halting_efficiency(benchmark, criterion, halted, min_loops):
+def halting_case(criterion: str, halted: float, min_loops: int) -> tuple[LoopGPT, torch.Tensor, torch.Tensor, float]:
+    """(model, idx, thresholds, mean loops run) of a case where exactly the share `halted` of the
+    tokens stops after min_loops and the rest run 8 loops, checked: the compacted loop gives the
+    masked loop's result."""
     m, B, T = halting_model(criterion, min_loops), 4, 128
     idx = torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(0))
     stops = torch.zeros(B * T, dtype=torch.bool)
     stops[torch.randperm(B * T, generator=torch.Generator().manual_seed(1))[:round(halted * B * T)]] = True
     thresholds = torch.where(stops, STOP, NEVER).view(B, T)
     with torch.no_grad():
-        # what the case measures: exactly the chosen tokens stop after loop 1, the rest run 8 loops,
-        # and the compacted loop gives the masked loop's result
         trace = LoopTrace(steps=torch.empty(0))
         compacted = m.loop(m.embed(idx), idx, LOOPS, True, thresholds, trace)
         masked = m.loop(m.embed(idx), idx, LOOPS, True, thresholds, compact=False)
-        assert torch.equal(trace.steps.view(-1), torch.where(stops, min_loops, LOOPS).int())
-        assert_close(compacted, masked, composed=True)
-        mean_steps = trace.steps.float().mean().item()
+    assert torch.equal(trace.steps.view(-1), torch.where(stops, min_loops, LOOPS).int())
+    assert_close(compacted, masked, composed=True)
+    return m, idx, thresholds, trace.steps.float().mean().item()
 
+
+def record_efficiency(benchmark, criterion: str, halted: float, min_loops: int, mean_steps: float,
+                      medians: dict, cpu: dict, **notes) -> None:
+    speedup, cpu_speedup = medians["fixed"] / medians["adaptive"], cpu["fixed"] / cpu["adaptive"]
+    reduction = LOOPS / mean_steps
+    record(benchmark, "halting_efficiency", dict(B=4, T=128, C=HALTING.n_embd, loops=LOOPS, halted=halted,
+                                                 criterion=criterion, min_loops=min_loops),
+           fixed_ms=round(1e3 * medians["fixed"], 2), adaptive_ms=round(1e3 * medians["adaptive"], 2),
+           speedup=round(speedup, 3), loop_reduction=round(reduction, 3), efficiency=round(speedup / reduction, 3),
+           fixed_cpu_ms=round(1e3 * cpu["fixed"], 2), adaptive_cpu_ms=round(1e3 * cpu["adaptive"], 2),
+           efficiency_cpu=round(cpu_speedup / reduction, 3), target=0.8, **notes)
+
+
+@pytest.mark.parametrize("criterion, halted, min_loops", HALTING_CASES)
+def test_bench_halting_efficiency(benchmark, criterion, halted, min_loops):
+    m, idx, thresholds, mean_steps = halting_case(criterion, halted, min_loops)
+    with torch.no_grad():
         def fixed():
             return m(idx, idx, halting=False)
 
@@ -107,14 +125,32 @@ def test_bench_halting_efficiency(benchmark, criterion, halted, min_loops):
         medians = interleaved_medians({"fixed": fixed, "adaptive": adaptive}, rounds=15, cpu=cpu) \
             if benchmark.enabled else dict(cpu)
         benchmark.pedantic(adaptive, rounds=3, warmup_rounds=1)
-    speedup, cpu_speedup = medians["fixed"] / medians["adaptive"], cpu["fixed"] / cpu["adaptive"]
-    reduction = LOOPS / mean_steps
-    record(benchmark, "halting_efficiency", dict(B=B, T=T, C=HALTING.n_embd, loops=LOOPS, halted=halted,
-                                                 criterion=criterion, min_loops=min_loops),
-           fixed_ms=round(1e3 * medians["fixed"], 2), adaptive_ms=round(1e3 * medians["adaptive"], 2),
-           speedup=round(speedup, 3), loop_reduction=round(reduction, 3), efficiency=round(speedup / reduction, 3),
-           fixed_cpu_ms=round(1e3 * cpu["fixed"], 2), adaptive_cpu_ms=round(1e3 * cpu["adaptive"], 2),
-           efficiency_cpu=round(cpu_speedup / reduction, 3), host_syncs=syncs.count, target=0.8)
+    record_efficiency(benchmark, criterion, halted, min_loops, mean_steps, medians, cpu, host_syncs=syncs.count)
+
+
+@pytest.mark.parametrize("criterion, halted", [(c, h) for c in ("delta", "entropy") for h in (0.5, 0.9)])
+def test_bench_halting_efficiency_compiled(benchmark, criterion, halted):
+    """Both forwards compiled (torch.compile: inductor when timing, Dynamo alone otherwise, to keep
+    the plain test run fast), the adaptive one on the frozen capacity plan its eager forward
+    recorded: one graph whose compute falls with the plan, no host read, no per-op dispatch."""
+    m, idx, thresholds, mean_steps = halting_case(criterion, halted, 1)
+    compiled = torch.compile(m, backend="inductor" if benchmark.enabled else "eager")
+    with torch.no_grad():
+        eager = m(idx, idx, halting=True, thresholds=thresholds)[0]  # records the plan
+        m.capacity_plans.freeze()
+
+        def fixed():
+            return compiled(idx, idx, halting=False)
+
+        def adaptive():
+            return compiled(idx, idx, halting=True, thresholds=thresholds)
+        assert_close(adaptive()[0], eager, composed=True)
+        assert int(m.capacity_dropped) == 0
+        cpu = {"fixed": float("nan"), "adaptive": float("nan")}
+        medians = interleaved_medians({"fixed": fixed, "adaptive": adaptive}, rounds=15, cpu=cpu) \
+            if benchmark.enabled else dict(cpu)
+        benchmark.pedantic(adaptive, rounds=3, warmup_rounds=1)
+    record_efficiency(benchmark, criterion, halted, 1, mean_steps, medians, cpu, compiled="inductor")
 
 
 GENERATION = LoopConfig(vocab_size=65, block_size=256, n_embd=128, n_head=4, n_layer=1, n_loops=4)
