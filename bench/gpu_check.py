@@ -40,7 +40,7 @@ from bench.test_bench_adaptive import interleaved_medians
 from bench.test_bench_kernels import make_args
 from bench.workloads import CPU_SMALL, KERNEL_SHAPES, SHAKESPEARE, build_model, calibrate_halting, op_cost, \
     token_batch
-from looplm import available_backends, get_backend
+from looplm import LoopGPT, available_backends, get_backend
 from looplm.cli import CLIError, run_cli
 from looplm.fileio import atomic_write_text
 
@@ -227,6 +227,7 @@ def run_model(device: torch.device, budget: Budget, dry_run: bool,
     targets = idx.roll(-1, dims=1)
     tokens = workload.batch * workload.seq
     fixed_depth: dict[str, float] = {}
+    halting_model, mean_steps = None, None
     with torch.inference_mode():
         for halting in (False, True):
             case = f"eval forward B={workload.batch} T={workload.seq} halting {'on' if halting else 'off'}"
@@ -236,8 +237,9 @@ def run_model(device: torch.device, budget: Budget, dry_run: bool,
                 continue
             notes = {}
             if halting:
-                model = build_model(workload, "torch", device, halting=True).eval()
+                model = halting_model = build_model(workload, "torch", device, halting=True).eval()
                 notes = calibrate_halting(model, idx, workload.halted_fraction)
+                mean_steps = notes["mean_steps"]
 
             def forward(backend: str, h: bool = halting, m=model):
                 return lambda: m.set_backend(backend)(idx, targets, halt=h)
@@ -276,7 +278,42 @@ def run_model(device: torch.device, budget: Budget, dry_run: bool,
             for name, seconds in times.items():
                 rows.append({"case": case, "variant": name, "ms": 1e3 * seconds, "vs_torch": times["torch"] / seconds,
                              "tokens_per_s": batch * new_tokens / seconds, "notes": {}})
+        case = f"eval forward B={workload.batch} T={workload.seq} compiled, halting on a frozen capacity plan"
+        progress(result)
+        if budget.left() < COMPILE_SECONDS or halting_model is None:
+            skipped.append(case)
+        else:
+            rows.extend(compiled_halting(halting_model.set_backend("torch"), idx, targets, mean_steps, device,
+                                         dry_run, case))
     return result
+
+
+COMPILE_SECONDS = 40  # the compiled case starts only with this much of the budget left
+
+
+def compiled_halting(model: LoopGPT, idx: torch.Tensor, targets: torch.Tensor, mean_steps: float,
+                     device: torch.device, dry_run: bool, case: str) -> list[dict]:
+    """The torch backend's forward compiled (CUDA graphs on a GPU: mode="reduce-overhead"; Dynamo
+    alone in a dry run), fixed depth against halting on the capacity plan the eager halting
+    forwards recorded, frozen: the graph whose compute falls with the halting share. Rows as
+    run_model's, the halting one with its efficiency (mean_steps: the loops its tokens run) and
+    the tokens one forward found no slot for."""
+    model.capacity_plans.freeze()
+    compiled = torch.compile(model, backend="eager") if dry_run else torch.compile(model, mode="reduce-overhead")
+    fixed, halting = "torch compiled, fixed depth", "torch compiled, halting"
+    rows: list[dict] = []
+    times = _timed_or_error({fixed: lambda: compiled(idx, targets, halting=False),
+                             halting: lambda: compiled(idx, targets, halting=True)}, device, rows, case)
+    if not times:
+        return rows
+    model.capacity_dropped.zero_()
+    compiled(idx, targets, halting=True)
+    notes = {fixed: {}, halting: {"efficiency": round(times[fixed] / times[halting] * mean_steps / model.config.n_loops, 3),
+                                  "tokens_without_a_slot": int(model.capacity_dropped)}}
+    for name, seconds in times.items():
+        rows.append({"case": case, "variant": name, "ms": 1e3 * seconds, "vs_torch": times[fixed] / seconds,
+                     "tokens_per_s": idx.numel() / seconds, "notes": notes[name]})
+    return rows
 
 
 def _timed_or_error(variants: dict, device: torch.device, rows: list, case: str, rounds: int = ROUNDS) -> dict:
