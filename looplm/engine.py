@@ -52,10 +52,12 @@ serves every later loop. Between re-plans the slots keep their own states, flags
 thresholds and inputs (no gather or scatter per loop); the per-token buffers take them at a
 re-plan, at the end, or every loop when a trace or the per-loop states want them. The compute
 follows the active share of the previous forward, or with at most a doubling's delay when read.
-The masked loop (compact=False, and always under torch.compile or CUDA-graph capture) never reads:
-every token is a slot in every loop, with the masked writes; the graph it makes is one static graph
-whatever halts, but its compute does not fall. (A captured graph whose compute falls would take a
-plan's slots, static, and check the overflow flag after each replay: not built.) A trace or the
+The masked loop (compact=False, and under torch.compile or CUDA-graph capture without a frozen
+plan) never reads: every token is a slot in every loop, with the masked writes; the graph it makes
+is one static graph whatever halts, but its compute does not fall. A frozen plan
+(`CapacityPlans.freeze()`) gives a graph whose compute falls: its slots are static, nothing is read,
+and a token that finds no slot stops at that loop as if it had halted there, counted on the device
+(`LoopGPT.capacity_dropped`), where the eager forward of an unfrozen plan would rerun. A trace or the
 per-loop states are trimmed at the end, with one read, to the loops some token ran.
 
 Without halting every token runs every loop: the core is the backends' fused `block` op over the
