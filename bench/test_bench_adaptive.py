@@ -128,12 +128,12 @@ def test_bench_halting_efficiency(benchmark, criterion, halted, min_loops):
     record_efficiency(benchmark, criterion, halted, min_loops, mean_steps, medians, cpu, host_syncs=syncs.count)
 
 
-@pytest.mark.parametrize("criterion, halted", [(c, h) for c in ("delta", "entropy") for h in (0.5, 0.9)])
-def test_bench_halting_efficiency_compiled(benchmark, criterion, halted):
+@pytest.mark.parametrize("criterion, halted, min_loops", HALTING_CASES)
+def test_bench_halting_efficiency_compiled(benchmark, criterion, halted, min_loops):
     """Both forwards compiled (torch.compile: inductor when timing, Dynamo alone otherwise, to keep
     the plain test run fast), the adaptive one on the frozen capacity plan its eager forward
     recorded: one graph whose compute falls with the plan, no host read, no per-op dispatch."""
-    m, idx, thresholds, mean_steps = halting_case(criterion, halted, 1)
+    m, idx, thresholds, mean_steps = halting_case(criterion, halted, min_loops)
     compiled = torch.compile(m, backend="inductor" if benchmark.enabled else "eager")
     with torch.no_grad():
         eager = m(idx, idx, halting=True, thresholds=thresholds)[0]  # records the plan
@@ -150,7 +150,7 @@ def test_bench_halting_efficiency_compiled(benchmark, criterion, halted):
         medians = interleaved_medians({"fixed": fixed, "adaptive": adaptive}, rounds=15, cpu=cpu) \
             if benchmark.enabled else dict(cpu)
         benchmark.pedantic(adaptive, rounds=3, warmup_rounds=1)
-    record_efficiency(benchmark, criterion, halted, 1, mean_steps, medians, cpu, compiled="inductor")
+    record_efficiency(benchmark, criterion, halted, min_loops, mean_steps, medians, cpu, compiled="inductor")
 
 
 GENERATION = LoopConfig(vocab_size=65, block_size=256, n_embd=128, n_head=4, n_layer=1, n_loops=4)
