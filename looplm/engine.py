@@ -453,8 +453,10 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
     a capacity read (compacted loop: after the loops `reads`, default `halting.capacity_reads`), then
     the tokens active at the latest read; compact=False, or under torch.compile / graph capture,
     every token throughout, with no read at all. With `plans` (and no trace, states or K/V store),
-    a forward whose shape has a plan takes its slots from it and reads once, at the end (see the
-    module docstring); every such forward records the plan of the next."""
+    a forward whose shape has a plan takes its slots from it and reads once, at the end, to record
+    the plan of the next (rerunning if a token found no slot); a frozen plan's forward reads nothing,
+    also under torch.compile and graph capture, and stops the tokens it has no slot for (see the
+    module docstring)."""
     cfg, backend = model.config, model.backend
     B, T, C = x0.shape
     N, device = B * T, x0.device
