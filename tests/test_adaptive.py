@@ -283,6 +283,27 @@ def test_planned_halting_reads_once_a_forward_and_reruns_what_overflows(backend)
     assert model.capacity_plans.get(key) is not None
 
 
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_planned_halting_equals_the_masked_loop_for_every_criterion_and_shape(criterion, shape):
+    """A plan's slots, spare ones included (the slack after an overflow), give the masked loop's
+    result for every criterion (KL's kept distributions too) and model shape (core layers, prelude,
+    coda): the plan from one set of thresholds, then another that overflows it and is rerun, then
+    the widened plan that fits with spare slots."""
+    model = sharpened_model(criterion, **SHAPES[shape])
+    idx = torch.randint(0, 17, (2, 12), generator=torch.Generator().manual_seed(3))
+    uniform = torch.full(idx.shape, CRITERIA[criterion])
+    plans, n_loops = CapacityPlans(), model.config.max_loops
+    with torch.no_grad():
+        x0 = model.embed(idx)
+        for thresholds in (uniform, mixed_thresholds(criterion, idx), mixed_thresholds(criterion, idx)):
+            bar = model.halt_bar(idx, thresholds)
+            h_ref, steps_ref = run_loop(model, x0, n_loops, bar, compact=False)
+            h, steps = run_loop(model, x0, n_loops, bar, plans=plans)
+            assert torch.equal(steps, steps_ref)
+            assert_close(h, h_ref, composed=True)
+
+
 def frozen_plan_case(kernel: bool = False):
     """A model with a plan recorded where most tokens stop after loop 1, frozen, and thresholds
     under which every third token never stops: more tokens run than the plan has slots for."""
