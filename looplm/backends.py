@@ -49,6 +49,10 @@ class Backend:
     differentiable: frozenset = field(default_factory=frozenset)  # ops with backward kernels
 
     def op(self, name: str) -> Callable:
+        """Op `name` as it runs now: the "torch" backend's while gradients are recorded and this
+        backend has no backward for it (hybrid autograd), else this backend's. torch.compile traces
+        this choice too (guarded on the grad mode): a compiled training step runs PyTorch's ops, a
+        compiled forward under no_grad or inference_mode the kernels (`compilable`)."""
         if torch.is_grad_enabled() and name not in self.differentiable:
             return _torch_ops()[name]
         return self.ops[name]
