@@ -25,6 +25,7 @@ emulated backends are never timed), to check that the tables come out.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import time
@@ -132,8 +133,7 @@ def op_variants(op: str, device: torch.device) -> dict[str, Callable]:
             if fn is not None:
                 variants[f"sdpa-{name}"] = fn
     for backend in native_backends():  # the kernel itself, even where a tuning table sends the op to PyTorch
-        fn = get_backend(backend).ops[op]
-        variants[backend] = getattr(fn, "__wrapped__", fn)
+        variants[backend] = inspect.unwrap(get_backend(backend).ops[op])  # below the compile and tuning wrappers
     return variants
 
 

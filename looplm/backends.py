@@ -7,6 +7,9 @@ its kernels and returns a `Backend`. `get_backend(name)` probes, loads once and 
 Two backends need no GPU: "torch" (`looplm.torch_ops`, PyTorch's own fast ops; the default) and
 "reference" (`reference/`, the fp32 oracle every other backend is checked against).
 
+The kernel backends' ops are built here too (`kernel_ops`): each is its launcher when called and a
+`torch.library` custom op when torch.compile traces it (`compilable`).
+
 Hybrid autograd is decided here and nowhere else: `Backend.op(name)` hands out the kernel unless
 gradients are being recorded and the backend has no backward for that op, in which case it hands
 out the "torch" backend's op, so training differentiates every loop at PyTorch's speed whatever
@@ -14,14 +17,18 @@ the backend.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
 import torch
 
-from looplm.ops import OP_NAMES
+from looplm import ops as contract
+from looplm.ops import FAKES, OP_NAMES, SIGNATURES
 
 MODES = ("native", "interpreted", "emulated")
 
@@ -42,6 +49,10 @@ class Backend:
     differentiable: frozenset = field(default_factory=frozenset)  # ops with backward kernels
 
     def op(self, name: str) -> Callable:
+        """Op `name` as it runs now: the "torch" backend's while gradients are recorded and this
+        backend has no backward for it (hybrid autograd), else this backend's. torch.compile traces
+        this choice too (guarded on the grad mode): a compiled training step runs PyTorch's ops, a
+        compiled forward under no_grad or inference_mode the kernels (`compilable`)."""
         if torch.is_grad_enabled() and name not in self.differentiable:
             return _torch_ops()[name]
         return self.ops[name]
@@ -166,7 +177,9 @@ def kernel_ops(package: str) -> dict[str, Callable]:
     """The op set of a kernel package ("looplm_triton", "looplm_tile"): op `name` is
     `<package>.<module>.<name>` (the module is the op's own but for KERNEL_MODULE_OF). Each op whose
     module tunes it (a `KernelTuning` of that kernel name) runs the PyTorch op instead wherever this
-    GPU's tuning table says PyTorch wins its bucket (`tuning.lookup.prefer_torch_where_tuned`)."""
+    GPU's tuning table says PyTorch wins its bucket (`tuning.lookup.prefer_torch_where_tuned`).
+    Every op is `compilable`: its launcher when called, the custom op `<package>::<name>` when traced
+    by torch.compile."""
     from tuning.lookup import prefer_torch_where_tuned
     from tuning.spec import KernelTuning
 
@@ -174,8 +187,108 @@ def kernel_ops(package: str) -> dict[str, Callable]:
     for name in OP_NAMES:
         module = importlib.import_module(f"{package}.{KERNEL_MODULE_OF.get(name, name)}")
         tuning = next((v for v in vars(module).values() if isinstance(v, KernelTuning) and v.kernel == name), None)
-        ops[name] = prefer_torch_where_tuned(name, getattr(module, name), tuning)
+        ops[name] = compilable(package, name, prefer_torch_where_tuned(name, getattr(module, name), tuning))
     return ops
+
+
+# ---- kernel ops under torch.compile
+
+_LAUNCHERS: dict[str, Callable] = {}  # "looplm_triton::linear" -> the launcher its custom op runs
+
+
+def compilable(namespace: str, name: str, launcher: Callable) -> Callable:
+    """Op `name` of `looplm.ops` run by `launcher` (a kernel backend's host code), made traceable.
+
+    Called eagerly it is `launcher` (one `torch.compiler.is_compiling()` check in front): the kernels
+    are launch-latency bound, so an eager call pays no dispatcher. Traced by torch.compile it calls
+    the custom op `namespace::name` instead (`torch.library.custom_op`; its fake implementation is
+    the op's in `looplm.ops.FAKES`), so Dynamo and AOTAutograd see each kernel op as one graph node
+    and never step into the launcher's Python, and on a GPU `mode="reduce-overhead"` can capture the
+    launches in a CUDA graph. A `BlockWeights` argument (`block`) travels spread into its tensors.
+
+    Inference only: no autograd formula is registered. With gradients enabled `Backend.op` hands out
+    the "torch" backend's op for every op outside `Backend.differentiable` (all of them, for both
+    kernel backends), so a compiled training step traces PyTorch's ops and never reaches these. A
+    kernel that gains a backward must register it on its custom op (`register_autograd`) before it
+    joins `differentiable`; until then its backward would fail.
+
+    A custom op is defined once a process; building the op again (a test that replaces a launcher)
+    points the custom op at the new launcher."""
+    qualname = f"{namespace}::{name}"
+    spread = _Spread(name)
+    if qualname not in _LAUNCHERS:
+        custom = torch.library.custom_op(qualname, lambda *flat: _LAUNCHERS[qualname](*spread.gather(flat)),
+                                         mutates_args=(), schema=spread.schema())
+        fake = FAKES[name]
+        custom.register_fake(lambda *flat: fake(*spread.gather(flat)))
+    _LAUNCHERS[qualname] = launcher
+    traced_op = getattr(getattr(torch.ops, namespace), name)
+
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return traced_op(*spread.spread(args, kwargs))
+        return launcher(*args, **kwargs)
+    return run
+
+
+class _Spread:
+    """Op `name`'s arguments as a custom op takes them (tensors, optional tensors and scalars): every
+    NamedTuple parameter (`BlockWeights`) spread into its fields, in place."""
+
+    def __init__(self, name: str):
+        self.name = name
+        signature = SIGNATURES[name]
+        hints = typing.get_type_hints(getattr(contract, name))
+        self.parameters = [(p.name, p.default) for p in signature.parameters.values()]
+        self.tuples = {p: hints[p] for p, _ in self.parameters if hasattr(hints[p], "_fields")}
+        flat = []
+        for p, default in self.parameters:
+            if p in self.tuples:
+                fields = typing.get_type_hints(self.tuples[p])
+                flat += [inspect.Parameter(f, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=fields[f])
+                         for f in self.tuples[p]._fields]
+            else:
+                flat.append(inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                              annotation=hints[p]))
+        self.signature = inspect.Signature(flat, return_annotation=hints["return"])
+        self.flat_defaults = [p.default for p in flat]
+
+    def schema(self) -> str:
+        def prototype(*args):
+            raise NotImplementedError
+        prototype.__signature__ = self.signature
+        return torch.library.infer_schema(prototype, mutates_args=())
+
+    def spread(self, args: tuple, kwargs: dict) -> list:
+        """The call's arguments, positional, defaults filled in, tuples spread (written for Dynamo to
+        trace: no `inspect` at call time)."""
+        flat = list(args)
+        for p, default in self.parameters[len(args):]:
+            if p not in kwargs and default is inspect.Parameter.empty:
+                raise TypeError(f"{self.name}: missing argument {p!r}")
+            flat.append(kwargs.pop(p, default))
+        if kwargs:
+            raise TypeError(f"{self.name}: unexpected arguments {sorted(kwargs)}")
+        for i in reversed(range(len(self.parameters))):
+            if self.parameters[i][0] in self.tuples:
+                flat[i:i + 1] = flat[i]
+        return flat
+
+    def gather(self, flat: tuple) -> list:
+        """The inverse of `spread`: the op's own positional arguments. (The dispatcher leaves out
+        trailing arguments that equal their defaults.)"""
+        flat = (*flat, *self.flat_defaults[len(flat):])
+        args, i = [], 0
+        for p, _ in self.parameters:
+            if p in self.tuples:
+                n = len(self.tuples[p]._fields)
+                args.append(self.tuples[p](*flat[i:i + n]))
+                i += n
+            else:
+                args.append(flat[i])
+                i += 1
+        return args
 
 
 def cuda_problem(min_capability: tuple[int, int] = (8, 0)) -> Optional[str]:

@@ -1,8 +1,9 @@
 """The op set: one signature per op, shared by the reference and every kernel backend.
 
 A backend is a mapping from these names to callables with exactly these signatures
-(`tests/test_registry.py` checks it). Shapes use B batch, T tokens, C channels, H heads,
-D head size, V vocabulary, N rows (any leading dims flattened).
+(`tests/test_registry.py` checks it). `FAKES` says what each op returns from its arguments' shapes
+and dtypes alone (what torch.compile traces a kernel op with). Shapes use B batch, T tokens,
+C channels, H heads, D head size, V vocabulary, N rows (any leading dims flattened).
 
 Halting convention: a token halts when `score < threshold`. Criteria whose natural reading is
 "higher means surer" (max probability, a learned gate) are negated by the model before they
@@ -11,7 +12,7 @@ reach `halt_update`, so every backend implements one comparison.
 from __future__ import annotations
 
 import inspect
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -106,6 +107,48 @@ def signature_mismatch(name: str, fn) -> Optional[str]:
     if want != got:
         return f"op {name!r}: expected parameters {want}, got {got}"
     return None
+
+
+# ---- what each op returns, from its arguments' shapes and dtypes alone
+# Under torch.compile a kernel backend's op is one opaque graph node (a torch.library custom op, built
+# by `looplm.backends.kernel_ops`); the compiler learns its outputs from these "fake" implementations,
+# one per op, with the op's signature, shared by every kernel backend. A kernel backend returns new
+# contiguous tensors, so these are exact to the strides (`torch.library.opcheck` compares them with
+# the kernels' outputs in tests/test_compile_kernels.py).
+
+def fake_layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+def fake_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none",
+                residual: Optional[Tensor] = None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def fake_layer_norm_linear(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], weight: Tensor,
+                           bias: Optional[Tensor] = None, activation: str = "none", eps: float = 1e-5) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def fake_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+    return q.new_empty(q.shape)
+
+
+def fake_softmax_entropy(logits: Tensor) -> tuple[Tensor, Tensor]:
+    rows = logits.shape[:-1]
+    return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, dtype=torch.float32)
+
+
+def fake_halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tensor, threshold: Tensor,
+                     step: int, min_loops: int, max_loops: int) -> tuple[Tensor, Tensor, Tensor]:
+    return h.new_empty(h.shape), active.new_empty(active.shape), steps.new_empty(steps.shape)
+
+
+def fake_block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+FAKES: dict[str, Callable] = {name: globals()[f"fake_{name}"] for name in OP_NAMES}
 
 
 def residual_branch(linear_op, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor,

@@ -219,10 +219,12 @@ def halt_update_args(n, c, device):
 def routed_halt_update(on_gpu, monkeypatch):
     """The Triton backend's halt_update op, its kernel and the PyTorch op replaced by recorders:
     (op, calls), calls holding ("kernel" | "torch", device, shape) per call."""
+    from looplm import backends
     from looplm.backends import kernel_ops
     from looplm.torch_ops import OPS as TORCH_OPS
     from looplm_triton import halt_update
     calls = []
+    monkeypatch.setattr(backends, "_LAUNCHERS", dict(backends._LAUNCHERS))  # the custom ops' launchers, restored
     monkeypatch.setitem(TORCH_OPS, "halt_update", lambda *a, **k: calls.append(("torch", str(a[0].device),
                                                                                  tuple(a[0].shape))))
     monkeypatch.setattr(halt_update, "halt_update", lambda *a, **k: calls.append(("kernel", str(a[0].device),
