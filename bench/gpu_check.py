@@ -278,29 +278,31 @@ def run_model(device: torch.device, budget: Budget, dry_run: bool,
             for name, seconds in times.items():
                 rows.append({"case": case, "variant": name, "ms": 1e3 * seconds, "vs_torch": times["torch"] / seconds,
                              "tokens_per_s": batch * new_tokens / seconds, "notes": {}})
-        case = f"eval forward B={workload.batch} T={workload.seq} compiled, halting on a frozen capacity plan"
-        progress(result)
-        if budget.left() < COMPILE_SECONDS or halting_model is None:
-            skipped.append(case)
-        else:
-            rows.extend(compiled_halting(halting_model.set_backend("torch"), idx, targets, mean_steps, device,
+        for backend in backends:  # the kernel backends' ops are custom ops under torch.compile
+            case = f"eval forward B={workload.batch} T={workload.seq} compiled, halting on a frozen capacity plan"
+            progress(result)
+            if budget.left() < COMPILE_SECONDS or halting_model is None:
+                skipped.append(f"{case} ({backend})")
+                continue
+            rows.extend(compiled_halting(halting_model.set_backend(backend), idx, targets, mean_steps, device,
                                          dry_run, case))
     return result
 
 
-COMPILE_SECONDS = 40  # the compiled case starts only with this much of the budget left
+COMPILE_SECONDS = 40  # a compiled case starts only with this much of the budget left
 
 
 def compiled_halting(model: LoopGPT, idx: torch.Tensor, targets: torch.Tensor, mean_steps: float,
                      device: torch.device, dry_run: bool, case: str) -> list[dict]:
-    """The torch backend's forward compiled (CUDA graphs on a GPU: mode="reduce-overhead"; Dynamo
-    alone in a dry run), fixed depth against halting on the capacity plan the eager halting
+    """The model's forward on its backend compiled (CUDA graphs on a GPU: mode="reduce-overhead";
+    Dynamo alone in a dry run), fixed depth against halting on the capacity plan the eager halting
     forwards recorded, frozen: the graph whose compute falls with the halting share. Rows as
     run_model's, the halting one with its efficiency (mean_steps: the loops its tokens run) and
     the tokens one forward found no slot for."""
     model.capacity_plans.freeze()
     compiled = torch.compile(model, backend="eager") if dry_run else torch.compile(model, mode="reduce-overhead")
-    fixed, halting = "torch compiled, fixed depth", "torch compiled, halting"
+    backend = model.backend.name
+    fixed, halting = f"{backend} compiled, fixed depth", f"{backend} compiled, halting"
     rows: list[dict] = []
     times = _timed_or_error({fixed: lambda: compiled(idx, targets, halting=False),
                              halting: lambda: compiled(idx, targets, halting=True)}, device, rows, case)
@@ -329,7 +331,8 @@ def model_markdown(result: dict, header: str) -> str:
               _fmt(r.get("tokens_per_s"), ".0f"), json.dumps(r["notes"]) if r.get("notes") else r.get("error", "")]
              for r in result["rows"]]
     lines = [header, "", f"Model: {result['model']}. Peer: {result['peer'] or 'none (transformers not installed)'}.",
-             "vs torch: the torch backend's time / this time.", "",
+             "vs torch: the torch backend's time / this time (a compiled row: its backend's compiled fixed "
+             "depth's time / this time).", "",
              tabulate(table, ["case", "variant", "ms", "vs torch", "tokens/s", "notes"], tablefmt="github")]
     if result["not_run"]:
         lines += ["", "Not run (time budget spent): " + "; ".join(result["not_run"])]
