@@ -1,11 +1,13 @@
 """Tier 0 on what runs: each kernel's default configuration, at every launch the shipped GPU model
 makes, compiled for sm_80, sm_90, sm_100 and sm_120 as a real launch specialises it, must fit the
 architecture without spilling (tuning.resources); and the rules that decide it."""
+import json
+
 import pytest
 import torch
 
-from tuning import gpus
-from tuning.gpus import ARCHS, COMPILE_TARGETS, occupancy, resource_problem
+from tuning import gpus, table
+from tuning.gpus import ARCHS, COMPILE_TARGETS, arch_for_capability, occupancy, resource_problem
 from tuning.resources import LAUNCHES, markdown, measure
 
 pytestmark = pytest.mark.filterwarnings("ignore:backend 'tile' runs its cuTile kernels in the CPU emulator")
@@ -30,6 +32,39 @@ def test_hierarchical_parity_tier0_defaults_fit_without_spilling(backend, arch):
     if backend == "triton":  # attention's load path: TMA on sm_90; pointers elsewhere and for views TMA cannot take
         tma = {r["variant"]: r["tma"] for r in rows if r["kernel"] == "attention"}
         assert tma == {"causal": arch == "sm_90", "causal pointers": False}, tma
+
+
+def shipped_table_configs() -> list:
+    """(gpu, arch, backend, kernel, dtype, config) of every distinct kernel configuration the
+    shipped tuning tables hold (a PyTorch winner, {"impl": "torch"}, compiles nothing)."""
+    params, seen = [], set()
+    for path in sorted(table.PACKAGE_TABLES.glob("*.json")):
+        shipped = table.load(path)
+        arch = arch_for_capability(tuple(shipped["device"]["capability"])).arch
+        for entry in shipped["entries"]:
+            config = entry["best"]["config"]
+            key = (path.stem, entry["backend"], entry["kernel"], entry["dtype"], json.dumps(config, sort_keys=True))
+            if "impl" in config or key in seen:
+                continue
+            seen.add(key)
+            params.append(pytest.param(path.stem, arch, *key[1:4], config, id="-".join(map(str, (*key[:4], len(seen))))))
+    return params
+
+
+@pytest.mark.parametrize("gpu, arch, backend, kernel, dtype, config", shipped_table_configs())
+def test_hierarchical_parity_tier0_shipped_table_configs_fit_every_launch_of_their_kernel(gpu, arch, backend, kernel,
+                                                                                         dtype, config):
+    """A table's configuration can serve any launch of its kernel on its GPU (the lookup falls back
+    to the nearest bucket), on whichever load path the launcher takes there (the Triton linear's
+    persistent TMA kernel on sm_90, though h200.json's linear entries were timed on the pointer
+    kernel): compiled for the table's architecture at every launch of that kernel in the shipped
+    GPU model's forward, it fits without spilling."""
+    _backend_or_skip(backend)
+    launches = [launch for launch in LAUNCHES[backend]() if launch.kernel == kernel]
+    assert launches, f"no launch of {backend} {kernel} in the model's forward"
+    rows = measure(launches, [arch], getattr(torch, dtype), config=config)
+    problems = [(r["variant"], r["problem"]) for r in rows if r["problem"]]
+    assert not problems, (gpu, config, problems)
 
 
 LIMITS = ARCHS["sm_90"]

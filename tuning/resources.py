@@ -124,9 +124,11 @@ def kernel_launches(backend: str, m: ModelShape = GPU_MODEL, vocabs: Sequence[in
 LAUNCHES = {backend: functools.partial(kernel_launches, backend) for backend in KERNEL_PACKAGES}
 
 
-def measure(launches: Sequence[Launch], archs: Sequence[str], dtype: torch.dtype, workers: int = 2) -> list[dict]:
-    """One row per (launch, arch): the compiled resources, what they imply, and any problem."""
-    jobs = [(launch, arch, launch.config(dtype, arch)) for launch in launches for arch in archs]
+def measure(launches: Sequence[Launch], archs: Sequence[str], dtype: torch.dtype, workers: int = 2,
+            config: Optional[dict] = None) -> list[dict]:
+    """One row per (launch, arch): the compiled resources, what they imply, and any problem. Each
+    launch compiles its default configuration for the arch, or `config` if given (a tuning table's)."""
+    jobs = [(launch, arch, config or launch.config(dtype, arch)) for launch in launches for arch in archs]
     with ThreadPoolExecutor(max_workers=workers) as pool:  # compiles run in worker processes / tools
         results = list(pool.map(lambda job: job[0].compile(dtype, job[1], job[2]), jobs))
     rows = []
