@@ -388,6 +388,32 @@ def test_frozen_plan_compiles_whole_once_and_its_compute_falls():
     assert min(rows) < idx.numel() / 2, rows
 
 
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+@pytest.mark.parametrize("shape", ["1L", "2L-prelude-coda"])
+def test_frozen_plan_compiles_whole_for_every_criterion_and_shape(criterion, shape):
+    """Every criterion (KL's kept distributions, the gate, the readout through a coda) on a frozen
+    plan: one graph, equal to the eager forward and dropping the same tokens, whether the plan fits
+    or not."""
+    torch._dynamo.reset()
+    model = sharpened_model(criterion, **SHAPES[shape])
+    idx = torch.randint(0, 17, (2, 12), generator=torch.Generator().manual_seed(2))
+    uniform = torch.full(idx.shape, CRITERIA[criterion])
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        model(idx, halting=True, thresholds=uniform)
+        model.capacity_plans.freeze()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for thresholds in (uniform, mixed_thresholds(criterion, idx)):
+                results = []
+                for forward in (model, compiled):
+                    model.capacity_dropped.zero_()
+                    results.append((forward(idx, halting=True, thresholds=thresholds)[0], int(model.capacity_dropped)))
+                (eager, dropped), (graph, graph_dropped) = results
+                assert_close(graph, eager, composed=True)
+                assert graph_dropped == dropped
+    torch._dynamo.reset()
+
+
 def test_capacity_plan_shrinks_by_a_quarter_or_to_none_and_widens_after_an_overflow():
     plan = CapacityPlan(running=(100, 90, 70, 40, 40, 0, 0), most_in_row=(30, 28, 20, 12, 12, 0, 0))
     assert plan.shrinks(100, 32) == {3: (70, 20), 4: (40, 12), 6: (0, 0)}
