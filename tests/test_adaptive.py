@@ -304,12 +304,15 @@ def test_planned_halting_equals_the_masked_loop_for_every_criterion_and_shape(cr
             assert_close(h, h_ref, composed=True)
 
 
-def frozen_plan_case(kernel: bool = False):
-    """A model with a plan recorded where most tokens stop after loop 1, frozen, and thresholds
-    under which every third token never stops: more tokens run than the plan has slots for."""
-    model = sharpened_model("entropy", max_loops=4 if kernel else MAX_LOOPS)
-    idx = torch.randint(0, 17, (1, 6) if kernel else (2, 12), generator=torch.Generator().manual_seed(5))
-    most_halt = torch.full(idx.shape, 2.75)
+def frozen_plan_case(backend: Backend = None):
+    """A model on `backend` (None: torch) with a plan recorded, by that backend on its device,
+    where most tokens stop after loop 1, frozen; and thresholds under which every third token
+    never stops: more tokens run than the plan has slots for. Tensors on the backend's device."""
+    backend = backend or get_backend("torch")
+    kernel, device = backend.name in ("triton", "tile"), device_for(backend)
+    model = sharpened_model("entropy", max_loops=4 if kernel else MAX_LOOPS).to(device).set_backend(backend)
+    idx = torch.randint(0, 17, (1, 6) if kernel else (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
+    most_halt = torch.full(idx.shape, 2.75, device=device)
     fewer_halt = most_halt.clone()
     fewer_halt[:, ::3] = NEVER["entropy"]
     with torch.no_grad():
@@ -323,18 +326,16 @@ def test_frozen_plan_reads_nothing_and_stops_the_tokens_it_has_no_slot_for(backe
     """Frozen, the plan's forward never reads the device. Where its slots fit, it is the masked
     loop; where they do not, the tokens without a slot stop at that loop with the state they had
     there, the others run on, and the device counts the stopped ones."""
-    kernel = backend in ("triton", "tile")
-    backend, device = backend_or_skip(backend), device_for(backend)
-    model, idx, most_halt, fewer_halt = frozen_plan_case(kernel)
-    model.to(device).set_backend(backend)
+    backend = backend_or_skip(backend)
+    model, idx, most_halt, fewer_halt = frozen_plan_case(backend)
     n_loops, plans = model.config.max_loops, model.capacity_plans
     plan = plans.get((*idx.shape, n_loops))
     first_shrink = min(plan.shrinks(idx.numel(), idx.size(1)))
     slots, slots_in_row = plan.shrinks(idx.numel(), idx.size(1))[first_shrink]
     with torch.no_grad():
-        x0 = model.embed(idx.to(device))
+        x0 = model.embed(idx)
         for thresholds in (most_halt, fewer_halt):
-            bar = model.halt_bar(idx, thresholds.to(device))
+            bar = model.halt_bar(idx, thresholds)
             states: list[torch.Tensor] = []
             h_ref, steps_ref = run_loop(model, x0, n_loops, bar, compact=False, states=states)
             model.capacity_dropped.zero_()

@@ -78,11 +78,8 @@ def test_frozen_plan_forward_compiles_whole_and_once(backend):
     the same count of tokens stopped for want of a slot, replayed unchanged whether the plan's slots
     fit, overflow, or no token halts."""
     name, backend = backend, backend_or_skip(backend)
-    device = device_for(backend)
-    model, idx, most_halt, fewer_halt = frozen_plan_case(kernel=True)
-    model.to(device).set_backend(backend)
-    idx = idx.to(device)
-    cases = [t.to(device) for t in (most_halt, fewer_halt, torch.full(idx.shape, NEVER["entropy"]))]
+    model, idx, most_halt, fewer_halt = frozen_plan_case(backend)
+    cases = [most_halt, fewer_halt, torch.full(idx.shape, NEVER["entropy"], device=idx.device)]
     with torch.no_grad():
         eager = []
         for thresholds in cases:

@@ -33,5 +33,7 @@ def test_gpu_check_dry_run_writes_its_tables(tmp_path):
     assert cases == {"eval forward", "greedy decode"} and all(r["vs_torch"] > 0 for r in model["rows"])
     assert "halting on" in (out / "model.md").read_text()
     halting = [r for r in model["rows"] if r["case"].endswith("halting on") or r["variant"].endswith(", halting")]
-    assert len(halting) == 2 and all(0 < r["notes"]["efficiency"] < 5 for r in halting), halting
-    assert [r["notes"]["tokens_without_a_slot"] for r in halting if "compiled" in r["variant"]] == [0]
+    assert halting and all(0 < r["notes"]["efficiency"] < 5 for r in halting), halting
+    compiled = {r["variant"]: r["notes"]["tokens_without_a_slot"] for r in halting if "compiled" in r["variant"]}
+    assert compiled.get("torch compiled, halting") == 0 and set(compiled.values()) == {0}, compiled  # every
+    # backend that runs natively here compiles too (on a GPU: triton and tile), each with its plan's slots
