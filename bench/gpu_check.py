@@ -12,9 +12,9 @@ block), each on the "torch" backend, PyTorch's SDPA with the flash and the cuDNN
 attention), and the kernel backends that run natively here; and a device-to-device copy, whose
 bandwidth is the ceiling a memory-bound kernel is measured against. model: the eval forward of
 LoopLM 1Lx12 (B=64, T=256) on each backend, fixed depth and with half the tokens halting at loop
-4 (its notes: the halting efficiency, the backend's speed-up over its fixed depth divided by the
-loop reduction); greedy decode at batch 1 and 16 against Hugging Face GPT-2 of equal depth and width with its KV
-cache, where transformers is installed.
+4 (its notes: the halting efficiency, bench.workloads.halting_efficiency); greedy decode at batch 1
+and 16 against Hugging Face GPT-2 of equal depth and width with its KV cache, where transformers is
+installed; the forward compiled (CUDA graphs), fixed depth against halting on a frozen capacity plan.
 
 Variants of one case run in interleaved rounds (bench.test_bench_adaptive.interleaved_medians), each
 call repeated until it takes about a millisecond and synchronised, so that ratios compare work done
@@ -39,8 +39,8 @@ from tabulate import tabulate
 from bench.harness import KERNEL_BACKENDS
 from bench.test_bench_adaptive import interleaved_medians
 from bench.test_bench_kernels import make_args
-from bench.workloads import CPU_SMALL, KERNEL_SHAPES, SHAKESPEARE, build_model, calibrate_halting, op_cost, \
-    token_batch
+from bench.workloads import CPU_SMALL, KERNEL_SHAPES, SHAKESPEARE, build_model, calibrate_halting, \
+    halting_efficiency, op_cost, token_batch
 from looplm import LoopGPT, available_backends, get_backend
 from looplm.cli import CLIError, run_cli
 from looplm.fileio import atomic_write_text
@@ -248,9 +248,9 @@ def run_model(device: torch.device, budget: Budget, dry_run: bool,
                 fixed_depth = times
             for backend, seconds in times.items():
                 row_notes = dict(notes)
-                if halting and backend in fixed_depth:  # issue 21's measure: speed-up / loop reduction
-                    row_notes["efficiency"] = round(fixed_depth[backend] / seconds * notes["mean_steps"]
-                                                    / config.n_loops, 3)
+                if halting and backend in fixed_depth:
+                    row_notes["efficiency"] = round(halting_efficiency(fixed_depth[backend], seconds, mean_steps,
+                                                                       config.n_loops), 3)
                 rows.append({"case": case, "variant": backend, "ms": 1e3 * seconds,
                              "vs_torch": times["torch"] / seconds, "tokens_per_s": tokens / seconds,
                              "notes": row_notes})
@@ -310,7 +310,8 @@ def compiled_halting(model: LoopGPT, idx: torch.Tensor, targets: torch.Tensor, m
         return rows
     model.capacity_dropped.zero_()
     compiled(idx, targets, halting=True)
-    notes = {fixed: {}, halting: {"efficiency": round(times[fixed] / times[halting] * mean_steps / model.config.n_loops, 3),
+    efficiency = halting_efficiency(times[fixed], times[halting], mean_steps, model.config.n_loops)
+    notes = {fixed: {}, halting: {"efficiency": round(efficiency, 3),
                                   "tokens_without_a_slot": int(model.capacity_dropped)}}
     for name, seconds in times.items():
         rows.append({"case": case, "variant": name, "ms": 1e3 * seconds, "vs_torch": times[fixed] / seconds,

@@ -283,7 +283,7 @@ def causal_schedule(heads: int, t: int, d: int, block_m: int, block_n: int, sect
     """The simulated schedule of a causal attention launch over `heads` (batch x head) heads of T = `t`
     with BLOCK_M x BLOCK_N tiles, in the kernels' order (`looplm.kernels.attention_program`) with
     `section` heads per section: 1 is head by head, `heads` longest first across all heads."""
-    from looplm.kernels import attention_program
+    from looplm.kernels import attention_program, head_kv_bytes
     keys = causal_block_keys(t, block_m, block_n)
     programs = [attention_program(pid, len(keys), heads, section) for pid in range(heads * len(keys))]
     times = list_schedule([keys[block] for _, block in programs], slots)
@@ -297,7 +297,7 @@ def causal_schedule(heads: int, t: int, d: int, block_m: int, block_n: int, sect
         now += step
         most = max(most, now)
     return Schedule(makespan=max(end for _, end in times), ideal=max(heads * sum(keys) / slots, max(keys)),
-                    live_kv_bytes=most * 2 * t * d * itemsize)
+                    live_kv_bytes=most * head_kv_bytes(t, d, itemsize))
 
 
 def causal_order_rows(shapes: Sequence[tuple[int, int, int]] = CAUSAL_ORDER_SHAPES) -> list[dict]:
@@ -307,7 +307,7 @@ def causal_order_rows(shapes: Sequence[tuple[int, int, int]] = CAUSAL_ORDER_SHAP
     import torch
 
     from looplm.backends import KERNEL_PACKAGES
-    from looplm.kernels import attention_section
+    from looplm.kernels import attention_section, head_kv_bytes
     rows = []
     for heads, t, d in shapes:
         for backend, package in KERNEL_PACKAGES.items():
@@ -317,7 +317,7 @@ def causal_order_rows(shapes: Sequence[tuple[int, int, int]] = CAUSAL_ORDER_SHAP
                 continue
             config = module.default_config(t, d, torch.bfloat16, "sm_90")
             bm, bn = config["BLOCK_M"], config["BLOCK_N"]
-            section = attention_section(heads, 2 * t * d * ITEMSIZE)
+            section = attention_section(heads, head_kv_bytes(t, d, ITEMSIZE))
             rows.append({"heads": heads, "T": t, "D": d, "backend": backend, "tiles": (bm, bn), "section": section,
                          **{order: causal_schedule(heads, t, d, bm, bn, s) for order, s in
                             (("head_by_head", 1), ("all_heads", heads), ("sections", section))}})

@@ -17,8 +17,8 @@ the benchmark's extra_info, so that a noisy shared machine slows both alike, and
 thread's CPU time (`*_cpu_ms`, `efficiency_cpu`, `ratio_cpu`), which other work on the machine
 disturbs less. The halting cases also record the host reads of one adaptive forward
 (`host_syncs`, looplm.testing.HostSyncCounter: the input check's, the given thresholds' and the
-loop's one read at its end, with the capacity plan of the forward before) and the decode cases those of the whole generation (`host_syncs`: none per
-token). pytest-benchmark's own table shows the LoopLM variant.
+loop's one read at its end, with the capacity plan of the forward before) and the decode cases
+those of the whole generation (`host_syncs`: none per token). pytest-benchmark's own table shows the LoopLM variant.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from bench.schema import CaseInfo
+from bench.workloads import halting_efficiency
 from looplm import LoopConfig, LoopGPT, LoopTrace
 from looplm.testing import assert_close, count_host_syncs
 
@@ -99,14 +100,14 @@ def halting_case(criterion: str, halted: float, min_loops: int) -> tuple[LoopGPT
 
 def record_efficiency(benchmark, criterion: str, halted: float, min_loops: int, mean_steps: float,
                       medians: dict, cpu: dict, **notes) -> None:
-    speedup, cpu_speedup = medians["fixed"] / medians["adaptive"], cpu["fixed"] / cpu["adaptive"]
-    reduction = LOOPS / mean_steps
+    def efficiency(seconds: dict) -> float:
+        return round(halting_efficiency(seconds["fixed"], seconds["adaptive"], mean_steps, LOOPS), 3)
     record(benchmark, "halting_efficiency", dict(B=4, T=128, C=HALTING.n_embd, loops=LOOPS, halted=halted,
                                                  criterion=criterion, min_loops=min_loops),
            fixed_ms=round(1e3 * medians["fixed"], 2), adaptive_ms=round(1e3 * medians["adaptive"], 2),
-           speedup=round(speedup, 3), loop_reduction=round(reduction, 3), efficiency=round(speedup / reduction, 3),
-           fixed_cpu_ms=round(1e3 * cpu["fixed"], 2), adaptive_cpu_ms=round(1e3 * cpu["adaptive"], 2),
-           efficiency_cpu=round(cpu_speedup / reduction, 3), target=0.8, **notes)
+           speedup=round(medians["fixed"] / medians["adaptive"], 3), loop_reduction=round(LOOPS / mean_steps, 3),
+           efficiency=efficiency(medians), fixed_cpu_ms=round(1e3 * cpu["fixed"], 2),
+           adaptive_cpu_ms=round(1e3 * cpu["adaptive"], 2), efficiency_cpu=efficiency(cpu), target=0.8, **notes)
 
 
 @pytest.mark.parametrize("criterion, halted, min_loops", HALTING_CASES)

@@ -30,8 +30,9 @@ its slots are still active is a device mask, never read by the host: a slot whos
 since computes like the others and its results are discarded (masked writes: `keep`), so a loop's
 shapes do not depend on which tokens halt inside it. Slots of the compacted set are distinct tokens
 (then, from a plan, spare slots that stand for the scratch row and never run), so writes to tokens
-never collide (the masked ones and the spare slots' all go to a scratch row); for attention each batch row's slots are laid side by side, L a row (the most any row holds),
-and the places past a row's count read a clamped slot and are dropped.
+never collide (the masked ones and the spare slots' all go to a scratch row); for attention each
+batch row's slots are laid side by side, L a row (the most any row holds), and the places past a
+row's count read a clamped slot and are dropped.
 
 When the set shrinks. Shapes that follow the active share need a count, and a count is a read.
 A model keeps, per input shape (B, T, n_loops), a capacity plan (`halting.CapacityPlan`): how many
@@ -527,10 +528,12 @@ def halting_loop(model: "LoopGPT", x0: Tensor, n_loops: int, threshold: Tensor, 
             slot_h, slot_active, slot_steps, slot_threshold, slot_x0 = (
                 rows.gather(x) for x in (h, active, steps, threshold, core.x0))
     h, steps = h[:N], steps[:N]
-    if frozen and left_out:  # no read: the count waits on the device for `LoopGPT.capacity_dropped`
-        model.capacity_dropped.add_(torch.stack(left_out).sum())
+    dropped = torch.stack(left_out).sum().view(1) if left_out else None  # running tokens left without a slot
+    if frozen and dropped is not None:  # no read: the count waits on the device for `LoopGPT.capacity_dropped`
+        model.capacity_dropped.add_(dropped[0])
     if recording:  # the forward's one read: the counts for the next plan, and whether this one fell short
-        dropped = torch.stack(left_out).sum().view(1) if left_out else torch.zeros(1, dtype=torch.long, device=device)
+        if dropped is None:
+            dropped = torch.zeros(1, dtype=torch.long, device=device)
         read = torch.cat([dropped, running_counts(steps.view(B, T), n_loops).view(-1)]).tolist()
         overflowed, counts = read[0] > 0, read[1:]
         if overflowed:  # rerun, reading the counts as it goes (exact), and plan from that run

@@ -132,6 +132,11 @@ def persistent_programs(device: torch.device, tiles: int, per_sm: int = 1, witho
 SECTION_KV_BYTES = 16 * 2 ** 20
 
 
+def head_kv_bytes(keys: int, head_dim: int, itemsize: int) -> int:
+    """The bytes of one head's keys and values: what a section must hold in L2 per head."""
+    return 2 * keys * head_dim * itemsize
+
+
 def attention_section(heads: int, kv_bytes_per_head: int, budget: int = SECTION_KV_BYTES) -> int:
     """Heads per section of causal attention's program order for `heads` (batch x head) heads
     whose K and V take `kv_bytes_per_head` each: the fewest sections whose K and V fit `budget`,

@@ -38,7 +38,7 @@ from torch import Tensor
 import cuda.tile as ct
 
 import tuning
-from looplm.kernels import attention_section
+from looplm.kernels import attention_section, head_kv_bytes
 from looplm.ops import check_kernel_dtype
 from looplm_tile import runtime
 from tuning.spec import KernelTuning
@@ -134,7 +134,7 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: f
     t_k = k.shape[2]
     block_m, block_n = _blocks(config, t_q, t_k)
     heads = batch * n_head
-    section = attention_section(heads, 2 * t_k * head_dim * k.element_size())
+    section = attention_section(heads, head_kv_bytes(t_k, head_dim, k.element_size()))
     args = (q, k, v, out, float(scale), t_k - t_q, heads, section, n_head, bool(causal),
             runtime.next_power_of_2(head_dim), block_m, block_n, config["KV_LATENCY"])
     runtime.launch(attention_grid(batch, n_head, t_q, block_m), attention_kernel, args, config)

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from looplm.kernels import attention_section
+from looplm.kernels import attention_section, head_kv_bytes
 from looplm.ops import check_kernel_dtype, check_tensors
 from looplm_triton.common import (LOG2E, compile_run, dot_in_fp32, fast_exp2, launch, launch_config, make_descriptor,
                                   split_config, target_arch, target_capability, tma_addressable)
@@ -294,7 +294,7 @@ def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, s
     block_sizes, options = split_config(config)
     block_d = head_block(D)
     grid = attention_grid(B, H, Tq, block_sizes["BLOCK_M"])
-    order = (B * H, attention_section(B * H, 2 * Tk * D * k.element_size()))  # (heads, heads per section)
+    order = (B * H, attention_section(B * H, head_kv_bytes(Tk, D, k.element_size())))  # (heads, per section)
     common = dict(CAUSAL=causal, DOT_IN_FP32=dot_in_fp32(),
                   PRECISION="tf32x3" if q.dtype == torch.float32 and not dot_in_fp32() else "ieee",
                   BLOCK_D=block_d, **block_sizes, **options)

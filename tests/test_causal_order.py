@@ -3,7 +3,7 @@ chose it (bench.roofline): its basics, and what it says at issue 20's shapes."""
 import pytest
 
 from bench import roofline
-from looplm.kernels import SECTION_KV_BYTES, attention_program, attention_section
+from looplm.kernels import SECTION_KV_BYTES, attention_program, attention_section, head_kv_bytes
 
 
 @pytest.mark.parametrize("heads, m_blocks, section", [(1, 1, 1), (6, 4, 1), (6, 4, 4), (6, 4, 6), (7, 3, 3)])
@@ -49,7 +49,7 @@ def test_at_the_issues_shapes_longest_first_in_l2_sections_packs_as_well_as_acro
     longest first across all heads packs it but keeps every head's K and V live at once, and sections of
     heads whose K and V fit SECTION_KV_BYTES pack within 2% of it with two sections live at most."""
     for heads, t, d in roofline.CAUSAL_ORDER_SHAPES:
-        kv = 2 * t * d * roofline.ITEMSIZE
+        kv = head_kv_bytes(t, d, roofline.ITEMSIZE)
         schedules = {name: roofline.causal_schedule(heads, t, d, 128, 128, section)
                      for name, section in (("head", 1), ("all", heads), ("sections", attention_section(heads, kv)))}
         assert schedules["sections"].over_ideal <= 1.02 * schedules["all"].over_ideal, (heads, t, d)

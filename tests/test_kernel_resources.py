@@ -47,7 +47,8 @@ def shipped_table_configs() -> list:
             if "impl" in config or key in seen:
                 continue
             seen.add(key)
-            params.append(pytest.param(path.stem, arch, *key[1:4], config, id="-".join(map(str, (*key[:4], len(seen))))))
+            case_id = "-".join(map(str, (*key[:4], len(seen))))
+            params.append(pytest.param(path.stem, arch, *key[1:4], config, id=case_id))
     return params
 
 
