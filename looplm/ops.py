@@ -60,10 +60,16 @@ def layer_norm_linear(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor
     raise NotImplementedError
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
+              key_len: Optional[Tensor] = None) -> Tensor:
     """softmax(q k^T * scale) v for q (B, H, Tq, D), k and v (B, H, Tk, D); scale defaults to D**-0.5.
     Causal masking is aligned bottom-right: query i sits at position Tk - Tq + i, so a cached decode
-    step (Tq=1) sees every key. A query row with no visible key (Tq > Tk) returns zeros, never NaN."""
+    step (Tq=1) sees every key. A query row with no visible key (Tq > Tk) returns zeros, never NaN.
+
+    key_len (B,) int32 on q's device, each in 0 .. Tk: batch row b holds only its first key_len[b]
+    keys (a preallocated cache of Tk places, filled so far; the rest are never read, and never read
+    by the host either: a compiled or captured decode step passes a length that lives on the device).
+    It stands for Tk in everything above: query i of row b sits at key_len[b] - Tq + i."""
     raise NotImplementedError
 
 
@@ -130,7 +136,8 @@ def fake_layer_norm_linear(x: Tensor, norm_weight: Tensor, norm_bias: Optional[T
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def fake_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+def fake_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
+                   key_len: Optional[Tensor] = None) -> Tensor:
     return q.new_empty(q.shape)
 
 
@@ -215,6 +222,18 @@ def check_tensors(op: str, **tensors: Optional[Tensor]) -> None:
     dtypes = {name: t.dtype for name, t in given.items() if t.is_floating_point()}
     if len(set(dtypes.values())) > 1:
         raise ValueError(f"{op}: floating tensors must share one dtype, got {dtypes}")
+
+
+def check_key_len(op: str, q: Tensor, k: Tensor, key_len: Optional[Tensor]) -> None:
+    """Refuse a key_len (attention's) that is not (B,) int32 on q's device. Its values (0 .. Tk) are
+    not checked: that would read the device, which a decode step must not."""
+    if key_len is None:
+        return
+    if key_len.shape != (q.shape[0],) or key_len.dtype != torch.int32:
+        raise ValueError(f"{op}: key_len must be ({q.shape[0]},) torch.int32 (one length per batch row), got "
+                         f"{tuple(key_len.shape)} {key_len.dtype}")
+    if key_len.device != k.device:
+        raise ValueError(f"{op}: key_len must be on the keys' device {k.device}, got {key_len.device}")
 
 
 def check_halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tensor,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
-from looplm.ops import ACTIVATIONS, OP_NAMES, BlockWeights, residual_branch
+from looplm.ops import ACTIVATIONS, OP_NAMES, BlockWeights, check_key_len, residual_branch
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
@@ -36,8 +36,17 @@ def layer_norm_linear(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor
     return linear(layer_norm(x, norm_weight, norm_bias, eps), weight, bias, activation)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
+              key_len: Optional[Tensor] = None) -> Tensor:
     Tq, Tk = q.size(-2), k.size(-2)
+    if key_len is not None:  # a mask from the lengths on the device: what a compiled decode step reads
+        check_key_len("attention", q, k, key_len)
+        places = torch.arange(Tk, device=q.device)
+        last_seen = key_len.view(-1, 1, 1, 1) - Tq + torch.arange(Tq, device=q.device).view(1, 1, -1, 1)
+        seen = places < key_len.view(-1, 1, 1, 1)
+        seen = seen & (places <= last_seen) if causal else seen.expand(-1, 1, Tq, -1)  # (B, 1, Tq, Tk)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale)
+        return out.masked_fill(~seen.any(-1, keepdim=True), 0.0)  # a row that sees no key: zeros, not NaN
     if not causal or Tq == 1:  # a single query sits at the last position and sees every key
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if Tq == Tk:
