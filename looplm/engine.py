@@ -119,14 +119,15 @@ class LoopTrace:
 
 
 class Past(NamedTuple):
-    """Earlier tokens' keys and values for the block's tokens: each (B, P, C); `visible` (B, P) bool
-    marks the ones they may read (None: all), for a preallocated store of static length. with_block:
-    a one-token block's own keys and values are among them, at its place (the store had them first)."""
+    """Earlier tokens' keys and values for the block's tokens: each (B, P, C). with_block: a one-token
+    block's own keys and values are among them, at its place (the store had them first). length
+    (B,) int32 on the device: the places each batch row holds, the one-token block's included (a
+    preallocated store of static length P, read by attention's `key_len`); None: all P."""
 
     keys: Tensor
     values: Tensor
-    visible: Optional[Tensor] = None
     with_block: bool = False
+    length: Optional[Tensor] = None
 
 
 class KVStore(Protocol):
@@ -205,21 +206,18 @@ class _Rows:
             return x[:self.count]
         return x.index_select(0, self.idx if x.size(0) > self.B * self.T else self.read_at)
 
-    def causal_mask(self, visible: Optional[Tensor], P: int, dtype: torch.dtype) -> Tensor:
-        """(B, 1, L, P + T): the keys each packed query sees, the past's `visible` (B, P) ones
-        (None: all P) and the block's up to its own position. When every past key is visible, made
-        once per set of slots, P and dtype, as the additive mask (0 or -inf, in the queries' dtype)
-        that SDPA would otherwise rebuild from a bool mask at every call; else bool."""
+    def causal_mask(self, P: int, dtype: torch.dtype) -> Tensor:
+        """(B, 1, L, P + T): the keys each packed query sees, every one of the P past ones and the
+        block's up to its own position. Made once per set of slots, P and dtype, as the additive mask
+        (0 or -inf, in the queries' dtype) that SDPA would otherwise rebuild from a bool mask at every
+        call."""
         key = (P, dtype)
-        if visible is None and key in self._masks:
+        if key in self._masks:
             return self._masks[key]
         keys = torch.arange(self.T, device=self.positions.device)
         mask = keys <= self.positions[..., None]  # (B, L, T)
         if P:
-            seen = torch.ones(self.B, P, dtype=torch.bool, device=mask.device) if visible is None else visible
-            mask = torch.cat([seen[:, None, :].expand(-1, self.L, -1), mask], dim=-1)
-        if visible is not None:
-            return mask[:, None]
+            mask = torch.cat([mask.new_ones(self.B, self.L, P), mask], dim=-1)
         additive = torch.zeros(mask[:, None].shape, dtype=dtype, device=mask.device).masked_fill_(
             ~mask[:, None], float("-inf"))  # every place sees at least its own key: no row is all -inf
         self._masks[key] = additive
@@ -313,27 +311,17 @@ def _attend(backend, q: Tensor, rows: _Rows, qkv: Tensor, past: Optional[Past], 
         y = y.transpose(1, 2).reshape(-1, C)
         return y if at is None else y.index_select(0, at)
 
-    attention = backend.op("attention")
-    masked_past = past is not None and past.visible is not None
-    if attention is torch_ops.attention and (masked_past or not rows.every):
-        if rows.every:  # every token, reading only the visible part of a preallocated past
-            if past.with_block:
-                mask = past.visible[:, None, None, :]  # (B, 1, 1, P + 1)
-            else:
-                causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-                mask = torch.cat([past.visible[:, None, None, :].expand(-1, 1, T, -1),
-                                  causal.expand(B, 1, T, T)], dim=-1)
-            return rows_of(F.scaled_dot_product_attention(heads(q.view(B, T, C)), heads(k), heads(v),
-                                                          attn_mask=mask), None)
+    attention, key_len = backend.op("attention"), None if past is None else past.length
+    if attention is torch_ops.attention and not rows.every:  # SDPA takes a mask: the slots' queries only
+        if key_len is not None:
+            raise ValueError("a compacted set of slots reads a past of every place (a K/V store with held "
+                             "lengths is read by every token of its block)")
         queries = q.index_select(0, rows.queries_at).view(B, rows.L, C)
-        mask = rows.causal_mask(None if past is None else past.visible, P, q.dtype)
-        return rows_of(F.scaled_dot_product_attention(heads(queries), heads(k), heads(v), attn_mask=mask),
-                       rows.out_at)
-    if masked_past:
-        raise ValueError(f"backend {backend.name!r}: a K/V store with masked entries needs the torch backend's "
-                         "attention; give the store the visible length instead")
+        y = F.scaled_dot_product_attention(heads(queries), heads(k), heads(v), attn_mask=rows.causal_mask(P, q.dtype))
+        return rows_of(y, rows.out_at)
     queries = q if rows.every else qkv[:, :C]  # a compacted set: every query, the halted tokens' from the buffer
-    return rows_of(attention(heads(queries.view(B, T, C)), heads(k), heads(v), causal=True), rows.read_at)
+    y = attention(heads(queries.view(B, T, C)), heads(k), heads(v), causal=True, key_len=key_len)
+    return rows_of(y, rows.read_at)
 
 
 class TraceObserver:

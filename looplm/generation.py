@@ -249,10 +249,11 @@ class StaticKVCache:
     so that a later token reads loop t's slot as it is: e_min(t, s), and no loop gathers.
 
     Two ways to say where the block sits. `positioned=False`: at the host's count of committed
-    tokens, and the past is that many tokens (sliced: any backend's attention op). positioned=True:
-    at a device position (`at`, advanced on the device), and the past is all max_len places with the
-    ones not yet written masked out: every step has the same shapes, so one compiled graph (or a
-    captured CUDA graph) serves every token; it needs the torch backend's attention (SDPA takes the mask).
+    tokens, and the past is that many tokens (sliced). positioned=True: at a device position (`at`,
+    advanced on the device); the first block after a reset (the prompt) has no past, and each later
+    block is one token whose past is all max_len places, of which attention reads the ones written
+    so far (its `key_len`, on the device): every step has the same shapes, so one compiled graph (or
+    a captured CUDA graph) serves every token, on every backend.
     """
 
     def __init__(self, n_layer: int, slots: int, batch: int, max_len: int, n_embd: int, dtype: torch.dtype,
@@ -261,11 +262,12 @@ class StaticKVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.at = torch.zeros((), dtype=torch.long, device=device)  # the block's first position (positioned)
-        self.places = torch.arange(max_len, device=device)
         self.slot_loops = torch.arange(1, slots + 1, device=device)  # the loop each slot holds
         self.slots, self.batch, self.max_len, self.positioned = slots, batch, max_len, positioned
         self.length = 0  # tokens committed (host count; positioned: `at` on the device instead)
         self.block_len = 0
+        self.empty = True  # nothing committed since the last reset (known on the host, positioned too)
+        self.held = torch.zeros(batch, dtype=torch.int32, device=device)  # positioned: key_len of a block's past
         if positioned:  # the buffers keep their addresses: a compiled step reads them in place
             for t in (self.keys, self.values, self.at):
                 torch._dynamo.mark_static_address(t)
@@ -278,7 +280,10 @@ class StaticKVCache:
         self.block_len = block_len
         device = self.at.device
         if self.positioned:
+            if not self.empty and block_len != 1:
+                raise ValueError(f"a positioned cache takes one token a block after its first, got {block_len}")
             self.block = self.at + torch.arange(block_len, device=device)  # positions (T,), on the device
+            self.held = (self.at + block_len).to(torch.int32).expand(self.batch).contiguous()
         else:
             self.block = torch.arange(self.length, self.length + block_len, device=device)
         batch = torch.arange(self.batch, device=device)[:, None]
@@ -296,21 +301,21 @@ class StaticKVCache:
 
     def past(self, layer: int, loop: int) -> Optional[Past]:
         """Every earlier token's entry for `loop` (a view); a one-token block (a decode step) reads
-        its own keys and values from here too (stored just before: no concatenation), `with_block`."""
-        with_block = self.block_len == 1
-        if not self.positioned and self.length == 0 and not with_block:
+        its own keys and values from here too (stored just before: no concatenation), `with_block`.
+        Positioned, the past is every place, of which the first `held` are written."""
+        if self.empty:  # the block's own keys and values are the attention's
             return None
-        span = slice(None) if self.positioned else slice(0, self.length + (1 if with_block else 0))
-        slot = (loop - 1) % self.slots
-        visible = None
+        with_block, slot = self.block_len == 1, (loop - 1) % self.slots
         if self.positioned:
-            visible = (self.places <= self.at if with_block else self.places < self.at).expand(self.batch, -1)
-        return Past(self.keys[layer, slot, :, span], self.values[layer, slot, :, span], visible, with_block)
+            return Past(self.keys[layer, slot], self.values[layer, slot], with_block, self.held)
+        span = slice(0, self.length + (1 if with_block else 0))
+        return Past(self.keys[layer, slot, :, span], self.values[layer, slot, :, span], with_block)
 
     def reset(self) -> None:
         """Empty the cache for a new sequence (the buffers stay where they are)."""
         self.at.zero_()
         self.length = self.block_len = 0
+        self.empty = True
 
     def commit(self, steps: Optional[Tensor] = None) -> None:
         """Close the block: its tokens ran `steps` (B, T) loops (None: every loop of the budget);
@@ -327,7 +332,7 @@ class StaticKVCache:
             self.at.add_(T)
         else:
             self.length += T
-        self.block_len = 0
+        self.block_len, self.empty = 0, False
 
 
 class Decoder:
@@ -337,8 +342,9 @@ class Decoder:
     reads nothing on the host; tokens stay on the device until the caller reads them.
 
     compile: torch.compile the step (fullgraph; mode="reduce-overhead" on CUDA, which captures it in
-    a CUDA graph and replays it per token), with `compiler` (torch.compile's backend). It needs the
-    torch backend (the masked past).
+    a CUDA graph and replays it per token), with `compiler` (torch.compile's backend). On every
+    backend: a kernel backend's ops are custom ops under compilation (`looplm.backends.compilable`),
+    and its attention reads the filled part of the static caches through `key_len`.
 
     stop_early: with halting, read after every loop whether a row still runs, so that halted rows
     stop computing and the step ends when every row has halted (the compacted loop, reading after
@@ -348,8 +354,6 @@ class Decoder:
     def __init__(self, model: LoopGPT, batch: int, max_len: int, budget: int, halting: bool, temperature: float,
                  top_k: Optional[int], compile: bool = False, compiler: str = "inductor", stop_early: bool = False):
         cfg, weight = model.config, model.lm_head.weight
-        if compile and model.backend.name != "torch":
-            raise ValueError(f"a compiled decode step needs the 'torch' backend, got {model.backend.name!r}")
         if compile and stop_early:
             raise ValueError("stop_early reads the device after every loop: a compiled step cannot")
         self.model, self.batch, self.budget, self.halting = model, batch, budget, halting

@@ -360,7 +360,7 @@ class LoopGPT(nn.Module):
         halting (or its former name halt) and n_loops as in forward. By default the prompt runs once
         and then each new token in one step over static per-loop K/V caches
         (`looplm.generation.generate_static`: the same tokens as without the cache; no host read per
-        token; on CUDA with the torch backend the step is compiled and replayed as a CUDA graph; on
+        token; on CUDA the step is compiled and replayed as a CUDA graph, on every backend; on
         the CPU a halting step stops when every row has halted). use_cache=False reruns the whole
         (cropped) context per token.
         pos: position ids (B, T + max_new_tokens) of the prompt and of the tokens to come, as the
@@ -368,7 +368,7 @@ class LoopGPT(nn.Module):
         halting = halting_rules.resolve(self.config, halting, self.training, halt)
         if use_cache:
             from looplm.generation import generate_static  # generation builds on this module
-            compile = self.lm_head.weight.device.type == "cuda" and self.backend.name == "torch"
+            compile = self.lm_head.weight.device.type == "cuda"
             return generate_static(self, idx, max_new_tokens, temperature, top_k, halting=halting, n_loops=n_loops,
                                    pos=pos, compile=compile)[0]
         check_sampling(max_new_tokens, temperature, top_k)

@@ -183,6 +183,27 @@ def test_compiled_decode_step_is_one_graph_for_every_token(halting, shape, new):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton", "tile"])
+@pytest.mark.parametrize("halting", [False, True], ids=["fixed", "halting"])
+def test_compiled_decode_step_on_every_backend(backend, halting):
+    """Per backend: the decode step compiles to one graph (fullgraph, no recompile as the cache
+    fills), a kernel backend's ops as custom ops whose attention reads the filled places of the
+    static caches through key_len, and gives the cached generation token for token with the same
+    loops per token. Shape "2L-prelude-coda": every cache kind (core, prelude, coda)."""
+    backend, device = backend_or_skip(backend), device_for(backend)
+    torch._dynamo.reset()
+    shape = dict(SHAPES["2L-prelude-coda"], block_size=16)
+    model = sharpened_model("entropy", max_loops=3, **shape) if halting else fixed_depth_model(n_loops=3, **shape)
+    model = model.to(device).set_backend(backend)
+    idx = torch.randint(0, 17, (2, 4), generator=torch.Generator().manual_seed(5)).to(device)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out, steps = generate_static(model, idx, 6, temperature=0, compile=True, compiler="eager")
+    expected, stats = generate_cached(model, idx, 6, temperature=0)
+    assert torch.equal(out, expected) and torch.equal(steps, stats.steps)
+    assert len(steps.unique()) >= (2 if halting else 1)
+    torch._dynamo.reset()
+
+
 def test_compiled_decoder_is_reused_by_the_next_call():
     """A second generation with the same model and arguments replays the compiled step: no new
     compile, whatever the prompt's length, and the same tokens as a fresh cache."""

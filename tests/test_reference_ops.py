@@ -88,6 +88,32 @@ def test_attention_rows_without_keys_are_zero_not_nan():
     assert_close(out[..., 2:, :], F.scaled_dot_product_attention(q[..., 2:, :], k, v, is_causal=True))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_attention_key_len_reads_each_rows_filled_places_only(causal, Tq):
+    """key_len: row b is attention over its first key_len[b] keys (bottom-right aligned to them), the
+    places past it never read (NaN there changes nothing); a row that holds fewer keys than its
+    earliest query needs returns zeros for the queries that see none."""
+    Tk, held = 9, [0, 1, 2, 6, 9]
+    q, k, v = torch.randn(5, 2, Tq, 8), torch.randn(5, 2, Tk, 8), torch.randn(5, 2, Tk, 8)
+    for b, n in enumerate(held):
+        k[b, :, n:], v[b, :, n:] = float("nan"), float("inf")
+    out = reference.attention(q, k, v, causal, 0.4, torch.tensor(held, dtype=torch.int32))
+    for b, n in enumerate(held):
+        seen = torch.arange(n)[None, :] <= torch.arange(Tq)[:, None] + n - Tq if causal else torch.ones(Tq, n).bool()
+        expected = F.scaled_dot_product_attention(q[b], k[b, :, :n], v[b, :, :n], attn_mask=seen, scale=0.4)
+        expected = expected.masked_fill(~seen.any(-1, keepdim=True), 0.0)
+        assert_close(out[b], expected)
+
+
+def test_attention_key_len_of_the_wrong_kind_is_refused():
+    q = k = v = torch.randn(2, 1, 1, 8)
+    with pytest.raises(ValueError, match=r"key_len must be \(2,\) torch.int32"):
+        reference.attention(q, k, v, key_len=torch.ones(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"key_len must be \(2,\) torch.int32"):
+        reference.attention(q, k, v, key_len=torch.ones(1, dtype=torch.int32))
+
+
 def test_attention_gradient_is_finite_with_empty_rows():
     q = torch.randn(1, 1, 5, 4, requires_grad=True)
     k, v = torch.randn(1, 1, 3, 4, requires_grad=True), torch.randn(1, 1, 3, 4, requires_grad=True)
