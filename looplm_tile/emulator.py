@@ -304,6 +304,18 @@ class Array:
     def ndim(self) -> int:
         return self.data.dim()
 
+    def slice(self, axis, start, stop) -> "Array":
+        """A view of elements start .. stop - 1 along `axis` (a constant; negative counts from the
+        end), bounds that may be runtime scalars: loads past `stop` pad as past the array's end.
+        Bounds outside 0 <= start < N, start <= stop <= N are undefined in cuTile: an error here."""
+        if not isinstance(axis, int) or not -self.ndim <= axis < self.ndim:
+            raise EmulationError(f"Array.slice: axis must be a constant in [-{self.ndim}, {self.ndim}), got {axis!r}")
+        extent, start, stop = self.data.shape[axis], int(start), int(stop)
+        if not (0 <= start < extent and start <= stop <= extent):
+            raise EmulationError(f"Array.slice: start {start}, stop {stop} outside 0 <= start < {extent}, "
+                                 f"start <= stop <= {extent} (undefined in cuTile)")
+        return Array(self.data.narrow(axis, start, stop - start))
+
     def __getattr__(self, name):
         raise EmulationError(f"Array.{name} is not emulated")
 
