@@ -45,6 +45,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
         last_seen = key_len.view(-1, 1, 1, 1) - Tq + torch.arange(Tq, device=q.device).view(1, 1, -1, 1)
         seen = places < key_len.view(-1, 1, 1, 1)
         seen = seen & (places <= last_seen) if causal else seen.expand(-1, 1, Tq, -1)  # (B, 1, Tq, Tk)
+        # The unfilled places may hold NaN or inf: a masked NaN score stays NaN, and 0 x inf is NaN.
+        held = (places < key_len.view(-1, 1, 1, 1)).transpose(-1, -2)  # (B, 1, Tk, 1)
+        k, v = k.masked_fill(~held, 0.0), v.masked_fill(~held, 0.0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale)
         return out.masked_fill(~seen.any(-1, keepdim=True), 0.0)  # a row that sees no key: zeros, not NaN
     if not causal or Tq == 1:  # a single query sits at the last position and sees every key

@@ -26,4 +26,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     row_sees_a_key = visible.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~row_sees_a_key, 0.0)
     weights = torch.softmax(scores, dim=-1) * row_sees_a_key
-    return (weights @ v.float()).to(q.dtype)
+    # Places past a row's keys may hold NaN or inf, which a zero weight would not cancel (0 x inf).
+    v = v.float().masked_fill((key >= held[:, None])[:, None, :, None], 0.0)
+    return (weights @ v).to(q.dtype)
