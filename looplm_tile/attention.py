@@ -28,7 +28,7 @@ K and V to it (`Array.slice`, bounds read on the device), so every count, mask a
 crosses the row's end pads with zeros as one past the cache's end does: the places past a row's keys
 (which may hold anything, NaN included) never reach its softmax. The length never reaches the host,
 so a compiled or captured decode step replays one launch as it grows. HAS_KEY_LEN is a compile-time
-flag: without key_len the kernel is as before.
+flag: without key_len nothing is gathered or sliced.
 
 q, k, v may be strided views (the tied block passes head views of its fused qkv projection, no
 copies); only the head dim must be contiguous. The head size is a compile-time constant, padded

@@ -8,7 +8,8 @@ are torch tensors wrapped in `Tile`, which carries the cuTile dtype and applies 
 
 - tile-index addressing: `load(A, index, shape, order=...)` reads elements
   `index[d] * shape[d] + i` of the array with its axes permuted by `order`; `store` writes the
-  tile's in-bounds part and drops the rest;
+  tile's in-bounds part and drops the rest; `Array.slice` (bounds that may be runtime scalars) is a
+  view whose end bounds loads and stores as the array's own;
 - out-of-bounds padding: ZERO, NEG_ZERO, NAN, POS_INF, NEG_INF as documented; UNDETERMINED pads
   with a poison value (NaN for floats, the dtype's max for integers) so that a kernel relying on
   it fails its tests instead of passing by luck. A tile entirely outside the array (undefined

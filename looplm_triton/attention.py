@@ -11,11 +11,13 @@ never loaded. A row that sees no key keeps a zero denominator and returns zeros,
 
 key_len (optional, (B,) int32 on the device) serves a static decode cache: K and V hold Tk
 places of which batch row b has filled its first key_len[b]. Each program loads its row's length
-and takes it for Tk everywhere (the loop bounds, the masks, the causal alignment), so a row reads
-only its own keys: the places past them are never loaded into the softmax, and their values are
-zeroed before they meet a weight of zero (0 x NaN would poison the row). The length never reaches
-the host, so a compiled or captured decode step replays one launch as it grows. HAS_KEY_LEN is a
-compile-time flag: a launch without key_len compiles to the same code as before it existed.
+and takes it for Tk everywhere (the loop bounds, the masks, the causal alignment), so a row visits
+only its own keys. The places past them may hold anything, NaN included: the pointer path masks
+its loads at the length; the descriptor path, whose copy engine reads a block up to the cache's
+end, zeroes the values past it (their scores are masked, but a zero weight times NaN is NaN). The
+length never reaches the host, so a compiled or captured decode step replays one launch as it
+grows. HAS_KEY_LEN is a compile-time flag and the unused pointer is None: a launch without key_len
+compiles to the same PTX as before key_len existed.
 
 fp32 inputs multiply as three TF32 products (tf32x3: fp32 accuracy on the tensor cores; exact
 fp32 dots on CUDA cores spill at any useful tile). The head size is a compile-time constant
