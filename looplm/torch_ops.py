@@ -44,7 +44,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
         places = torch.arange(Tk, device=q.device)
         last_seen = key_len.view(-1, 1, 1, 1) - Tq + torch.arange(Tq, device=q.device).view(1, 1, -1, 1)
         seen = places < key_len.view(-1, 1, 1, 1)
-        # the places past a row's keys are never read: a mask alone lets NaN or inf there through
+        # the places past a row's keys are never read: a masked NaN score stays NaN, and 0 x inf is NaN
         k, v = (t.masked_fill(~seen.view(-1, 1, Tk, 1), 0.0) for t in (k, v))
         seen = seen & (places <= last_seen) if causal else seen.expand(-1, 1, Tq, -1)  # (B, 1, Tq, Tk)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale)

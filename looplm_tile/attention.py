@@ -21,6 +21,15 @@ B x H is small: 1.26x the ideal makespan for 64 heads at T = 1024 with 128 x 128
 against 1.03x in sections, which keep at most 32 MiB of K and V live where longest first across
 all heads would keep all of it (`python -m bench.roofline --causal-order` simulates them).
 
+key_len (optional, (B,) int32 on the device) serves a static decode cache: K and V hold Tk places
+of which batch row b has filled its first key_len[b]. Each block gathers its row's length and slices
+K and V to it (`Array.slice`, bounds read on the device), so every count, mask and the causal offset
+(key_len[b] - Tq) follow from the sliced shape as they follow from Tk without one, and a load that
+crosses the row's end pads with zeros as one past the cache's end does: the places past a row's keys
+(which may hold anything, NaN included) never reach its softmax. The length never reaches the host,
+so a compiled or captured decode step replays one launch as it grows. HAS_KEY_LEN is a compile-time
+flag: without key_len nothing is gathered or sliced.
+
 q, k, v may be strided views (the tied block passes head views of its fused qkv projection, no
 copies); only the head dim must be contiguous. The head size is a compile-time constant, padded
 to the next power of two with zeros, which change neither q k^T nor the stored columns.
@@ -39,7 +48,7 @@ import cuda.tile as ct
 
 import tuning
 from looplm.kernels import attention_section, head_kv_bytes
-from looplm.ops import check_kernel_dtype
+from looplm.ops import check_kernel_dtype, check_key_len
 from looplm_tile import runtime
 from tuning.spec import KernelTuning
 
@@ -73,9 +82,9 @@ def _key_tile(q, K, V, batch, head, j, row_pos, key_in_tile, n_keys, scale_log2,
 
 
 @ct.kernel
-def attention_kernel(Q, K, V, Out, qk_scale, causal_offset, batch_heads, section, N_HEAD: ct.Constant[int],
-                     CAUSAL: ct.Constant[bool], BLOCK_D: ct.Constant[int], BLOCK_M: ct.Constant[int],
-                     BLOCK_N: ct.Constant[int], KV_LATENCY: ct.Constant[int]):
+def attention_kernel(Q, K, V, Out, KeyLen, qk_scale, batch_heads, section, N_HEAD: ct.Constant[int],
+                     CAUSAL: ct.Constant[bool], HAS_KEY_LEN: ct.Constant[bool], BLOCK_D: ct.Constant[int],
+                     BLOCK_M: ct.Constant[int], BLOCK_N: ct.Constant[int], KV_LATENCY: ct.Constant[int]):
     # One grid axis, in looplm.kernels' causal order (attention_program): heads in sections of
     # `section`, each section's latest query blocks first across its heads.
     m_blocks = ct.cdiv(Q.shape[2], BLOCK_M)
@@ -87,13 +96,17 @@ def attention_kernel(Q, K, V, Out, qk_scale, causal_offset, batch_heads, section
     m_block = m_blocks - 1 - in_section // heads_here
     batch = (first_head + in_section % heads_here) // N_HEAD
     head = (first_head + in_section % heads_here) % N_HEAD
+    if HAS_KEY_LEN:  # this batch row's keys: the cache's first key_len[batch] places, read on the device
+        held = ct.gather(KeyLen, batch)
+        K = K.slice(axis=2, start=0, stop=held)  # loads past it now pad with zeros, as past the cache's end
+        V = V.slice(axis=2, start=0, stop=held)
     n_keys = K.shape[2]
     scale_log2 = qk_scale * LOG2_E
 
     q = ct.load(Q, index=(batch, head, m_block, 0), shape=(1, 1, BLOCK_M, BLOCK_D),
                 padding_mode=ct.PaddingMode.ZERO).reshape((BLOCK_M, BLOCK_D))
-    # Query i may see key j when j <= causal_offset + i (bottom-right alignment).
-    first_row_pos = causal_offset + m_block * BLOCK_M
+    # Query i may see key j when j <= n_keys - Tq + i (bottom-right alignment).
+    first_row_pos = n_keys - Q.shape[2] + m_block * BLOCK_M
     row_pos = first_row_pos + ct.arange(BLOCK_M, dtype=ct.int32)[:, None]
     key_in_tile = ct.arange(BLOCK_N, dtype=ct.int32)[None, :]
 
@@ -129,14 +142,16 @@ def attention_grid(batch: int, n_head: int, t_q: int, block_m: int) -> tuple[int
     return (runtime.cdiv(t_q, block_m) * batch * n_head,)
 
 
-def _launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float, config: dict) -> Tensor:
+def _launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float, config: dict,
+            key_len: Optional[Tensor] = None) -> Tensor:
     batch, n_head, t_q, head_dim = q.shape
     t_k = k.shape[2]
     block_m, block_n = _blocks(config, t_q, t_k)
     heads = batch * n_head
     section = attention_section(heads, head_kv_bytes(t_k, head_dim, k.element_size()))
-    args = (q, k, v, out, float(scale), t_k - t_q, heads, section, n_head, bool(causal),
-            runtime.next_power_of_2(head_dim), block_m, block_n, config["KV_LATENCY"])
+    # Without key_len the kernel never reads its KeyLen array; q stands in for it.
+    args = (q, k, v, out, q if key_len is None else key_len, float(scale), heads, section, n_head, bool(causal),
+            key_len is not None, runtime.next_power_of_2(head_dim), block_m, block_n, config["KV_LATENCY"])
     runtime.launch(attention_grid(batch, n_head, t_q, block_m), attention_kernel, args, config)
     return out
 
@@ -145,20 +160,22 @@ def _head_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
+              key_len: Optional[Tensor] = None) -> Tensor:
     check_kernel_dtype("attention", "q", q)
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"attention: q (B, H, Tq, D) and k, v (B, H, Tk, D) must agree, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_key_len("attention", q, k, key_len)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if q.numel() == 0:
         return out
     if k.shape[2] == 0:
         return out.zero_()
-    return attention_into(q, k, v, out, causal, scale)
+    return attention_into(q, k, v, out, causal, scale, key_len)
 
 
 SHORT_T = 512
@@ -185,13 +202,15 @@ def default_config(t_q: int, head_dim: int, dtype: torch.dtype, arch: Optional[s
     return TUNING.default_for(dtype, arch)
 
 
-def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float) -> Tensor:
-    """attention writing into `out` (B, H, Tq, D), which may be a strided view (e.g. of (B, T, C))."""
+def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float,
+                   key_len: Optional[Tensor] = None) -> Tensor:
+    """attention writing into `out` (B, H, Tq, D), which may be a strided view (e.g. of (B, T, C));
+    `key_len` as `looplm.ops.attention` takes it."""
     batch, n_head, t_q, head_dim = q.shape
     config = tuning.lookup_config("tile", "attention", q.dtype, (batch, n_head, t_q, k.shape[2], head_dim),
                                   default_config(t_q, head_dim, q.dtype, runtime.arch_of(q)))
     q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
-    _launch(q, k, v, out, causal, scale, config)
+    _launch(q, k, v, out, causal, scale, config, key_len)
     return out
 
 
@@ -204,8 +223,16 @@ def _make_args(shape: tuple, dtype: torch.dtype, device) -> tuple:
     return q, k, v, torch.empty_like(q), True, head_dim ** -0.5
 
 
+def compile_variant(shape: tuple, dtype: torch.dtype, config: dict, arch: str, key_len: bool = False) -> dict:
+    """Resources of the launch at `shape` for `arch`, with a key_len per batch row (a decode step
+    over a static cache) or without."""
+    args = _make_args(shape, dtype, "meta")
+    lengths = torch.empty(shape[0], dtype=torch.int32, device="meta") if key_len else None
+    return runtime.compile_run(_launch, arch, *args, config, lengths)
+
+
 def _compile(shape: tuple, dtype: torch.dtype, config: dict, arch: str) -> dict:
-    return runtime.compile_run(_launch, arch, *_make_args(shape, dtype, "meta"), config)
+    return compile_variant(shape, dtype, config, arch)
 
 
 def _expected(q, k, v, out, causal, scale) -> Tensor:
@@ -223,6 +250,6 @@ TUNING = KernelTuning(
     make_args=_make_args,
     run=lambda q, k, v, out, causal, scale, config: _launch(q, k, v, out, causal, scale, config),
     compile=_compile,
-    shape_key=lambda q, k, v, causal=True, scale=None: (*q.shape[:3], k.shape[2], q.shape[3]),
+    shape_key=lambda q, k, v, causal=True, scale=None, key_len=None: (*q.shape[:3], k.shape[2], q.shape[3]),
     expected=_expected,
 )

@@ -8,7 +8,8 @@ are torch tensors wrapped in `Tile`, which carries the cuTile dtype and applies 
 
 - tile-index addressing: `load(A, index, shape, order=...)` reads elements
   `index[d] * shape[d] + i` of the array with its axes permuted by `order`; `store` writes the
-  tile's in-bounds part and drops the rest;
+  tile's in-bounds part and drops the rest; `Array.slice` (bounds that may be runtime scalars) is a
+  view whose end bounds loads and stores as the array's own;
 - out-of-bounds padding: ZERO, NEG_ZERO, NAN, POS_INF, NEG_INF as documented; UNDETERMINED pads
   with a poison value (NaN for floats, the dtype's max for integers) so that a kernel relying on
   it fails its tests instead of passing by luck. A tile entirely outside the array (undefined
@@ -303,6 +304,18 @@ class Array:
     @property
     def ndim(self) -> int:
         return self.data.dim()
+
+    def slice(self, axis, start, stop) -> "Array":
+        """A view of elements start .. stop - 1 along `axis` (a constant; negative counts from the
+        end), bounds that may be runtime scalars: loads past `stop` pad as past the array's end.
+        Bounds outside 0 <= start < N, start <= stop <= N are undefined in cuTile: an error here."""
+        if not isinstance(axis, int) or not -self.ndim <= axis < self.ndim:
+            raise EmulationError(f"Array.slice: axis must be a constant in [-{self.ndim}, {self.ndim}), got {axis!r}")
+        extent, start, stop = self.data.shape[axis], int(start), int(stop)
+        if not (0 <= start < extent and start <= stop <= extent):
+            raise EmulationError(f"Array.slice: start {start}, stop {stop} outside 0 <= start < {extent}, "
+                                 f"start <= stop <= {extent} (undefined in cuTile)")
+        return Array(self.data.narrow(axis, start, stop - start))
 
     def __getattr__(self, name):
         raise EmulationError(f"Array.{name} is not emulated")

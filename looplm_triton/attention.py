@@ -9,6 +9,16 @@ Key blocks wholly in the past of every query of the program run unmasked; only t
 (and a ragged last block) pays for the compare and select, and blocks wholly in the future are
 never loaded. A row that sees no key keeps a zero denominator and returns zeros, not 0/0.
 
+key_len (optional, (B,) int32 on the device) serves a static decode cache: K and V hold Tk
+places of which batch row b has filled its first key_len[b]. Each program loads its row's length
+and takes it for Tk everywhere (the loop bounds, the masks, the causal alignment), so a row visits
+only its own keys. The places past them may hold anything, NaN included: the pointer path masks
+its loads at the length; the descriptor path, whose copy engine reads a block up to the cache's
+end, zeroes the values past it (their scores are masked, but a zero weight times NaN is NaN). The
+length never reaches the host, so a compiled or captured decode step replays one launch as it
+grows. HAS_KEY_LEN is a compile-time flag and the unused pointer is None: a launch without key_len
+compiles to the same PTX as before key_len existed.
+
 fp32 inputs multiply as three TF32 products (tf32x3: fp32 accuracy on the tensor cores; exact
 fp32 dots on CUDA cores spill at any useful tile). The head size is a compile-time constant
 (padded to a power of two, at least 16, the dot minimum; no mask along it when it is one). On a
@@ -56,7 +66,7 @@ import triton.language as tl
 from torch import Tensor
 
 from looplm.kernels import attention_section, head_kv_bytes
-from looplm.ops import check_kernel_dtype, check_tensors
+from looplm.ops import check_kernel_dtype, check_key_len, check_tensors
 from looplm_triton.common import (LOG2E, compile_run, dot_in_fp32, fast_exp2, launch, launch_config, make_descriptor,
                                   split_config, target_arch, target_capability, tma_addressable)
 from tuning.spec import Config, KernelTuning
@@ -76,6 +86,14 @@ def _key_range(start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLO
         unmasked_end = Tk // BLOCK_N * BLOCK_N
         end = Tk
     return unmasked_end, end
+
+
+@triton.jit
+def _keys_held(key_len_ptr, batch, Tk, HAS_KEY_LEN: tl.constexpr):
+    """The keys batch row `batch` holds: its key_len, loaded on the device, else all Tk."""
+    if HAS_KEY_LEN:
+        return tl.load(key_len_ptr + batch)
+    return Tk
 
 
 @triton.jit
@@ -139,13 +157,15 @@ def _key_block(acc, row_max, row_sum, q, k_ptr, v_ptr, start_n, offs_n, offs_d, 
 
 
 @triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
+def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, key_len_ptr,
                       stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                       stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                       n_heads, batch_heads, section, Tq, Tk, qk_scale_log2,
-                      CAUSAL: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      CAUSAL: tl.constexpr, HAS_KEY_LEN: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                      PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     batch, head, start_m = _block_coordinates(n_heads, batch_heads, section, Tq, BLOCK_M)
+    Tk = _keys_held(key_len_ptr, batch, Tk, HAS_KEY_LEN)
     q_ptr += batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_ptr += batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     v_ptr += batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
@@ -178,13 +198,15 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
 
 
 @triton.jit
-def _attention_tma_kernel(q_desc, k_desc, v_desc, o_desc, n_heads, batch_heads, section, Tq, Tk, qk_scale_log2,
-                          CAUSAL: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_tma_kernel(q_desc, k_desc, v_desc, o_desc, key_len_ptr, n_heads, batch_heads, section, Tq, Tk,
+                          qk_scale_log2, CAUSAL: tl.constexpr, HAS_KEY_LEN: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
     # The descriptors are 4-D, (B, H, T, D) with the views' own strides, blocks (1, 1, rows, BLOCK_D):
     # the copy engine zero-fills rows past T and columns past D on a load and drops them on a store,
     # so no load or store here needs a mask.
     batch, head, start_m = _block_coordinates(n_heads, batch_heads, section, Tq, BLOCK_M)
+    Tk = _keys_held(key_len_ptr, batch, Tk, HAS_KEY_LEN)
     q = q_desc.load([batch, head, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
     if DOT_IN_FP32:
         q = q.to(tl.float32)
@@ -203,6 +225,8 @@ def _attention_tma_kernel(q_desc, k_desc, v_desc, o_desc, n_heads, batch_heads, 
     for start_n in range(unmasked_end, end, BLOCK_N):
         k = k_desc.load([batch, head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = v_desc.load([batch, head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        if HAS_KEY_LEN:  # the copy engine reads a cache's places up to its end, past this row's keys
+            v = tl.where((start_n + offs_n < Tk)[:, None], v, 0.0)
         acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, q, k, v, start_n + offs_n, key_pos, Tk,
                                                      qk_scale_log2, True, CAUSAL, DOT_IN_FP32, PRECISION)
 
@@ -278,10 +302,11 @@ def use_tensor_descriptors(capability: Optional[tuple[int, int]], *tensors: Tens
 
 
 def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, scale: float,
-                   config: Optional[Config] = None, tensor_descriptors: Optional[bool] = None) -> Tensor:
+                   config: Optional[Config] = None, tensor_descriptors: Optional[bool] = None,
+                   key_len: Optional[Tensor] = None) -> Tensor:
     """Attention of (B, H, T, D) views of any strides (unit stride along D), written into `out`;
     `config` defaults to the tuned one for this shape, `tensor_descriptors` (the load path) to
-    `use_tensor_descriptors` for the device."""
+    `use_tensor_descriptors` for the device; `key_len` as `looplm.ops.attention` takes it."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if config is None:
@@ -295,22 +320,25 @@ def attention_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, causal: bool, s
     block_d = head_block(D)
     grid = attention_grid(B, H, Tq, block_sizes["BLOCK_M"])
     order = (B * H, attention_section(B * H, head_kv_bytes(Tk, D, k.element_size())))  # (heads, per section)
-    common = dict(CAUSAL=causal, DOT_IN_FP32=dot_in_fp32(),
+    common = dict(CAUSAL=causal, HAS_KEY_LEN=key_len is not None, DOT_IN_FP32=dot_in_fp32(),
                   PRECISION="tf32x3" if q.dtype == torch.float32 and not dot_in_fp32() else "ieee",
                   BLOCK_D=block_d, **block_sizes, **options)
+    # Without key_len its pointer is None: a constexpr the kernel never reads, no argument at all.
+    key_len = key_len if key_len is None else key_len.contiguous()  # the kernel reads key_len[b] at b
     if tensor_descriptors:  # (1, 1, rows, block_d) blocks of the (B, H, T, D) views; columns past D read as zeros
         block_m, block_n = block_sizes["BLOCK_M"], block_sizes["BLOCK_N"]
         q_desc, k_desc, v_desc, o_desc = (make_descriptor(t, [1, 1, rows, block_d], "attention")
                                           for t, rows in ((q, block_m), (k, block_n), (v, block_n), (out, block_m)))
-        launch(_attention_tma_kernel, grid, q_desc, k_desc, v_desc, o_desc, H, *order, Tq, Tk, scale * LOG2E,
-               **common)
+        launch(_attention_tma_kernel, grid, q_desc, k_desc, v_desc, o_desc, key_len, H, *order, Tq, Tk,
+               scale * LOG2E, **common)
     else:
-        launch(_attention_kernel, grid, q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        launch(_attention_kernel, grid, q, k, v, out, key_len, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                *out.stride()[:3], H, *order, Tq, Tk, scale * LOG2E, HEAD_DIM=D, **common)
     return out
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
+              key_len: Optional[Tensor] = None) -> Tensor:
     check_tensors("attention", q=q, k=k, v=v)
     check_kernel_dtype("attention", "q", q)
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
@@ -318,9 +346,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[3] > MAX_HEAD_SIZE:
         raise ValueError(f"attention: head size {q.shape[3]} exceeds the {MAX_HEAD_SIZE} this kernel supports")
+    check_key_len("attention", q, k, key_len)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = q.shape[3] ** -0.5 if scale is None else scale
-    return attention_into(q, k, v, torch.empty_like(q, memory_format=torch.contiguous_format), causal, scale)
+    return attention_into(q, k, v, torch.empty_like(q, memory_format=torch.contiguous_format), causal, scale,
+                          key_len=key_len)
 
 
 # ---- tuning: shape (B, H, Tq, Tk, D), causal
@@ -346,12 +376,14 @@ def _expected(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def compile_variant(shape: tuple, dtype: torch.dtype, config: Config, arch: str,
-                    tensor_descriptors: Optional[bool] = None) -> dict:
+                    tensor_descriptors: Optional[bool] = None, key_len: bool = False) -> dict:
     """Resources of the launch at `shape` for `arch`, on the load path the launcher picks there
-    (`tensor_descriptors=None`) or the one given (False: the pointer path views TMA cannot take use)."""
+    (`tensor_descriptors=None`) or the one given (False: the pointer path views TMA cannot take use),
+    with a key_len per batch row (a decode step over a static cache) or without."""
     q, k, v = _make_args(shape, dtype, "meta")
+    lengths = torch.empty(shape[0], dtype=torch.int32, device="meta") if key_len else None
     return compile_run(attention_into, arch, q, k, v, torch.empty_like(q), True, shape[4] ** -0.5, config,
-                       tensor_descriptors)
+                       tensor_descriptors, lengths)
 
 
 def _compile(shape: tuple, dtype: torch.dtype, config: Config, arch: str) -> dict:

@@ -120,9 +120,10 @@ def test_compiled_training_traces_the_torch_ops(backend):
 
 # ---- each op: its custom op against its launcher
 
-def op_args(name: str, dtype: torch.dtype, device: torch.device) -> tuple:
+def op_args(name: str, dtype: torch.dtype, device: torch.device, variant: str = "") -> tuple:
     """Tiny arguments for op `name` of `looplm.ops`, positional as its contract orders them; the
-    tensors in the model's dtype, some strided views as the model passes them."""
+    tensors in the model's dtype, some strided views as the model passes them. Variant "key_len":
+    attention over a cache that batch row b has filled to key_len[b]."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, scale=1.0):
@@ -134,6 +135,9 @@ def op_args(name: str, dtype: torch.dtype, device: torch.device) -> tuple:
         return rand(2, 3, C), rand(24, C, scale=C ** -0.5), rand(24), "gelu", rand(2, 3, 24)
     if name == "layer_norm_linear":
         return rand(2, 3, C), rand(C), rand(C), rand(24, C, scale=C ** -0.5), rand(24), "gelu", 1e-5
+    if name == "attention" and variant == "key_len":
+        q, (k, v) = rand(2, H, 1, C // H), rand(2, 2, H, 7, C // H)  # one query over a cache of 7 places
+        return q, k, v, True, None, torch.tensor([3, 7], dtype=torch.int32, device=device)
     if name == "attention":
         q, k, v = rand(1, 5, 3, H, C // H).permute(2, 0, 3, 1, 4)  # strided head views of one qkv
         return q, k, v, True, None
@@ -158,9 +162,10 @@ def spread(args: tuple) -> tuple:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("op,variant", [*((op, "") for op in OP_NAMES), ("attention", "key_len")],
+                         ids=[*OP_NAMES, "attention-key_len"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_opcheck_each_custom_op(backend, op, dtype):
+def test_opcheck_each_custom_op(backend, op, variant, dtype):
     """`torch.library.opcheck`: the schema holds (no input mutated or aliased), the fake implementation
     gives the kernel's shapes, dtypes and strides, and the op traces through AOTAutograd with dynamic
     shapes; the custom op computes what the launcher does."""
@@ -168,7 +173,7 @@ def test_opcheck_each_custom_op(backend, op, dtype):
     problem = dtype_problem(backend, dtype, matmul=op in MATMUL_OPS)
     if problem:
         pytest.skip(problem)
-    args = op_args(op, dtype, device_for(backend))
+    args = op_args(op, dtype, device_for(backend), variant)
     custom_op = getattr(getattr(torch.ops, KERNEL_PACKAGES[name]), op).default
     torch.library.opcheck(custom_op, spread(args))
     expected, got = backend.ops[op](*args), custom_op(*spread(args))

@@ -14,6 +14,7 @@ cuTile compile and TMA tests, tests/test_tile_emulator.py.
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -216,6 +217,65 @@ def test_hierarchical_parity_tier1_attention_into_strided_output(kernel_backend)
     out = torch.zeros(2, 11, 2, 32, device=qkv.device)
     attention.attention_into(q, k, v, out.transpose(1, 2), True, 0.2)
     assert_close(out.transpose(1, 2), reference.attention(q, k, v, scale=0.2))
+
+
+def cache_with_garbage(B: int, H: int, Tk: int, D: int, key_len: list[int], device, dtype) -> tuple:
+    """k, v (B, H, Tk, D) whose places past each row's key_len hold NaN and inf, as a cache's unfilled
+    places may; attention with that key_len must never let them in."""
+    k, v = (randn(B, H, Tk, D, device=device, dtype=dtype) for _ in range(2))
+    for b, n in enumerate(key_len):
+        k[b, :, n:], v[b, :, n:] = math.nan, math.inf
+    return k, v
+
+
+@DTYPES
+@pytest.mark.parametrize("Tq,Tk,middle,causal", [
+    (1, 9, 5, True), (1, 70, 67, False),  # a decode step; 67 ends inside the second 64-wide block
+    (3, 9, 4, True), (3, 9, 4, False),  # a row of one key: its first two queries see none (zeros)
+    (5, 70, 67, True), (5, 70, 33, True),
+])
+def test_hierarchical_parity_tier1_attention_key_len_per_row(backend, dtype, Tq, Tk, middle, causal):
+    """Batch row b holds its first key_len[b] keys (0, 1, some, all Tk): each row equals the reference
+    on its own keys, k[b, :, :key_len[b]], and the NaN and inf past them never reach it."""
+    skip_unless_computes(backend, dtype, matmul=True)
+    device, B, H, D, lengths = device_for(backend), 4, 2, 16, [0, 1, middle, Tk]
+    q = randn(B, H, Tq, D, device=device, dtype=dtype)
+    k, v = cache_with_garbage(B, H, Tk, D, lengths, device, dtype)
+    key_len = torch.tensor(lengths, dtype=torch.int32, device=device)
+    out = backend.ops["attention"](q, k, v, causal, None, key_len)
+    assert out.dtype == dtype and not out.isnan().any()
+    for b, n in enumerate(lengths):
+        assert_close(out[b:b + 1], reference.attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], causal))
+    assert (out[0] == 0).all()  # a row that holds no key: zeros
+    assert_close(out, reference.attention(q, k, v, causal, None, key_len))  # the oracle keeps the garbage out too
+    assert_close(out[3:], backend.ops["attention"](q[3:], k[3:], v[3:], causal))  # a full row: as without key_len
+
+
+@pytest.mark.parametrize("bad,problem", [
+    (lambda d: torch.tensor([1, 2, 3], dtype=torch.int32, device=d), "shape"),
+    (lambda d: torch.tensor([[1, 2]], dtype=torch.int32, device=d), "shape"),
+    (lambda d: torch.tensor([1, 2], dtype=torch.int64, device=d), "dtype"),
+    (lambda d: torch.tensor([1.0, 2.0], device=d), "dtype"),
+], ids=["too-many", "2-d", "int64", "float"])
+def test_hierarchical_parity_tier1_attention_key_len_of_a_wrong_shape_or_dtype_is_refused(backend, bad, problem):
+    device = device_for(backend)
+    q, k, v = (randn(2, 2, T, 16, device=device) for T in (1, 5, 5))
+    with pytest.raises(ValueError, match=r"attention: key_len must be \(2,\) torch.int32 \(one length per batch row\)"):
+        backend.ops["attention"](q, k, v, True, None, bad(device))
+
+
+def test_hierarchical_parity_tier1_attention_key_len_is_never_read_by_the_host(kernel_backend):
+    """The launcher passes key_len to its kernel untouched: recorded (not run) on meta tensors, which
+    have no values to read, the launch takes the very tensor, as a captured decode step needs."""
+    from looplm.kernels import capture
+    attention = importlib.import_module(f"looplm_{kernel_backend.name}.attention")
+    q, k = torch.empty(2, 3, 1, 16, device="meta"), torch.empty(2, 3, 9, 16, device="meta")
+    key_len = torch.empty(2, dtype=torch.int32, device="meta")
+    for arch in ("sm_80", "sm_90"):  # Triton: the pointer kernel, then the descriptor one
+        (launch,) = capture(attention.attention, q.bfloat16(), k.bfloat16(), k.bfloat16(), True, None, key_len,
+                            arch=arch)
+        args = launch.args.values() if kernel_backend.name == "triton" else launch[2]  # Triton's by name
+        assert any(a is key_len for a in args)
 
 
 @DTYPES

@@ -29,9 +29,10 @@ def test_hierarchical_parity_tier0_defaults_fit_without_spilling(backend, arch):
         assert r["registers"] and r["registers"] > 0, r
         assert r["blocks_per_sm"] is None or r["blocks_per_sm"] >= 1, r
     assert "| " + backend in markdown(rows, "test")
+    assert {r["variant"] for r in rows if r["kernel"] == "attention"} >= {"causal", "decode key_len"}
     if backend == "triton":  # attention's load path: TMA on sm_90; pointers elsewhere and for views TMA cannot take
         tma = {r["variant"]: r["tma"] for r in rows if r["kernel"] == "attention"}
-        assert tma == {"causal": arch == "sm_90", "causal pointers": False}, tma
+        assert tma == {"causal": arch == "sm_90", "causal pointers": False, "decode key_len": arch == "sm_90"}, tma
 
 
 def shipped_table_configs() -> list:

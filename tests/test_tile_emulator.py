@@ -41,6 +41,22 @@ def test_a_tile_entirely_outside_the_array_is_an_error():
 
 
 @ct.kernel
+def load_slice(X, Out, offset, length, INDEX: ct.Constant[int]):
+    sub = X.slice(axis=0, start=offset, stop=offset + length)
+    ct.store(Out, index=(0,), tile=ct.load(sub, index=(INDEX,), shape=(4,), padding_mode=ct.PaddingMode.ZERO))
+
+
+def test_a_slice_with_runtime_bounds_is_a_view_whose_end_pads_like_the_arrays():
+    x, out = torch.arange(16.0), torch.empty(4)
+    run(load_slice, x, out, 8, 8, 1)  # cuTile's documented example: the slice's second tile is 12 .. 15
+    assert out.tolist() == [12.0, 13.0, 14.0, 15.0]
+    run(load_slice, x, out, 2, 6, 1)  # elements 2 .. 7: its second tile has 6, 7, then padding
+    assert out.tolist() == [6.0, 7.0, 0.0, 0.0]
+    with pytest.raises(EmulationError, match="undefined in cuTile"):
+        run(load_slice, x, out, 12, 5, 0)  # stop past the array's end
+
+
+@ct.kernel
 def load_transposed(X, Out):
     for i in range(4):
         ct.store(Out, index=(i, 0), tile=ct.load(X, index=(i, 0), shape=(1, 4), order="F"))

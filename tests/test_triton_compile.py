@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("triton")
 
 from looplm_triton import KERNEL_MODULES  # noqa: E402
+from looplm_triton import attention as attention_module  # noqa: E402
 from looplm_triton import linear as linear_module  # noqa: E402
 from looplm_triton.aot import ARCHS  # noqa: E402
 from tuning.buckets import MODEL_SHAPES, shape_keys  # noqa: E402
@@ -58,13 +59,17 @@ def test_every_op_has_a_tuning_entry():
 
 
 def test_hierarchical_parity_tier0_fp32_defaults_compile_and_fit():
-    """fp32 (tf32x3 attention, exact fp32 matmuls) with each kernel's fp32 default, for sm_90."""
+    """fp32 (tf32x3 attention, exact fp32 matmuls) with each kernel's fp32 default, for sm_90; attention also
+    as a decode step with a key_len."""
     dtype, arch = torch.float32, "sm_90"
-    kernels = sorted(TUNINGS) + ["linear"]
+    kernels = sorted(TUNINGS) + ["linear", "attention"]
     jobs = [(TUNINGS[kernel].compile, SHIPPED_SHAPES[kernel][0], dtype, TUNINGS[kernel].default_for(dtype), arch)
             for kernel in sorted(TUNINGS)]
     # The epilogue the block uses that the tuning entries leave out: bias + residual.
     jobs += [(_compile_linear_with_residual, SHIPPED_SHAPES["linear"][0], dtype, linear_module.DEFAULT, arch)]
+    # A decode step: one query over a static cache, a key_len per batch row.
+    B, H, _, Tk, D = SHIPPED_SHAPES["attention"][0]
+    jobs += [(_compile_attention_decode, (B, H, 1, Tk, D), dtype, TUNINGS["attention"].default_for(dtype), arch)]
     for kernel, (_, shape, _, config, arch), resources in zip(kernels, jobs, _compile_all(jobs)):
         assert resources["registers"] > 0, (shape, arch)
         problem = launch_problem(resources, config, arch, "triton", kernel, dtype)
@@ -73,6 +78,10 @@ def test_hierarchical_parity_tier0_fp32_defaults_compile_and_fit():
 
 def _compile_linear_with_residual(shape, dtype, config, arch) -> dict:
     return linear_module.compile_variant(shape, dtype, config, arch, residual=True)
+
+
+def _compile_attention_decode(shape, dtype, config, arch) -> dict:
+    return attention_module.compile_variant(shape, dtype, config, arch, key_len=True)
 
 
 @pytest.mark.skipif(not EXHAUSTIVE, reason="set LOOPLM_TIER0_EXHAUSTIVE=1 to compile every configuration of every "

@@ -190,6 +190,24 @@ def test_hierarchical_parity_tier1_attention_through_tensor_descriptors(B, H, Tq
     assert_close(out, reference.attention(q, k, v, causal, D ** -0.5))
 
 
+@pytest.mark.parametrize("Tq,Tk,causal", [(1, 9, True), (3, 70, True), (3, 20, False)])
+@torch.no_grad()
+def test_hierarchical_parity_tier1_key_len_through_tensor_descriptors(Tq, Tk, causal):
+    """The copy engine reads a cache's places up to its end: those past a row's key_len (NaN and inf
+    here) are zeroed before they meet the softmax's zero weights, so each row equals the reference
+    on its own keys."""
+    _descriptors_run_here()
+    lengths = [0, 1, Tk // 2 + 1, Tk]
+    q, k, v = (torch.randn(4, 2, T, 16, device=DEVICE) for T in (Tq, Tk, Tk))
+    for b, n in enumerate(lengths):
+        k[b, :, n:], v[b, :, n:] = math.nan, math.inf
+    out = torch.full_like(q, math.nan)
+    key_len = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    attention.attention_into(q, k, v, out, causal, 0.25, tensor_descriptors=True, key_len=key_len)
+    for b, n in enumerate(lengths):
+        assert_close(out[b:b + 1], reference.attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], causal, 0.25))
+
+
 @torch.no_grad()
 def test_hierarchical_parity_tier1_descriptors_on_fused_qkv_store_only_their_columns():
     _descriptors_run_here()

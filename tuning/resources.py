@@ -91,9 +91,10 @@ def linear_variants(m: ModelShape, vocabs: Sequence[int]) -> list[tuple[str, tup
 
 
 def kernel_launches(backend: str, m: ModelShape = GPU_MODEL, vocabs: Sequence[int] = VOCABS) -> list[Launch]:
-    """Every distinct default launch of `backend`'s kernels in a forward pass of model shape `m`. The
-    Triton backend adds its fused LayerNorm + linear (cuTile's is a layer norm and a linear launch)
-    and attention's pointer path, which views TMA cannot address take."""
+    """Every distinct default launch of `backend`'s kernels in a forward pass of model shape `m`, and
+    attention's decode step (one query over a static cache, a key_len per batch row). The Triton
+    backend adds its fused LayerNorm + linear (cuTile's is a layer norm and a linear launch) and
+    attention's pointer path, which views TMA cannot address take."""
     modules = {name: importlib.import_module(f"{KERNEL_PACKAGES[backend]}.{name}")
                for name in ("attention", "halt_update", "layer_norm", "linear", "softmax_entropy")}
     rows, C, H = m.batch * m.context, m.n_embd, m.n_head
@@ -115,6 +116,9 @@ def kernel_launches(backend: str, m: ModelShape = GPU_MODEL, vocabs: Sequence[in
     if backend == "triton":
         add(attention.TUNING, "causal pointers", attention_shape,
             lambda dt, arch, config, s=attention_shape: attention.compile_variant(s, dt, config, arch, False))
+    decode_shape = (m.batch, H, 1, m.context, C // H)  # one new token over a static cache of `context` places
+    add(attention.TUNING, "decode key_len", decode_shape,
+        lambda dt, arch, config, s=decode_shape: attention.compile_variant(s, dt, config, arch, key_len=True))
     for v in vocabs:
         add(modules["softmax_entropy"].TUNING, f"V={v}", (rows, v))
     add(modules["halt_update"].TUNING, "", (rows, C))
@@ -169,7 +173,7 @@ def markdown(rows: Sequence[dict], command: str) -> str:
         "(CUDA occupancy rules, tuning.gpus.occupancy)",
         "- [TMA]: the compiled PTX moves its tiles with bulk tensor copies (tensor descriptors); attention "
         "\"causal\" is the load path the launcher picks on that GPU, \"causal pointers\" the one for views TMA "
-        "cannot address",
+        "cannot address; \"decode key_len\": one query over a static cache, a key length per batch row",
         "- problem: what tier 0 refuses (a spill, or a limit of the architecture exceeded); empty means it fits; "
         "known: a spill this compiler release shows and tier 0 allows (tuning.resources.KNOWN_SPILLS)", "",
         tabulate(table, headers, tablefmt="github"), ""])
