@@ -189,10 +189,10 @@ def test_compiled_decode_step_on_every_backend(backend, halting):
     """Per backend: the decode step compiles to one graph (fullgraph, no recompile as the cache
     fills), a kernel backend's ops as custom ops whose attention reads the filled places of the
     static caches through key_len, and gives the cached generation token for token with the same
-    loops per token. Shape "2L-prelude-coda": every cache kind (core, prelude, coda)."""
+    loops per token. A prelude and a coda: every cache kind (core, prelude, coda)."""
     backend, device = backend_or_skip(backend), device_for(backend)
     torch._dynamo.reset()
-    shape = dict(SHAPES["2L-prelude-coda"], block_size=16)
+    shape = dict(n_layer=1, n_prelude=1, n_coda=1, block_size=16)
     model = sharpened_model("entropy", max_loops=3, **shape) if halting else fixed_depth_model(n_loops=3, **shape)
     model = model.to(device).set_backend(backend)
     idx = torch.randint(0, 17, (2, 4), generator=torch.Generator().manual_seed(5)).to(device)
