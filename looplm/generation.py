@@ -24,6 +24,7 @@ context outgrows block_size, every further token reruns the cropped context, as 
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -376,18 +377,20 @@ class Decoder:
     def for_model(cls, model: LoopGPT, batch: int, max_len: int, budget: int, halting: bool, temperature: float,
                   top_k: Optional[int], compile: bool = False, compiler: str = "inductor",
                   stop_early: bool = False) -> "Decoder":
-        """A decoder for this model, emptied. A compiled one holds block_size places, and the latest is
-        kept, so that the next call with the same model and arguments replays its graph."""
-        global _LATEST_COMPILED
+        """A decoder for this model, emptied. A compiled one holds block_size places, and the latest
+        COMPILED_KEPT are kept, so that the next call with the same model and arguments replays its
+        graph (a benchmark alternating backends or batch sizes recompiles nothing)."""
         if not compile:
             return cls(model, batch, max_len, budget, halting, temperature, top_k, stop_early=stop_early)
         weight = model.lm_head.weight
         key = (id(model), batch, budget, halting, temperature, top_k, compiler, model.backend.name, weight.dtype,
                weight.device)
-        if _LATEST_COMPILED is None or _LATEST_COMPILED[0] != key or _LATEST_COMPILED[1].model is not model:
-            _LATEST_COMPILED = key, cls(model, batch, model.config.block_size, budget, halting, temperature, top_k,
-                                        True, compiler)
-        decoder = _LATEST_COMPILED[1]
+        decoder = _COMPILED.pop(key, None)
+        if decoder is None or decoder.model is not model:  # (a new model may reuse a freed one's id)
+            decoder = cls(model, batch, model.config.block_size, budget, halting, temperature, top_k, True, compiler)
+        _COMPILED[key] = decoder
+        while len(_COMPILED) > COMPILED_KEPT:
+            _COMPILED.popitem(last=False)
         decoder.reset()
         return decoder
 
@@ -442,7 +445,10 @@ class Decoder:
         return sample_next_token(model.logits(h[:, -1]), self.temperature, self.top_k), steps
 
 
-_LATEST_COMPILED: Optional[tuple[tuple, Decoder]] = None  # (its arguments, the decoder): see Decoder.for_model
+# The latest compiled decoders by their arguments, oldest first (Decoder.for_model). Each holds its
+# model and its static caches (block_size places per loop of the budget) until it drops out.
+COMPILED_KEPT = 4
+_COMPILED: OrderedDict[tuple, Decoder] = OrderedDict()
 
 
 @torch.no_grad()

@@ -204,6 +204,30 @@ def test_compiled_decode_step_on_every_backend(backend, halting):
     torch._dynamo.reset()
 
 
+def test_compiled_decoders_of_alternating_backends_are_each_reused():
+    """Calls that alternate between backends (as a benchmark's interleaved rounds do) each get their
+    own decoder back, its static caches where they were (what a captured CUDA graph replays over),
+    and compile once per backend, however often they alternate."""
+    torch._dynamo.reset()
+    compiled = []
+
+    def counting_compiler(graph: torch.fx.GraphModule, example_inputs) -> object:
+        compiled.append(graph)
+        return graph.forward
+    model = fixed_depth_model(block_size=32, n_loops=2)
+    idx = torch.randint(0, 17, (1, 4), generator=torch.Generator().manual_seed(6))
+    expected = generate_cached(model, idx, 5, temperature=0)[0]
+    decoders = {}
+    for backend in ("torch", "reference", "torch", "reference", "torch"):
+        decoder = Decoder.for_model(model.set_backend(backend), 1, 32, 2, False, 0, None, compile=True,
+                                    compiler=counting_compiler)
+        assert decoders.setdefault(backend, decoder) is decoder
+        out = generate_static(model, idx, 5, temperature=0, compile=True, compiler=counting_compiler)[0]
+        assert torch.equal(out, expected)
+    assert len(compiled) == 2
+    torch._dynamo.reset()
+
+
 def test_compiled_decoder_is_reused_by_the_next_call():
     """A second generation with the same model and arguments replays the compiled step: no new
     compile, whatever the prompt's length, and the same tokens as a fresh cache."""
