@@ -243,6 +243,12 @@ def _attention_tma_kernel(q_desc, k_desc, v_desc, o_desc, key_len_ptr, n_heads, 
 # 64 x 64 with 4 warps there. Each was compiled for its architecture under Triton 3.6 and 3.9
 # without a spill.
 SHORT: Config = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
+# A decode step (a few queries over a static cache): a 16-row query block, the dot's minimum, so that a
+# single query does not pay for 64 rows of scores. 16 x 32 with 4 warps and 2 stages compiles for
+# sm_80/90/100/120 at head sizes 64 and 128 without a spill under Triton 3.6 and 3.9 (64-120
+# registers); 16 x 64 spills 4 bytes on sm_120 under 3.6.
+DECODE: Config = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+DECODE_T = 16
 DEFAULT: Config = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 LONG: dict[tuple[str, int], Config] = {  # (arch, largest head size) -> tiles for T > SHORT_T
     ("sm_90", 64): {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
@@ -257,15 +263,18 @@ INTERPRETER_CONFIG: Config = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num
 SPACE: list[Config] = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
                        for bm in (32, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)
                        if bn <= bm and not (bm == 32 and w == 8)]
-SPACE += [FP32_DEFAULT] if FP32_DEFAULT not in SPACE else []
+SPACE += [config for config in (FP32_DEFAULT, DECODE) if config not in SPACE]
 
 
 def default_config(Tq: int, D: int, dtype: torch.dtype, arch: Optional[str]) -> Config:
     """The built-in tiles of a launch with Tq queries of head size D on `arch` ("sm_90"; None:
-    no GPU): SHORT up to SHORT_T queries, else the architecture's LONG tiles for the head size,
-    else DEFAULT; fp32 always FP32_DEFAULT."""
+    no GPU): DECODE up to DECODE_T queries, SHORT up to SHORT_T, else the architecture's LONG tiles
+    for the head size, else DEFAULT; fp32 always FP32_DEFAULT (its tf32x3 dots spill at DECODE's
+    four warps)."""
     if dtype == torch.float32:
         return FP32_DEFAULT
+    if Tq <= DECODE_T:
+        return DECODE
     if Tq <= SHORT_T:
         return SHORT
     for (target, max_d), config in LONG.items():

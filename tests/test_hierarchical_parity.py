@@ -251,6 +251,23 @@ def test_hierarchical_parity_tier1_attention_key_len_per_row(backend, dtype, Tq,
     assert_close(out[3:], backend.ops["attention"](q[3:], k[3:], v[3:], causal))  # a full row: as without key_len
 
 
+@pytest.mark.parametrize("Tq,causal", [(1, True), (3, True), (16, True), (16, False)])
+def test_hierarchical_parity_tier1_triton_attention_decode_tiles(Tq, causal):
+    """Triton's DECODE tiles (16-row query blocks, what a GPU launches up to DECODE_T queries; the
+    interpreter otherwise runs its own tiles), with key_len over a cache with garbage past each
+    row's keys: as the reference."""
+    backend = backend_or_skip("triton")
+    attention = importlib.import_module("looplm_triton.attention")
+    device, B, H, Tk, D, lengths = device_for(backend), 4, 2, 70, 16, [0, 1, 33, 70]
+    assert attention.default_config(Tq, D, torch.bfloat16, "sm_90") == attention.DECODE
+    q = randn(B, H, Tq, D, device=device)
+    k, v = cache_with_garbage(B, H, Tk, D, lengths, device, torch.float32)
+    key_len = torch.tensor(lengths, dtype=torch.int32, device=device)
+    out = attention.attention_into(q, k, v, torch.empty_like(q), causal, D ** -0.5, attention.DECODE,
+                                   key_len=key_len)
+    assert_close(out, reference.attention(q, k, v, causal, None, key_len))
+
+
 @pytest.mark.parametrize("bad,problem", [
     (lambda d: torch.tensor([1, 2, 3], dtype=torch.int32, device=d), "shape"),
     (lambda d: torch.tensor([[1, 2]], dtype=torch.int32, device=d), "shape"),

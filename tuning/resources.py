@@ -75,9 +75,11 @@ class Launch:
     shape: tuple
     tuning: Any  # the kernel's KernelTuning, whose default (per dtype and arch) is compiled
     compile: Callable[[torch.dtype, str, dict], dict]  # (dtype, arch, config) -> resources
+    # the launcher's own default where it follows the shape (attention's tiles follow Tq), else the tuning's
+    default: Optional[Callable[[torch.dtype, str], dict]] = None
 
     def config(self, dtype: torch.dtype, arch: str) -> dict:
-        return self.tuning.default_for(dtype, arch)
+        return self.default(dtype, arch) if self.default is not None else self.tuning.default_for(dtype, arch)
 
 
 def linear_variants(m: ModelShape, vocabs: Sequence[int]) -> list[tuple[str, tuple, dict]]:
@@ -100,9 +102,9 @@ def kernel_launches(backend: str, m: ModelShape = GPU_MODEL, vocabs: Sequence[in
     rows, C, H = m.batch * m.context, m.n_embd, m.n_head
     out: list[Launch] = []
 
-    def add(tuning, variant, shape, compile_fn=None):
+    def add(tuning, variant, shape, compile_fn=None, default=None):
         fn = compile_fn or (lambda dt, arch, config, s=shape, t=tuning: t.compile(s, dt, config, arch))
-        out.append(Launch(backend, tuning.kernel, variant, shape, tuning, fn))
+        out.append(Launch(backend, tuning.kernel, variant, shape, tuning, fn, default))
 
     linear = modules["linear"]
     add(modules["layer_norm"].TUNING, "", (rows, C))
@@ -112,13 +114,18 @@ def kernel_launches(backend: str, m: ModelShape = GPU_MODEL, vocabs: Sequence[in
     if backend == "triton":
         add(linear.LAYER_NORM_LINEAR_TUNING, "ln_2 + fc +gelu", (rows, C))
     attention, attention_shape = modules["attention"], (m.batch, H, m.context, m.context, C // H)
-    add(attention.TUNING, "causal", attention_shape)  # Triton: TMA on sm_90, pointers elsewhere
+
+    def tiles_for(queries: int):  # the launcher's default tiles for this many queries
+        return lambda dt, arch: attention.default_config(queries, C // H, dt, arch)
+    add(attention.TUNING, "causal", attention_shape, default=tiles_for(m.context))  # Triton: TMA on sm_90
     if backend == "triton":
         add(attention.TUNING, "causal pointers", attention_shape,
-            lambda dt, arch, config, s=attention_shape: attention.compile_variant(s, dt, config, arch, False))
+            lambda dt, arch, config, s=attention_shape: attention.compile_variant(s, dt, config, arch, False),
+            tiles_for(m.context))
     decode_shape = (m.batch, H, 1, m.context, C // H)  # one new token over a static cache of `context` places
     add(attention.TUNING, "decode key_len", decode_shape,
-        lambda dt, arch, config, s=decode_shape: attention.compile_variant(s, dt, config, arch, key_len=True))
+        lambda dt, arch, config, s=decode_shape: attention.compile_variant(s, dt, config, arch, key_len=True),
+        tiles_for(1))
     for v in vocabs:
         add(modules["softmax_entropy"].TUNING, f"V={v}", (rows, v))
     add(modules["halt_update"].TUNING, "", (rows, C))
