@@ -16,10 +16,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     scale = D ** -0.5 if scale is None else scale
     held = torch.full((B,), Tk, device=q.device) if key_len is None else key_len.long()  # keys per batch row
     key = torch.arange(Tk, device=q.device)
-    filled = (key < held[:, None])[:, None, :, None]  # (B, 1, Tk, 1): the places past a row's keys are never read
-    k, v = (t.float().masked_fill(~filled, 0.0) for t in (k, v))
+    filled = key < held[:, None]  # (B, Tk): the places past a row's keys are never read
+    k, v = (t.float().masked_fill(~filled[:, None, :, None], 0.0) for t in (k, v))
     scores = (q.float() @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    visible = (key < held[:, None, None]).expand(B, Tq, Tk)  # (B, Tq, Tk)
+    visible = filled[:, None, :].expand(B, Tq, Tk)  # (B, Tq, Tk)
     if causal:
         q_pos = torch.arange(Tq, device=q.device)[None, :, None] + (held[:, None, None] - Tq)
         visible = visible & (key <= q_pos)
