@@ -365,13 +365,21 @@ class Decoder:
         def cache(layers: int, slots: int) -> Optional[StaticKVCache]:
             return StaticKVCache(layers, slots, batch, max_len, cfg.n_embd, weight.dtype, weight.device,
                                  positioned=compile) if layers else None
-        self.loop = cache(loop_layers, budget)
-        self.prelude, self.coda = cache(cfg.n_prelude, 1), cache(cfg.n_coda, 1)
+        # A decoder outlives the call that made it (for_model keeps the compiled ones): its buffers are
+        # normal tensors, which a later call writes in place whether it runs under inference mode or not.
+        with torch.inference_mode(False):
+            self.loop = cache(loop_layers, budget)
+            self.prelude, self.coda = cache(cfg.n_prelude, 1), cache(cfg.n_coda, 1)
+            # the fed token's threshold (criterion units): the latest trigger's, as halting.thresholds
+            self.threshold = torch.zeros(batch, device=weight.device)
         self.caches = [c for c in (self.loop, self.prelude, self.coda) if c is not None]
-        # the fed token's threshold (criterion units): the latest trigger's, as halting.thresholds
-        self.threshold = torch.zeros(batch, device=weight.device)
-        mode = "reduce-overhead" if weight.device.type == "cuda" and compiler == "inductor" else None
-        self.step = torch.compile(self._step, fullgraph=True, backend=compiler, mode=mode) if compile else self._step
+        self.step = self._step
+        if compile:
+            # The step writes the threshold in place: a CUDA graph is captured only over static inputs.
+            torch._dynamo.mark_static_address(self.threshold)
+            mode = "reduce-overhead" if weight.device.type == "cuda" and compiler == "inductor" else None
+            self._compiled_step = torch.compile(self._step, fullgraph=True, backend=compiler, mode=mode)
+            self.step = self._replayed_step
 
     @classmethod
     def for_model(cls, model: LoopGPT, batch: int, max_len: int, budget: int, halting: bool, temperature: float,
@@ -433,6 +441,13 @@ class Decoder:
         else:
             h, steps = plain_loop(model, x0, self.budget, kv=self.loop)
         return self._finish(h, steps.view(self.batch, 1))
+
+    def _replayed_step(self, token: Tensor, position: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """The compiled step, its outputs copied out: a CUDA graph's outputs live at fixed addresses,
+        which its next replay overwrites (cudagraph trees free them when the next call begins), and
+        the caller keeps every token and feeds each to the next step."""
+        token, steps = self._compiled_step(token, position)
+        return token.clone(), steps.clone()
 
     def _finish(self, h: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
         model = self.model

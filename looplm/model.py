@@ -393,7 +393,10 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int]
 
 def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
     """Next token ids (B, 1) from logits (B, V): argmax at temperature 0, else sampled from the top_k.
-    On the device, with no host read (the top_k filter is a comparison, not a boolean index)."""
+    On the device, with no host read (the top_k filter is a comparison, not a boolean index), so that
+    a CUDA graph holds it: the draw is an exponential race, argmax of p / E with E ~ Exp(1) per
+    token, which token i wins with probability p_i, where torch.multinomial checks its input on the
+    host in some releases."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -401,4 +404,6 @@ def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int]) 
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = torch.where(logits < v[:, [-1]], -float("inf"), logits)
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+    probs = F.softmax(logits, dim=-1)
+    race = torch.empty_like(probs).exponential_().clamp_(min=torch.finfo(probs.dtype).tiny)  # (an E of 0 makes 0/0)
+    return (probs / race).argmax(dim=-1, keepdim=True)

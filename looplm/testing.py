@@ -1,12 +1,13 @@
 """What the tests share: tolerances per dtype (the one table every parity test and check imports),
 where a backend's tests put their tensors (`device_for`), which dtypes it can be checked in here and
-its skip, and a counter of the host synchronisations a piece of code makes."""
+its skip, a counter of the host synchronisations a piece of code makes, and a torch.compile backend
+that holds compiled code to a CUDA graph's rules on the CPU."""
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -178,3 +179,53 @@ class HostSyncCounter(TorchDispatchMode):
 def count_host_syncs() -> HostSyncCounter:
     """A fresh HostSyncCounter, to use as a context manager."""
     return HostSyncCounter()
+
+
+# ---- a CUDA graph's rules, on the CPU
+
+class CudaGraphRuleBroken(AssertionError):
+    """Compiled code broke a rule that a replayed CUDA graph imposes (see `cuda_graph_rules`)."""
+
+
+def is_static_input(t: Tensor) -> bool:
+    """Whether torch.compile takes t's address as fixed: a parameter, or a tensor that Dynamo marked
+    (a module's buffers) or that `torch._dynamo.mark_static_address` marked (where it records it)."""
+    return isinstance(t, torch.nn.Parameter) or getattr(t, "_dynamo_static_input_type", None) is not None
+
+
+def cuda_graph_rules(graph: torch.fx.GraphModule, example_inputs: list) -> Callable[..., object]:
+    """A torch.compile backend (`torch.compile(fn, backend=cuda_graph_rules)`) that runs the graph
+    eagerly under the two rules a captured and replayed CUDA graph (`mode="reduce-overhead"`) sets
+    for the code around it, so that code meant for one is checked on a machine without a GPU:
+
+    - The outputs live at fixed addresses. Every call returns its new outputs in the same tensors,
+      overwritten by the next call: a replay writes where the capture allocated, and cudagraph trees
+      free a call's outputs when the next call begins. A caller that keeps an output past the next
+      call must copy it out. (Outputs that alias an input are returned as they are.)
+    - An input the graph writes to must be static (`is_static_input`). Inductor does not capture a
+      graph that mutates any other input (`check_for_mutation` in torch._inductor.cudagraph_utils):
+      it silently launches every kernel instead. Here the call raises `CudaGraphRuleBroken`. (A
+      tensor made under torch.inference_mode keeps no version count: its writes are not seen.)
+    """
+    held: list[Tensor | None] = []
+
+    def run(*args):
+        versions = [a._version if isinstance(a, Tensor) and not a.is_inference() else None for a in args]
+        outputs = graph(*args)
+        for i, (a, version) in enumerate(zip(args, versions)):
+            if version is not None and a._version != version and not is_static_input(a):
+                raise CudaGraphRuleBroken(
+                    f"the compiled graph writes to its input {i} ({tuple(a.shape)}, {a.dtype}), which is not "
+                    "static: inductor would not capture it in a CUDA graph; mark it with "
+                    "torch._dynamo.mark_static_address (or make it a buffer)")
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, Tensor)}
+        single = isinstance(outputs, Tensor)
+        fresh = [outputs] if single else list(outputs)
+        if not held:
+            held.extend(o.clone() if isinstance(o, Tensor) and o.untyped_storage().data_ptr() not in inputs else None
+                        for o in fresh)
+        for i, o in enumerate(fresh):
+            if held[i] is not None:
+                fresh[i] = held[i].copy_(o)
+        return fresh[0] if single else type(outputs)(fresh)
+    return run

@@ -11,7 +11,7 @@ from looplm.backends import Backend, get_backend
 from looplm.engine import run_loop
 from looplm.halting import CapacityPlan, CapacityPlans, capacity_reads, running_counts
 from looplm.ops import OP_NAMES
-from looplm.testing import assert_close, backend_or_skip, count_host_syncs, device_for
+from looplm.testing import assert_close, backend_or_skip, count_host_syncs, cuda_graph_rules, device_for
 from tests.models import sharpen
 
 pytestmark = pytest.mark.filterwarnings("ignore:backend 'tile' runs its cuTile kernels in the CPU emulator")
@@ -375,7 +375,7 @@ def test_frozen_plan_compiles_whole_once_and_its_compute_falls():
             model.capacity_dropped.zero_()
             eager.append((model(idx, halting=True, thresholds=thresholds)[0], int(model.capacity_dropped)))
         assert eager[0][1] == 0 and eager[1][1] > 0
-        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        compiled = torch.compile(model, fullgraph=True, backend=cuda_graph_rules)
         with torch._dynamo.config.patch(error_on_recompile=True):
             for thresholds, (logits, dropped) in zip(cases, eager):
                 model.capacity_dropped.zero_()
@@ -399,7 +399,7 @@ def test_frozen_plan_compiles_whole_for_every_criterion_and_shape(criterion, sha
     model = sharpened_model(criterion, **SHAPES[shape])
     idx = torch.randint(0, 17, (2, 12), generator=torch.Generator().manual_seed(2))
     uniform = torch.full(idx.shape, CRITERIA[criterion])
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    compiled = torch.compile(model, fullgraph=True, backend=cuda_graph_rules)
     with torch.no_grad():
         model(idx, halting=True, thresholds=uniform)
         model.capacity_plans.freeze()
@@ -458,12 +458,12 @@ def test_host_sync_counter_counts_the_reads_a_gpu_would_wait_for():
 def test_halting_forward_compiles_whole_and_once(criterion):
     """torch.compile(fullgraph=True) captures the halting forward in one graph (no graph break: no
     host read), equal to the eager forward, and replays it as the share of halting tokens changes,
-    from none to all (a recompile is an error). Dynamo's capture is what is checked: the "eager"
-    compiler backend keeps the test fast."""
+    from none to all (a recompile is an error). Dynamo's capture is what is checked, the graph run
+    eagerly under a CUDA graph's rules (`looplm.testing.cuda_graph_rules`)."""
     torch._dynamo.reset()
     model = sharpened_model(criterion, n_layer=2, n_coda=1)
     idx = torch.randint(0, 17, (2, 12), generator=torch.Generator().manual_seed(2))
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    compiled = torch.compile(model, fullgraph=True, backend=cuda_graph_rules)
     thresholds = mixed_thresholds(criterion, idx)
     with torch.no_grad():
         logits, _, trace = model(idx, halting=True, thresholds=thresholds, return_trace=True)

@@ -8,7 +8,7 @@ import torch
 from looplm import LoopConfig, LoopGPT
 from looplm.backends import get_backend
 from looplm.generation import Decoder, LoopKVCache, generate_cached, generate_static
-from looplm.testing import backend_or_skip, count_host_syncs, device_for
+from looplm.testing import CudaGraphRuleBroken, backend_or_skip, count_host_syncs, cuda_graph_rules, device_for
 from tests.models import sharpen
 from tests.test_adaptive import MAX_LOOPS, SHAPES, counting, sharpened_model
 
@@ -171,13 +171,14 @@ def test_decode_step_reads_nothing_on_the_host(backend):
 def test_compiled_decode_step_is_one_graph_for_every_token(halting, shape, new):
     """torch.compile(fullgraph=True) of the decode step: one graph, never recompiled (over 200 tokens
     for one layer; the position and the halting state live on the device), equal to the cached
-    generation. Dynamo's capture is what is checked: the "eager" compiler backend keeps the test fast."""
+    generation. Dynamo's capture is what is checked, the graph run eagerly under a CUDA graph's
+    rules (`cuda_graph_rules`: outputs overwritten by the next step, no write to a non-static input)."""
     torch._dynamo.reset()
     model = sharpened_model("entropy", block_size=208, max_loops=3, **SHAPES[shape]) if halting else \
         fixed_depth_model(block_size=208, n_loops=3, **SHAPES[shape])
     idx = torch.randint(0, 17, (1, 4), generator=torch.Generator().manual_seed(5))
     with torch._dynamo.config.patch(error_on_recompile=True):
-        out, steps = generate_static(model, idx, new, temperature=0, compile=True, compiler="eager")
+        out, steps = generate_static(model, idx, new, temperature=0, compile=True, compiler=cuda_graph_rules)
     expected, stats = generate_cached(model, idx, new, temperature=0)
     assert torch.equal(out, expected) and torch.equal(steps, stats.steps)
     torch._dynamo.reset()
@@ -189,7 +190,8 @@ def test_compiled_decode_step_on_every_backend(backend, halting):
     """Per backend: the decode step compiles to one graph (fullgraph, no recompile as the cache
     fills), a kernel backend's ops as custom ops whose attention reads the filled places of the
     static caches through key_len, and gives the cached generation token for token with the same
-    loops per token. A prelude and a coda: every cache kind (core, prelude, coda)."""
+    loops per token, under a CUDA graph's rules (`cuda_graph_rules`). A prelude and a coda: every
+    cache kind (core, prelude, coda)."""
     backend, device = backend_or_skip(backend), device_for(backend)
     torch._dynamo.reset()
     shape = dict(n_layer=1, n_prelude=1, n_coda=1, block_size=16)
@@ -197,10 +199,47 @@ def test_compiled_decode_step_on_every_backend(backend, halting):
     model = model.to(device).set_backend(backend)
     idx = torch.randint(0, 17, (2, 4), generator=torch.Generator().manual_seed(5)).to(device)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        out, steps = generate_static(model, idx, 6, temperature=0, compile=True, compiler="eager")
+        out, steps = generate_static(model, idx, 6, temperature=0, compile=True, compiler=cuda_graph_rules)
     expected, stats = generate_cached(model, idx, 6, temperature=0)
     assert torch.equal(out, expected) and torch.equal(steps, stats.steps)
     assert len(steps.unique()) >= (2 if halting else 1)
+    torch._dynamo.reset()
+
+
+def test_compiled_decode_step_with_trigger_thresholds_keeps_cuda_graph_rules():
+    """A trigger token's threshold (halt_thresholds_after, as the addition task's '=') is state the
+    step writes on the device: a static input, so that inductor still captures the step in a CUDA
+    graph; the tokens and loops equal the cached generation's, the trigger included."""
+    torch._dynamo.reset()
+    model = sharpened_model("entropy", threshold=100.0, block_size=32, halt_thresholds_after={3: 0.0})
+    idx = torch.tensor([[1, 2, 3, 4], [1, 2, 4, 4]])
+    out, steps = generate_static(model, idx, 6, temperature=0, compile=True, compiler=cuda_graph_rules)
+    expected, stats = generate_cached(model, idx, 6, temperature=0)
+    assert torch.equal(out, expected) and torch.equal(steps, stats.steps)
+    assert (steps[0, 2:] == MAX_LOOPS).all() and steps[1, 0] == 1  # the trigger took effect in the step
+    torch._dynamo.reset()
+
+
+def test_cuda_graph_rules_catch_what_a_replayed_graph_breaks():
+    """The backend the compiled-step tests run under fails code that would break under a CUDA graph:
+    an output kept past the next call holds the next call's values, and a write to a non-static
+    input is refused; a static one (mark_static_address) is allowed."""
+    torch._dynamo.reset()
+    counter = torch.zeros(())
+
+    @torch.compile(backend=cuda_graph_rules, fullgraph=True)
+    def count(x: torch.Tensor) -> torch.Tensor:
+        counter.add_(1)
+        return x + counter
+
+    with pytest.raises(CudaGraphRuleBroken, match="not static"):
+        count(torch.zeros(2))
+    torch._dynamo.reset()
+    torch._dynamo.mark_static_address(counter)
+    first = count(torch.zeros(2))
+    kept = first.clone()
+    second = count(torch.zeros(2))
+    assert first is second and torch.equal(first, kept + 1)  # the first call's output was overwritten
     torch._dynamo.reset()
 
 
@@ -225,6 +264,21 @@ def test_compiled_decoders_of_alternating_backends_are_each_reused():
         out = generate_static(model, idx, 5, temperature=0, compile=True, compiler=counting_compiler)[0]
         assert torch.equal(out, expected)
     assert len(compiled) == 2
+    torch._dynamo.reset()
+
+
+def test_compiled_decoder_made_under_inference_mode_serves_a_call_outside_it():
+    """A kept decoder's caches are written in place by every later call: made by a call under
+    torch.inference_mode, they must still take a call without it (an inference tensor refuses an
+    in-place write outside inference mode), and the other way round."""
+    torch._dynamo.reset()
+    model = fixed_depth_model(block_size=32, n_loops=2)
+    idx = torch.randint(0, 17, (1, 4), generator=torch.Generator().manual_seed(6))
+    expected = generate_cached(model, idx, 5, temperature=0)[0]
+    for inference in (True, False, True):
+        with torch.inference_mode(inference):
+            out = generate_static(model, idx, 5, temperature=0, compile=True, compiler=cuda_graph_rules)[0]
+        assert torch.equal(out, expected)
     torch._dynamo.reset()
 
 

@@ -328,6 +328,17 @@ def test_top_k_samples_only_among_the_k_likeliest():
     assert torch.equal(sample_next_token(logits, 0.0, 3), logits.argmax(-1, keepdim=True))
 
 
+def test_sampling_draws_each_token_as_often_as_its_probability():
+    """The exponential race draws token i with probability softmax(logits / T)_i (20,000 draws in
+    one batch; a wrong race, e.g. argmax of p * E, fails by far more than the allowance)."""
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5])
+    torch.manual_seed(0)
+    for temperature in (1.0, 0.5):
+        draws = sample_next_token(logits.expand(20_000, -1), temperature, None).view(-1)
+        frequencies = torch.bincount(draws, minlength=logits.numel()).float() / draws.numel()
+        torch.testing.assert_close(frequencies, torch.softmax(logits / temperature, dim=-1), atol=0.01, rtol=0)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
     (dict(max_new_tokens=2, temperature=-1.0), "temperature must be >= 0"),
