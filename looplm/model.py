@@ -219,8 +219,10 @@ class LoopGPT(nn.Module):
         u = h if cfg.inject == "none" else h + (x0 if cfg.inject == "add" else self.ln_inject(x0))
         if cfg.step_encoding == "none":
             return u
-        if isinstance(loop_index, int):
-            loop_index = torch.tensor(loop_index, device=h.device)
+        if isinstance(loop_index, int):  # no index to copy from the host: a row, or a fill on the device
+            if cfg.step_encoding == "learned":
+                return u + self.step_emb.weight[min(loop_index, cfg.n_loops) - 1]
+            loop_index = torch.full((), loop_index, device=h.device)
         if cfg.step_encoding == "learned":
             u = u + self.step_emb((loop_index - 1).clamp(max=cfg.n_loops - 1))
         else:
