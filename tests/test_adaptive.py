@@ -415,6 +415,35 @@ def test_frozen_plan_compiles_whole_for_every_criterion_and_shape(criterion, sha
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a CUDA GPU (on the CPU the "
+                    "compiled-forward tests hold the graph to a CUDA graph's rules, looplm.testing.cuda_graph_rules)")
+@pytest.mark.parametrize("backend", ["torch", "triton", "tile"])
+def test_frozen_plan_forward_is_captured_in_a_cuda_graph(backend):
+    """On a GPU, torch.compile(mode="reduce-overhead") of a frozen plan's forward is captured in a
+    CUDA graph (inductor skips none) and its replays equal the eager forward, dropping the same
+    tokens, whether the plan's slots fit or not."""
+    from torch._dynamo.utils import counters
+    backend = backend_or_skip(backend)
+    if device_for(backend).type != "cuda":
+        pytest.skip(f"backend {backend.name!r} runs on the CPU here, not natively on the GPU")
+    torch._dynamo.reset()
+    counters.clear()
+    model, idx, most_halt, fewer_halt = frozen_plan_case(backend)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    with torch.no_grad():
+        for thresholds in (most_halt, fewer_halt, most_halt):
+            results = []
+            for forward in (model, compiled):
+                model.capacity_dropped.zero_()
+                logits = forward(idx, halting=True, thresholds=thresholds)[0].clone()
+                results.append((logits, int(model.capacity_dropped)))
+            (eager, dropped), (graph, graph_dropped) = results
+            assert_close(graph, eager, composed=True)
+            assert graph_dropped == dropped
+    assert counters["inductor"]["cudagraph_skips"] == 0, "inductor ran the forward without a CUDA graph (its log says why)"
+    torch._dynamo.reset()
+
+
 def test_capacity_plan_shrinks_by_a_quarter_or_to_none_and_widens_after_an_overflow():
     plan = CapacityPlan(running=(100, 90, 70, 40, 40, 0, 0), most_in_row=(30, 28, 20, 12, 12, 0, 0))
     assert plan.shrinks(100, 32) == {3: (70, 20), 4: (40, 12), 6: (0, 0)}

@@ -243,6 +243,29 @@ def test_cuda_graph_rules_catch_what_a_replayed_graph_breaks():
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a CUDA GPU (on the CPU the "
+                    "compiled-step tests hold the step to a CUDA graph's rules, looplm.testing.cuda_graph_rules)")
+@pytest.mark.parametrize("backend", ["torch", "triton", "tile"])
+def test_decode_step_is_captured_in_a_cuda_graph(backend):
+    """On a GPU, generate's default: the step compiled by inductor with mode="reduce-overhead" is
+    captured in a CUDA graph (inductor skips none, for whatever reason it would give) and its replays
+    give the cached generation's tokens and loops, with halting and a trigger token's threshold."""
+    from torch._dynamo.utils import counters
+    backend, device = backend_or_skip(backend), device_for(backend)
+    if device.type != "cuda":
+        pytest.skip(f"backend {backend.name!r} runs on {device.type} here, not natively on the GPU")
+    torch._dynamo.reset()
+    counters.clear()
+    model = sharpened_model("entropy", threshold=100.0, block_size=32, halt_thresholds_after={3: 0.0})
+    model = model.to(device).set_backend(backend)
+    idx = torch.tensor([[1, 2, 3, 4], [1, 2, 4, 4]], device=device)
+    out, steps = generate_static(model, idx, 8, temperature=0, compile=True)
+    expected, stats = generate_cached(model, idx, 8, temperature=0)
+    assert torch.equal(out, expected) and torch.equal(steps, stats.steps)
+    assert counters["inductor"]["cudagraph_skips"] == 0, "inductor ran the step without a CUDA graph (its log says why)"
+    torch._dynamo.reset()
+
+
 def test_compiled_decoders_of_alternating_backends_are_each_reused():
     """Calls that alternate between backends (as a benchmark's interleaved rounds do) each get their
     own decoder back, its static caches where they were (what a captured CUDA graph replays over),
