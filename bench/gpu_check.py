@@ -300,12 +300,13 @@ COMPILE_SECONDS = 40  # a compiled case starts only with this much of the budget
 def compiled_halting(model: LoopGPT, idx: torch.Tensor, targets: torch.Tensor, mean_steps: float,
                      device: torch.device, dry_run: bool, case: str) -> list[dict]:
     """The model's forward on its backend compiled (CUDA graphs on a GPU: mode="reduce-overhead";
-    in a dry run Dynamo alone, the graph run under a CUDA graph's rules), fixed depth against halting on the capacity plan the eager halting
-    forwards recorded, frozen: the graph whose compute falls with the halting share. Rows as
-    run_model's, the halting one with its efficiency (mean_steps: the loops its tokens run) and
-    the tokens one forward found no slot for."""
+    in a dry run Dynamo alone, the graph run under a CUDA graph's rules), fixed depth against
+    halting on the capacity plan the eager halting forwards recorded, frozen: the graph whose
+    compute falls with the halting share. Rows as run_model's, the halting one with its efficiency
+    (mean_steps: the loops its tokens run) and the tokens one forward found no slot for."""
     model.capacity_plans.freeze()
-    compiled = torch.compile(model, backend=cuda_graph_rules) if dry_run else torch.compile(model, mode="reduce-overhead")
+    compiled = torch.compile(model, backend=cuda_graph_rules) if dry_run else \
+        torch.compile(model, mode="reduce-overhead")
     backend = model.backend.name
     fixed, halting = f"{backend} compiled, fixed depth", f"{backend} compiled, halting"
     rows: list[dict] = []

@@ -440,7 +440,8 @@ def test_frozen_plan_forward_is_captured_in_a_cuda_graph(backend):
             (eager, dropped), (graph, graph_dropped) = results
             assert_close(graph, eager, composed=True)
             assert graph_dropped == dropped
-    assert counters["inductor"]["cudagraph_skips"] == 0, "inductor ran the forward without a CUDA graph (its log says why)"
+    assert counters["inductor"]["cudagraph_skips"] == 0, \
+        "inductor ran the forward without a CUDA graph (its log says why)"
     torch._dynamo.reset()
 
 
