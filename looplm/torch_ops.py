@@ -74,10 +74,15 @@ def softmax_entropy(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 def halt_update(h: Tensor, h_new: Tensor, active: Tensor, steps: Tensor, score: Tensor, threshold: Tensor,
                 step: int, min_loops: int, max_loops: int) -> tuple[Tensor, Tensor, Tensor]:
-    halts = (score < threshold) if step >= min_loops else torch.zeros_like(active)
+    # Four kernels a loop (eager on a GPU, each is a launch): a NaN score is not below its threshold,
+    # so its token runs on; int32 + bool stays int32.
     if step >= max_loops:
-        halts = torch.ones_like(active)
-    return torch.where(active[:, None], h_new, h), active & ~halts, steps + active.to(steps.dtype)
+        still_active = torch.zeros_like(active)
+    elif step >= min_loops:
+        still_active = torch.where(score < threshold, False, active)
+    else:
+        still_active = active.clone()
+    return torch.where(active[:, None], h_new, h), still_active, steps + active
 
 
 def block(x: Tensor, weights: BlockWeights, n_head: int, dropout_p: float = 0.0) -> Tensor:
