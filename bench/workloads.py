@@ -135,13 +135,13 @@ def token_batch(workload: ModelWorkload, batch: int, seq: int, device: torch.dev
     return torch.randint(0, workload.config.vocab_size, (batch, seq), generator=generator).to(device)
 
 
-@torch.no_grad()
 def halting_efficiency(fixed_seconds: float, halting_seconds: float, mean_steps: float, n_loops: int) -> float:
     """Halting's speed-up over fixed depth divided by its loop reduction (n_loops / mean_steps): 1.0
     when the time falls as fast as the loops run do."""
     return fixed_seconds / halting_seconds * mean_steps / n_loops
 
 
+@torch.no_grad()
 def calibrate_halting(model: LoopGPT, idx: torch.Tensor, fraction: float) -> dict[str, float]:
     """Set the entropy threshold so that `fraction` of idx's tokens are sure enough to stop at
     min_loops and the rest run on: a mixed batch, the case per-token halting is for. (An untrained

@@ -41,12 +41,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     Tq, Tk = q.size(-2), k.size(-2)
     if key_len is not None:  # a mask from the lengths on the device: what a compiled decode step reads
         check_key_len("attention", q, k, key_len)
-        places = torch.arange(Tk, device=q.device)
-        last_seen = key_len.view(-1, 1, 1, 1) - Tq + torch.arange(Tq, device=q.device).view(1, 1, -1, 1)
-        seen = places < key_len.view(-1, 1, 1, 1)
+        places, held = torch.arange(Tk, device=q.device), key_len.view(-1, 1, 1, 1)
+        seen = places < held
         # the places past a row's keys are never read: a masked NaN score stays NaN, and 0 x inf is NaN
         k, v = (t.masked_fill(~seen.view(-1, 1, Tk, 1), 0.0) for t in (k, v))
-        seen = seen & (places <= last_seen) if causal else seen.expand(-1, 1, Tq, -1)  # (B, 1, Tq, Tk)
+        if causal:  # query i of row b sits at key_len[b] - Tq + i
+            seen = seen & (places <= held - Tq + torch.arange(Tq, device=q.device).view(1, 1, -1, 1))
+        else:
+            seen = seen.expand(-1, 1, Tq, -1)  # (B, 1, Tq, Tk)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale)
         return out.masked_fill(~seen.any(-1, keepdim=True), 0.0)  # a row that sees no key: zeros, not NaN
     if not causal or Tq == 1:  # a single query sits at the last position and sees every key
