@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import reference
+from reference.linear import gelu as reference_gelu
 from looplm import torch_ops
 from looplm.ops import BlockWeights
 from looplm.testing import assert_close
@@ -253,6 +254,20 @@ def test_hierarchical_parity_tier1_torch_backend_norms_and_linears(activation):
     assert_close(torch_ops.linear(x, w, b, activation, r), reference.linear(x, w, b, activation, r))
     assert_close(torch_ops.layer_norm_linear(x, ln_w, ln_b, w, b, activation, eps=1e-3),
                  reference.layer_norm_linear(x, ln_w, ln_b, w, b, activation, eps=1e-3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 2 * torch_ops.ATEN_GELU_BELOW // 512])
+def test_torch_backend_gelu_is_the_exact_gelu_at_every_size_and_restores_the_onednn_switch(rows, dtype):
+    """Small CPU tensors take ATen's kernel, large ones oneDNN's: both the exact erf GELU, and the
+    process-wide oneDNN switch is back as it was, also when the call fails."""
+    x = (torch.randn(rows, 512) * 3).to(dtype)
+    assert torch.backends.mkldnn.enabled
+    assert_close(torch_ops.gelu(x), reference_gelu(x.float()).to(dtype), dtype=dtype)
+    assert torch.backends.mkldnn.enabled
+    with pytest.raises(NotImplementedError):
+        torch_ops.gelu(x[:1].to(torch.int64))  # GELU takes floating point only: raised inside the switch
+    assert torch.backends.mkldnn.enabled
 
 
 def test_hierarchical_parity_tier1_torch_backend_softmax_entropy():
