@@ -296,13 +296,14 @@ def _attend(backend, q: Tensor, rows: _Rows, qkv: Tensor, past: Optional[Past], 
     the (B, T) block, qkv (N, 3C), after the `past` ones. Returns (R, C). See the module docstring."""
     B, T, C = rows.B, rows.T, q.size(-1)
     qkv = qkv[:B * T]  # less the scratch row
-    kv = qkv.view(B, T, 3 * C)[..., C:]  # (B, T, 2C): one view serves both
-    k, v = kv[..., :C], kv[..., C:]
     P = 0 if past is None else past.keys.size(1)
     if past is not None and past.with_block:  # one token per row, its own keys already in the past
         k, v, P = past.keys, past.values, P - 1
-    elif past is not None:
-        k, v = torch.cat([past.keys, k], dim=1), torch.cat([past.values, v], dim=1)
+    else:
+        kv = qkv.view(B, T, 3 * C)[..., C:]  # (B, T, 2C): one view serves both
+        k, v = kv[..., :C], kv[..., C:]
+        if past is not None:
+            k, v = torch.cat([past.keys, k], dim=1), torch.cat([past.values, v], dim=1)
 
     def heads(x: Tensor) -> Tensor:
         return x.view(x.size(0), x.size(1), n_head, C // n_head).transpose(1, 2)
