@@ -1,9 +1,10 @@
 """The "torch" backend: the op set of `looplm.ops` as PyTorch computes it at its best.
 
-`F.layer_norm`, `F.linear` with the exact `F.gelu` (on a CPU, by the faster of its two kernels), and `F.scaled_dot_product_attention` (which
-picks the flash, memory-efficient or math kernel for the device). Every op keeps its input's
-dtype and follows autocast and `torch.compile` as the functional ops do; the fp32 oracle that
-the kernels and this backend are checked against is `reference/` (backend "reference").
+`F.layer_norm`, `F.linear` with the exact `F.gelu` (on a CPU, by the faster of its two kernels),
+and `F.scaled_dot_product_attention` (which picks the flash, memory-efficient or math kernel for
+the device). Every op keeps its input's dtype and follows autocast and `torch.compile` as the
+functional ops do; the fp32 oracle that the kernels and this backend are checked against is
+`reference/` (backend "reference").
 """
 from __future__ import annotations
 
