@@ -1,37 +1,10 @@
-# Length generalisation with position coupling: GPT-1L (no loop, the parameters of LoopLM 1L x 4), trained on operands of 1-4 digits
-# (digits reversed), tested on 1-20 and 30. Digits of one place value share a position id; five
-# problems per training row with disjoint, randomly placed id ranges (looplm/data/addition.py).
+# Length generalisation with position coupling: GPT-1L (no loop, the parameters of LoopLM 1L x 4),
+# with the data and training of configs/addition_coupled_loop.py.
 #   OMP_NUM_THREADS=1 python -m looplm.train configs/addition_coupled_gpt1l.py
 #   python -m looplm.eval_addition out/addition_coupled_gpt1l/best --digits 1-20,30
+base = "addition_coupled_loop.py"
 out_dir = "out/addition_coupled_gpt1l"
-task = "addition"
-train_digits = (1, 4)
-test_digits = tuple(range(1, 21)) + (30,)
-reverse_digits = True
-positions = "coupled"
-pack = 5
-random_offset = True
-swap_augment = True
-n_train = 100_000
-seed = 0
 
-eval_interval = 250
-eval_iters = 4
-batch_size = 32
-max_iters = 4000
-max_seconds = 600.0
-learning_rate = 1e-2
-min_lr = 1e-3
-warmup_iters = 50
-weight_decay = 0.0
-threads = 1
-progress = False
-report = False
-
-block_size = 96  # a 30-digit problem is 94 tokens
-n_positions = 40  # a 30-digit problem takes ids up to 33; five 4-digit problems 35
-n_embd = 64
-n_head = 4
 n_layer = 1
 n_loops = 1
 step_encoding = "none"

@@ -1,22 +1,8 @@
-# GPT-1L: the same single layer, applied once.
-# nanoGPT's CPU settings for shakespeare_char (128 wide, 4 heads, context 64, batch 12, 2000 iterations).
+# GPT-1L: the same single layer, applied once; configs/shakespeare_cpu_loop1x4.py's settings at
+# nanoGPT's learning rate.
+base = "shakespeare_cpu_loop1x4.py"
 out_dir = "out/shakespeare_cpu_gpt1l"
-task = "shakespeare"
-device = "cpu"
-eval_interval = 250
-eval_iters = 20
-log_interval = 10
-batch_size = 12
-max_iters = 2000
-lr_decay_iters = 2000
 learning_rate = 1e-3
-min_lr = 1e-4
-beta2 = 0.99
-warmup_iters = 100
 
-block_size = 64
-n_embd = 128
-n_head = 4
 n_layer = 1
 n_loops = 1
-dropout = 0.0

@@ -1,8 +1,8 @@
 """Training settings: `TrainConfig`, and config files with `--key=value` overrides, as nanoGPT's.
 
 A config is a Python file of assignments: any TrainConfig field, and any LoopConfig field (the
-model; vocab_size comes from the task). `--key=value` overrides it; values are Python literals (a
-bare word is a string). Unknown keys and ill-typed values are `ConfigError`s that say what is allowed.
+model; vocab_size comes from the task), and `base`, a config file whose settings it changes.
+`--key=value` overrides it; values are Python literals (a bare word is a string). Unknown keys and ill-typed values are `ConfigError`s that say what is allowed.
 """
 from __future__ import annotations
 
@@ -147,9 +147,11 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict[str, Any]]:
     return split_config(values)
 
 
-def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
-    """The settings a config file assigns. A file that does not run is one ConfigError naming the
-    file and line."""
+def read_config_file(path: Union[str, Path], _within: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The settings a config file assigns. `base = "other.py"` (a path from the file's folder) reads
+    that file's settings first and lets the file's own override them, so a baseline states only how
+    it differs from the run it is compared with. A file that does not run is one ConfigError naming
+    the file and line."""
     if not Path(path).is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
@@ -161,8 +163,20 @@ def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
         frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == Path(path)]
         line = f":{frames[-1].lineno}" if frames else ""
         raise ConfigError(f"{path}{line}: {type(e).__name__}: {e}") from None
-    return {k: v for k, v in namespace.items() if not k.startswith("_")
-            and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+    values = {k: v for k, v in namespace.items() if not k.startswith("_")
+              and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+    if "base" not in values:
+        return values
+    base = values.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be the path of a config file (a string), got {base!r}")
+    within, base_path = (*_within, Path(path).resolve()), (Path(path).parent / base).resolve()
+    if base_path in within:
+        raise ConfigError(f"{path}: base {base!r} leads back to {base_path.name}: config files may not "
+                          f"be each other's base")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base config file {base!r} does not exist (looked for {base_path})")
+    return {**read_config_file(base_path, within), **values}
 
 
 def split_config(values: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:

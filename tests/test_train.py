@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 from looplm import ConfigError, LoopConfig, LoopGPT
 from looplm.checkpoint import CheckpointError, load_checkpoint
+from looplm.experiments import CONFIGS
 from looplm.train import (LoopObjective, TrainConfig, curriculum_loops, exit_distribution, learning_rate,
                           loop_weights, main, parse_args, split_config, train)
 
@@ -36,6 +37,34 @@ def test_config_file_then_overrides(tmp_path):
                              "--loop_curriculum=[1,2]", "--learning_rate=1"])
     assert cfg.batch_size == 9 and cfg.task == "addition" and cfg.max_seconds is None
     assert cfg.loop_curriculum == (1, 2) and cfg.learning_rate == 1.0 and model == {"n_loops": 5}
+
+
+def test_a_config_file_changes_its_base(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "loop.py").write_text("batch_size = 7\nn_loops = 4\nlearning_rate = 2e-3\n")
+    (tmp_path / "runs" / "gpt.py").write_text("base = '../loop.py'\nn_loops = 1\n")
+    (tmp_path / "runs" / "gpt_small.py").write_text("base = 'gpt.py'\nbatch_size = 3\n")
+    monkeypatch.chdir(tmp_path / "runs")  # a base is found from its file's folder, not from here
+    cfg, model = parse_args([str(tmp_path / "runs" / "gpt_small.py"), "--learning_rate=1e-3"])
+    assert (cfg.batch_size, cfg.learning_rate, model) == (3, 1e-3, {"n_loops": 1})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base = 'cfg.py'\n", "config files may not be each other's base"),
+    ("base = 'missing.py'\n", "base config file 'missing.py' does not exist"),
+    ("base = 3\n", "base must be the path of a config file"),
+])
+def test_a_bad_base_is_a_clear_error(tmp_path, text, message):
+    (tmp_path / "cfg.py").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        parse_args([str(tmp_path / "cfg.py")])
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.py")), ids=lambda p: p.name)
+def test_every_shipped_config_reads_and_checks(path):
+    cfg, model = parse_args([str(path)])
+    LoopConfig(vocab_size=65, **model)  # the model keys make a model config
+    assert cfg.out_dir == f"out/{path.stem}"
 
 
 @pytest.mark.parametrize("argv, message", [
