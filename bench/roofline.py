@@ -222,7 +222,7 @@ def markdown(rows: Sequence[dict], measured: Optional[dict] = None) -> str:
 def measured_percent(data: dict) -> dict:
     """{(device name in PEAKS, case, backend): measured % of roofline} from a pytest-benchmark JSON."""
     from bench.peaks import find_peak
-    from bench.report import load_measurements, peak_use
+    from bench.schema import load_measurements, peak_use
     out = {}
     for m in load_measurements(data):
         peak = find_peak(m.info.device)

@@ -41,7 +41,7 @@ from looplm.fileio import atomic_write_text
 from looplm.model import LoopGPT
 from looplm.probes import spearman
 from looplm.sample import halting_config
-from looplm.train import resolve_device
+from looplm.train_config import resolve_device
 
 
 @dataclass

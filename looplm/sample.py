@@ -27,7 +27,7 @@ from looplm.config import HALT_CRITERIA, LoopConfig
 from looplm.data import addition
 from looplm.data.shakespeare import CharTokenizer, corpus_text
 from looplm.model import LoopGPT
-from looplm.train import resolve_device
+from looplm.train_config import resolve_device
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -58,7 +58,7 @@ from looplm.model import LoopGPT
 # The trainer's API as before the split: `from looplm.train import TrainConfig, LoopObjective, ...`
 from looplm.objective import LoopObjective, exit_distribution, loop_weights  # noqa: F401
 from looplm.train_config import (DTYPES, HALTING_KEYS, TrainConfig, model_key_conflicts,  # noqa: F401
-                                 parse_args, read_config_file, split_config)
+                                 parse_args, read_config_file, resolve_device, resolve_dtype, split_config)
 
 METRICS_FIELDS = ("iter", "n_loops", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
 # What a run writes in out_dir: its logs (RunLog), its checkpoints and its report.
@@ -343,23 +343,6 @@ def _setup_distributed(device: str) -> _Distributed:
     ddp = _Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return ddp
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but CUDA is not available here; use device='cpu' or 'auto'")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    cuda = torch.device(device).type == "cuda"
-    if dtype == "auto":
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    if dtype != "float32" and not cuda:
-        raise ConfigError(f"dtype={dtype!r} needs a CUDA device; on {device} use 'float32' or 'auto'")
-    return DTYPES[dtype]
 
 
 def build_model(cfg: TrainConfig, model_keys: dict[str, Any], vocab_size: int) -> LoopGPT:

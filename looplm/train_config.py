@@ -123,6 +123,27 @@ class TrainConfig:
                               "choose one")
 
 
+def resolve_device(device: str) -> str:
+    """The device a setting names: "auto" is cuda where there is one, else cpu; a CUDA device asked
+    for where there is none is a ConfigError."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available here; use device='cpu' or 'auto'")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """The dtype a setting names on `device`: "auto" is bf16 on a CUDA device that has it, else fp32;
+    a half type is for CUDA devices only (a ConfigError elsewhere)."""
+    cuda = torch.device(device).type == "cuda"
+    if dtype == "auto":
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype != "float32" and not cuda:
+        raise ConfigError(f"dtype={dtype!r} needs a CUDA device; on {device} use 'float32' or 'auto'")
+    return DTYPES[dtype]
+
+
 def model_key_conflicts(saved: LoopConfig, model_keys: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{key: (saved value, given value)} for each model key given that `saved` does not have; values
     compared as LoopConfig holds them (max_loops=None is n_loops, token ids of thresholds as ints)."""

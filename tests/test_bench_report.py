@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench import report
+from bench import report, schema
 from bench.peaks import PEAKS, find_peak
 from bench.schema import CaseInfo
 
@@ -46,7 +46,7 @@ def synthetic_json() -> dict:
 
 @pytest.fixture
 def measurements():
-    return report.load_measurements(synthetic_json())
+    return schema.load_measurements(synthetic_json())
 
 
 def _by(measurements, op, backend):
@@ -56,12 +56,12 @@ def _by(measurements, op, backend):
 def test_loads_bench_cases_only_with_the_chosen_statistic(measurements):
     assert len(measurements) == 7
     assert _by(measurements, "softmax_entropy", "triton").seconds == pytest.approx(1e-3)
-    minimum = report.load_measurements(synthetic_json(), stat="min")
+    minimum = schema.load_measurements(synthetic_json(), stat="min")
     assert _by(minimum, "softmax_entropy", "triton").seconds == pytest.approx(0.9e-3)
     with pytest.raises(ValueError, match="stat must be one of"):
-        report.load_measurements(synthetic_json(), stat="p99")
+        schema.load_measurements(synthetic_json(), stat="p99")
     with pytest.raises(ValueError, match="not a pytest-benchmark JSON"):
-        report.load_measurements({"results": []})
+        schema.load_measurements({"results": []})
 
 
 def test_speedup_is_baseline_time_over_time(measurements):
@@ -74,16 +74,16 @@ def test_speedup_is_baseline_time_over_time(measurements):
 
 def test_percent_of_peak_bandwidth_compute_and_roofline(measurements):
     peak = find_peak(H100)
-    entropy = report.peak_use(_by(measurements, "softmax_entropy", "triton"), peak)
+    entropy = schema.peak_use(_by(measurements, "softmax_entropy", "triton"), peak)
     assert entropy.bandwidth == pytest.approx(80.0, rel=1e-6)
     assert entropy.roofline == pytest.approx(80.0, rel=1e-6)  # memory-bound: no FLOPs recorded
-    attention = report.peak_use(_by(measurements, "attention", "sdpa"), peak)
+    attention = schema.peak_use(_by(measurements, "attention", "sdpa"), peak)
     assert attention.compute == pytest.approx(50.0, rel=1e-6)
     assert attention.roofline == pytest.approx(50.0, rel=1e-6)  # compute-bound: FLOPs dominate
-    fp32 = report.peak_use(_by(measurements, "layer_norm", "torch"), peak)
+    fp32 = schema.peak_use(_by(measurements, "layer_norm", "torch"), peak)
     assert fp32.compute is None  # the table's FLOP/s peak is bf16's
     assert fp32.roofline == pytest.approx(80.0, rel=1e-6)
-    assert report.peak_use(_by(measurements, "attention", "sdpa"), None) == report.PeakUse(None, None, None)
+    assert schema.peak_use(_by(measurements, "attention", "sdpa"), None) == schema.PeakUse(None, None, None)
 
 
 def test_summary_has_a_column_per_backend_in_order(measurements):
@@ -213,4 +213,4 @@ def test_two_measurements_of_one_case_and_backend_are_refused():
     data = synthetic_json()
     data["benchmarks"].append(dict(data["benchmarks"][1], name="test_again"))
     with pytest.raises(ValueError, match="both record case 'softmax_entropy N=8192 V=50304'"):
-        report.load_measurements(data)
+        schema.load_measurements(data)
